@@ -1,0 +1,301 @@
+//! Command-line arguments. Every flag has a `SECUREMESH_*` environment
+//! fallback where it makes sense, and defaults reproduce the lab with no
+//! flags at all.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use securemesh_pki::Role;
+use securemesh_tls::TlsFiles;
+
+/// Secure, fault-tolerant gRPC data service: mutual TLS, Fernet payloads,
+/// and a load-balancing coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "securemesh", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make and extend the project's certificate authority.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Write a new Fernet key (as `Fernet.generate_key()` makes).
+    Keygen(KeygenArgs),
+    /// Run a DataService server (mutual TLS).
+    Server(ServerArgs),
+    /// Run the coordinator: balances and fails over between servers.
+    Coordinator(CoordinatorArgs),
+    /// Encrypt, submit and verify; once, or as a load generator.
+    Client(ClientArgs),
+    /// Print the Fernet token of a message (for grpcurl and other clients).
+    Encrypt(EncryptArgs),
+    /// Print the plaintext of a Fernet token.
+    Decrypt(DecryptArgs),
+    /// Run the whole lab: certificates, two servers, coordinator, clients,
+    /// a failover and a recovery.
+    Demo(DemoArgs),
+}
+
+impl Command {
+    /// One-shot commands log only warnings by default.
+    pub fn is_quiet(&self) -> bool {
+        !matches!(
+            self,
+            Command::Server(_) | Command::Coordinator(_) | Command::Demo(_)
+        )
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create the CA and the server, coordinator, client and client2
+    /// certificates.
+    Init(PkiInitArgs),
+    /// Issue one more certificate from the existing CA.
+    Issue(PkiIssueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PkiInitArgs {
+    /// Directory to write into.
+    #[arg(
+        long,
+        visible_alias = "certs",
+        env = "SECUREMESH_CERTS",
+        default_value = "certs"
+    )]
+    pub dir: PathBuf,
+    /// Validity of every certificate, in days.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+    /// Another client certificate, written as NAME_cert.pem / NAME_key.pem.
+    #[arg(long = "client", value_name = "NAME")]
+    pub clients: Vec<String>,
+    /// Another DNS name or IP address for the server and coordinator
+    /// certificates (they always carry localhost, 127.0.0.1 and ::1).
+    #[arg(long = "san", value_name = "HOST")]
+    pub sans: Vec<String>,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PkiIssueArgs {
+    /// Name of the certificate (files NAME_cert.pem and NAME_key.pem).
+    pub name: String,
+    /// What it may be used for: server, client or both.
+    #[arg(long)]
+    pub role: Role,
+    /// Another DNS name or IP address.
+    #[arg(long = "san", value_name = "HOST")]
+    pub sans: Vec<String>,
+    /// Directory holding the CA.
+    #[arg(
+        long,
+        visible_alias = "certs",
+        env = "SECUREMESH_CERTS",
+        default_value = "certs"
+    )]
+    pub dir: PathBuf,
+    /// Validity in days.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the key [default: <certs>/encryption_key.txt].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Directory of the default output file.
+    #[arg(long, env = "SECUREMESH_CERTS", default_value = "certs")]
+    pub certs: PathBuf,
+    /// Overwrite an existing file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Certificate, key and CA of one party; defaults come from `--certs`.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// Directory of the default certificate, key and CA files.
+    #[arg(long, env = "SECUREMESH_CERTS", default_value = "certs")]
+    pub certs: PathBuf,
+    /// Our certificate [default: <certs>/<identity>_cert.pem].
+    #[arg(long, env = "SECUREMESH_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Our private key [default: <certs>/<identity>_key.pem].
+    #[arg(long, env = "SECUREMESH_KEY")]
+    pub key: Option<PathBuf>,
+    /// The CA certificate trusted for peers [default: <certs>/ca_cert.pem].
+    #[arg(long, env = "SECUREMESH_CA")]
+    pub ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files of `identity` (e.g. `server`), with overrides applied.
+    pub fn files(&self, identity: &str) -> TlsFiles {
+        let defaults = TlsFiles::in_dir(&self.certs, identity);
+        TlsFiles {
+            cert: self.cert.clone().unwrap_or(defaults.cert),
+            key: self.key.clone().unwrap_or(defaults.key),
+            ca: self.ca.clone().unwrap_or(defaults.ca),
+        }
+    }
+
+    /// The Fernet key file: `explicit`, or `<certs>/encryption_key.txt`.
+    pub fn encryption_key(&self, explicit: &Option<PathBuf>) -> PathBuf {
+        explicit
+            .clone()
+            .unwrap_or_else(|| self.certs.join("encryption_key.txt"))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Port to listen on (host 127.0.0.1).
+    #[arg(default_value_t = 5001)]
+    pub port: u16,
+    /// Full listen address; overrides PORT.
+    #[arg(long, env = "SECUREMESH_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Name reported in replies [default: the listen address].
+    #[arg(long, env = "SECUREMESH_SERVER_ID")]
+    pub server_id: Option<String>,
+    /// Fernet key file [default: <certs>/encryption_key.txt].
+    #[arg(long, env = "SECUREMESH_ENCRYPTION_KEY")]
+    pub encryption_key: Option<PathBuf>,
+    /// Do not print the lab's `Decrypted data:` line.
+    #[arg(long, env = "SECUREMESH_HIDE_PLAINTEXT")]
+    pub hide_plaintext: bool,
+    /// Abandon TLS handshakes that take longer.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// Listen address.
+    #[arg(long, env = "SECUREMESH_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// A backend server URL; repeat for each.
+    #[arg(
+        long = "backend",
+        value_name = "URL",
+        env = "SECUREMESH_BACKENDS",
+        value_delimiter = ',',
+        default_values_t = ["https://127.0.0.1:5001".to_string(), "https://127.0.0.1:5002".to_string()]
+    )]
+    pub backends: Vec<String>,
+    /// Interval of health checks on each backend.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub health_interval: Duration,
+    /// Bound on one health check.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub health_timeout: Duration,
+    /// Bound on connecting to a backend.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub connect_timeout: Duration,
+    /// Bound on one attempt on one backend.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub attempt_timeout: Duration,
+    /// Bound on a whole call, retries included.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub request_timeout: Duration,
+    /// Retries of a call after its first attempt.
+    #[arg(long, default_value_t = 2)]
+    pub max_retries: usize,
+    /// Abandon TLS handshakes that take longer.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Coordinator (or server) URL.
+    #[arg(
+        long,
+        env = "SECUREMESH_TARGET",
+        default_value = "https://127.0.0.1:8000"
+    )]
+    pub target: String,
+    /// Name shown in output.
+    #[arg(long, default_value = "Client1")]
+    pub name: String,
+    /// Certificate name in <certs> to authenticate with (client, client2, ...).
+    #[arg(long, default_value = "client")]
+    pub identity: String,
+    /// Payload [default: "Sensitive data from <name>"].
+    #[arg(long)]
+    pub message: Option<String>,
+    /// Fernet key file [default: <certs>/encryption_key.txt].
+    #[arg(long, env = "SECUREMESH_ENCRYPTION_KEY")]
+    pub encryption_key: Option<PathBuf>,
+    /// Load mode: number of submissions.
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Load mode: submissions in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Print the load summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// The plaintext.
+    pub message: String,
+    /// Print the token as standard base64, as protobuf JSON (grpcurl -d)
+    /// writes a `bytes` field.
+    #[arg(long)]
+    pub json_bytes: bool,
+    /// Fernet key file.
+    #[arg(
+        long,
+        env = "SECUREMESH_ENCRYPTION_KEY",
+        default_value = "certs/encryption_key.txt"
+    )]
+    pub encryption_key: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// The Fernet token.
+    pub token: String,
+    /// Fernet key file.
+    #[arg(
+        long,
+        env = "SECUREMESH_ENCRYPTION_KEY",
+        default_value = "certs/encryption_key.txt"
+    )]
+    pub encryption_key: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Directory of the certificates and key (created when missing).
+    #[arg(long, env = "SECUREMESH_CERTS", default_value = "certs")]
+    pub certs: PathBuf,
+    /// Ports of the two servers.
+    #[arg(long, value_delimiter = ',', default_values_t = [5001u16, 5002])]
+    pub server_ports: Vec<u16>,
+    /// Port of the coordinator.
+    #[arg(long, default_value_t = 8000)]
+    pub coordinator_port: u16,
+}

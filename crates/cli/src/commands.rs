@@ -1,0 +1,220 @@
+//! What each subcommand does: turn arguments into library calls.
+
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use securemesh_client::load::{self, LoadOptions};
+use securemesh_client::Client;
+use securemesh_coordinator::{BackendOptions, Coordinator, ProxyOptions};
+use securemesh_crypto::KeyRing;
+use securemesh_server::DataHandler;
+
+use crate::args::{
+    ClientArgs, Command, CoordinatorArgs, DecryptArgs, EncryptArgs, KeygenArgs, PkiCommand,
+    ServerArgs,
+};
+
+/// Runs one subcommand to completion.
+pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Pki(PkiCommand::Init(args)) => {
+            let written = securemesh_pki::init(&securemesh_pki::InitOptions {
+                dir: args.dir,
+                days: args.days,
+                extra_clients: args.clients,
+                sans: args.sans,
+                force: args.force,
+            })?;
+            print_written(&written);
+        }
+        Command::Pki(PkiCommand::Issue(args)) => {
+            let written = securemesh_pki::issue(&securemesh_pki::IssueOptions {
+                dir: args.dir,
+                name: args.name,
+                role: args.role,
+                sans: args.sans,
+                days: args.days,
+                force: args.force,
+            })?;
+            print_written(&written);
+        }
+        Command::Keygen(args) => keygen(args)?,
+        Command::Server(args) => server(args).await?,
+        Command::Coordinator(args) => coordinator(args).await?,
+        Command::Client(args) => return client(args).await,
+        Command::Encrypt(args) => encrypt(args)?,
+        Command::Decrypt(args) => decrypt(args)?,
+        Command::Demo(args) => return crate::demo::run(args).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_written(paths: &[std::path::PathBuf]) {
+    for path in paths {
+        println!("wrote {}", path.display());
+    }
+}
+
+fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    let out = args
+        .out
+        .unwrap_or_else(|| args.certs.join("encryption_key.txt"));
+    securemesh_crypto::write_new_key_file(&out, args.force)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    let address = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.port)));
+    let tls = securemesh_tls::server_config(&args.tls.files("server"))?;
+    let key_file = args.tls.encryption_key(&args.encryption_key);
+    let keys = KeyRing::from_file(&key_file)?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))?;
+    let address = listener.local_addr()?;
+    let server_id = args.server_id.unwrap_or_else(|| address.to_string());
+    tracing::info!(%address, %server_id, "Server listening on {address} (mutual TLS)");
+    let handler = DataHandler::new(keys, server_id, !args.hide_plaintext);
+    securemesh_server::serve(
+        listener,
+        tls,
+        handler,
+        args.handshake_timeout,
+        shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let server_tls = securemesh_tls::server_config(&args.tls.files("coordinator"))?;
+    let client_tls = securemesh_tls::client_tls_config(&args.tls.files("coordinator"))?;
+    let mut backends = BackendOptions::new(client_tls);
+    backends.connect_timeout = args.connect_timeout;
+    backends.attempt_timeout = args.attempt_timeout;
+    backends.health_interval = args.health_interval;
+    backends.health_timeout = args.health_timeout;
+    let coordinator = Coordinator::new(
+        backends,
+        ProxyOptions {
+            max_retries: args.max_retries,
+            request_timeout: args.request_timeout,
+            ..ProxyOptions::default()
+        },
+    );
+    for url in &args.backends {
+        coordinator.pool().add(url)?;
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, backends = ?args.backends, "Coordinator listening on {address} (mutual TLS)");
+    securemesh_coordinator::serve(
+        listener,
+        server_tls,
+        coordinator,
+        args.handshake_timeout,
+        shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let tls = securemesh_tls::client_tls_config(&args.tls.files(&args.identity))?;
+    let keys = KeyRing::from_file(&args.tls.encryption_key(&args.encryption_key))?;
+    let client = Client::new(&args.target, tls, keys)?;
+    let message = args
+        .message
+        .unwrap_or_else(|| format!("Sensitive data from {}", args.name));
+
+    let Some(requests) = args.requests else {
+        return Ok(match client.submit(message.as_bytes()).await {
+            Ok(reply) => {
+                println!(
+                    "[{}] Success: result={} server={}",
+                    args.name, reply.result, reply.server_id
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                println!("[{}] Failed: {error}", args.name);
+                ExitCode::FAILURE
+            }
+        });
+    };
+
+    let options = LoadOptions {
+        requests,
+        concurrency: args.concurrency,
+        message,
+        progress: !args.json && std::io::stderr().is_terminal(),
+    };
+    let (summary, first_error) = load::run(&client, &options).await;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print!("{summary}");
+    }
+    if let Some(error) = first_error {
+        eprintln!("[{}] first error: {error}", args.name);
+    }
+    Ok(if summary.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
+    let token = KeyRing::from_file(&args.encryption_key)?.encrypt(args.message.as_bytes());
+    if args.json_bytes {
+        println!(
+            "{}",
+            base64::engine::general_purpose::STANDARD.encode(&token)
+        );
+    } else {
+        println!("{}", String::from_utf8_lossy(&token));
+    }
+    Ok(())
+}
+
+fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
+    let plaintext = KeyRing::from_file(&args.encryption_key)?.decrypt(args.token.as_bytes())?;
+    println!("{}", String::from_utf8_lossy(&plaintext));
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,276 @@
+//! `securemesh demo`: the lab's five terminals in one command.
+//!
+//! It makes certificates and a key when missing, starts two servers and the
+//! coordinator as child processes of this same binary (their output shown
+//! with a prefix), sends from two clients, kills server 1 and shows the
+//! failover, restarts it and shows it serving again, then stops everything
+//! with SIGTERM. Every step is checked; the first that misbehaves ends the
+//! demo with an error (children are killed on the way out).
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context as _};
+use securemesh_client::Client;
+use securemesh_crypto::KeyRing;
+use securemesh_tls::TlsFiles;
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::args::DemoArgs;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Runs the demo; exits 0 only if every step behaved.
+pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let certs = args.certs.clone();
+    let [port1, port2] = match args.server_ports[..] {
+        [first, second] => [first, second],
+        _ => bail!("--server-ports takes exactly two ports"),
+    };
+    let server1_id = format!("127.0.0.1:{port1}");
+    let server2_id = format!("127.0.0.1:{port2}");
+    let coordinator_url = format!("https://127.0.0.1:{}", args.coordinator_port);
+
+    step("1. Certificates (CA, server, coordinator, clients) and the Fernet key");
+    prepare_material(&certs)?;
+
+    step("2. Two servers and the coordinator");
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let mut mesh = Mesh {
+        exe,
+        certs: certs.clone(),
+        children: Vec::new(),
+    };
+    let server_args = |port: u16| vec!["server".to_owned(), port.to_string()];
+    mesh.start("server-1", server_args(port1))?;
+    mesh.start("server-2", server_args(port2))?;
+    mesh.start(
+        "coordinator",
+        vec![
+            "coordinator".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", args.coordinator_port),
+            "--backend".into(),
+            format!("https://{server1_id}"),
+            "--backend".into(),
+            format!("https://{server2_id}"),
+        ],
+    )?;
+    let readiness_tls = securemesh_tls::client_tls_config(&TlsFiles::in_dir(&certs, "client"))?;
+    for target in [
+        format!("https://{server1_id}"),
+        format!("https://{server2_id}"),
+        coordinator_url.clone(),
+    ] {
+        securemesh_client::wait_until_serving(&target, readiness_tls.clone(), READY_TIMEOUT)
+            .await?;
+        println!("{target} is SERVING");
+    }
+
+    let keys = KeyRing::from_file(&certs.join("encryption_key.txt"))?;
+    let client1 = DemoClient::new("Client1", "client", &certs, &coordinator_url, &keys)?;
+    let client2 = DemoClient::new("Client2", "client2", &certs, &coordinator_url, &keys)?;
+
+    step("3. Two clients send encrypted data through the coordinator");
+    let mut served_by = Vec::new();
+    for round in 1..=2 {
+        served_by.push(
+            client1
+                .send(&format!("Sensitive data from Client1, part {round}"))
+                .await?,
+        );
+        served_by.push(
+            client2
+                .send(&format!("Sensitive data from Client2, part {round}"))
+                .await?,
+        );
+    }
+    println!("served by: {}", served_by.join(", "));
+
+    step(&format!("4. Server 1 ({server1_id}) is killed (SIGKILL)"));
+    mesh.kill("server-1").await?;
+    for round in 1..=3 {
+        for client in [&client1, &client2] {
+            let server = client
+                .send(&format!(
+                    "Data from {} after the failure, part {round}",
+                    client.name
+                ))
+                .await?;
+            ensure!(
+                server == server2_id,
+                "after server 1 was killed a reply came from {server}"
+            );
+        }
+    }
+    println!("failover: every request was served by {server2_id}, none failed");
+
+    step(&format!("5. Server 1 ({server1_id}) is started again"));
+    mesh.start("server-1", server_args(port1))?;
+    securemesh_client::wait_until_serving(
+        &format!("https://{server1_id}"),
+        readiness_tls.clone(),
+        READY_TIMEOUT,
+    )
+    .await?;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let server = client1
+            .send(&format!(
+                "Data from Client1 after the recovery, part {attempts}"
+            ))
+            .await?;
+        if server == server1_id {
+            break;
+        }
+        ensure!(
+            attempts < 60,
+            "server 1 got no traffic after {attempts} requests"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("recovery: server 1 serves again (after {attempts} request(s)), no restart of the coordinator");
+
+    step("6. Shutting down (SIGTERM)");
+    mesh.stop_all().await?;
+    println!("\nDemo complete: every step behaved.");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn step(title: &str) {
+    println!("\n=== {title} ===");
+}
+
+/// Creates the PKI and the key in `certs` unless they are there already.
+fn prepare_material(certs: &Path) -> anyhow::Result<()> {
+    if certs.join(securemesh_pki::CA_CERT_FILE).exists() {
+        println!("using the certificates in {}", certs.display());
+    } else {
+        let written = securemesh_pki::init(&securemesh_pki::InitOptions {
+            dir: certs.to_path_buf(),
+            days: 365,
+            extra_clients: Vec::new(),
+            sans: Vec::new(),
+            force: false,
+        })?;
+        println!("created {} files in {}", written.len(), certs.display());
+    }
+    let key = certs.join("encryption_key.txt");
+    if key.exists() {
+        println!("using the Fernet key {}", key.display());
+    } else {
+        securemesh_crypto::write_new_key_file(&key, false)?;
+        println!("created the Fernet key {}", key.display());
+    }
+    Ok(())
+}
+
+struct DemoClient {
+    name: &'static str,
+    client: Client,
+}
+
+impl DemoClient {
+    fn new(
+        name: &'static str,
+        identity: &str,
+        certs: &Path,
+        target: &str,
+        keys: &KeyRing,
+    ) -> anyhow::Result<Self> {
+        let tls = securemesh_tls::client_tls_config(&TlsFiles::in_dir(certs, identity))?;
+        Ok(Self {
+            name,
+            client: Client::new(target, tls, keys.clone())?,
+        })
+    }
+
+    /// Sends `message` and returns the id of the server that handled it.
+    async fn send(&self, message: &str) -> anyhow::Result<String> {
+        match self.client.submit(message.as_bytes()).await {
+            Ok(reply) => {
+                println!(
+                    "[{}] Success: result={} server={}",
+                    self.name, reply.result, reply.server_id
+                );
+                Ok(reply.server_id)
+            }
+            Err(error) => bail!("[{}] Failed: {error}", self.name),
+        }
+    }
+}
+
+/// The child processes of the demo. Dropping it kills them all.
+struct Mesh {
+    exe: PathBuf,
+    certs: PathBuf,
+    children: Vec<(&'static str, Child)>,
+}
+
+impl Mesh {
+    fn start(&mut self, label: &'static str, mut args: Vec<String>) -> anyhow::Result<()> {
+        args.extend(["--certs".to_owned(), self.certs.display().to_string()]);
+        println!("$ securemesh {}", args.join(" "));
+        let mut child = Command::new(&self.exe)
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {label}"))?;
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(relay(label, stdout));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(relay(label, stderr));
+        }
+        self.children.retain(|(existing, _)| *existing != label);
+        self.children.push((label, child));
+        Ok(())
+    }
+
+    async fn kill(&mut self, label: &str) -> anyhow::Result<()> {
+        let position = self
+            .children
+            .iter()
+            .position(|(existing, _)| *existing == label)
+            .with_context(|| format!("{label} is not running"))?;
+        let (_, mut child) = self.children.remove(position);
+        child.kill().await?;
+        Ok(())
+    }
+
+    /// SIGTERM to each child, coordinator first; each must exit 0 in time.
+    async fn stop_all(&mut self) -> anyhow::Result<()> {
+        let mut children = std::mem::take(&mut self.children);
+        children.sort_by_key(|(label, _)| *label != "coordinator");
+        for (label, mut child) in children {
+            if let Some(pid) = child.id() {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                )
+                .with_context(|| format!("cannot signal {label}"))?;
+            }
+            let status = tokio::time::timeout(STOP_TIMEOUT, child.wait())
+                .await
+                .with_context(|| format!("{label} did not stop within {STOP_TIMEOUT:?}"))??;
+            ensure!(status.success(), "{label} exited with {status}");
+            println!("{label} stopped cleanly");
+        }
+        Ok(())
+    }
+}
+
+async fn relay(label: &'static str, output: impl AsyncRead + Unpin) {
+    let mut lines = BufReader::new(output).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        println!("  [{label}] {line}");
+    }
+}

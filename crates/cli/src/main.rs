@@ -1,0 +1,28 @@
+//! `securemesh`: one binary for every role. It parses arguments and wires
+//! the library crates together; everything testable lives in them.
+
+mod args;
+mod commands;
+mod demo;
+mod logging;
+
+use clap::Parser as _;
+
+fn main() -> std::process::ExitCode {
+    let cli = args::Cli::parse();
+    logging::init(cli.command.is_quiet());
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("securemesh: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli.command)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("securemesh: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The securemesh client: connects with mutual TLS, encrypts a payload with
+//! Fernet, submits it and checks the server's digest of what it decrypted.
+//!
+//! [`Client::submit`] sends one payload; [`load::run`] drives many at a
+//! fixed concurrency and summarises latency, errors and spread over servers.
+
+pub mod load;
+mod status_names;
+
+use std::time::Duration;
+
+use securemesh::v1::data_service_client::DataServiceClient;
+use securemesh::v1::{SubmitReply, SubmitRequest, DATA_SERVICE_NAME};
+use securemesh_crypto::KeyRing;
+pub use status_names::code_name;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Why a submission failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The target is not a valid URL, or TLS could not be applied to it.
+    #[error("target {target}: {source}")]
+    Target {
+        /// The URL given.
+        target: String,
+        /// What tonic said.
+        source: tonic::transport::Error,
+    },
+    /// The call failed with a gRPC status.
+    #[error("{} {}", code_name(.0.code()), .0.message())]
+    Status(#[from] tonic::Status),
+    /// The server decrypted something other than what was sent.
+    #[error("the server's SHA-256 does not match the plaintext sent")]
+    DigestMismatch,
+    /// The reply's `result` is not `"ok"`.
+    #[error("unexpected result {0:?}")]
+    UnexpectedResult(String),
+    /// A readiness wait ran out of time.
+    #[error("{target} not SERVING after {waited:?}: {last}")]
+    NotReady {
+        /// The URL waited for.
+        target: String,
+        /// How long it waited.
+        waited: Duration,
+        /// The last answer or error.
+        last: String,
+    },
+}
+
+impl ClientError {
+    /// A short name for counting failures by kind: the gRPC status name, or
+    /// `DIGEST_MISMATCH` / `UNEXPECTED_RESULT` / `INVALID_TARGET`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::Status(status) => code_name(status.code()),
+            ClientError::DigestMismatch => "DIGEST_MISMATCH",
+            ClientError::UnexpectedResult(_) => "UNEXPECTED_RESULT",
+            ClientError::Target { .. } => "INVALID_TARGET",
+            ClientError::NotReady { .. } => "NOT_READY",
+        }
+    }
+}
+
+/// A connection to one target (a coordinator or a server) with the Fernet
+/// keys to encrypt for it. Cloning shares the HTTP/2 connection.
+#[derive(Clone)]
+pub struct Client {
+    channel: Channel,
+    keys: KeyRing,
+}
+
+impl Client {
+    /// Prepares a lazily connected channel to `target` (e.g.
+    /// `https://127.0.0.1:8000`): the first call connects.
+    pub fn new(target: &str, tls: ClientTlsConfig, keys: KeyRing) -> Result<Self, ClientError> {
+        let channel = endpoint(target, tls)?.connect_lazy();
+        Ok(Self { channel, keys })
+    }
+
+    /// Encrypts `plaintext`, submits it and verifies the reply.
+    pub async fn submit(&self, plaintext: &[u8]) -> Result<SubmitReply, ClientError> {
+        let token = self.keys.encrypt(plaintext);
+        let reply = DataServiceClient::new(self.channel.clone())
+            .submit(SubmitRequest { token })
+            .await?
+            .into_inner();
+        if reply.result != "ok" {
+            return Err(ClientError::UnexpectedResult(reply.result));
+        }
+        if reply.plaintext_sha256 != securemesh_crypto::sha256(plaintext) {
+            return Err(ClientError::DigestMismatch);
+        }
+        Ok(reply)
+    }
+
+    /// Submits an already made token as it is, without any check.
+    pub async fn submit_token(&self, token: Vec<u8>) -> Result<SubmitReply, tonic::Status> {
+        Ok(DataServiceClient::new(self.channel.clone())
+            .submit(SubmitRequest { token })
+            .await?
+            .into_inner())
+    }
+}
+
+fn endpoint(target: &str, tls: ClientTlsConfig) -> Result<Endpoint, ClientError> {
+    let invalid = |source| ClientError::Target {
+        target: target.to_owned(),
+        source,
+    };
+    Ok(Endpoint::from_shared(target.to_owned())
+        .map_err(invalid)?
+        .tls_config(tls)
+        .map_err(invalid)?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true))
+}
+
+/// Waits until `target` answers its health check for the data service with
+/// `SERVING`, polling every 100 ms for at most `timeout`.
+pub async fn wait_until_serving(
+    target: &str,
+    tls: ClientTlsConfig,
+    timeout: Duration,
+) -> Result<(), ClientError> {
+    let channel = endpoint(target, tls)?
+        .connect_timeout(Duration::from_millis(500))
+        .connect_lazy();
+    let mut health = HealthClient::new(channel);
+    let started = tokio::time::Instant::now();
+    loop {
+        let request = HealthCheckRequest {
+            service: DATA_SERVICE_NAME.to_owned(),
+        };
+        let last = match tokio::time::timeout(Duration::from_secs(1), health.check(request)).await {
+            Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32 => {
+                return Ok(());
+            }
+            Ok(Ok(reply)) => format!("status {}", reply.get_ref().status),
+            Ok(Err(status)) => status.to_string(),
+            Err(_) => "health check timed out".to_owned(),
+        };
+        if started.elapsed() >= timeout {
+            return Err(ClientError::NotReady {
+                target: target.to_owned(),
+                waited: timeout,
+                last,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,204 @@
+//! The set of backends, published to the balancer as a `tower::discover`
+//! stream.
+//!
+//! Static `--backend` URLs are added at start; a dynamic source (etcd) adds
+//! and removes through the same [`BackendPool::add`] and
+//! [`BackendPool::remove`] calls, and the balancer follows without a restart.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{ClientTlsConfig, Endpoint};
+use tower::discover::Change;
+use tower::load::{CompleteOnResponse, PeakEwma};
+
+use crate::backend::{Backend, BackendState, Rotation};
+
+/// A backend as the balancer holds it: its service, weighed by PeakEWMA.
+pub type BalancedBackend = PeakEwma<Backend, CompleteOnResponse>;
+
+/// The discovery stream a pool feeds and the balancer reads.
+pub type Discovery = futures_util::stream::Map<
+    UnboundedReceiverStream<Change<String, BalancedBackend>>,
+    fn(Change<String, BalancedBackend>) -> Result<Change<String, BalancedBackend>, Infallible>,
+>;
+
+/// How the coordinator connects to and watches its backends.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// TLS toward backends (the coordinator's own certificate).
+    pub tls: ClientTlsConfig,
+    /// Bound on establishing a connection.
+    pub connect_timeout: Duration,
+    /// Bound on one attempt of a call on one backend.
+    pub attempt_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings, so a hung backend is noticed.
+    pub keepalive_interval: Duration,
+    /// A ping unanswered for this long closes the connection.
+    pub keepalive_timeout: Duration,
+    /// Interval of active health checks.
+    pub health_interval: Duration,
+    /// Bound on one health check.
+    pub health_timeout: Duration,
+}
+
+impl BackendOptions {
+    /// Defaults for everything but TLS.
+    pub fn new(tls: ClientTlsConfig) -> Self {
+        Self {
+            tls,
+            connect_timeout: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            health_interval: Duration::from_secs(1),
+            health_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a backend could not be added.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The URL is not a valid endpoint, or TLS could not be applied to it.
+    #[error("backend {url}: {source}")]
+    Endpoint {
+        /// The URL given.
+        url: String,
+        /// What tonic said.
+        source: tonic::transport::Error,
+    },
+    /// The balancer has stopped (the coordinator is shutting down).
+    #[error("the balancer is gone")]
+    BalancerGone,
+}
+
+/// One backend's state as reported by [`BackendPool::snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSnapshot {
+    /// The backend URL.
+    pub url: String,
+    /// Whether the balancer may pick it.
+    pub in_rotation: bool,
+    /// The most recent failure reason.
+    pub last_failure: Option<String>,
+}
+
+struct Member {
+    state: Arc<BackendState>,
+    prober: JoinHandle<()>,
+}
+
+/// The backends of one coordinator.
+pub struct BackendPool {
+    options: BackendOptions,
+    rotation: Arc<Rotation>,
+    changes: mpsc::UnboundedSender<Change<String, BalancedBackend>>,
+    members: Mutex<BTreeMap<String, Member>>,
+}
+
+impl BackendPool {
+    /// A pool with no backends, and the discovery stream for its balancer.
+    pub fn new(options: BackendOptions) -> (Arc<Self>, Discovery) {
+        let (changes, receiver) = mpsc::unbounded_channel();
+        let pool = Arc::new(Self {
+            options,
+            rotation: Arc::default(),
+            changes,
+            members: Mutex::default(),
+        });
+        let discovery = UnboundedReceiverStream::new(receiver)
+            .map(Ok as fn(Change<String, BalancedBackend>) -> Result<_, Infallible>);
+        (pool, discovery)
+    }
+
+    /// Adds a backend (a no-op if present) and starts probing its health.
+    pub fn add(&self, url: &str) -> Result<(), PoolError> {
+        let mut members = self.members();
+        if members.contains_key(url) {
+            return Ok(());
+        }
+        let endpoint_error = |source| PoolError::Endpoint {
+            url: url.to_owned(),
+            source,
+        };
+        let channel = Endpoint::from_shared(url.to_owned())
+            .map_err(endpoint_error)?
+            .tls_config(self.options.tls.clone())
+            .map_err(endpoint_error)?
+            .connect_timeout(self.options.connect_timeout)
+            .http2_keep_alive_interval(self.options.keepalive_interval)
+            .keep_alive_timeout(self.options.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            .connect_lazy();
+
+        let state = BackendState::new(url.to_owned(), self.rotation.clone());
+        let backend = Backend::new(state.clone(), channel.clone(), self.options.attempt_timeout);
+        let balanced = PeakEwma::new(
+            backend,
+            Duration::from_millis(5),
+            Duration::from_secs(10).as_nanos() as f64,
+            CompleteOnResponse::default(),
+        );
+        self.changes
+            .send(Change::Insert(url.to_owned(), balanced))
+            .map_err(|_| PoolError::BalancerGone)?;
+        let prober = tokio::spawn(crate::health::probe(
+            state.clone(),
+            channel,
+            self.options.health_interval,
+            self.options.health_timeout,
+        ));
+        tracing::info!(backend = %url, "backend added");
+        members.insert(url.to_owned(), Member { state, prober });
+        Ok(())
+    }
+
+    /// Removes a backend: the balancer drops it and its prober stops.
+    pub fn remove(&self, url: &str) {
+        if let Some(member) = self.members().remove(url) {
+            member.prober.abort();
+            member.state.retire();
+            let _ = self.changes.send(Change::Remove(url.to_owned()));
+            tracing::info!(backend = %url, "backend removed");
+        }
+    }
+
+    /// How many backends the balancer may pick right now.
+    pub fn in_rotation(&self) -> usize {
+        self.rotation.count()
+    }
+
+    /// The state of every backend, ordered by URL.
+    pub fn snapshot(&self) -> Vec<BackendSnapshot> {
+        self.members()
+            .values()
+            .map(|member| BackendSnapshot {
+                url: member.state.url().to_owned(),
+                in_rotation: member.state.is_in_rotation(),
+                last_failure: member.state.last_failure(),
+            })
+            .collect()
+    }
+
+    fn members(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Member>> {
+        self.members
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+impl Drop for BackendPool {
+    fn drop(&mut self) {
+        for member in self.members().values() {
+            member.prober.abort();
+        }
+    }
+}

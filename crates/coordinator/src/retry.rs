@@ -1,0 +1,154 @@
+//! Which failed calls are sent again, and how many.
+//!
+//! Only failures where the backend could not serve are retried
+//! (`UNAVAILABLE`, connection refused or reset, attempt timeout); answers of
+//! the application such as `INVALID_ARGUMENT` go back to the caller as they
+//! are. Retries are bounded per call and by a [`TpsBudget`] shared by all
+//! calls, so that a full outage does not multiply load. The retry goes back
+//! through the balancer, which no longer offers the backend that just failed
+//! (it was ejected by the failure, unless it is the last one).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use securemesh::v1::{SubmitReply, SubmitRequest};
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::BoxError;
+
+use crate::backend::is_backend_failure;
+
+/// A retry policy for `Submit`, cloned for every call.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    budget: Arc<TpsBudget>,
+    retries_left: usize,
+    deposited: bool,
+}
+
+impl RetryPolicy {
+    /// At most `max_retries` retries per call, and retries at most
+    /// `retry_ratio` of calls over ten seconds beyond a floor of
+    /// `min_retries_per_sec`.
+    pub fn new(max_retries: usize, min_retries_per_sec: u32, retry_ratio: f32) -> Self {
+        Self {
+            budget: Arc::new(TpsBudget::new(
+                Duration::from_secs(10),
+                min_retries_per_sec,
+                retry_ratio,
+            )),
+            retries_left: max_retries,
+            deposited: false,
+        }
+    }
+}
+
+impl tower::retry::Policy<SubmitRequest, SubmitReply, BoxError> for RetryPolicy {
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _request: &mut SubmitRequest,
+        result: &mut Result<SubmitReply, BoxError>,
+    ) -> Option<Self::Future> {
+        let Err(error) = result else {
+            return None;
+        };
+        if !is_retryable(error.as_ref()) || self.retries_left == 0 {
+            return None;
+        }
+        if !self.budget.withdraw() {
+            tracing::warn!("retry budget exhausted: not retrying");
+            return None;
+        }
+        self.retries_left -= 1;
+        Some(std::future::ready(()))
+    }
+
+    fn clone_request(&mut self, request: &SubmitRequest) -> Option<SubmitRequest> {
+        // Runs before every attempt; the first one pays into the budget.
+        if !self.deposited {
+            self.budget.deposit();
+            self.deposited = true;
+        }
+        Some(request.clone())
+    }
+}
+
+/// Whether a failed attempt may be repeated on another backend.
+pub fn is_retryable(error: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    match error.downcast_ref::<tonic::Status>() {
+        Some(status) => is_backend_failure(status),
+        // Errors of our own layers (balancer, buffer) say nothing about the
+        // request: it never reached a backend.
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::retry::Policy as _;
+
+    fn failed(status: tonic::Status) -> Result<SubmitReply, BoxError> {
+        Err(Box::new(status))
+    }
+
+    #[test]
+    fn retries_unavailable_but_not_application_errors() {
+        let mut policy = RetryPolicy::new(2, 10, 0.2);
+        let mut request = SubmitRequest::default();
+        policy.clone_request(&request);
+        assert!(policy
+            .retry(
+                &mut request,
+                &mut failed(tonic::Status::unavailable("down"))
+            )
+            .is_some());
+        assert!(policy
+            .retry(
+                &mut request,
+                &mut failed(tonic::Status::invalid_argument("bad"))
+            )
+            .is_none());
+        assert!(policy
+            .retry(&mut request, &mut Ok(SubmitReply::default()))
+            .is_none());
+    }
+
+    #[test]
+    fn attempts_are_bounded_per_call() {
+        let mut policy = RetryPolicy::new(2, 10, 0.2);
+        let mut request = SubmitRequest::default();
+        let mut outcome = failed(tonic::Status::unavailable("down"));
+        assert!(policy.retry(&mut request, &mut outcome).is_some());
+        assert!(policy.retry(&mut request, &mut outcome).is_some());
+        assert!(policy.retry(&mut request, &mut outcome).is_none());
+    }
+
+    #[test]
+    fn the_shared_budget_stops_a_retry_storm() {
+        // No floor, 10% of calls: after the initial reserve is spent, calls
+        // that all fail cannot each be retried.
+        let template = RetryPolicy::new(1, 1, 0.1);
+        let mut retried = 0;
+        for _ in 0..1_000 {
+            let mut policy = template.clone();
+            let mut request = SubmitRequest::default();
+            policy.clone_request(&request);
+            if policy
+                .retry(
+                    &mut request,
+                    &mut failed(tonic::Status::unavailable("down")),
+                )
+                .is_some()
+            {
+                retried += 1;
+            }
+        }
+        assert!(
+            retried < 200,
+            "{retried} of 1000 failing calls were retried"
+        );
+        assert!(retried > 0);
+    }
+}

@@ -1,0 +1,285 @@
+//! Encrypting payloads into Fernet tokens and verifying tokens back into
+//! plaintext.
+//!
+//! Verification parses the token's frame before handing it to the `fernet`
+//! crate: the crate adds a TTL to the token's timestamp without checking for
+//! overflow, so a forged timestamp must be rejected here first.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE;
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+use crate::key_file::{read_key_lines, KeyFileError};
+
+/// Fernet format version byte.
+const VERSION: u8 = 0x80;
+/// version (1) + timestamp (8) + IV (16) + one AES block (16) + HMAC (32).
+const MIN_TOKEN_BYTES: usize = 1 + 8 + 16 + 16 + 32;
+/// How far in the future a token's timestamp may lie, as in Python's
+/// `cryptography` and the `fernet` crate.
+const MAX_CLOCK_SKEW_SECS: u64 = 60;
+
+/// Why a token was refused. Messages never contain the token or any key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// No token at all.
+    #[error("empty token")]
+    Empty,
+    /// Not base64url text, or not the Fernet frame.
+    #[error("malformed token: {0}")]
+    Malformed(&'static str),
+    /// The timestamp lies further in the future than the allowed clock skew.
+    #[error("token timestamp is in the future")]
+    FromTheFuture,
+    /// The HMAC does not verify under any key (tampered, or another key), or
+    /// the ciphertext does not decrypt.
+    #[error("token verification failed (tampered, or encrypted under another key)")]
+    Invalid,
+}
+
+/// The Fernet keys of one party: the first encrypts, any of them decrypts.
+#[derive(Clone)]
+pub struct KeyRing {
+    encrypting: fernet::Fernet,
+    all: Vec<fernet::Fernet>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("keys", &self.all.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyRing {
+    /// Loads a key file (one base64url key per line, first one primary).
+    pub fn from_file(path: &Path) -> Result<Self, KeyFileError> {
+        let mut keys = Vec::new();
+        for (line, text) in read_key_lines(path)? {
+            let key = fernet::Fernet::new(&text).ok_or_else(|| KeyFileError::InvalidKey {
+                path: path.to_path_buf(),
+                line,
+            })?;
+            keys.push(key);
+        }
+        Self::from_keys(keys).ok_or_else(|| KeyFileError::Empty(path.to_path_buf()))
+    }
+
+    /// Builds a ring from base64url key strings; `None` if any is invalid or
+    /// there are none.
+    pub fn from_key_strings<S: AsRef<str>>(keys: &[S]) -> Option<Self> {
+        let keys = keys
+            .iter()
+            .map(|key| fernet::Fernet::new(key.as_ref()))
+            .collect::<Option<Vec<_>>>()?;
+        Self::from_keys(keys)
+    }
+
+    fn from_keys(keys: Vec<fernet::Fernet>) -> Option<Self> {
+        let encrypting = keys.first()?.clone();
+        Some(Self {
+            encrypting,
+            all: keys,
+        })
+    }
+
+    /// Encrypts `plaintext` under the primary key. The token is ASCII
+    /// base64url, exactly what `Fernet.encrypt()` returns in Python.
+    pub fn encrypt(&self, plaintext: &[u8]) -> Vec<u8> {
+        self.encrypting.encrypt(plaintext).into_bytes()
+    }
+
+    /// Verifies `token` under any key of the ring and returns the plaintext.
+    pub fn decrypt(&self, token: &[u8]) -> Result<Vec<u8>, TokenError> {
+        let text = check_frame(token, unix_now())?;
+        self.all
+            .iter()
+            .find_map(|key| key.decrypt(text).ok())
+            .ok_or(TokenError::Invalid)
+    }
+}
+
+/// SHA-256 of `data`: what a server returns so the client can check that
+/// the plaintext arrived intact.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0)
+}
+
+/// Checks the token's outer frame (text, base64url, version, length, block
+/// alignment, timestamp bound) and returns it as text for the `fernet` crate.
+fn check_frame(token: &[u8], now: u64) -> Result<&str, TokenError> {
+    if token.is_empty() {
+        return Err(TokenError::Empty);
+    }
+    let text = std::str::from_utf8(token).map_err(|_| TokenError::Malformed("not ASCII text"))?;
+    // Python accepts the token with or without trailing padding and a
+    // trailing newline is a common copy-paste artefact; anything else is not
+    // base64url.
+    let decoded = URL_SAFE
+        .decode(text.trim_end_matches('\n'))
+        .map_err(|_| TokenError::Malformed("not base64url"))?;
+    if decoded.len() < MIN_TOKEN_BYTES || (decoded.len() - 1 - 8 - 16 - 32) % 16 != 0 {
+        return Err(TokenError::Malformed("wrong length"));
+    }
+    if decoded[0] != VERSION {
+        return Err(TokenError::Malformed("unknown version"));
+    }
+    let mut timestamp = [0u8; 8];
+    timestamp.copy_from_slice(&decoded[1..9]);
+    if u64::from_be_bytes(timestamp) > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
+        return Err(TokenError::FromTheFuture);
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> KeyRing {
+        KeyRing::from_key_strings(&[crate::generate_key()]).unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_digest() {
+        let ring = ring();
+        let token = ring.encrypt(b"hello mesh");
+        assert!(token.iter().all(u8::is_ascii));
+        assert_eq!(ring.decrypt(&token).unwrap(), b"hello mesh");
+        assert_eq!(
+            sha256(b"abc").to_vec(),
+            URL_SAFE
+                .decode("ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0=")
+                .unwrap()
+        );
+    }
+
+    /// Vector from the Fernet specification (`verify.json`): a token made at a
+    /// known time under a known key decrypts to the known message (no TTL is
+    /// applied, so its 1985 timestamp is fine).
+    #[test]
+    fn specification_vector_verifies() {
+        let key = "cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=";
+        let token = "gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==";
+        let ring = KeyRing::from_key_strings(&[key]).unwrap();
+        assert_eq!(ring.decrypt(token.as_bytes()).unwrap(), b"hello");
+        assert_eq!(check_frame(token.as_bytes(), 499162801), Ok(token));
+    }
+
+    #[test]
+    fn refuses_empty_non_text_and_non_base64() {
+        let ring = ring();
+        assert_eq!(ring.decrypt(b""), Err(TokenError::Empty));
+        assert!(matches!(
+            ring.decrypt(&[0xff, 0xfe]),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(matches!(
+            ring.decrypt(b"not a token!"),
+            Err(TokenError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_tampered_tokens_at_every_region() {
+        let ring = ring();
+        let token = ring.encrypt(b"payload that matters");
+        let raw = URL_SAFE.decode(&token).unwrap();
+        // version, timestamp, IV, ciphertext, HMAC
+        for position in [0, 4, 12, 30, raw.len() - 40, raw.len() - 1] {
+            let mut forged = raw.clone();
+            forged[position] ^= 0x01;
+            let forged = URL_SAFE.encode(forged);
+            assert!(
+                ring.decrypt(forged.as_bytes()).is_err(),
+                "flipped byte {position} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_truncated_tokens() {
+        let ring = ring();
+        let token = ring.encrypt(b"payload");
+        for cut in [1, 5, token.len() / 2, token.len() - 4] {
+            assert!(
+                ring.decrypt(&token[..cut]).is_err(),
+                "cut at {cut} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_token_under_another_key() {
+        let token = ring().encrypt(b"secret");
+        assert_eq!(ring().decrypt(&token), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn accepts_any_key_of_the_ring_and_encrypts_with_the_first() {
+        let old = crate::generate_key();
+        let new = crate::generate_key();
+        let old_token = KeyRing::from_key_strings(&[&old]).unwrap().encrypt(b"x");
+        let rotated = KeyRing::from_key_strings(&[&new, &old]).unwrap();
+        assert_eq!(rotated.decrypt(&old_token).unwrap(), b"x");
+        let new_token = rotated.encrypt(b"y");
+        assert!(KeyRing::from_key_strings(&[&new])
+            .unwrap()
+            .decrypt(&new_token)
+            .is_ok());
+    }
+
+    /// A forged timestamp near `u64::MAX` must be refused before the `fernet`
+    /// crate does arithmetic on it.
+    #[test]
+    fn refuses_timestamps_far_in_the_future_without_overflow() {
+        let ring = ring();
+        let token = ring.encrypt(b"x");
+        let mut raw = URL_SAFE.decode(&token).unwrap();
+        raw[1..9].copy_from_slice(&u64::MAX.to_be_bytes());
+        let forged = URL_SAFE.encode(raw);
+        assert_eq!(
+            ring.decrypt(forged.as_bytes()),
+            Err(TokenError::FromTheFuture)
+        );
+    }
+
+    #[test]
+    fn key_file_with_several_keys_loads_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.txt");
+        let (first, second) = (crate::generate_key(), crate::generate_key());
+        std::fs::write(&path, format!("# rotated\n{first}\n\n{second}\n")).unwrap();
+        let ring = KeyRing::from_file(&path).unwrap();
+        let token = ring.encrypt(b"z");
+        assert!(KeyRing::from_key_strings(&[&first])
+            .unwrap()
+            .decrypt(&token)
+            .is_ok());
+        assert!(KeyRing::from_key_strings(&[&second])
+            .unwrap()
+            .decrypt(&token)
+            .is_err());
+    }
+
+    #[test]
+    fn invalid_key_file_names_the_line_but_not_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.txt");
+        std::fs::write(&path, "c2VjcmV0LXR5cG8\n").unwrap();
+        let message = KeyRing::from_file(&path).unwrap_err().to_string();
+        assert!(message.contains("line 1"), "{message}");
+        assert!(!message.contains("c2VjcmV0"), "{message}");
+    }
+}

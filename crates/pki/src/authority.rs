@@ -1,0 +1,225 @@
+//! Certificate generation: the CA and the leaves it signs.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use ring::rand::SecureRandom;
+use time::{Duration, OffsetDateTime};
+
+use crate::PkiError;
+
+/// Names every server and coordinator certificate carries, so that local
+/// connections verify whichever way the address is written.
+const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// What a leaf certificate may be used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Accepts TLS connections (extended key usage serverAuth).
+    Server,
+    /// Authenticates to servers (clientAuth).
+    Client,
+    /// Both: the coordinator accepts clients and connects to servers.
+    Both,
+}
+
+impl Role {
+    /// The role's name in identities and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Client => "client",
+            Role::Both => "both",
+        }
+    }
+
+    fn extended_key_usages(self) -> Vec<ExtendedKeyUsagePurpose> {
+        match self {
+            Role::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Role::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Role::Both => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        }
+    }
+
+    fn serves(self) -> bool {
+        matches!(self, Role::Server | Role::Both)
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "server" => Ok(Role::Server),
+            "client" => Ok(Role::Client),
+            "both" => Ok(Role::Both),
+            other => Err(format!(
+                "unknown role {other:?} (expected server, client or both)"
+            )),
+        }
+    }
+}
+
+/// A PEM certificate and its PEM private key.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// Its PKCS#8 private key, PEM.
+    pub key_pem: String,
+}
+
+/// A certificate authority able to sign leaves.
+pub struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+impl Authority {
+    /// Creates a new self-signed CA valid for `days` days.
+    pub fn generate(days: u32) -> Result<Self, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = subject("securemesh CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        set_validity_and_serial(&mut params, days)?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads an existing CA from its PEM certificate and PEM key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA private key, PEM.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// Issues a leaf certificate for `name` in `role`, valid for `days` days.
+    ///
+    /// Server-capable certificates carry the loopback names plus `extra_sans`
+    /// (DNS names or IP addresses); every certificate carries the URI SAN
+    /// `spiffe://securemesh/<role>/<name>`.
+    pub fn issue(
+        &self,
+        name: &str,
+        role: Role,
+        extra_sans: &[String],
+        days: u32,
+    ) -> Result<IssuedCertificate, PkiError> {
+        validate_name(name)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = subject(name);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = role.extended_key_usages();
+        params.use_authority_key_identifier_extension = true;
+
+        let mut sans = vec![SanType::URI(
+            identity_uri(role, name)
+                .try_into()
+                .map_err(PkiError::from)?,
+        )];
+        let mut host_names: Vec<&str> = Vec::new();
+        if role.serves() {
+            host_names.extend(LOOPBACK_NAMES);
+        }
+        host_names.extend(extra_sans.iter().map(String::as_str));
+        for host in host_names {
+            let san = match IpAddr::from_str(host) {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    host.try_into()
+                        .map_err(|_| PkiError::InvalidSan(host.to_owned()))?,
+                ),
+            };
+            if !sans.contains(&san) {
+                sans.push(san);
+            }
+        }
+        params.subject_alt_names = sans;
+        set_validity_and_serial(&mut params, days)?;
+
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCertificate {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// The identity URI a certificate of `role` for `name` carries.
+pub fn identity_uri(role: Role, name: &str) -> String {
+    format!("spiffe://securemesh/{}/{}", role.as_str(), name)
+}
+
+fn subject(common_name: &str) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "securemesh");
+    name.push(DnType::CommonName, common_name);
+    name
+}
+
+/// Names become file names and identity URIs: keep them to a safe alphabet.
+fn validate_name(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::InvalidName(name.to_owned()))
+    }
+}
+
+/// Validity starts an hour back (tolerating clock skew between machines) and
+/// lasts `days`; the serial is 16 random bytes so that re-issuing never
+/// repeats one (revocation is by serial).
+fn set_validity_and_serial(params: &mut CertificateParams, days: u32) -> Result<(), PkiError> {
+    if days == 0 {
+        return Err(PkiError::InvalidValidity);
+    }
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(i64::from(days));
+    let mut serial = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut serial)
+        .map_err(|_| PkiError::Random)?;
+    // A positive INTEGER: clear the top bit, and keep it non-zero.
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    Ok(())
+}

@@ -1,0 +1,391 @@
+//! The PKI on disk: `pki init` and `pki issue` as library calls.
+//!
+//! All files of one PKI live in one directory. Before anything is written,
+//! every target is checked, so a refused run leaves the directory untouched.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::authority::{Authority, Role};
+
+/// File name of the CA certificate.
+pub const CA_CERT_FILE: &str = "ca_cert.pem";
+/// File name of the CA private key.
+pub const CA_KEY_FILE: &str = "ca_key.pem";
+
+/// Why a PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A target file exists and `force` was not given.
+    #[error("{0} already exists (use --force to overwrite)")]
+    Exists(PathBuf),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// rcgen refused the parameters or the input.
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A certificate name outside `[A-Za-z0-9._-]`, or too long.
+    #[error("invalid certificate name {0:?}: use letters, digits, '.', '-' or '_' (at most 64)")]
+    InvalidName(String),
+    /// A SAN that is neither an IP address nor a DNS name.
+    #[error("invalid subject alternative name {0:?}")]
+    InvalidSan(String),
+    /// Zero days of validity.
+    #[error("validity must be at least one day")]
+    InvalidValidity,
+    /// The system's random number generator failed.
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+/// Options of [`init`].
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Directory to write into (created if missing).
+    pub dir: PathBuf,
+    /// Validity of every certificate, in days.
+    pub days: u32,
+    /// Extra client names, each written as `NAME_cert.pem` / `NAME_key.pem`.
+    pub extra_clients: Vec<String>,
+    /// Extra SANs for the server and coordinator certificates.
+    pub sans: Vec<String>,
+    /// Overwrite existing files.
+    pub force: bool,
+}
+
+/// Options of [`issue`].
+#[derive(Debug, Clone)]
+pub struct IssueOptions {
+    /// Directory holding the CA; the new files go there too.
+    pub dir: PathBuf,
+    /// Name of the new certificate (`NAME_cert.pem`, `NAME_key.pem`).
+    pub name: String,
+    /// What it may be used for.
+    pub role: Role,
+    /// Extra SANs (server-capable roles also get the loopback names).
+    pub sans: Vec<String>,
+    /// Validity in days.
+    pub days: u32,
+    /// Overwrite existing files.
+    pub force: bool,
+}
+
+/// Creates a CA and the standard set of leaves: `server`, `coordinator`
+/// (server and client), `client`, `client2` and each extra client. Returns
+/// the paths written.
+pub fn init(options: &InitOptions) -> Result<Vec<PathBuf>, PkiError> {
+    let mut leaves: Vec<(String, Role)> = vec![
+        ("server".into(), Role::Server),
+        ("coordinator".into(), Role::Both),
+        ("client".into(), Role::Client),
+        ("client2".into(), Role::Client),
+    ];
+    for name in &options.extra_clients {
+        if !leaves.iter().any(|(existing, _)| existing == name) {
+            leaves.push((name.clone(), Role::Client));
+        }
+    }
+
+    let mut targets = vec![
+        options.dir.join(CA_CERT_FILE),
+        options.dir.join(CA_KEY_FILE),
+    ];
+    for (name, _) in &leaves {
+        targets.extend(leaf_paths(&options.dir, name));
+    }
+    refuse_existing(&targets, options.force)?;
+
+    let authority = Authority::generate(options.days)?;
+    let mut files = vec![
+        (
+            options.dir.join(CA_CERT_FILE),
+            authority.cert_pem().to_owned(),
+        ),
+        (options.dir.join(CA_KEY_FILE), authority.key_pem()),
+    ];
+    for (name, role) in &leaves {
+        let sans = if role == &Role::Client {
+            &[][..]
+        } else {
+            &options.sans[..]
+        };
+        let issued = authority.issue(name, *role, sans, options.days)?;
+        let [cert_path, key_path] = leaf_paths(&options.dir, name);
+        files.push((cert_path, issued.cert_pem));
+        files.push((key_path, issued.key_pem));
+    }
+    write_all(&options.dir, files, options.force)
+}
+
+/// Issues one more certificate from the CA in `options.dir`. Returns the
+/// paths written.
+pub fn issue(options: &IssueOptions) -> Result<Vec<PathBuf>, PkiError> {
+    let targets = leaf_paths(&options.dir, &options.name);
+    refuse_existing(&targets, options.force)?;
+    let authority = Authority::from_pem(
+        &read(&options.dir.join(CA_CERT_FILE))?,
+        &read(&options.dir.join(CA_KEY_FILE))?,
+    )?;
+    let issued = authority.issue(&options.name, options.role, &options.sans, options.days)?;
+    let [cert_path, key_path] = targets;
+    write_all(
+        &options.dir,
+        vec![(cert_path, issued.cert_pem), (key_path, issued.key_pem)],
+        options.force,
+    )
+}
+
+fn leaf_paths(dir: &Path, name: &str) -> [PathBuf; 2] {
+    [
+        dir.join(format!("{name}_cert.pem")),
+        dir.join(format!("{name}_key.pem")),
+    ]
+}
+
+fn refuse_existing(targets: &[PathBuf], force: bool) -> Result<(), PkiError> {
+    if force {
+        return Ok(());
+    }
+    match targets.iter().find(|path| path.exists()) {
+        Some(path) => Err(PkiError::Exists(path.clone())),
+        None => Ok(()),
+    }
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write_all(
+    dir: &Path,
+    files: Vec<(PathBuf, String)>,
+    force: bool,
+) -> Result<Vec<PathBuf>, PkiError> {
+    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut written = Vec::with_capacity(files.len());
+    for (path, contents) in files {
+        let private = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.ends_with("_key.pem"));
+        write_file(&path, contents.as_bytes(), private, force)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+fn write_file(path: &Path, contents: &[u8], private: bool, force: bool) -> Result<(), PkiError> {
+    let io_error = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            PkiError::Exists(path.to_path_buf())
+        } else {
+            PkiError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    };
+    let mode = if private { 0o600 } else { 0o644 };
+    let mut options = OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode);
+    }
+    let mut file = options.open(path).map_err(io_error)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io_error)?;
+    }
+    file.write_all(contents).map_err(io_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::*;
+
+    fn init_in(dir: &Path) -> Vec<PathBuf> {
+        init(&InitOptions {
+            dir: dir.to_path_buf(),
+            days: 30,
+            extra_clients: vec!["alice".into()],
+            sans: vec!["mesh.example".into()],
+            force: false,
+        })
+        .unwrap()
+    }
+
+    fn parse(path: &Path) -> (Vec<u8>, String) {
+        let pem = std::fs::read_to_string(path).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        (der.contents, pem)
+    }
+
+    fn sans(der: &[u8]) -> Vec<String> {
+        let (_, cert) = X509Certificate::from_der(der).unwrap();
+        let ext = cert.subject_alternative_name().unwrap().unwrap();
+        ext.value
+            .general_names
+            .iter()
+            .map(|name| match name {
+                GeneralName::DNSName(dns) => format!("DNS:{dns}"),
+                GeneralName::URI(uri) => format!("URI:{uri}"),
+                GeneralName::IPAddress(bytes) => match bytes.len() {
+                    4 => format!(
+                        "IP:{}",
+                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*bytes).unwrap())
+                    ),
+                    _ => format!(
+                        "IP:{}",
+                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*bytes).unwrap())
+                    ),
+                },
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn ekus(der: &[u8]) -> (bool, bool) {
+        let (_, cert) = X509Certificate::from_der(der).unwrap();
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        (eku.server_auth, eku.client_auth)
+    }
+
+    #[test]
+    fn init_writes_the_full_set_with_roles_and_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = init_in(dir.path());
+        assert_eq!(written.len(), 12);
+
+        let (ca, _) = parse(&dir.path().join(CA_CERT_FILE));
+        let (_, ca_cert) = X509Certificate::from_der(&ca).unwrap();
+        assert!(ca_cert.is_ca());
+        assert!(ca_cert.key_usage().unwrap().unwrap().value.key_cert_sign());
+        assert!(ca_cert.extended_key_usage().unwrap().is_none());
+
+        let (server, _) = parse(&dir.path().join("server_cert.pem"));
+        assert_eq!(ekus(&server), (true, false));
+        let names = sans(&server);
+        assert!(names.contains(&"DNS:localhost".to_string()), "{names:?}");
+        assert!(names.contains(&"DNS:mesh.example".to_string()), "{names:?}");
+        assert!(names.contains(&"URI:spiffe://securemesh/server/server".to_string()));
+        assert!(names.contains(&"IP:127.0.0.1".to_string()), "{names:?}");
+        assert!(names.contains(&"IP:::1".to_string()), "{names:?}");
+
+        let (coordinator, _) = parse(&dir.path().join("coordinator_cert.pem"));
+        assert_eq!(ekus(&coordinator), (true, true));
+
+        let (alice, _) = parse(&dir.path().join("alice_cert.pem"));
+        assert_eq!(ekus(&alice), (false, true));
+        assert_eq!(sans(&alice), vec!["URI:spiffe://securemesh/client/alice"]);
+    }
+
+    #[test]
+    fn serials_are_random_and_validity_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        init_in(dir.path());
+        let (client, _) = parse(&dir.path().join("client_cert.pem"));
+        let (client2, _) = parse(&dir.path().join("client2_cert.pem"));
+        let (_, a) = X509Certificate::from_der(&client).unwrap();
+        let (_, b) = X509Certificate::from_der(&client2).unwrap();
+        assert_ne!(a.raw_serial(), b.raw_serial());
+        assert!(a.raw_serial().len() >= 16);
+        let lifetime = a.validity().not_after.timestamp() - a.validity().not_before.timestamp();
+        assert_eq!(lifetime, 30 * 86_400 + 3_600);
+        assert!(a.subject().to_string().contains("CN=client"));
+    }
+
+    #[test]
+    fn keys_are_private_and_existing_files_are_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        init_in(dir.path());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |name: &str| {
+                std::fs::metadata(dir.path().join(name))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o777
+            };
+            assert_eq!(mode("ca_key.pem"), 0o600);
+            assert_eq!(mode("client_key.pem"), 0o600);
+            assert_eq!(mode("ca_cert.pem"), 0o644);
+        }
+        let before = std::fs::read(dir.path().join("ca_key.pem")).unwrap();
+        let refused = init(&InitOptions {
+            dir: dir.path().to_path_buf(),
+            days: 30,
+            extra_clients: vec![],
+            sans: vec![],
+            force: false,
+        })
+        .unwrap_err();
+        assert!(refused.to_string().contains("ca_cert.pem"), "{refused}");
+        assert_eq!(
+            std::fs::read(dir.path().join("ca_key.pem")).unwrap(),
+            before
+        );
+    }
+
+    #[test]
+    fn issue_signs_with_the_existing_ca_and_refuses_bad_names() {
+        let dir = tempfile::tempdir().unwrap();
+        init_in(dir.path());
+        let written = issue(&IssueOptions {
+            dir: dir.path().to_path_buf(),
+            name: "server3".into(),
+            role: Role::Server,
+            sans: vec!["10.0.0.3".into()],
+            days: 10,
+            force: false,
+        })
+        .unwrap();
+        assert_eq!(written.len(), 2);
+        let (ca, _) = parse(&dir.path().join(CA_CERT_FILE));
+        let (_, ca_cert) = X509Certificate::from_der(&ca).unwrap();
+        let (leaf, _) = parse(&dir.path().join("server3_cert.pem"));
+        let (_, leaf_cert) = X509Certificate::from_der(&leaf).unwrap();
+        assert_eq!(leaf_cert.issuer(), ca_cert.subject());
+        leaf_cert
+            .verify_signature(Some(ca_cert.public_key()))
+            .unwrap();
+        assert!(sans(&leaf).contains(&"IP:10.0.0.3".to_string()));
+
+        for bad in ["../escape", "", "a b", ".hidden"] {
+            let refused = issue(&IssueOptions {
+                dir: dir.path().to_path_buf(),
+                name: bad.into(),
+                role: Role::Client,
+                sans: vec![],
+                days: 10,
+                force: false,
+            });
+            assert!(matches!(refused, Err(PkiError::InvalidName(_))), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The project's own PKI: an X.509 certificate authority and the leaf
+//! certificates of servers, coordinators and clients, made with rcgen.
+//!
+//! Every certificate gets an explicit subject, a random serial number, a
+//! bounded validity, explicit key and extended key usages, and a SPIFFE-style
+//! URI SAN (`spiffe://securemesh/<role>/<name>`) naming its identity. Keys
+//! are ECDSA P-256. Files are written next to each other in one directory,
+//! private keys with mode 0600, and nothing is overwritten unless asked.
+
+mod authority;
+mod files;
+
+pub use authority::{Authority, IssuedCertificate, Role};
+pub use files::{init, issue, InitOptions, IssueOptions, PkiError, CA_CERT_FILE, CA_KEY_FILE};

@@ -1,0 +1,119 @@
+//! The `securemesh.v1.DataService` implementation of a server.
+
+use securemesh::v1::data_service_server::DataService;
+use securemesh::v1::{SubmitReply, SubmitRequest};
+use securemesh_crypto::KeyRing;
+use tonic::{Request, Response, Status};
+
+/// Decrypts each submitted token with the server's key ring.
+///
+/// A token that fails verification is answered with `INVALID_ARGUMENT` and a
+/// reason that names no secret. The plaintext is printed (the lab's
+/// `Decrypted data:` line) only when `print_plaintext` is set.
+#[derive(Debug, Clone)]
+pub struct DataHandler {
+    keys: KeyRing,
+    server_id: String,
+    print_plaintext: bool,
+}
+
+impl DataHandler {
+    /// A handler answering as `server_id` (e.g. `127.0.0.1:5001`).
+    pub fn new(keys: KeyRing, server_id: impl Into<String>, print_plaintext: bool) -> Self {
+        Self {
+            keys,
+            server_id: server_id.into(),
+            print_plaintext,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl DataService for DataHandler {
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitReply>, Status> {
+        let caller = securemesh_tls::request_identity(&request);
+        let token = request.into_inner().token;
+        let plaintext = match self.keys.decrypt(&token) {
+            Ok(plaintext) => plaintext,
+            Err(reason) => {
+                tracing::warn!(%caller, token_bytes = token.len(), %reason, "Submit refused");
+                return Err(Status::invalid_argument(format!("invalid token: {reason}")));
+            }
+        };
+        if self.print_plaintext {
+            tracing::info!("Decrypted data: {}", printable(&plaintext));
+        }
+        tracing::info!(%caller, plaintext_bytes = plaintext.len(), "Submit accepted");
+        Ok(Response::new(SubmitReply {
+            result: "ok".into(),
+            server_id: self.server_id.clone(),
+            plaintext_sha256: securemesh_crypto::sha256(&plaintext).to_vec(),
+        }))
+    }
+}
+
+/// The plaintext as one log line: control characters are escaped so that a
+/// payload cannot forge log lines.
+fn printable(plaintext: &[u8]) -> String {
+    String::from_utf8_lossy(plaintext)
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handler() -> (DataHandler, KeyRing) {
+        let keys = KeyRing::from_key_strings(&[securemesh_crypto::generate_key()]).unwrap();
+        (DataHandler::new(keys.clone(), "test:1", false), keys)
+    }
+
+    #[tokio::test]
+    async fn answers_ok_with_the_plaintext_digest() {
+        let (handler, keys) = handler();
+        let token = keys.encrypt(b"hello");
+        let reply = handler
+            .submit(Request::new(SubmitRequest { token }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.result, "ok");
+        assert_eq!(reply.server_id, "test:1");
+        assert_eq!(reply.plaintext_sha256, securemesh_crypto::sha256(b"hello"));
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_tokens_with_invalid_argument() {
+        let (handler, _) = handler();
+        let (_, other_keys) = self::handler();
+        for token in [
+            Vec::new(),
+            b"garbage".to_vec(),
+            other_keys.encrypt(b"under another key"),
+        ] {
+            let status = handler
+                .submit(Request::new(SubmitRequest { token }))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().starts_with("invalid token"), "{status:?}");
+        }
+    }
+
+    #[test]
+    fn printable_escapes_control_characters() {
+        assert_eq!(printable(b"a\nb\x1b[31m"), "a\\nb\\u{1b}[31m");
+    }
+}

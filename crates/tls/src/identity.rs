@@ -1,0 +1,47 @@
+//! Who is on the other end of a connection, as its certificate says.
+
+use rustls::pki_types::CertificateDer;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// The identity of a verified peer certificate: its first URI SAN (our
+/// `spiffe://securemesh/<role>/<name>`), else its first DNS SAN, else its
+/// subject common name. `None` when there is no certificate or it does not
+/// parse.
+pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<String> {
+    let leaf = chain.first()?;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).ok()?;
+    let sans = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|ext| ext.value.general_names.clone())
+        .unwrap_or_default();
+    let uri = sans.iter().find_map(|name| match name {
+        GeneralName::URI(uri) => Some(uri.to_string()),
+        _ => None,
+    });
+    let dns = || {
+        sans.iter().find_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(dns.to_string()),
+            _ => None,
+        })
+    };
+    let common_name = || {
+        cert.subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned)
+    };
+    uri.or_else(dns).or_else(common_name)
+}
+
+/// The identity of the caller of a tonic request received over
+/// [`crate::TlsIncoming`], or `"unknown"`.
+pub fn request_identity<T>(request: &tonic::Request<T>) -> String {
+    request
+        .peer_certs()
+        .and_then(|certs| peer_identity(&certs))
+        .unwrap_or_else(|| "unknown".to_owned())
+}

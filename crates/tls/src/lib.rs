@@ -1,0 +1,23 @@
+//! Mutual TLS for every securemesh connection.
+//!
+//! Servers and the coordinator accept connections through our own rustls
+//! acceptor ([`TlsIncoming`]) rather than tonic's `ServerTlsConfig`: we need
+//! control over the client verifier (revocation lists, rotation), a handshake
+//! timeout and logging of refused handshakes. Outgoing connections use
+//! tonic's client TLS with our CA and certificate ([`client_tls_config`]).
+//! [`serve_mtls`] runs a service behind the acceptor with health and
+//! reflection. One crypto provider, `ring`, is used throughout.
+
+mod acceptor;
+mod client;
+mod identity;
+mod material;
+mod serve;
+mod server;
+
+pub use acceptor::TlsIncoming;
+pub use client::client_tls_config;
+pub use identity::{peer_identity, request_identity};
+pub use material::{TlsError, TlsFiles};
+pub use serve::{serve_mtls, ServeError};
+pub use server::server_config;

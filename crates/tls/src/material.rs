@@ -1,0 +1,91 @@
+//! Where a party's certificate, key and trusted CA live, and reading them.
+
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why TLS material could not be loaded or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A file holds no usable PEM item of the expected kind.
+    #[error("{path}: {what}")]
+    Pem {
+        /// The file concerned.
+        path: PathBuf,
+        /// What was expected or went wrong.
+        what: String,
+    },
+    /// rustls refused the configuration (for example a key that does not
+    /// match the certificate).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client certificate verifier could not be built.
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// The three files of one party: its certificate chain, its private key and
+/// the CA certificate it trusts to authenticate the other side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate (chain) presented to the peer.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA certificate(s) trusted for the peer.
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// The conventional files `<dir>/<name>_cert.pem`, `<dir>/<name>_key.pem`
+    /// and `<dir>/ca_cert.pem`.
+    pub fn in_dir(dir: &Path, name: &str) -> Self {
+        Self {
+            cert: dir.join(format!("{name}_cert.pem")),
+            key: dir.join(format!("{name}_key.pem")),
+            ca: dir.join("ca_cert.pem"),
+        }
+    }
+
+    pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+        std::fs::read(path).map_err(|source| TlsError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub(crate) fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let pem = Self::read(path)?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| TlsError::Pem {
+                path: path.to_path_buf(),
+                what: error.to_string(),
+            })?;
+        if certs.is_empty() {
+            return Err(TlsError::Pem {
+                path: path.to_path_buf(),
+                what: "no CERTIFICATE found".into(),
+            });
+        }
+        Ok(certs)
+    }
+
+    pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+        let pem = Self::read(path)?;
+        // The error of the PEM parser never contains key material.
+        PrivateKeyDer::from_pem_slice(&pem).map_err(|error| TlsError::Pem {
+            path: path.to_path_buf(),
+            what: format!("no usable private key ({error})"),
+        })
+    }
+}
