@@ -36,3 +36,53 @@ pub fn add_reflection(
     routes.add_service(configure().build_v1alpha()?);
     Ok(())
 }
+
+/// Reading a `tonic::Status` the way securemesh callers need to.
+pub mod status {
+    use std::error::Error as _;
+
+    use tonic::{Code, Status};
+
+    /// Whether `status` was raised locally by the transport (connection
+    /// refused or reset, TLS handshake refused, ...) rather than sent by the
+    /// peer: only such statuses carry a source error.
+    pub fn is_transport_failure(status: &Status) -> bool {
+        status.source().is_some()
+    }
+
+    /// Whether the peer could not serve the call: `UNAVAILABLE`, or any
+    /// local transport failure but an expired deadline. That includes
+    /// `CANCELLED` raised by the transport: hyper cancels a request whose
+    /// connection closed before it was sent (a caller that gives up drops
+    /// the call and never sees a status).
+    pub fn is_unavailable(status: &Status) -> bool {
+        status.code() == Code::Unavailable
+            || (is_transport_failure(status) && status.code() != Code::DeadlineExceeded)
+    }
+
+    /// A one-line reason: the status message and, for transport failures,
+    /// the deepest cause (e.g. "Connection refused", or the TLS alert).
+    pub fn describe(status: &Status) -> String {
+        let mut deepest: Option<&(dyn std::error::Error + 'static)> = status.source();
+        while let Some(next) = deepest.and_then(|error| error.source()) {
+            deepest = Some(next);
+        }
+        match deepest.map(ToString::to_string) {
+            Some(cause) if !status.message().contains(&cause) => {
+                format!("{}: {cause}", status.message())
+            }
+            _ => status.message().to_owned(),
+        }
+    }
+
+    /// Statuses the peer sent pass unchanged; a local transport failure
+    /// becomes `UNAVAILABLE` with its cause in the message, as grpc-go
+    /// reports a refused handshake.
+    pub fn normalize(status: Status) -> Status {
+        if is_transport_failure(&status) && is_unavailable(&status) {
+            Status::unavailable(describe(&status))
+        } else {
+            status
+        }
+    }
+}

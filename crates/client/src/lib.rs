@@ -85,7 +85,8 @@ impl Client {
         let token = self.keys.encrypt(plaintext);
         let reply = DataServiceClient::new(self.channel.clone())
             .submit(SubmitRequest { token })
-            .await?
+            .await
+            .map_err(securemesh::status::normalize)?
             .into_inner();
         if reply.result != "ok" {
             return Err(ClientError::UnexpectedResult(reply.result));
@@ -100,7 +101,8 @@ impl Client {
     pub async fn submit_token(&self, token: Vec<u8>) -> Result<SubmitReply, tonic::Status> {
         Ok(DataServiceClient::new(self.channel.clone())
             .submit(SubmitRequest { token })
-            .await?
+            .await
+            .map_err(securemesh::status::normalize)?
             .into_inner())
     }
 }

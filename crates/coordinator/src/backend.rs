@@ -18,7 +18,7 @@ use futures_util::task::AtomicWaker;
 use securemesh::v1::data_service_client::DataServiceClient;
 use securemesh::v1::{SubmitReply, SubmitRequest};
 use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Status;
 
 /// Who noticed a backend failing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,28 +202,4 @@ impl tower::Service<SubmitRequest> for Backend {
     }
 }
 
-/// Whether `status` says the backend could not serve (as opposed to an
-/// answer of the application, such as `INVALID_ARGUMENT`): `UNAVAILABLE`,
-/// or any error raised locally by the transport (those carry a source).
-pub fn is_backend_failure(status: &Status) -> bool {
-    use std::error::Error as _;
-    status.code() == Code::Unavailable
-        || (status.source().is_some()
-            && !matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded))
-}
-
-/// A one-line reason for a failed call: the status message and the deepest
-/// cause of a transport error (e.g. "Connection refused").
-pub fn describe(status: &Status) -> String {
-    use std::error::Error as _;
-    let mut deepest: Option<&(dyn std::error::Error + 'static)> = status.source();
-    while let Some(next) = deepest.and_then(|error| error.source()) {
-        deepest = Some(next);
-    }
-    match deepest.map(ToString::to_string) {
-        Some(cause) if !status.message().contains(&cause) => {
-            format!("{}: {cause}", status.message())
-        }
-        _ => status.message().to_owned(),
-    }
-}
+pub use securemesh::status::{describe, is_unavailable as is_backend_failure};

@@ -116,6 +116,27 @@ mod tests {
     }
 
     #[test]
+    fn retries_a_request_cancelled_by_a_closing_connection() {
+        // What tonic reports when the connection closed before the request
+        // was written: CANCELLED, with the transport error as its source.
+        let mut status = tonic::Status::cancelled("operation was canceled");
+        status.set_source(std::sync::Arc::new(std::io::Error::other(
+            "connection closed",
+        )));
+        let mut policy = RetryPolicy::new(2, 10, 0.2);
+        assert!(policy
+            .retry(&mut SubmitRequest::default(), &mut failed(status))
+            .is_some());
+        // A cancellation that a peer sent (no local source) is an answer.
+        assert!(policy
+            .retry(
+                &mut SubmitRequest::default(),
+                &mut failed(tonic::Status::cancelled("peer gave up"))
+            )
+            .is_none());
+    }
+
+    #[test]
     fn attempts_are_bounded_per_call() {
         let mut policy = RetryPolicy::new(2, 10, 0.2);
         let mut request = SubmitRequest::default();

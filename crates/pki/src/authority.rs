@@ -88,7 +88,9 @@ impl Authority {
     pub fn generate(days: u32) -> Result<Self, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = subject("securemesh CA");
+        // A unique name per CA: two projects' CAs must not be confused when
+        // a peer looks up the issuer of a certificate by name.
+        params.distinguished_name = subject(&format!("securemesh CA {}", random_hex(4)?));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -202,6 +204,14 @@ fn validate_name(name: &str) -> Result<(), PkiError> {
     } else {
         Err(PkiError::InvalidName(name.to_owned()))
     }
+}
+
+fn random_hex(bytes: usize) -> Result<String, PkiError> {
+    let mut random = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut random)
+        .map_err(|_| PkiError::Random)?;
+    Ok(random.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
 /// Validity starts an hour back (tolerating clock skew between machines) and

@@ -1,0 +1,486 @@
+//! End-to-end tests of the mesh, in process: real tonic servers and a real
+//! coordinator on 127.0.0.1 with mutual TLS, certificates from our PKI.
+//!
+//! Each server runs in its own tokio runtime so that a test can kill it the
+//! way a crash would: shutting the runtime down drops the listener and every
+//! open connection at once.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use securemesh_client::Client;
+use securemesh_coordinator::{BackendOptions, Coordinator, ProxyOptions};
+use securemesh_crypto::KeyRing;
+use securemesh_server::DataHandler;
+use securemesh_tls::TlsFiles;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::oneshot;
+use tonic::Code;
+
+/// A PKI and a Fernet key in a temporary directory.
+struct Material {
+    dir: TempDir,
+    keys: KeyRing,
+}
+
+impl Material {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        securemesh_pki::init(&securemesh_pki::InitOptions {
+            dir: dir.path().to_path_buf(),
+            days: 1,
+            extra_clients: vec![],
+            sans: vec![],
+            force: false,
+        })
+        .unwrap();
+        let keys = KeyRing::from_key_strings(&[securemesh_crypto::generate_key()]).unwrap();
+        Self { dir, keys }
+    }
+
+    fn files(&self, name: &str) -> TlsFiles {
+        TlsFiles::in_dir(self.dir.path(), name)
+    }
+
+    fn client(&self, target: &str, identity: &str) -> Client {
+        let tls = securemesh_tls::client_tls_config(&self.files(identity)).unwrap();
+        Client::new(target, tls, self.keys.clone()).unwrap()
+    }
+}
+
+/// A server in its own runtime.
+struct TestServer {
+    runtime: Option<tokio::runtime::Runtime>,
+    address: SocketAddr,
+}
+
+impl TestServer {
+    fn start(material: &Material, address: SocketAddr) -> Self {
+        let listener = std::net::TcpListener::bind(address).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = listener.local_addr().unwrap();
+        let tls = securemesh_tls::server_config(&material.files("server")).unwrap();
+        let handler = DataHandler::new(material.keys.clone(), address.to_string(), false);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            securemesh_server::serve(
+                listener,
+                tls,
+                handler,
+                Duration::from_secs(5),
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
+        });
+        Self {
+            runtime: Some(runtime),
+            address,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.address)
+    }
+
+    fn id(&self) -> String {
+        self.address.to_string()
+    }
+
+    /// Stops the server as a crash would.
+    fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A coordinator in the test's runtime, stopped when dropped.
+struct TestCoordinator {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl TestCoordinator {
+    async fn start(material: &Material, backends: &[String]) -> Self {
+        let client_tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
+        let mut options = BackendOptions::new(client_tls);
+        options.health_interval = Duration::from_millis(200);
+        options.health_timeout = Duration::from_millis(500);
+        options.attempt_timeout = Duration::from_secs(2);
+        let coordinator = Coordinator::new(options, ProxyOptions::default());
+        for url in backends {
+            coordinator.pool().add(url).unwrap();
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let tls = securemesh_tls::server_config(&material.files("coordinator")).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(securemesh_coordinator::serve(
+            listener,
+            tls,
+            coordinator,
+            Duration::from_secs(5),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            url,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for TestCoordinator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+async fn ready(material: &Material, url: &str) {
+    let tls = securemesh_tls::client_tls_config(&material.files("client")).unwrap();
+    securemesh_client::wait_until_serving(url, tls, Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
+/// Sends until a reply comes from `server_id`, within `limit`.
+async fn until_served_by(client: &Client, server_id: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let reply = client.submit(b"probe").await.unwrap();
+        if reply.server_id == server_id {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{server_id} got no traffic within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_through_the_coordinator_reach_both_servers() {
+    let material = Material::new();
+    let a = TestServer::start(&material, any_port());
+    let b = TestServer::start(&material, any_port());
+    let coordinator = TestCoordinator::start(&material, &[a.url(), b.url()]).await;
+    ready(&material, &coordinator.url).await;
+
+    let client = material.client(&coordinator.url, "client");
+    let reply = client.submit(b"hello through the mesh").await.unwrap();
+    assert_eq!(reply.result, "ok");
+    assert_eq!(
+        reply.plaintext_sha256,
+        securemesh_crypto::sha256(b"hello through the mesh")
+    );
+
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        seen.insert(client.submit(b"spread").await.unwrap().server_id);
+    }
+    assert_eq!(seen, [a.id(), b.id()].into_iter().collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_mid_stream_costs_the_client_nothing() {
+    let material = Material::new();
+    let mut a = TestServer::start(&material, any_port());
+    let b = TestServer::start(&material, any_port());
+    let coordinator = TestCoordinator::start(&material, &[a.url(), b.url()]).await;
+    ready(&material, &coordinator.url).await;
+
+    let client = material.client(&coordinator.url, "client");
+    let completed = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..8)
+        .map(|worker| {
+            let client = client.clone();
+            let completed = completed.clone();
+            tokio::spawn(async move {
+                let mut served_by = Vec::new();
+                for sequence in 0..60 {
+                    let message = format!("worker {worker} message {sequence}");
+                    let reply = client.submit(message.as_bytes()).await;
+                    completed.fetch_add(1, Ordering::Relaxed);
+                    served_by.push(
+                        reply
+                            .map(|reply| reply.server_id)
+                            .map_err(|e| e.to_string()),
+                    );
+                }
+                served_by
+            })
+        })
+        .collect();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while completed.load(Ordering::Relaxed) < 120 {
+        assert!(Instant::now() < deadline, "the load did not progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.kill();
+    let killed_at = completed.load(Ordering::Relaxed);
+
+    let mut outcomes = Vec::new();
+    for worker in workers {
+        outcomes.extend(worker.await.unwrap());
+    }
+    let failures: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        failures
+    );
+    assert_eq!(outcomes.len(), 480);
+    assert!(killed_at < 480, "the kill came after the load had finished");
+    let after_kill = outcomes[outcomes.len() - 8..]
+        .iter()
+        .all(|o| o.as_ref().ok() == Some(&b.id()));
+    assert!(
+        after_kill,
+        "the last requests did not all go to the survivor"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_backend_that_comes_back_gets_traffic_again() {
+    let material = Material::new();
+    let mut a = TestServer::start(&material, any_port());
+    let b = TestServer::start(&material, any_port());
+    let coordinator = TestCoordinator::start(&material, &[a.url(), b.url()]).await;
+    ready(&material, &coordinator.url).await;
+    let client = material.client(&coordinator.url, "client");
+    until_served_by(&client, &a.id(), Duration::from_secs(5)).await;
+
+    let address = a.address;
+    a.kill();
+    for _ in 0..20 {
+        assert_eq!(
+            client.submit(b"while a is down").await.unwrap().server_id,
+            b.id()
+        );
+    }
+
+    let a = TestServer::start(&material, address);
+    let waited = until_served_by(&client, &a.id(), Duration::from_secs(5)).await;
+    assert!(
+        waited < Duration::from_secs(2),
+        "came back only after {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_backend_down_calls_fail_fast_and_recover() {
+    let material = Material::new();
+    let mut a = TestServer::start(&material, any_port());
+    let mut b = TestServer::start(&material, any_port());
+    let coordinator = TestCoordinator::start(&material, &[a.url(), b.url()]).await;
+    ready(&material, &coordinator.url).await;
+    let client = material.client(&coordinator.url, "client");
+    client.submit(b"before").await.unwrap();
+
+    let address = a.address;
+    a.kill();
+    b.kill();
+    for _ in 0..10 {
+        let started = Instant::now();
+        let error = client.submit(b"nobody home").await.unwrap_err();
+        match error {
+            securemesh_client::ClientError::Status(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}")
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "failing took {:?}",
+            started.elapsed()
+        );
+    }
+
+    let a = TestServer::start(&material, address);
+    let started = Instant::now();
+    loop {
+        match client.submit(b"after").await {
+            Ok(reply) => {
+                assert_eq!(reply.server_id, a.id());
+                break;
+            }
+            Err(error) => assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no recovery: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_get_invalid_argument_through_the_coordinator() {
+    let material = Material::new();
+    let a = TestServer::start(&material, any_port());
+    let coordinator = TestCoordinator::start(&material, &[a.url()]).await;
+    ready(&material, &coordinator.url).await;
+    let client = material.client(&coordinator.url, "client");
+
+    let good = material.keys.encrypt(b"genuine");
+    let mut tampered = good.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] = if tampered[middle] == b'A' { b'B' } else { b'A' };
+    let other_key = KeyRing::from_key_strings(&[securemesh_crypto::generate_key()])
+        .unwrap()
+        .encrypt(b"under another key");
+
+    for (case, token) in [
+        ("tampered", tampered),
+        ("another key", other_key),
+        ("empty", Vec::new()),
+        ("garbage", b"\x00\xffnot a token".to_vec()),
+    ] {
+        let status = client.submit_token(token).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{case}: {status:?}");
+        assert!(
+            status.message().starts_with("invalid token"),
+            "{case}: {status:?}"
+        );
+        assert!(
+            !status.message().contains("genuine"),
+            "{case}: plaintext leaked"
+        );
+    }
+    // The refusals did not take the backend out of rotation.
+    assert_eq!(
+        client.submit(b"still fine").await.unwrap().server_id,
+        a.id()
+    );
+}
+
+/// Connects with rustls directly and reports how the server ended the
+/// handshake: `Ok` if it accepted us, else the error text (e.g. the alert).
+async fn raw_handshake(
+    address: SocketAddr,
+    ca: &Path,
+    identity: Option<&TlsFiles>,
+) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(files) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(&files.cert)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_file(&files.key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    // TLS 1.3 servers judge the client certificate after the client's
+    // Finished: the verdict arrives with the first read.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buffer = [0u8; 64];
+    match tls.read(&mut buffer).await {
+        Ok(0) => Err("closed".into()),
+        Ok(_) => Ok(()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_without_a_valid_client_certificate_are_refused() {
+    let material = Material::new();
+    let stranger = Material::new(); // another CA, unknown to the mesh
+    let a = TestServer::start(&material, any_port());
+    let coordinator = TestCoordinator::start(&material, &[a.url()]).await;
+    ready(&material, &coordinator.url).await;
+    let coordinator_address: SocketAddr = coordinator.url["https://".len()..].parse().unwrap();
+    let ca = material.dir.path().join("ca_cert.pem");
+
+    for address in [a.address, coordinator_address] {
+        let accepted = raw_handshake(address, &ca, Some(&material.files("client"))).await;
+        assert_eq!(accepted, Ok(()), "a good client was refused by {address}");
+
+        let no_certificate = raw_handshake(address, &ca, None).await.unwrap_err();
+        assert!(
+            no_certificate.contains("CertificateRequired"),
+            "{address}: {no_certificate}"
+        );
+
+        let foreign = raw_handshake(address, &ca, Some(&stranger.files("client")))
+            .await
+            .unwrap_err();
+        assert!(foreign.contains("UnknownCA"), "{address}: {foreign}");
+
+        // A server certificate lacks clientAuth: not an identity for a client.
+        let wrong_usage = raw_handshake(address, &ca, Some(&material.files("server")))
+            .await
+            .unwrap_err();
+        assert!(wrong_usage.contains("alert"), "{address}: {wrong_usage}");
+    }
+
+    // Through gRPC, the refused handshake is a failed call, and a good
+    // client is still served afterwards.
+    let foreign_client = {
+        let tls = securemesh_tls::client_tls_config(&TlsFiles {
+            ca: material.files("client").ca,
+            ..stranger.files("client")
+        })
+        .unwrap();
+        Client::new(&coordinator.url, tls, material.keys.clone()).unwrap()
+    };
+    match foreign_client.submit(b"let me in").await.unwrap_err() {
+        securemesh_client::ClientError::Status(status) => {
+            // The cause in the message depends on a race: the alert, or the
+            // connection closing under the request.
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    let client = material.client(&coordinator.url, "client");
+    assert_eq!(client.submit(b"welcome").await.unwrap().result, "ok");
+}
