@@ -107,6 +107,10 @@ impl BackendState {
     /// Records a failure and takes the backend out of rotation, except that
     /// a passive observation never ejects the last backend in rotation: its
     /// calls then fail fast on their own, and the prober decides.
+    ///
+    /// Logs the lab's line `Server <url> failed: <reason>` for every failed
+    /// call, and for a failed probe when it takes the backend out; the
+    /// ejection itself is logged once.
     pub(crate) fn eject(&self, observer: Observer, reason: &str) {
         *self
             .last_failure
@@ -117,12 +121,15 @@ impl BackendState {
             .in_rotation
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        if !self.is_in_rotation() || (observer == Observer::Passive && *count <= 1) {
-            return;
+        let ejecting = self.is_in_rotation() && (observer == Observer::Active || *count > 1);
+        if observer == Observer::Passive || ejecting {
+            tracing::warn!(backend = %self.url, %reason, "Server {} failed: {}", self.url, reason);
         }
-        self.in_rotation.store(false, Ordering::Release);
-        *count -= 1;
-        tracing::warn!(backend = %self.url, ?observer, %reason, "Server {} ejected from rotation", self.url);
+        if ejecting {
+            self.in_rotation.store(false, Ordering::Release);
+            *count -= 1;
+            tracing::warn!(backend = %self.url, ?observer, "Server {} ejected from rotation", self.url);
+        }
     }
 
     /// Called when the backend leaves the pool for good.
@@ -192,9 +199,7 @@ impl tower::Service<SubmitRequest> for Backend {
             };
             if let Err(status) = &result {
                 if is_backend_failure(status) {
-                    let reason = describe(status);
-                    tracing::warn!(backend = %state.url, %reason, "Server {} failed: {}", state.url, reason);
-                    state.eject(Observer::Passive, &reason);
+                    state.eject(Observer::Passive, &describe(status));
                 }
             }
             result

@@ -1,0 +1,543 @@
+//! Tests of the real `securemesh` binary: the PKI and key commands, a mesh
+//! of separate processes, and interop with the clients users will bring:
+//! grpcurl with client certificates, and Python grpcio with
+//! `cryptography.fernet`.
+//!
+//! grpcurl and the Python packages are installed by `.ci/run`; a missing
+//! tool fails these tests with a message saying so rather than skipping.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_securemesh");
+
+fn securemesh(args: &[&str], dir: &Path) -> Output {
+    Command::new(BINARY)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run securemesh")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn tool(name: &str) -> Command {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|output| output.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed: run .ci/run, or see the README's test section"
+    );
+    Command::new(name)
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn pki_init_writes_verifiable_private_material_and_never_overwrites() {
+    let work = tempfile::tempdir().unwrap();
+    let init = securemesh(
+        &["pki", "init", "--client", "alice", "--san", "mesh.test"],
+        work.path(),
+    );
+    assert!(init.status.success(), "{}", text(&init));
+    let certs = work.path().join("certs");
+    for name in ["server", "coordinator", "client", "client2", "alice"] {
+        let cert = certs.join(format!("{name}_cert.pem"));
+        let verify = tool("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(certs.join("ca_cert.pem"))
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(verify.status.success(), "{name}: {}", text(&verify));
+        assert_eq!(
+            mode(&certs.join(format!("{name}_key.pem"))),
+            0o600,
+            "{name}"
+        );
+    }
+    assert_eq!(mode(&certs.join("ca_key.pem")), 0o600);
+
+    let again = securemesh(&["pki", "init"], work.path());
+    assert!(!again.status.success());
+    assert!(
+        text(&again).contains("ca_cert.pem already exists"),
+        "{}",
+        text(&again)
+    );
+
+    let forced = securemesh(&["pki", "init", "--force"], work.path());
+    assert!(forced.status.success(), "{}", text(&forced));
+
+    let issued = securemesh(
+        &[
+            "pki", "issue", "server3", "--role", "server", "--san", "10.1.2.3",
+        ],
+        work.path(),
+    );
+    assert!(issued.status.success(), "{}", text(&issued));
+    let shown = tool("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-ext",
+            "subjectAltName,extendedKeyUsage",
+            "-in",
+        ])
+        .arg(certs.join("server3_cert.pem"))
+        .output()
+        .unwrap();
+    let shown = text(&shown);
+    assert!(shown.contains("IP Address:10.1.2.3"), "{shown}");
+    assert!(shown.contains("DNS:localhost"), "{shown}");
+    assert!(shown.contains("TLS Web Server Authentication"), "{shown}");
+    assert!(!shown.contains("Client Authentication"), "{shown}");
+
+    let duplicate = securemesh(
+        &["pki", "issue", "server3", "--role", "server"],
+        work.path(),
+    );
+    assert!(!duplicate.status.success());
+    assert!(text(&duplicate).contains("server3_cert.pem already exists"));
+}
+
+#[test]
+fn keygen_writes_a_private_fernet_key_once() {
+    let work = tempfile::tempdir().unwrap();
+    let first = securemesh(&["keygen"], work.path());
+    assert!(first.status.success(), "{}", text(&first));
+    let path = work.path().join("certs/encryption_key.txt");
+    assert_eq!(mode(&path), 0o600);
+    let key = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(key.trim().len(), 44, "{key:?}");
+
+    let again = securemesh(&["keygen"], work.path());
+    assert!(!again.status.success());
+    assert!(text(&again).contains("already exists"));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), key);
+
+    let forced = securemesh(&["keygen", "--force"], work.path());
+    assert!(forced.status.success());
+    assert_ne!(std::fs::read_to_string(&path).unwrap(), key);
+}
+
+/// Two servers and a coordinator as child processes on free ports, with
+/// their output in files. Every process is killed on drop.
+struct Mesh {
+    work: TempDir,
+    servers: Vec<(u16, Child)>,
+    coordinator: Option<Child>,
+    coordinator_port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Mesh {
+    fn start() -> Self {
+        let work = tempfile::tempdir().unwrap();
+        assert!(securemesh(&["pki", "init"], work.path()).status.success());
+        assert!(securemesh(&["keygen"], work.path()).status.success());
+        let mut mesh = Self {
+            work,
+            servers: Vec::new(),
+            coordinator: None,
+            coordinator_port: free_port(),
+        };
+        let ports = [free_port(), free_port()];
+        for port in ports {
+            let server = mesh.spawn(&format!("server-{port}"), &["server", &port.to_string()]);
+            mesh.servers.push((port, server));
+        }
+        let listen = format!("127.0.0.1:{}", mesh.coordinator_port);
+        let mut args = vec!["coordinator", "--listen", &listen];
+        let backends: Vec<String> = ports
+            .iter()
+            .map(|p| format!("https://127.0.0.1:{p}"))
+            .collect();
+        for backend in &backends {
+            args.extend(["--backend", backend]);
+        }
+        mesh.coordinator = Some(mesh.spawn("coordinator", &args));
+        for port in ports.iter().chain([&mesh.coordinator_port]) {
+            mesh.wait_serving(*port);
+        }
+        mesh
+    }
+
+    fn spawn(&self, label: &str, args: &[&str]) -> Child {
+        let log = File::create(self.work.path().join(format!("{label}.log"))).unwrap();
+        Command::new(BINARY)
+            .args(args)
+            .current_dir(self.work.path())
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn log(&self, label: &str) -> String {
+        std::fs::read_to_string(self.work.path().join(format!("{label}.log"))).unwrap()
+    }
+
+    fn certs(&self) -> PathBuf {
+        self.work.path().join("certs")
+    }
+
+    /// Polls the health service with grpcurl-free means: the client command
+    /// cannot tell readiness from failure, so ask the port with TLS.
+    fn wait_serving(&self, port: u16) {
+        let started = Instant::now();
+        loop {
+            let check = self.grpcurl(port, &[], &["grpc.health.v1.Health/Check"]);
+            if check.status.success() && text(&check).contains("SERVING") {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "port {port} not SERVING: {}",
+                text(&check)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `grpcurl <certificate flags> <flags> 127.0.0.1:<port> <command>`.
+    fn grpcurl(&self, port: u16, flags: &[&str], command: &[&str]) -> Output {
+        let certs = self.certs();
+        tool("grpcurl")
+            .arg("-cacert")
+            .arg(certs.join("ca_cert.pem"))
+            .arg("-cert")
+            .arg(certs.join("client_cert.pem"))
+            .arg("-key")
+            .arg(certs.join("client_key.pem"))
+            .args(["-max-time", "10"])
+            .args(flags)
+            .arg(format!("127.0.0.1:{port}"))
+            .args(command)
+            .output()
+            .unwrap()
+    }
+
+    fn client(&self, args: &[&str]) -> Output {
+        let target = format!("https://127.0.0.1:{}", self.coordinator_port);
+        let mut all = vec!["client", "--target", &target];
+        all.extend(args);
+        securemesh(&all, self.work.path())
+    }
+
+    fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    }
+
+    fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "process did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.servers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(child) = &mut self.coordinator {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn separate_processes_serve_fail_over_and_stop_cleanly() {
+    let mut mesh = Mesh::start();
+    let (port1, port2) = (mesh.servers[0].0, mesh.servers[1].0);
+
+    let one = mesh.client(&["--name", "Client1"]);
+    assert!(one.status.success(), "{}", text(&one));
+    assert!(
+        String::from_utf8_lossy(&one.stdout)
+            .starts_with("[Client1] Success: result=ok server=127.0.0.1:"),
+        "{}",
+        text(&one)
+    );
+    let two = mesh.client(&[
+        "--name",
+        "Client2",
+        "--identity",
+        "client2",
+        "--message",
+        "from two",
+    ]);
+    assert!(two.status.success(), "{}", text(&two));
+
+    let load = mesh.client(&["--requests", "200", "--concurrency", "8", "--json"]);
+    assert!(load.status.success(), "{}", text(&load));
+    let summary: serde_json::Value = serde_json::from_slice(&load.stdout).unwrap();
+    for key in [
+        "requests",
+        "ok",
+        "failed",
+        "elapsed_s",
+        "rps",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+        "errors",
+        "servers",
+    ] {
+        assert!(summary.get(key).is_some(), "no {key} in {summary}");
+    }
+    assert_eq!(summary["ok"], 200);
+    assert_eq!(summary["failed"], 0);
+    let servers = summary["servers"].as_object().unwrap();
+    assert_eq!(servers.len(), 2, "{summary}");
+
+    let server_logs = format!(
+        "{}{}",
+        mesh.log(&format!("server-{port1}")),
+        mesh.log(&format!("server-{port2}"))
+    );
+    assert!(
+        server_logs.contains("Decrypted data: Sensitive data from Client1"),
+        "{server_logs}"
+    );
+    assert!(server_logs.contains("Decrypted data: from two"));
+    assert!(server_logs.contains("caller=spiffe://securemesh/both/coordinator"));
+    let coordinator_log = mesh.log("coordinator");
+    assert!(coordinator_log.contains("caller=spiffe://securemesh/client/client2"));
+
+    // Kill server 1: clients notice nothing, the coordinator says so.
+    let (_, mut first) = mesh.servers.remove(0);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let after = mesh.client(&["--requests", "50", "--concurrency", "4", "--json"]);
+    assert!(after.status.success(), "{}", text(&after));
+    let summary: serde_json::Value = serde_json::from_slice(&after.stdout).unwrap();
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(
+        summary["servers"][format!("127.0.0.1:{port2}")],
+        50,
+        "{summary}"
+    );
+    let coordinator_log = mesh.log("coordinator");
+    assert!(
+        coordinator_log.contains(&format!("Server https://127.0.0.1:{port1} failed: ")),
+        "{coordinator_log}"
+    );
+
+    // SIGTERM: graceful stops, exit status 0.
+    let mut coordinator = mesh.coordinator.take().unwrap();
+    Mesh::signal(&coordinator, nix::sys::signal::Signal::SIGTERM);
+    assert!(Mesh::wait_exit(&mut coordinator).success());
+    let (_, mut second) = mesh.servers.remove(0);
+    Mesh::signal(&second, nix::sys::signal::Signal::SIGTERM);
+    assert!(Mesh::wait_exit(&mut second).success());
+}
+
+#[test]
+fn grpcurl_with_client_certificates_lists_and_calls() {
+    let mesh = Mesh::start();
+    let port = mesh.coordinator_port;
+
+    let list = mesh.grpcurl(port, &[], &["list"]);
+    let listed = text(&list);
+    assert!(list.status.success(), "{listed}");
+    for service in [
+        "securemesh.v1.DataService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(listed.contains(service), "{service} not in {listed}");
+    }
+    let described = mesh.grpcurl(port, &[], &["describe", "securemesh.v1.SubmitReply"]);
+    assert!(
+        text(&described).contains("plaintext_sha256"),
+        "{}",
+        text(&described)
+    );
+
+    let token = securemesh(
+        &["encrypt", "--json-bytes", "hello from grpcurl"],
+        mesh.work.path(),
+    );
+    assert!(token.status.success(), "{}", text(&token));
+    let token = String::from_utf8(token.stdout).unwrap();
+    let body = format!("{{\"token\":\"{}\"}}", token.trim());
+    let call = mesh.grpcurl(port, &["-d", &body], &["securemesh.v1.DataService/Submit"]);
+    assert!(call.status.success(), "{}", text(&call));
+    let reply: serde_json::Value = serde_json::from_slice(&call.stdout).unwrap();
+    assert_eq!(reply["result"], "ok");
+    assert!(reply["serverId"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    // protobuf JSON writes bytes as standard base64: SHA-256 of the text.
+    use base64::Engine as _;
+    let digest = base64::engine::general_purpose::STANDARD
+        .decode(reply["plaintextSha256"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(digest, securemesh_crypto::sha256(b"hello from grpcurl"));
+
+    let forged = mesh.grpcurl(
+        port,
+        &["-d", "{\"token\":\"Z0FBQUFBQm9fYWtlX3Rva2Vu\"}"],
+        &["securemesh.v1.DataService/Submit"],
+    );
+    assert!(!forged.status.success());
+    assert!(
+        text(&forged).contains("InvalidArgument"),
+        "{}",
+        text(&forged)
+    );
+
+    // Without a client certificate the handshake is refused.
+    let anonymous = tool("grpcurl")
+        .arg("-cacert")
+        .arg(mesh.certs().join("ca_cert.pem"))
+        .args(["-max-time", "5"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("list")
+        .output()
+        .unwrap();
+    assert!(!anonymous.status.success(), "{}", text(&anonymous));
+    assert!(
+        text(&anonymous).contains("Failed to dial"),
+        "{}",
+        text(&anonymous)
+    );
+    let coordinator_log = mesh.log("coordinator");
+    assert!(
+        coordinator_log.contains("TLS handshake refused")
+            && coordinator_log.contains("peer sent no certificates"),
+        "{coordinator_log}"
+    );
+}
+
+#[test]
+fn python_grpcio_client_interoperates_both_ways() {
+    let mesh = Mesh::start();
+    let stubs = mesh.work.path().join("stubs");
+    std::fs::create_dir_all(&stubs).unwrap();
+    let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let generated = tool("python3")
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(&proto)
+        .arg(format!("--python_out={}", stubs.display()))
+        .arg(format!("--grpc_python_out={}", stubs.display()))
+        .arg(proto.join("securemesh/v1/data.proto"))
+        .output()
+        .unwrap();
+    assert!(
+        generated.status.success(),
+        "grpcio-tools: {}",
+        text(&generated)
+    );
+
+    let rust_token = securemesh(&["encrypt", "made in Rust"], mesh.work.path());
+    assert!(rust_token.status.success());
+    let rust_token = String::from_utf8(rust_token.stdout).unwrap();
+
+    let certs = mesh.certs();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/python_client.py");
+    let run = tool("python3")
+        .arg(script)
+        .arg("--stubs")
+        .arg(&stubs)
+        .arg("--target")
+        .arg(format!("127.0.0.1:{}", mesh.coordinator_port))
+        .arg("--ca")
+        .arg(certs.join("ca_cert.pem"))
+        .arg("--cert")
+        .arg(certs.join("client_cert.pem"))
+        .arg("--key")
+        .arg(certs.join("client_key.pem"))
+        .arg("--fernet-key")
+        .arg(certs.join("encryption_key.txt"))
+        .arg("--rust-token")
+        .arg(rust_token.trim())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "python client: {}", text(&run));
+    let result: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(result["result"], "ok", "{result}");
+    assert_eq!(result["sha256_matches"], true, "{result}");
+    assert_eq!(result["foreign_token"], "INVALID_ARGUMENT", "{result}");
+    assert_eq!(result["rust_token_plaintext"], "made in Rust", "{result}");
+
+    let python_token = result["python_token"].as_str().unwrap();
+    let decrypted = securemesh(&["decrypt", python_token], mesh.work.path());
+    assert!(decrypted.status.success(), "{}", text(&decrypted));
+    assert_eq!(
+        String::from_utf8_lossy(&decrypted.stdout).trim(),
+        "Sensitive data from Python"
+    );
+}
+
+#[test]
+fn the_demo_runs_the_whole_lab_and_exits_zero() {
+    let work = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let demo = Command::new(BINARY)
+        .args(["demo", "--server-ports"])
+        .arg(format!("{},{}", ports[0], ports[1]))
+        .arg("--coordinator-port")
+        .arg(ports[2].to_string())
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    let transcript = text(&demo);
+    assert!(demo.status.success(), "{transcript}");
+    for line in [
+        "[Client1] Success: result=ok server=127.0.0.1:".to_string(),
+        "[Client2] Success: result=ok server=127.0.0.1:".to_string(),
+        "Decrypted data: Sensitive data from Client1".to_string(),
+        format!("Server https://127.0.0.1:{} failed: ", ports[0]),
+        "recovery: server 1 serves again".to_string(),
+        "coordinator stopped cleanly".to_string(),
+        "Demo complete: every step behaved.".to_string(),
+    ] {
+        assert!(
+            transcript.contains(&line),
+            "missing {line:?} in\n{transcript}"
+        );
+    }
+    assert_eq!(mode(&work.path().join("certs/encryption_key.txt")), 0o600);
+}
