@@ -114,7 +114,7 @@ pub struct PkiIssueArgs {
 #[derive(Debug, Args)]
 pub struct KeygenArgs {
     /// Where to write the key [default: <certs>/encryption_key.txt].
-    #[arg(long)]
+    #[arg(long, env = "SECUREMESH_ENCRYPTION_KEY")]
     pub out: Option<PathBuf>,
     /// Directory of the default output file.
     #[arg(long, env = "SECUREMESH_CERTS", default_value = "certs")]
@@ -154,9 +154,7 @@ impl TlsArgs {
 
     /// The Fernet key file: `explicit`, or `<certs>/encryption_key.txt`.
     pub fn encryption_key(&self, explicit: &Option<PathBuf>) -> PathBuf {
-        explicit
-            .clone()
-            .unwrap_or_else(|| self.certs.join("encryption_key.txt"))
+        key_file(explicit, &self.certs)
     }
 }
 
@@ -265,26 +263,31 @@ pub struct EncryptArgs {
     /// writes a `bytes` field.
     #[arg(long)]
     pub json_bytes: bool,
-    /// Fernet key file.
-    #[arg(
-        long,
-        env = "SECUREMESH_ENCRYPTION_KEY",
-        default_value = "certs/encryption_key.txt"
-    )]
-    pub encryption_key: PathBuf,
+    /// Fernet key file [default: <certs>/encryption_key.txt].
+    #[arg(long, env = "SECUREMESH_ENCRYPTION_KEY")]
+    pub encryption_key: Option<PathBuf>,
+    /// Directory of the default key file.
+    #[arg(long, env = "SECUREMESH_CERTS", default_value = "certs")]
+    pub certs: PathBuf,
 }
 
 #[derive(Debug, Args)]
 pub struct DecryptArgs {
     /// The Fernet token.
     pub token: String,
-    /// Fernet key file.
-    #[arg(
-        long,
-        env = "SECUREMESH_ENCRYPTION_KEY",
-        default_value = "certs/encryption_key.txt"
-    )]
-    pub encryption_key: PathBuf,
+    /// Fernet key file [default: <certs>/encryption_key.txt].
+    #[arg(long, env = "SECUREMESH_ENCRYPTION_KEY")]
+    pub encryption_key: Option<PathBuf>,
+    /// Directory of the default key file.
+    #[arg(long, env = "SECUREMESH_CERTS", default_value = "certs")]
+    pub certs: PathBuf,
+}
+
+/// The Fernet key file: `explicit`, or `<certs>/encryption_key.txt`.
+pub fn key_file(explicit: &Option<PathBuf>, certs: &std::path::Path) -> PathBuf {
+    explicit
+        .clone()
+        .unwrap_or_else(|| certs.join("encryption_key.txt"))
 }
 
 #[derive(Debug, Args)]

@@ -13,8 +13,8 @@ use securemesh_crypto::KeyRing;
 use securemesh_server::DataHandler;
 
 use crate::args::{
-    ClientArgs, Command, CoordinatorArgs, DecryptArgs, EncryptArgs, KeygenArgs, PkiCommand,
-    ServerArgs,
+    key_file, ClientArgs, Command, CoordinatorArgs, DecryptArgs, EncryptArgs, KeygenArgs,
+    PkiCommand, ServerArgs,
 };
 
 /// Runs one subcommand to completion.
@@ -59,9 +59,7 @@ fn print_written(paths: &[std::path::PathBuf]) {
 }
 
 fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
-    let out = args
-        .out
-        .unwrap_or_else(|| args.certs.join("encryption_key.txt"));
+    let out = key_file(&args.out, &args.certs);
     securemesh_crypto::write_new_key_file(&out, args.force)?;
     println!("wrote {}", out.display());
     Ok(())
@@ -176,7 +174,8 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
-    let token = KeyRing::from_file(&args.encryption_key)?.encrypt(args.message.as_bytes());
+    let keys = KeyRing::from_file(&key_file(&args.encryption_key, &args.certs))?;
+    let token = keys.encrypt(args.message.as_bytes());
     if args.json_bytes {
         println!(
             "{}",
@@ -189,7 +188,8 @@ fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
 }
 
 fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
-    let plaintext = KeyRing::from_file(&args.encryption_key)?.decrypt(args.token.as_bytes())?;
+    let keys = KeyRing::from_file(&key_file(&args.encryption_key, &args.certs))?;
+    let plaintext = keys.decrypt(args.token.as_bytes())?;
     println!("{}", String::from_utf8_lossy(&plaintext));
     Ok(())
 }

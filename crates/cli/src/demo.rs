@@ -22,6 +22,9 @@ use crate::args::DemoArgs;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long clients keep sending after server 1 is killed: twice the
+/// coordinator's default health interval.
+const FAILOVER_WINDOW: Duration = Duration::from_secs(2);
 
 /// Runs the demo; exits 0 only if every step behaved.
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -92,7 +95,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     step(&format!("4. Server 1 ({server1_id}) is killed (SIGKILL)"));
     mesh.kill("server-1").await?;
-    for round in 1..=3 {
+    // Keep both clients sending for longer than the coordinator's health
+    // interval: whichever notices first, a failed call or a failed probe,
+    // the coordinator reports the failure while the clients see none.
+    let window = tokio::time::Instant::now() + FAILOVER_WINDOW;
+    let mut round = 0;
+    while tokio::time::Instant::now() < window {
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
         for client in [&client1, &client2] {
             let server = client
                 .send(&format!(

@@ -20,6 +20,10 @@ use tower::load::{CompleteOnResponse, PeakEwma};
 
 use crate::backend::{Backend, BackendState, Rotation};
 
+/// The round-trip time PeakEWMA assumes for a backend before its first
+/// answer.
+const UNMEASURED_RTT: Duration = Duration::from_micros(100);
+
 /// A backend as the balancer holds it: its service, weighed by PeakEWMA.
 pub type BalancedBackend = PeakEwma<Backend, CompleteOnResponse>;
 
@@ -141,9 +145,12 @@ impl BackendPool {
 
         let state = BackendState::new(url.to_owned(), self.rotation.clone());
         let backend = Backend::new(state.clone(), channel.clone(), self.options.attempt_timeout);
+        // An optimistic first estimate: a new backend is tried by the next
+        // calls and so measured at once, instead of starving behind the
+        // measured ones under light load.
         let balanced = PeakEwma::new(
             backend,
-            Duration::from_millis(5),
+            UNMEASURED_RTT,
             Duration::from_secs(10).as_nanos() as f64,
             CompleteOnResponse::default(),
         );
