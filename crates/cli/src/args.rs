@@ -60,9 +60,10 @@ pub enum PkiCommand {
     Issue(PkiIssueArgs),
 }
 
+/// Where PKI files go and how long certificates last.
 #[derive(Debug, Args)]
-pub struct PkiInitArgs {
-    /// Directory to write into.
+pub struct PkiOutputArgs {
+    /// Directory of the CA and certificates.
     #[arg(
         long,
         visible_alias = "certs",
@@ -70,9 +71,16 @@ pub struct PkiInitArgs {
         default_value = "certs"
     )]
     pub dir: PathBuf,
-    /// Validity of every certificate, in days.
+    /// Validity of each certificate made, in days.
     #[arg(long, default_value_t = 365)]
     pub days: u32,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PkiInitArgs {
     /// Another client certificate, written as NAME_cert.pem / NAME_key.pem.
     #[arg(long = "client", value_name = "NAME")]
     pub clients: Vec<String>,
@@ -80,9 +88,8 @@ pub struct PkiInitArgs {
     /// certificates (they always carry localhost, 127.0.0.1 and ::1).
     #[arg(long = "san", value_name = "HOST")]
     pub sans: Vec<String>,
-    /// Overwrite existing files.
-    #[arg(long)]
-    pub force: bool,
+    #[command(flatten)]
+    pub output: PkiOutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -95,20 +102,8 @@ pub struct PkiIssueArgs {
     /// Another DNS name or IP address.
     #[arg(long = "san", value_name = "HOST")]
     pub sans: Vec<String>,
-    /// Directory holding the CA.
-    #[arg(
-        long,
-        visible_alias = "certs",
-        env = "SECUREMESH_CERTS",
-        default_value = "certs"
-    )]
-    pub dir: PathBuf,
-    /// Validity in days.
-    #[arg(long, default_value_t = 365)]
-    pub days: u32,
-    /// Overwrite existing files.
-    #[arg(long)]
-    pub force: bool,
+    #[command(flatten)]
+    pub output: PkiOutputArgs,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use base64::Engine as _;
+use securemesh::v1::data_service_server::DataServiceServer;
 use securemesh_client::load::{self, LoadOptions};
 use securemesh_client::Client;
 use securemesh_coordinator::{BackendOptions, Coordinator, ProxyOptions};
@@ -22,22 +23,22 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Pki(PkiCommand::Init(args)) => {
             let written = securemesh_pki::init(&securemesh_pki::InitOptions {
-                dir: args.dir,
-                days: args.days,
+                dir: args.output.dir,
+                days: args.output.days,
                 extra_clients: args.clients,
                 sans: args.sans,
-                force: args.force,
+                force: args.output.force,
             })?;
             print_written(&written);
         }
         Command::Pki(PkiCommand::Issue(args)) => {
             let written = securemesh_pki::issue(&securemesh_pki::IssueOptions {
-                dir: args.dir,
+                dir: args.output.dir,
                 name: args.name,
                 role: args.role,
                 sans: args.sans,
-                days: args.days,
-                force: args.force,
+                days: args.output.days,
+                force: args.output.force,
             })?;
             print_written(&written);
         }
@@ -79,10 +80,10 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let server_id = args.server_id.unwrap_or_else(|| address.to_string());
     tracing::info!(%address, %server_id, "Server listening on {address} (mutual TLS)");
     let handler = DataHandler::new(keys, server_id, !args.hide_plaintext);
-    securemesh_server::serve(
+    securemesh_tls::serve_mtls(
         listener,
         tls,
-        handler,
+        DataServiceServer::new(handler),
         args.handshake_timeout,
         shutdown_signal(),
     )
@@ -115,10 +116,10 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
     tracing::info!(%address, backends = ?args.backends, "Coordinator listening on {address} (mutual TLS)");
-    securemesh_coordinator::serve(
+    securemesh_tls::serve_mtls(
         listener,
         server_tls,
-        coordinator,
+        DataServiceServer::new(coordinator),
         args.handshake_timeout,
         shutdown_signal(),
     )

@@ -37,6 +37,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let server2_id = format!("127.0.0.1:{port2}");
     let coordinator_url = format!("https://127.0.0.1:{}", args.coordinator_port);
 
+    for port in [port1, port2, args.coordinator_port] {
+        ensure_free(port)?;
+    }
+
     step("1. Certificates (CA, server, coordinator, clients) and the Fernet key");
     prepare_material(&certs)?;
 
@@ -50,6 +54,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let server_args = |port: u16| vec!["server".to_owned(), port.to_string()];
     mesh.start("server-1", server_args(port1))?;
     mesh.start("server-2", server_args(port2))?;
+    let readiness_tls = securemesh_tls::client_tls_config(&TlsFiles::in_dir(&certs, "client"))?;
+    // Servers first, so that the coordinator's first health checks find
+    // them serving.
+    for server in [&server1_id, &server2_id] {
+        let target = format!("https://{server}");
+        securemesh_client::wait_until_serving(&target, readiness_tls.clone(), READY_TIMEOUT)
+            .await?;
+        println!("{target} is SERVING");
+    }
     mesh.start(
         "coordinator",
         vec![
@@ -62,16 +75,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             format!("https://{server2_id}"),
         ],
     )?;
-    let readiness_tls = securemesh_tls::client_tls_config(&TlsFiles::in_dir(&certs, "client"))?;
-    for target in [
-        format!("https://{server1_id}"),
-        format!("https://{server2_id}"),
-        coordinator_url.clone(),
-    ] {
-        securemesh_client::wait_until_serving(&target, readiness_tls.clone(), READY_TIMEOUT)
-            .await?;
-        println!("{target} is SERVING");
-    }
+    securemesh_client::wait_until_serving(&coordinator_url, readiness_tls.clone(), READY_TIMEOUT)
+        .await?;
+    println!("{coordinator_url} is SERVING");
 
     let keys = KeyRing::from_file(&certs.join("encryption_key.txt"))?;
     let client1 = DemoClient::new("Client1", "client", &certs, &coordinator_url, &keys)?;
@@ -149,6 +155,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     mesh.stop_all().await?;
     println!("\nDemo complete: every step behaved.");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Fails early, with the flag to use, when a port of the demo is taken.
+fn ensure_free(port: u16) -> anyhow::Result<()> {
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map(drop)
+        .with_context(|| {
+            format!(
+                "port {port} on 127.0.0.1 is in use; choose others with \
+                 --server-ports A,B and --coordinator-port C"
+            )
+        })
 }
 
 fn step(title: &str) {

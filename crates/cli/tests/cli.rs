@@ -172,6 +172,11 @@ impl Mesh {
             let server = mesh.spawn(&format!("server-{port}"), &["server", &port.to_string()]);
             mesh.servers.push((port, server));
         }
+        // As in the lab: servers first, so that the coordinator's first
+        // health checks find them serving.
+        for port in ports {
+            mesh.wait_serving(port);
+        }
         let listen = format!("127.0.0.1:{}", mesh.coordinator_port);
         let mut args = vec!["coordinator", "--listen", &listen];
         let backends: Vec<String> = ports
@@ -182,9 +187,7 @@ impl Mesh {
             args.extend(["--backend", backend]);
         }
         mesh.coordinator = Some(mesh.spawn("coordinator", &args));
-        for port in ports.iter().chain([&mesh.coordinator_port]) {
-            mesh.wait_serving(*port);
-        }
+        mesh.wait_serving(mesh.coordinator_port);
         mesh
     }
 

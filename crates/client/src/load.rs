@@ -160,53 +160,44 @@ pub async fn run(client: &Client, options: &LoadOptions) -> (LoadSummary, Option
     }
     bar.finish_and_clear();
     let elapsed = started.elapsed();
-    (summarise(total.clone_summary(elapsed)), total.first_error)
+    (total.summary(elapsed), total.first_error)
 }
 
 impl Tally {
-    fn clone_summary(&self, elapsed: Duration) -> LoadSummary {
-        let millis = |quantile: f64| {
-            self.latencies
-                .as_ref()
-                .map(|h| h.value_at_quantile(quantile) as f64 / 1000.0)
-                .unwrap_or(0.0)
+    /// The summary, rounded to microseconds (and tenths of a request per
+    /// second) so that the JSON is readable.
+    fn summary(&self, elapsed: Duration) -> LoadSummary {
+        let round = |value: f64| (value * 1000.0).round() / 1000.0;
+        let millis = |micros: u64| round(micros as f64 / 1000.0);
+        let (p50, p90, p99, max) = match &self.latencies {
+            Some(h) => (
+                h.value_at_quantile(0.50),
+                h.value_at_quantile(0.90),
+                h.value_at_quantile(0.99),
+                h.max(),
+            ),
+            None => (0, 0, 0, 0),
         };
         let done = self.ok + self.failed;
         let elapsed_s = elapsed.as_secs_f64();
+        let rps = if elapsed_s > 0.0 {
+            done as f64 / elapsed_s
+        } else {
+            0.0
+        };
         LoadSummary {
             requests: done,
             ok: self.ok,
             failed: self.failed,
-            elapsed_s,
-            rps: if elapsed_s > 0.0 {
-                done as f64 / elapsed_s
-            } else {
-                0.0
-            },
-            p50_ms: millis(0.50),
-            p90_ms: millis(0.90),
-            p99_ms: millis(0.99),
-            max_ms: self
-                .latencies
-                .as_ref()
-                .map(|h| h.max() as f64 / 1000.0)
-                .unwrap_or(0.0),
+            elapsed_s: round(elapsed_s),
+            rps: (rps * 10.0).round() / 10.0,
+            p50_ms: millis(p50),
+            p90_ms: millis(p90),
+            p99_ms: millis(p99),
+            max_ms: millis(max),
             errors: self.errors.clone(),
             servers: self.servers.clone(),
         }
-    }
-}
-
-fn summarise(summary: LoadSummary) -> LoadSummary {
-    let round = |value: f64| (value * 1000.0).round() / 1000.0;
-    LoadSummary {
-        elapsed_s: round(summary.elapsed_s),
-        rps: (summary.rps * 10.0).round() / 10.0,
-        p50_ms: round(summary.p50_ms),
-        p90_ms: round(summary.p90_ms),
-        p99_ms: round(summary.p99_ms),
-        max_ms: round(summary.max_ms),
-        ..summary
     }
 }
 

@@ -16,16 +16,19 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 use tower::discover::Change;
-use tower::load::{CompleteOnResponse, PeakEwma};
+use tower::load::{CompleteOnResponse, PendingRequests};
 
 use crate::backend::{Backend, BackendState, Rotation};
 
-/// The round-trip time PeakEWMA assumes for a backend before its first
-/// answer.
-const UNMEASURED_RTT: Duration = Duration::from_micros(100);
-
-/// A backend as the balancer holds it: its service, weighed by PeakEWMA.
-pub type BalancedBackend = PeakEwma<Backend, CompleteOnResponse>;
+/// A backend as the balancer holds it: its service, weighed by the calls
+/// it has in flight.
+///
+/// Not PeakEWMA: with two backends p2c always compares both, so one slow
+/// reply (a connection set-up, a busy CPU) made a backend look expensive for
+/// seconds and it got no traffic at all. Calls in flight carry no such
+/// memory: idle backends tie and are picked at random, and a slow or hung
+/// backend is avoided as its calls pile up.
+pub type BalancedBackend = PendingRequests<Backend, CompleteOnResponse>;
 
 /// The discovery stream a pool feeds and the balancer reads.
 pub type Discovery = futures_util::stream::Map<
@@ -145,15 +148,7 @@ impl BackendPool {
 
         let state = BackendState::new(url.to_owned(), self.rotation.clone());
         let backend = Backend::new(state.clone(), channel.clone(), self.options.attempt_timeout);
-        // An optimistic first estimate: a new backend is tried by the next
-        // calls and so measured at once, instead of starving behind the
-        // measured ones under light load.
-        let balanced = PeakEwma::new(
-            backend,
-            UNMEASURED_RTT,
-            Duration::from_secs(10).as_nanos() as f64,
-            CompleteOnResponse::default(),
-        );
+        let balanced = PendingRequests::new(backend, CompleteOnResponse::default());
         self.changes
             .send(Change::Insert(url.to_owned(), balanced))
             .map_err(|_| PoolError::BalancerGone)?;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use securemesh::v1::data_service_server::DataServiceServer;
 use securemesh_client::Client;
 use securemesh_coordinator::{BackendOptions, Coordinator, ProxyOptions};
 use securemesh_crypto::KeyRing;
@@ -72,10 +73,10 @@ impl TestServer {
             .unwrap();
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            securemesh_server::serve(
+            securemesh_tls::serve_mtls(
                 listener,
                 tls,
-                handler,
+                DataServiceServer::new(handler),
                 Duration::from_secs(5),
                 std::future::pending(),
             )
@@ -131,10 +132,10 @@ impl TestCoordinator {
         let url = format!("https://{}", listener.local_addr().unwrap());
         let tls = securemesh_tls::server_config(&material.files("coordinator")).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(securemesh_coordinator::serve(
+        tokio::spawn(securemesh_tls::serve_mtls(
             listener,
             tls,
-            coordinator,
+            DataServiceServer::new(coordinator),
             Duration::from_secs(5),
             async move {
                 let _ = stopped.await;
@@ -166,6 +167,32 @@ async fn ready(material: &Material, url: &str) {
         .unwrap();
 }
 
+/// A PKI, `N` servers and a coordinator in front of them, all serving, and
+/// a client of the coordinator.
+struct Mesh<const N: usize> {
+    material: Material,
+    servers: [TestServer; N],
+    coordinator: TestCoordinator,
+    client: Client,
+}
+
+impl<const N: usize> Mesh<N> {
+    async fn start() -> Self {
+        let material = Material::new();
+        let servers = std::array::from_fn(|_| TestServer::start(&material, any_port()));
+        let urls: Vec<String> = servers.iter().map(TestServer::url).collect();
+        let coordinator = TestCoordinator::start(&material, &urls).await;
+        ready(&material, &coordinator.url).await;
+        let client = material.client(&coordinator.url, "client");
+        Self {
+            material,
+            servers,
+            coordinator,
+            client,
+        }
+    }
+}
+
 /// Sends until a reply comes from `server_id`, within `limit`.
 async fn until_served_by(client: &Client, server_id: &str, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -184,13 +211,12 @@ async fn until_served_by(client: &Client, server_id: &str, limit: Duration) -> D
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_through_the_coordinator_reach_both_servers() {
-    let material = Material::new();
-    let a = TestServer::start(&material, any_port());
-    let b = TestServer::start(&material, any_port());
-    let coordinator = TestCoordinator::start(&material, &[a.url(), b.url()]).await;
-    ready(&material, &coordinator.url).await;
-
-    let client = material.client(&coordinator.url, "client");
+    let Mesh {
+        material: _material,
+        servers: [a, b],
+        coordinator: _coordinator,
+        client,
+    } = Mesh::<2>::start().await;
     let reply = client.submit(b"hello through the mesh").await.unwrap();
     assert_eq!(reply.result, "ok");
     assert_eq!(
@@ -198,9 +224,7 @@ async fn requests_through_the_coordinator_reach_both_servers() {
         securemesh_crypto::sha256(b"hello through the mesh")
     );
 
-    // Concurrent load is spread: PeakEWMA weighs a backend by its latency
-    // times its calls in flight. (One call at a time may rightly stay on
-    // the faster backend, so that is not asserted.)
+    // Concurrent load is spread over both.
     let options = securemesh_client::load::LoadOptions {
         requests: 400,
         concurrency: 16,
@@ -220,13 +244,12 @@ async fn requests_through_the_coordinator_reach_both_servers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_killed_mid_stream_costs_the_client_nothing() {
-    let material = Material::new();
-    let mut a = TestServer::start(&material, any_port());
-    let b = TestServer::start(&material, any_port());
-    let coordinator = TestCoordinator::start(&material, &[a.url(), b.url()]).await;
-    ready(&material, &coordinator.url).await;
-
-    let client = material.client(&coordinator.url, "client");
+    let Mesh {
+        material: _material,
+        servers: [mut a, b],
+        coordinator: _coordinator,
+        client,
+    } = Mesh::<2>::start().await;
     let completed = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..8)
         .map(|worker| {
@@ -281,12 +304,12 @@ async fn a_backend_killed_mid_stream_costs_the_client_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_backend_that_comes_back_gets_traffic_again() {
-    let material = Material::new();
-    let mut a = TestServer::start(&material, any_port());
-    let b = TestServer::start(&material, any_port());
-    let coordinator = TestCoordinator::start(&material, &[a.url(), b.url()]).await;
-    ready(&material, &coordinator.url).await;
-    let client = material.client(&coordinator.url, "client");
+    let Mesh {
+        material,
+        servers: [mut a, b],
+        coordinator: _coordinator,
+        client,
+    } = Mesh::<2>::start().await;
     until_served_by(&client, &a.id(), Duration::from_secs(5)).await;
 
     let address = a.address;
@@ -308,12 +331,12 @@ async fn a_stopped_backend_that_comes_back_gets_traffic_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_backend_down_calls_fail_fast_and_recover() {
-    let material = Material::new();
-    let mut a = TestServer::start(&material, any_port());
-    let mut b = TestServer::start(&material, any_port());
-    let coordinator = TestCoordinator::start(&material, &[a.url(), b.url()]).await;
-    ready(&material, &coordinator.url).await;
-    let client = material.client(&coordinator.url, "client");
+    let Mesh {
+        material,
+        servers: [mut a, mut b],
+        coordinator: _coordinator,
+        client,
+    } = Mesh::<2>::start().await;
     client.submit(b"before").await.unwrap();
 
     let address = a.address;
@@ -354,11 +377,12 @@ async fn with_every_backend_down_calls_fail_fast_and_recover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_get_invalid_argument_through_the_coordinator() {
-    let material = Material::new();
-    let a = TestServer::start(&material, any_port());
-    let coordinator = TestCoordinator::start(&material, &[a.url()]).await;
-    ready(&material, &coordinator.url).await;
-    let client = material.client(&coordinator.url, "client");
+    let Mesh {
+        material,
+        servers: [a],
+        coordinator: _coordinator,
+        client,
+    } = Mesh::<1>::start().await;
 
     let good = material.keys.encrypt(b"genuine");
     let mut tampered = good.clone();
@@ -446,11 +470,13 @@ async fn raw_handshake(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_without_a_valid_client_certificate_are_refused() {
-    let material = Material::new();
+    let Mesh {
+        material,
+        servers: [a],
+        coordinator,
+        client,
+    } = Mesh::<1>::start().await;
     let stranger = Material::new(); // another CA, unknown to the mesh
-    let a = TestServer::start(&material, any_port());
-    let coordinator = TestCoordinator::start(&material, &[a.url()]).await;
-    ready(&material, &coordinator.url).await;
     let coordinator_address: SocketAddr = coordinator.url["https://".len()..].parse().unwrap();
     let ca = material.dir.path().join("ca_cert.pem");
 
@@ -494,6 +520,5 @@ async fn handshakes_without_a_valid_client_certificate_are_refused() {
         }
         other => panic!("unexpected {other}"),
     }
-    let client = material.client(&coordinator.url, "client");
     assert_eq!(client.submit(b"welcome").await.unwrap().result, "ok");
 }

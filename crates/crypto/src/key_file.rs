@@ -3,19 +3,20 @@
 //! A key file is a secret. It is created with mode 0600 and never replaced
 //! unless the caller says so explicitly.
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+pub use securemesh_fs::WriteError;
 
 /// Why a key file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
-    /// The file exists and the caller did not ask to overwrite it.
-    #[error("{0} already exists (use --force to overwrite)")]
-    Exists(PathBuf),
-    /// Reading or writing failed.
+    /// Writing failed, or the file exists and the caller did not ask to
+    /// overwrite it.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// Reading failed.
     #[error("{path}: {source}")]
-    Io {
+    Read {
         /// The file concerned.
         path: PathBuf,
         /// The underlying error.
@@ -45,50 +46,18 @@ pub fn generate_key() -> String {
 ///
 /// Refuses to replace an existing file unless `force` is set.
 pub fn write_new_key_file(path: &Path, force: bool) -> Result<(), KeyFileError> {
-    write_secret_file(path, format!("{}\n", generate_key()).as_bytes(), force)
-}
-
-fn write_secret_file(path: &Path, contents: &[u8], force: bool) -> Result<(), KeyFileError> {
-    let io_error = |source| KeyFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(io_error)?;
-    }
-    let mut options = OpenOptions::new();
-    options.write(true);
-    if force {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::AlreadyExists {
-            KeyFileError::Exists(path.to_path_buf())
-        } else {
-            io_error(source)
-        }
-    })?;
-    // `mode` applies only at creation: a forced overwrite of an existing file
-    // must not keep looser permissions.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io_error)?;
-    }
-    file.write_all(contents).map_err(io_error)
+    let line = format!("{}\n", generate_key());
+    Ok(securemesh_fs::write_file(
+        path,
+        line.as_bytes(),
+        securemesh_fs::PRIVATE,
+        force,
+    )?)
 }
 
 /// Reads every key line of a key file, skipping blank lines and `#` comments.
 pub(crate) fn read_key_lines(path: &Path) -> Result<Vec<(usize, String)>, KeyFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Io {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
         path: path.to_path_buf(),
         source,
     })?;
@@ -116,7 +85,10 @@ mod tests {
         let first = std::fs::read_to_string(&path).unwrap();
 
         let refused = write_new_key_file(&path, false).unwrap_err();
-        assert!(matches!(refused, KeyFileError::Exists(_)), "{refused}");
+        assert!(
+            matches!(refused, KeyFileError::Write(WriteError::Exists(_))),
+            "{refused}"
+        );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), first);
 
         write_new_key_file(&path, true).unwrap();
@@ -125,21 +97,6 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
-    }
-
-    #[test]
-    fn forced_overwrite_tightens_loose_permissions() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("key.txt");
-        std::fs::write(&path, "old\n").unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-            write_new_key_file(&path, true).unwrap();
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }

@@ -3,9 +3,9 @@
 //! All files of one PKI live in one directory. Before anything is written,
 //! every target is checked, so a refused run leaves the directory untouched.
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use securemesh_fs::{refuse_existing, write_file, WriteError, PRIVATE, PUBLIC};
 
 use crate::authority::{Authority, Role};
 
@@ -17,12 +17,12 @@ pub const CA_KEY_FILE: &str = "ca_key.pem";
 /// Why a PKI operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    /// A target file exists and `force` was not given.
-    #[error("{0} already exists (use --force to overwrite)")]
-    Exists(PathBuf),
-    /// Reading or writing a file failed.
+    /// Writing failed, or a target exists and `force` was not given.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// Reading the CA failed.
     #[error("{path}: {source}")]
-    Io {
+    Read {
         /// The file concerned.
         path: PathBuf,
         /// The underlying error.
@@ -100,7 +100,7 @@ pub fn init(options: &InitOptions) -> Result<Vec<PathBuf>, PkiError> {
     for (name, _) in &leaves {
         targets.extend(leaf_paths(&options.dir, name));
     }
-    refuse_existing(&targets, options.force)?;
+    refuse_existing(targets.iter().map(PathBuf::as_path), options.force)?;
 
     let authority = Authority::generate(options.days)?;
     let mut files = vec![
@@ -121,14 +121,14 @@ pub fn init(options: &InitOptions) -> Result<Vec<PathBuf>, PkiError> {
         files.push((cert_path, issued.cert_pem));
         files.push((key_path, issued.key_pem));
     }
-    write_all(&options.dir, files, options.force)
+    write_all(files, options.force)
 }
 
 /// Issues one more certificate from the CA in `options.dir`. Returns the
 /// paths written.
 pub fn issue(options: &IssueOptions) -> Result<Vec<PathBuf>, PkiError> {
     let targets = leaf_paths(&options.dir, &options.name);
-    refuse_existing(&targets, options.force)?;
+    refuse_existing(targets.iter().map(PathBuf::as_path), options.force)?;
     let authority = Authority::from_pem(
         &read(&options.dir.join(CA_CERT_FILE))?,
         &read(&options.dir.join(CA_KEY_FILE))?,
@@ -136,7 +136,6 @@ pub fn issue(options: &IssueOptions) -> Result<Vec<PathBuf>, PkiError> {
     let issued = authority.issue(&options.name, options.role, &options.sans, options.days)?;
     let [cert_path, key_path] = targets;
     write_all(
-        &options.dir,
         vec![(cert_path, issued.cert_pem), (key_path, issued.key_pem)],
         options.force,
     )
@@ -149,76 +148,25 @@ fn leaf_paths(dir: &Path, name: &str) -> [PathBuf; 2] {
     ]
 }
 
-fn refuse_existing(targets: &[PathBuf], force: bool) -> Result<(), PkiError> {
-    if force {
-        return Ok(());
-    }
-    match targets.iter().find(|path| path.exists()) {
-        Some(path) => Err(PkiError::Exists(path.clone())),
-        None => Ok(()),
-    }
-}
-
 fn read(path: &Path) -> Result<String, PkiError> {
-    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Read {
         path: path.to_path_buf(),
         source,
     })
 }
 
-fn write_all(
-    dir: &Path,
-    files: Vec<(PathBuf, String)>,
-    force: bool,
-) -> Result<Vec<PathBuf>, PkiError> {
-    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+fn write_all(files: Vec<(PathBuf, String)>, force: bool) -> Result<Vec<PathBuf>, PkiError> {
     let mut written = Vec::with_capacity(files.len());
     for (path, contents) in files {
         let private = path
             .file_name()
             .and_then(|name| name.to_str())
             .is_some_and(|name| name.ends_with("_key.pem"));
-        write_file(&path, contents.as_bytes(), private, force)?;
+        let mode = if private { PRIVATE } else { PUBLIC };
+        write_file(&path, contents.as_bytes(), mode, force)?;
         written.push(path);
     }
     Ok(written)
-}
-
-fn write_file(path: &Path, contents: &[u8], private: bool, force: bool) -> Result<(), PkiError> {
-    let io_error = |source: std::io::Error| {
-        if source.kind() == std::io::ErrorKind::AlreadyExists {
-            PkiError::Exists(path.to_path_buf())
-        } else {
-            PkiError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    };
-    let mode = if private { 0o600 } else { 0o644 };
-    let mut options = OpenOptions::new();
-    options.write(true);
-    if force {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
-    }
-    let mut file = options.open(path).map_err(io_error)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(io_error)?;
-    }
-    file.write_all(contents).map_err(io_error)
 }
 
 #[cfg(test)]
