@@ -170,11 +170,35 @@ pub struct ServerArgs {
     /// Do not print the lab's `Decrypted data:` line.
     #[arg(long, env = "SECUREMESH_HIDE_PLAINTEXT")]
     pub hide_plaintext: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// How a long-running process accepts connections and drains on SIGTERM.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
     /// Abandon TLS handshakes that take longer.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub handshake_timeout: Duration,
-    #[command(flatten)]
-    pub tls: TlsArgs,
+    /// On SIGTERM/Ctrl-C, keep serving this long while health reports
+    /// NOT_SERVING, so that callers move their traffic away first.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub drain_delay: Duration,
+    /// Then give in-flight calls this long to finish.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub drain_grace: Duration,
+}
+
+impl ServeArgs {
+    pub fn options(&self) -> securemesh_tls::ServeOptions {
+        securemesh_tls::ServeOptions {
+            handshake_timeout: self.handshake_timeout,
+            drain_delay: self.drain_delay,
+            drain_grace: self.drain_grace,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -206,25 +230,46 @@ pub struct CoordinatorArgs {
     /// Bound on a whole call, retries included.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub request_timeout: Duration,
-    /// Retries of a call after its first attempt.
+    /// Retries of a call after its first attempt (also bounded by a retry
+    /// budget of 20% of calls).
     #[arg(long, default_value_t = 2)]
     pub max_retries: usize,
-    /// Abandon TLS handshakes that take longer.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
-    pub handshake_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings to backends.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub keepalive_interval: Duration,
+    /// A ping unanswered for this long closes the connection.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub keepalive_timeout: Duration,
+    /// Failed calls in a row that eject a backend.
+    #[arg(long, default_value_t = 1)]
+    pub eject_after: u32,
+    /// Length of a first ejection; the n-th in a row lasts n times as long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub ejection_time: Duration,
+    /// Longest ejection.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub max_ejection_time: Duration,
+    #[command(flatten)]
+    pub serve: ServeArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Coordinator (or server) URL.
+    /// Coordinator (or server) URL; repeat to balance and fail over between
+    /// several coordinators.
     #[arg(
-        long,
+        long = "target",
+        value_name = "URL",
         env = "SECUREMESH_TARGET",
+        value_delimiter = ',',
         default_value = "https://127.0.0.1:8000"
     )]
-    pub target: String,
+    pub targets: Vec<String>,
+    /// Time a call may take, retries included (sent as its deadline).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub timeout: Duration,
     /// Name shown in output.
     #[arg(long, default_value = "Client1")]
     pub name: String,

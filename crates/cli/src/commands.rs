@@ -9,7 +9,7 @@ use base64::Engine as _;
 use securemesh::v1::data_service_server::DataServiceServer;
 use securemesh_client::load::{self, LoadOptions};
 use securemesh_client::Client;
-use securemesh_coordinator::{BackendOptions, Coordinator, ProxyOptions};
+use securemesh_coordinator::{BackendOptions, BalanceOptions, Coordinator, EjectionPolicy};
 use securemesh_crypto::KeyRing;
 use securemesh_server::DataHandler;
 
@@ -84,7 +84,7 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         listener,
         tls,
         DataServiceServer::new(handler),
-        args.handshake_timeout,
+        args.serve.options(),
         shutdown_signal(),
     )
     .await?;
@@ -100,13 +100,20 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     backends.attempt_timeout = args.attempt_timeout;
     backends.health_interval = args.health_interval;
     backends.health_timeout = args.health_timeout;
+    backends.keepalive_interval = args.keepalive_interval;
+    backends.keepalive_timeout = args.keepalive_timeout;
+    backends.ejection = EjectionPolicy {
+        consecutive_failures: args.eject_after.max(1),
+        base_time: args.ejection_time,
+        max_time: args.max_ejection_time,
+    };
     let coordinator = Coordinator::new(
         backends,
-        ProxyOptions {
+        BalanceOptions {
             max_retries: args.max_retries,
-            request_timeout: args.request_timeout,
-            ..ProxyOptions::default()
+            ..BalanceOptions::default()
         },
+        args.request_timeout,
     );
     for url in &args.backends {
         coordinator.pool().add(url)?;
@@ -120,7 +127,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         listener,
         server_tls,
         DataServiceServer::new(coordinator),
-        args.handshake_timeout,
+        args.serve.options(),
         shutdown_signal(),
     )
     .await?;
@@ -131,7 +138,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let tls = securemesh_tls::client_tls_config(&args.tls.files(&args.identity))?;
     let keys = KeyRing::from_file(&args.tls.encryption_key(&args.encryption_key))?;
-    let client = Client::new(&args.target, tls, keys)?;
+    let client = Client::new(&args.targets, tls, keys, args.timeout)?;
     let message = args
         .message
         .unwrap_or_else(|| format!("Sensitive data from {}", args.name));

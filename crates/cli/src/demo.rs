@@ -22,6 +22,7 @@ use crate::args::DemoArgs;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long clients keep sending after server 1 is killed: twice the
 /// coordinator's default health interval.
 const FAILOVER_WINDOW: Duration = Duration::from_secs(2);
@@ -213,7 +214,7 @@ impl DemoClient {
         let tls = securemesh_tls::client_tls_config(&TlsFiles::in_dir(certs, identity))?;
         Ok(Self {
             name,
-            client: Client::new(target, tls, keys.clone())?,
+            client: Client::new(&[target.to_owned()], tls, keys.clone(), CALL_TIMEOUT)?,
         })
     }
 

@@ -1,19 +1,23 @@
 //! The securemesh client: connects with mutual TLS, encrypts a payload with
 //! Fernet, submits it and checks the server's digest of what it decrypted.
 //!
-//! [`Client::submit`] sends one payload; [`load::run`] drives many at a
-//! fixed concurrency and summarises latency, errors and spread over servers.
+//! A client may name several targets (coordinators): it balances over them
+//! and fails over between them with the same [`securemesh_balance`] stack
+//! that the coordinator uses toward servers, so no coordinator is a single
+//! point of failure. [`Client::submit`] sends one payload; [`load::run`]
+//! drives many at a fixed concurrency and summarises latency, errors and
+//! spread over servers.
 
 pub mod load;
 mod status_names;
 
 use std::time::Duration;
 
-use securemesh::v1::data_service_client::DataServiceClient;
 use securemesh::v1::{SubmitReply, SubmitRequest, DATA_SERVICE_NAME};
+use securemesh_balance::{BackendOptions, BalanceOptions, Balancer};
 use securemesh_crypto::KeyRing;
 pub use status_names::code_name;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -21,9 +25,12 @@ use tonic_health::pb::HealthCheckRequest;
 /// Why a submission failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The target is not a valid URL, or TLS could not be applied to it.
+    /// A target is not a valid URL, or TLS could not be applied to it.
+    #[error(transparent)]
+    Target(#[from] securemesh_balance::PoolError),
+    /// A readiness check's target is not a valid URL.
     #[error("target {target}: {source}")]
-    Target {
+    Endpoint {
         /// The URL given.
         target: String,
         /// What tonic said.
@@ -58,36 +65,47 @@ impl ClientError {
             ClientError::Status(status) => code_name(status.code()),
             ClientError::DigestMismatch => "DIGEST_MISMATCH",
             ClientError::UnexpectedResult(_) => "UNEXPECTED_RESULT",
-            ClientError::Target { .. } => "INVALID_TARGET",
+            ClientError::Target(_) | ClientError::Endpoint { .. } => "INVALID_TARGET",
             ClientError::NotReady { .. } => "NOT_READY",
         }
     }
 }
 
-/// A connection to one target (a coordinator or a server) with the Fernet
-/// keys to encrypt for it. Cloning shares the HTTP/2 connection.
+/// A client of one or more targets (coordinators or servers) with the
+/// Fernet keys to encrypt for them. Cloning shares connections, balancer and
+/// retry budget.
 #[derive(Clone)]
 pub struct Client {
-    channel: Channel,
+    balancer: Balancer,
     keys: KeyRing,
+    call_timeout: Duration,
 }
 
 impl Client {
-    /// Prepares a lazily connected channel to `target` (e.g.
-    /// `https://127.0.0.1:8000`): the first call connects.
-    pub fn new(target: &str, tls: ClientTlsConfig, keys: KeyRing) -> Result<Self, ClientError> {
-        let channel = endpoint(target, tls)?.connect_lazy();
-        Ok(Self { channel, keys })
+    /// A client of `targets` (e.g. `https://127.0.0.1:8000`), connected
+    /// lazily: the first call connects. Each call may take `call_timeout`,
+    /// retries included; the time left travels as `grpc-timeout`.
+    pub fn new(
+        targets: &[String],
+        tls: ClientTlsConfig,
+        keys: KeyRing,
+        call_timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let balancer = Balancer::new(BackendOptions::new(tls), BalanceOptions::default());
+        for target in targets {
+            balancer.pool().add(target)?;
+        }
+        Ok(Self {
+            balancer,
+            keys,
+            call_timeout,
+        })
     }
 
     /// Encrypts `plaintext`, submits it and verifies the reply.
     pub async fn submit(&self, plaintext: &[u8]) -> Result<SubmitReply, ClientError> {
         let token = self.keys.encrypt(plaintext);
-        let reply = DataServiceClient::new(self.channel.clone())
-            .submit(SubmitRequest { token })
-            .await
-            .map_err(securemesh::status::normalize)?
-            .into_inner();
+        let reply = self.submit_token(token).await?;
         if reply.result != "ok" {
             return Err(ClientError::UnexpectedResult(reply.result));
         }
@@ -99,16 +117,15 @@ impl Client {
 
     /// Submits an already made token as it is, without any check.
     pub async fn submit_token(&self, token: Vec<u8>) -> Result<SubmitReply, tonic::Status> {
-        Ok(DataServiceClient::new(self.channel.clone())
-            .submit(SubmitRequest { token })
+        let deadline = tokio::time::Instant::now() + self.call_timeout;
+        self.balancer
+            .submit(SubmitRequest { token }, Some(deadline))
             .await
-            .map_err(securemesh::status::normalize)?
-            .into_inner())
     }
 }
 
 fn endpoint(target: &str, tls: ClientTlsConfig) -> Result<Endpoint, ClientError> {
-    let invalid = |source| ClientError::Target {
+    let invalid = |source| ClientError::Endpoint {
         target: target.to_owned(),
         source,
     };

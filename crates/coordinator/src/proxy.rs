@@ -1,73 +1,40 @@
-//! The coordinator's own `DataService`: every call goes through the tower
-//! stack described in the crate documentation.
+//! The coordinator's own `DataService`: every call goes to the balancer,
+//! within the caller's deadline.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use securemesh::v1::data_service_server::DataService;
 use securemesh::v1::{SubmitReply, SubmitRequest};
+use securemesh_balance::{BackendOptions, BalanceOptions, Balancer};
 use tonic::{Request, Response, Status};
-use tower::balance::p2c::Balance;
-use tower::buffer::Buffer;
-use tower::retry::Retry;
-use tower::util::BoxCloneSyncService;
-use tower::{BoxError, ServiceExt as _};
 
-use crate::fail_fast::FailFast;
-use crate::pool::{BackendOptions, BackendPool};
-use crate::retry::RetryPolicy;
-
-/// How calls are retried and bounded.
-#[derive(Debug, Clone)]
-pub struct ProxyOptions {
-    /// Retries per call after the first attempt.
-    pub max_retries: usize,
-    /// A call that has found no answer after this long fails.
-    pub request_timeout: Duration,
-    /// Calls that may wait for the balancer at once.
-    pub queue_capacity: usize,
-}
-
-impl Default for ProxyOptions {
-    fn default() -> Self {
-        Self {
-            max_retries: 2,
-            request_timeout: Duration::from_secs(10),
-            queue_capacity: 1024,
-        }
-    }
-}
-
-type Stack = BoxCloneSyncService<SubmitRequest, SubmitReply, BoxError>;
+use crate::deadline::call_deadline;
 
 /// The proxying `DataService`.
 #[derive(Clone)]
 pub struct Coordinator {
-    stack: Stack,
-    pool: Arc<BackendPool>,
+    balancer: Balancer,
     request_timeout: Duration,
 }
 
 impl Coordinator {
-    /// Builds the stack over an empty pool; add backends through
-    /// [`Coordinator::pool`]. Must run inside a tokio runtime (the buffer
-    /// spawns its worker).
-    pub fn new(backends: BackendOptions, options: ProxyOptions) -> Self {
-        let (pool, discovery) = BackendPool::new(backends);
-        let balance = Balance::new(discovery);
-        let buffer = Buffer::new(balance, options.queue_capacity);
-        let fail_fast = FailFast::new(buffer, pool.clone());
-        let retry = Retry::new(RetryPolicy::new(options.max_retries, 10, 0.2), fail_fast);
+    /// A coordinator over an empty pool; add backends through
+    /// [`Coordinator::pool`]. A call without a `grpc-timeout` of its own gets
+    /// `request_timeout`. Must run inside a tokio runtime.
+    pub fn new(
+        backends: BackendOptions,
+        options: BalanceOptions,
+        request_timeout: Duration,
+    ) -> Self {
         Self {
-            stack: BoxCloneSyncService::new(retry),
-            pool,
-            request_timeout: options.request_timeout,
+            balancer: Balancer::new(backends, options),
+            request_timeout,
         }
     }
 
     /// The backends behind this coordinator.
-    pub fn pool(&self) -> &Arc<BackendPool> {
-        &self.pool
+    pub fn pool(&self) -> &std::sync::Arc<securemesh_balance::BackendPool> {
+        self.balancer.pool()
     }
 }
 
@@ -77,37 +44,28 @@ impl DataService for Coordinator {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
+        let deadline = call_deadline(
+            request
+                .metadata()
+                .get("grpc-timeout")
+                .and_then(|value| value.to_str().ok()),
+            self.request_timeout,
+            tokio::time::Instant::now(),
+        );
         let caller = securemesh_tls::request_identity(&request);
-        let call = self.stack.clone().oneshot(request.into_inner());
-        let reply = match tokio::time::timeout(self.request_timeout, call).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(error)) => {
-                let status = into_status(error);
+        match self
+            .balancer
+            .submit(request.into_inner(), Some(deadline))
+            .await
+        {
+            Ok(reply) => {
+                tracing::info!(%caller, server = %reply.server_id, "Submit relayed");
+                Ok(Response::new(reply))
+            }
+            Err(status) => {
                 tracing::info!(%caller, code = ?status.code(), message = status.message(), "Submit failed");
-                return Err(status);
+                Err(status)
             }
-            Err(_) => {
-                tracing::warn!(%caller, "Submit found no answer in time");
-                return Err(Status::deadline_exceeded(format!(
-                    "no backend answered within {} ms",
-                    self.request_timeout.as_millis()
-                )));
-            }
-        };
-        tracing::info!(%caller, server = %reply.server_id, "Submit relayed");
-        Ok(Response::new(reply))
-    }
-}
-
-/// Answers of backends pass through unchanged; failures to reach any
-/// backend become `UNAVAILABLE`.
-fn into_status(error: BoxError) -> Status {
-    match error.downcast::<Status>() {
-        Ok(status) if crate::backend::is_backend_failure(&status) => Status::unavailable(format!(
-            "no backend could serve the call: {}",
-            crate::backend::describe(&status)
-        )),
-        Ok(status) => *status,
-        Err(other) => Status::unavailable(format!("no backend could serve the call: {other}")),
+        }
     }
 }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use securemesh::v1::data_service_server::DataServiceServer;
 use securemesh_client::Client;
-use securemesh_coordinator::{BackendOptions, Coordinator, ProxyOptions};
+use securemesh_coordinator::{BackendOptions, BalanceOptions, Coordinator};
 use securemesh_crypto::KeyRing;
 use securemesh_server::DataHandler;
-use securemesh_tls::TlsFiles;
+use securemesh_tls::{ServeOptions, TlsFiles};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::oneshot;
@@ -49,7 +49,13 @@ impl Material {
 
     fn client(&self, target: &str, identity: &str) -> Client {
         let tls = securemesh_tls::client_tls_config(&self.files(identity)).unwrap();
-        Client::new(target, tls, self.keys.clone()).unwrap()
+        Client::new(
+            &[target.to_owned()],
+            tls,
+            self.keys.clone(),
+            Duration::from_secs(10),
+        )
+        .unwrap()
     }
 }
 
@@ -77,7 +83,7 @@ impl TestServer {
                 listener,
                 tls,
                 DataServiceServer::new(handler),
-                Duration::from_secs(5),
+                ServeOptions::default(),
                 std::future::pending(),
             )
             .await
@@ -124,7 +130,8 @@ impl TestCoordinator {
         options.health_interval = Duration::from_millis(200);
         options.health_timeout = Duration::from_millis(500);
         options.attempt_timeout = Duration::from_secs(2);
-        let coordinator = Coordinator::new(options, ProxyOptions::default());
+        let coordinator =
+            Coordinator::new(options, BalanceOptions::default(), Duration::from_secs(10));
         for url in backends {
             coordinator.pool().add(url).unwrap();
         }
@@ -136,7 +143,7 @@ impl TestCoordinator {
             listener,
             tls,
             DataServiceServer::new(coordinator),
-            Duration::from_secs(5),
+            ServeOptions::default(),
             async move {
                 let _ = stopped.await;
             },
@@ -510,7 +517,13 @@ async fn handshakes_without_a_valid_client_certificate_are_refused() {
             ..stranger.files("client")
         })
         .unwrap();
-        Client::new(&coordinator.url, tls, material.keys.clone()).unwrap()
+        Client::new(
+            std::slice::from_ref(&coordinator.url),
+            tls,
+            material.keys.clone(),
+            Duration::from_secs(10),
+        )
+        .unwrap()
     };
     match foreign_client.submit(b"let me in").await.unwrap_err() {
         securemesh_client::ClientError::Status(status) => {

@@ -19,5 +19,5 @@ pub use acceptor::TlsIncoming;
 pub use client::client_tls_config;
 pub use identity::{peer_identity, request_identity};
 pub use material::{TlsError, TlsFiles};
-pub use serve::{serve_mtls, ServeError};
+pub use serve::{serve_mtls, ServeError, ServeOptions};
 pub use server::server_config;

@@ -26,15 +26,40 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Transport and drain settings of a server.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// A TLS handshake that takes longer is abandoned.
+    pub handshake_timeout: Duration,
+    /// After the shutdown signal, how long to keep serving while reporting
+    /// `NOT_SERVING`, so that health-checking callers move their traffic
+    /// away before connections close.
+    pub drain_delay: Duration,
+    /// Then, how long in-flight calls may take to finish before the server
+    /// stops anyway.
+    pub drain_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
+            drain_grace: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Serves `service`, health (reporting `service` as `SERVING`) and
 /// reflection on `listener` with mutual TLS `tls`, until `shutdown`
-/// completes. Then health turns `NOT_SERVING`, new connections are refused
-/// and in-flight calls finish before this returns.
+/// completes. Then it drains: health turns `NOT_SERVING`, calls are still
+/// served for `drain_delay`, then new connections are refused and in-flight
+/// calls have `drain_grace` to finish before this returns.
 pub async fn serve_mtls<S>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     service: S,
-    handshake_timeout: Duration,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError>
 where
@@ -57,15 +82,37 @@ where
     securemesh::add_reflection(&mut routes)?;
     routes.add_service(service);
 
-    let incoming = TlsIncoming::new(listener, tls, handshake_timeout);
-    let shutdown = async move {
-        shutdown.await;
-        health.set_not_serving::<S>().await;
-        tracing::info!("shutting down: finishing in-flight calls");
+    let incoming = TlsIncoming::new(listener, tls, options.handshake_timeout);
+    let closing = Arc::new(tokio::sync::Notify::new());
+    let drain = {
+        let closing = closing.clone();
+        let delay = options.drain_delay;
+        async move {
+            shutdown.await;
+            health.set_not_serving::<S>().await;
+            if !delay.is_zero() {
+                tracing::info!(delay_ms = delay.as_millis() as u64, "draining: NOT_SERVING");
+                tokio::time::sleep(delay).await;
+            }
+            tracing::info!("shutting down: finishing in-flight calls");
+            closing.notify_one();
+        }
     };
-    Server::builder()
+    let server = Server::builder()
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, drain);
+    let grace_over = async {
+        closing.notified().await;
+        tokio::time::sleep(options.drain_grace).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = grace_over => {
+            tracing::warn!(
+                grace_ms = options.drain_grace.as_millis() as u64,
+                "grace period over: stopping with calls still in flight"
+            );
+        }
+    }
     Ok(())
 }

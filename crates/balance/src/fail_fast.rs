@@ -2,7 +2,8 @@
 //!
 //! A balancer with no ready endpoint waits for one forever; a caller is
 //! better served by an immediate `UNAVAILABLE` it can act on. This layer
-//! checks the pool before a call is queued for the balancer.
+//! wraps the balancer itself (inside the buffer), so that a call already
+//! queued when the last backend leaves rotation fails at once too.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,22 +12,22 @@ use std::task::{Context, Poll};
 
 use tower::{BoxError, Service};
 
-use crate::pool::BackendPool;
+use crate::backend::Rotation;
 
-/// Answers `UNAVAILABLE` at once while the pool has no backend in rotation.
-#[derive(Clone)]
+/// Answers `UNAVAILABLE` while no backend is in rotation and the inner
+/// service is not ready.
 pub struct FailFast<S> {
     inner: S,
-    pool: Arc<BackendPool>,
+    rotation: Arc<Rotation>,
     open: bool,
 }
 
 impl<S> FailFast<S> {
-    /// Guards `inner` with the state of `pool`.
-    pub fn new(inner: S, pool: Arc<BackendPool>) -> Self {
+    /// Guards `inner` with the rotation state of its pool.
+    pub fn new(inner: S, rotation: Arc<Rotation>) -> Self {
         Self {
             inner,
-            pool,
+            rotation,
             open: false,
         }
     }
@@ -34,7 +35,8 @@ impl<S> FailFast<S> {
 
 impl<S, Request> Service<Request> for FailFast<S>
 where
-    S: Service<Request, Error = BoxError>,
+    S: Service<Request>,
+    S::Error: Into<BoxError>,
     S::Response: Send + 'static,
     S::Future: Send + 'static,
 {
@@ -43,21 +45,29 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.open = self.pool.in_rotation() == 0;
+        if let Poll::Ready(ready) = self.inner.poll_ready(cx) {
+            self.open = false;
+            return Poll::Ready(ready.map_err(Into::into));
+        }
+        // Register before looking, so that a rotation emptied in between
+        // still wakes this task.
+        self.rotation.wake_when_empty(cx.waker());
+        self.open = self.rotation.count() == 0;
         if self.open {
             Poll::Ready(Ok(()))
         } else {
-            self.inner.poll_ready(cx)
+            Poll::Pending
         }
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
         if self.open {
             return Box::pin(std::future::ready(Err(tonic::Status::unavailable(
-                "no backend available",
+                "no backend in rotation (all failing health checks or ejected)",
             )
             .into())));
         }
-        Box::pin(self.inner.call(request))
+        let call = self.inner.call(request);
+        Box::pin(async move { call.await.map_err(Into::into) })
     }
 }

@@ -11,11 +11,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use securemesh::v1::{SubmitReply, SubmitRequest};
+use securemesh::v1::SubmitReply;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::BoxError;
 
 use crate::backend::is_backend_failure;
+use crate::Attempt;
 
 /// A retry policy for `Submit`, cloned for every call.
 #[derive(Clone, Debug)]
@@ -42,12 +43,12 @@ impl RetryPolicy {
     }
 }
 
-impl tower::retry::Policy<SubmitRequest, SubmitReply, BoxError> for RetryPolicy {
+impl tower::retry::Policy<Attempt, SubmitReply, BoxError> for RetryPolicy {
     type Future = std::future::Ready<()>;
 
     fn retry(
         &mut self,
-        _request: &mut SubmitRequest,
+        _request: &mut Attempt,
         result: &mut Result<SubmitReply, BoxError>,
     ) -> Option<Self::Future> {
         let Err(error) = result else {
@@ -64,7 +65,7 @@ impl tower::retry::Policy<SubmitRequest, SubmitReply, BoxError> for RetryPolicy 
         Some(std::future::ready(()))
     }
 
-    fn clone_request(&mut self, request: &SubmitRequest) -> Option<SubmitRequest> {
+    fn clone_request(&mut self, request: &Attempt) -> Option<Attempt> {
         // Runs before every attempt; the first one pays into the budget.
         if !self.deposited {
             self.budget.deposit();
@@ -87,7 +88,15 @@ pub fn is_retryable(error: &(dyn std::error::Error + Send + Sync + 'static)) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use securemesh::v1::SubmitRequest;
     use tower::retry::Policy as _;
+
+    fn attempt() -> Attempt {
+        Attempt {
+            message: SubmitRequest::default(),
+            deadline: None,
+        }
+    }
 
     fn failed(status: tonic::Status) -> Result<SubmitReply, BoxError> {
         Err(Box::new(status))
@@ -96,7 +105,7 @@ mod tests {
     #[test]
     fn retries_unavailable_but_not_application_errors() {
         let mut policy = RetryPolicy::new(2, 10, 0.2);
-        let mut request = SubmitRequest::default();
+        let mut request = attempt();
         policy.clone_request(&request);
         assert!(policy
             .retry(
@@ -124,13 +133,11 @@ mod tests {
             "connection closed",
         )));
         let mut policy = RetryPolicy::new(2, 10, 0.2);
-        assert!(policy
-            .retry(&mut SubmitRequest::default(), &mut failed(status))
-            .is_some());
+        assert!(policy.retry(&mut attempt(), &mut failed(status)).is_some());
         // A cancellation that a peer sent (no local source) is an answer.
         assert!(policy
             .retry(
-                &mut SubmitRequest::default(),
+                &mut attempt(),
                 &mut failed(tonic::Status::cancelled("peer gave up"))
             )
             .is_none());
@@ -139,7 +146,7 @@ mod tests {
     #[test]
     fn attempts_are_bounded_per_call() {
         let mut policy = RetryPolicy::new(2, 10, 0.2);
-        let mut request = SubmitRequest::default();
+        let mut request = attempt();
         let mut outcome = failed(tonic::Status::unavailable("down"));
         assert!(policy.retry(&mut request, &mut outcome).is_some());
         assert!(policy.retry(&mut request, &mut outcome).is_some());
@@ -154,7 +161,7 @@ mod tests {
         let mut retried = 0;
         for _ in 0..1_000 {
             let mut policy = template.clone();
-            let mut request = SubmitRequest::default();
+            let mut request = attempt();
             policy.clone_request(&request);
             if policy
                 .retry(

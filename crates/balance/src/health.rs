@@ -1,6 +1,7 @@
 //! Active health checking: `grpc.health.v1.Health/Check` on each backend at
-//! an interval. `SERVING` puts a backend in rotation; anything else (an
-//! error, a timeout, `NOT_SERVING`) takes it out.
+//! an interval. Anything but `SERVING` (an error, a timeout, `NOT_SERVING`,
+//! as a draining server answers) takes a backend out of rotation; `SERVING`
+//! lets it back once no ejection holds it out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::backend::{describe, BackendState, Observer};
+use crate::backend::{describe, BackendState};
 
 /// Probes one backend until the task is aborted.
 pub(crate) async fn probe(
@@ -28,28 +29,21 @@ pub(crate) async fn probe(
         let request = HealthCheckRequest {
             service: DATA_SERVICE_NAME.to_owned(),
         };
-        match tokio::time::timeout(timeout, client.check(request)).await {
-            Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32 => {
-                state.restore();
-            }
+        let outcome = match tokio::time::timeout(timeout, client.check(request)).await {
+            Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
             Ok(Ok(reply)) => {
                 let status = ServingStatus::try_from(reply.get_ref().status)
                     .map(|status| status.as_str_name())
                     .unwrap_or("UNKNOWN");
-                state.eject(Observer::Active, &format!("health check answered {status}"));
+                Err(format!("health check answered {status}"))
             }
-            Ok(Err(status)) => {
-                state.eject(
-                    Observer::Active,
-                    &format!("health check failed: {}", describe(&status)),
-                );
-            }
-            Err(_) => {
-                state.eject(
-                    Observer::Active,
-                    &format!("health check timed out after {} ms", timeout.as_millis()),
-                );
-            }
-        }
+            Ok(Err(status)) => Err(format!("health check failed: {}", describe(&status))),
+            Err(_) => Err(format!(
+                "health check timed out after {} ms",
+                timeout.as_millis()
+            )),
+        };
+        // Also ends an ejection that has run out.
+        state.checked(outcome);
     }
 }

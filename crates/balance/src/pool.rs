@@ -1,4 +1,5 @@
-//! The set of backends, published to the balancer as a `tower::discover`
+//! The set of backends (servers, or coordinators for a client), published
+//! to the balancer as a `tower::discover`
 //! stream.
 //!
 //! Static `--backend` URLs are added at start; a dynamic source (etcd) adds
@@ -19,6 +20,7 @@ use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
 
 use crate::backend::{Backend, BackendState, Rotation};
+use crate::outlier::EjectionPolicy;
 
 /// A backend as the balancer holds it: its service, weighed by the calls
 /// it has in flight.
@@ -53,6 +55,8 @@ pub struct BackendOptions {
     pub health_interval: Duration,
     /// Bound on one health check.
     pub health_timeout: Duration,
+    /// When failed calls eject a backend, and for how long.
+    pub ejection: EjectionPolicy,
 }
 
 impl BackendOptions {
@@ -62,10 +66,11 @@ impl BackendOptions {
             tls,
             connect_timeout: Duration::from_secs(2),
             attempt_timeout: Duration::from_secs(5),
-            keepalive_interval: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(2),
             health_interval: Duration::from_secs(1),
             health_timeout: Duration::from_secs(1),
+            ejection: EjectionPolicy::default(),
         }
     }
 }
@@ -93,6 +98,10 @@ pub struct BackendSnapshot {
     pub url: String,
     /// Whether the balancer may pick it.
     pub in_rotation: bool,
+    /// Whether its last health check answered `SERVING`.
+    pub healthy: bool,
+    /// Whether it is ejected for failed calls.
+    pub ejected: bool,
     /// The most recent failure reason.
     pub last_failure: Option<String>,
 }
@@ -146,7 +155,7 @@ impl BackendPool {
             .tcp_nodelay(true)
             .connect_lazy();
 
-        let state = BackendState::new(url.to_owned(), self.rotation.clone());
+        let state = BackendState::new(url.to_owned(), self.options.ejection, self.rotation.clone());
         let backend = Backend::new(state.clone(), channel.clone(), self.options.attempt_timeout);
         let balanced = PendingRequests::new(backend, CompleteOnResponse::default());
         self.changes
@@ -178,6 +187,11 @@ impl BackendPool {
         self.rotation.count()
     }
 
+    /// The pool's rotation count, shared with its backends.
+    pub fn rotation(&self) -> Arc<Rotation> {
+        self.rotation.clone()
+    }
+
     /// The state of every backend, ordered by URL.
     pub fn snapshot(&self) -> Vec<BackendSnapshot> {
         self.members()
@@ -185,6 +199,8 @@ impl BackendPool {
             .map(|member| BackendSnapshot {
                 url: member.state.url().to_owned(),
                 in_rotation: member.state.is_in_rotation(),
+                healthy: member.state.is_healthy(),
+                ejected: member.state.is_ejected(),
                 last_failure: member.state.last_failure(),
             })
             .collect()

@@ -1,0 +1,270 @@
+//! One backend as a tower service, and its shared rotation state.
+//!
+//! A backend is in rotation or out of it. While out, its `poll_ready` stays
+//! pending, so the balancer never picks it; when it may serve again its
+//! state wakes the balancer. Keeping backends pending (instead of failing
+//! `poll_ready`) keeps them in the balancer, so a return needs no
+//! re-discovery.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
+pub use securemesh::status::{describe, is_unavailable as is_backend_failure};
+use securemesh::v1::data_service_client::DataServiceClient;
+use securemesh::v1::SubmitReply;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::outlier::{EjectionPolicy, Verdicts};
+use crate::Attempt;
+
+/// How many backends of a pool are in rotation, shared by its backends so
+/// that passive ejection never takes out the last one. Transitions lock it
+/// first, then the backend's verdicts.
+#[derive(Debug, Default)]
+pub struct Rotation {
+    in_rotation: Mutex<usize>,
+    emptied: AtomicWaker,
+}
+
+impl Rotation {
+    /// Backends in rotation now.
+    pub fn count(&self) -> usize {
+        *lock(&self.in_rotation)
+    }
+
+    /// Wakes `waker`'s task when the last backend leaves rotation.
+    pub fn wake_when_empty(&self, waker: &std::task::Waker) {
+        self.emptied.register(waker);
+    }
+
+    fn leave(&self, count: &mut usize) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            self.emptied.wake();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// Rotation state of one backend, shared by its service, its prober and
+/// the pool.
+#[derive(Debug)]
+pub struct BackendState {
+    url: String,
+    policy: EjectionPolicy,
+    in_rotation: AtomicBool,
+    consecutive_failures: AtomicU32,
+    verdicts: Mutex<Verdicts>,
+    last_failure: Mutex<Option<String>>,
+    waker: AtomicWaker,
+    rotation: Arc<Rotation>,
+}
+
+impl BackendState {
+    pub(crate) fn new(url: String, policy: EjectionPolicy, rotation: Arc<Rotation>) -> Arc<Self> {
+        *lock(&rotation.in_rotation) += 1;
+        Arc::new(Self {
+            url,
+            policy,
+            in_rotation: AtomicBool::new(true),
+            consecutive_failures: AtomicU32::new(0),
+            verdicts: Mutex::new(Verdicts::new()),
+            last_failure: Mutex::new(None),
+            waker: AtomicWaker::new(),
+            rotation,
+        })
+    }
+
+    /// The backend's URL, e.g. `https://127.0.0.1:5001`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether the balancer may pick this backend.
+    pub fn is_in_rotation(&self) -> bool {
+        self.in_rotation.load(Ordering::Acquire)
+    }
+
+    /// Whether the last health check answered `SERVING`.
+    pub fn is_healthy(&self) -> bool {
+        lock(&self.verdicts).is_healthy()
+    }
+
+    /// Whether the backend is ejected for failed calls right now.
+    pub fn is_ejected(&self) -> bool {
+        lock(&self.verdicts).is_ejected(Instant::now())
+    }
+
+    /// The reason of the most recent failure seen, if any.
+    pub fn last_failure(&self) -> Option<String> {
+        lock(&self.last_failure).clone()
+    }
+
+    /// A call was answered: the backend is reachable.
+    pub(crate) fn call_answered(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A call failed because the backend could not serve it. Logs the lab's
+    /// line `Server <url> failed: <reason>`, and ejects the backend after
+    /// enough failures in a row unless it is the last one in rotation.
+    pub(crate) fn call_failed(&self, reason: &str) {
+        tracing::warn!(backend = %self.url, %reason, "Server {} failed: {}", self.url, reason);
+        *lock(&self.last_failure) = Some(reason.to_owned());
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < self.policy.consecutive_failures {
+            return;
+        }
+        let mut count = lock(&self.rotation.in_rotation);
+        if !self.is_in_rotation() || *count <= 1 {
+            return;
+        }
+        let now = Instant::now();
+        let time = lock(&self.verdicts).eject(&self.policy, now);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.in_rotation.store(false, Ordering::Release);
+        self.rotation.leave(&mut count);
+        tracing::warn!(
+            backend = %self.url,
+            ejection_ms = time.as_millis() as u64,
+            "Server {} ejected for {} ms after {} failed call(s)",
+            self.url,
+            time.as_millis(),
+            failures
+        );
+    }
+
+    /// Records a health check: `Ok` for `SERVING`, else the reason.
+    pub(crate) fn checked(&self, outcome: Result<(), String>) {
+        let healthy = outcome.is_ok();
+        if let Err(reason) = &outcome {
+            *lock(&self.last_failure) = Some(reason.clone());
+            if self.is_in_rotation() {
+                tracing::warn!(backend = %self.url, %reason, "Server {} failed: {}", self.url, reason);
+            }
+        }
+        lock(&self.verdicts).set_healthy(healthy);
+        self.settle();
+    }
+
+    /// Puts the backend in or out of rotation as its verdicts say now:
+    /// applies health check results and ends ejections that have run out.
+    pub(crate) fn settle(&self) {
+        let mut count = lock(&self.rotation.in_rotation);
+        let now = Instant::now();
+        let mut verdicts = lock(&self.verdicts);
+        let may_serve = verdicts.may_serve(now);
+        if may_serve == self.is_in_rotation() {
+            return;
+        }
+        if may_serve {
+            verdicts.returned(now);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.in_rotation.store(true, Ordering::Release);
+            *count += 1;
+            tracing::info!(backend = %self.url, "Server {} is back in rotation", self.url);
+            self.waker.wake();
+        } else {
+            self.in_rotation.store(false, Ordering::Release);
+            self.rotation.leave(&mut count);
+            tracing::warn!(backend = %self.url, "Server {} is out of rotation", self.url);
+        }
+    }
+
+    /// Called when the backend leaves the pool for good.
+    pub(crate) fn retire(&self) {
+        let mut count = lock(&self.rotation.in_rotation);
+        if self.in_rotation.swap(false, Ordering::AcqRel) {
+            self.rotation.leave(&mut count);
+        }
+    }
+}
+
+/// The data path to one backend: a tonic channel and the backend's state.
+pub struct Backend {
+    state: Arc<BackendState>,
+    client: DataServiceClient<Channel>,
+    attempt_timeout: Duration,
+}
+
+impl Backend {
+    pub(crate) fn new(
+        state: Arc<BackendState>,
+        channel: Channel,
+        attempt_timeout: Duration,
+    ) -> Self {
+        Self {
+            state,
+            client: DataServiceClient::new(channel),
+            attempt_timeout,
+        }
+    }
+}
+
+impl tower::Service<Attempt> for Backend {
+    type Response = SubmitReply;
+    type Error = Status;
+    type Future = Pin<Box<dyn Future<Output = Result<SubmitReply, Status>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        if self.state.is_in_rotation() {
+            return Poll::Ready(Ok(()));
+        }
+        self.state.waker.register(cx.waker());
+        // Re-check: a return between the load and the registration would
+        // otherwise be missed.
+        if self.state.is_in_rotation() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn call(&mut self, attempt: Attempt) -> Self::Future {
+        let mut client = self.client.clone();
+        let state = self.state.clone();
+        let per_try = self.attempt_timeout;
+        Box::pin(async move {
+            // The attempt ends at the per-try timeout or the call's deadline,
+            // whichever comes first; the backend learns the time it has.
+            let remaining = attempt
+                .deadline
+                .map(|deadline| deadline.saturating_duration_since(Instant::now()));
+            let limited_by_deadline = remaining.is_some_and(|remaining| remaining <= per_try);
+            let limit = remaining.map_or(per_try, |remaining| remaining.min(per_try));
+            if limit.is_zero() {
+                return Err(Status::deadline_exceeded("deadline exceeded"));
+            }
+            let mut request = tonic::Request::new(attempt.message);
+            request.set_timeout(limit);
+            let result = match tokio::time::timeout(limit, client.submit(request)).await {
+                Ok(result) => result.map(tonic::Response::into_inner),
+                Err(_) if limited_by_deadline => {
+                    return Err(Status::deadline_exceeded("deadline exceeded"));
+                }
+                Err(_) => Err(Status::unavailable(format!(
+                    "no reply within the per-try timeout of {} ms",
+                    per_try.as_millis()
+                ))),
+            };
+            match &result {
+                Err(status) if is_backend_failure(status) => state.call_failed(&describe(status)),
+                Err(status) if status.code() == tonic::Code::DeadlineExceeded => {}
+                _ => state.call_answered(),
+            }
+            result
+        })
+    }
+}

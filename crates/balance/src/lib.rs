@@ -1,0 +1,146 @@
+//! Fault-tolerant calls of `securemesh.v1.DataService` over several
+//! endpoints: the coordinator uses it toward servers, and the client toward
+//! several coordinators.
+//!
+//! A call goes through a stack of tower layers, each in its own module:
+//!
+//! 1. [`retry`]: a failed attempt that is safe to repeat (`UNAVAILABLE`,
+//!    connection failures, an attempt timeout) is sent again, bounded per
+//!    call and by a retry budget shared by all calls;
+//! 2. a `tower::buffer::Buffer`, so that many calls share one balancer;
+//! 3. [`fail_fast`]: with no endpoint in rotation the call fails at once
+//!    with `UNAVAILABLE` instead of waiting in the balancer;
+//! 4. `tower::balance::p2c::Balance` over a [`pool::BackendPool`] discovery
+//!    stream, comparing endpoints by their calls in flight;
+//! 5. [`backend::Backend`]: one endpoint's channel. It bounds each attempt
+//!    by the per-try timeout and the call's deadline, passes the remaining
+//!    time on as `grpc-timeout`, and reports itself not ready while out of
+//!    rotation: ejected after consecutive failures ([`outlier`]), or failing
+//!    its active [`health`] checks.
+
+pub mod backend;
+pub mod fail_fast;
+pub mod health;
+pub mod outlier;
+pub mod pool;
+pub mod retry;
+
+use std::sync::Arc;
+
+use securemesh::v1::{SubmitReply, SubmitRequest};
+use tokio::time::Instant;
+use tonic::Status;
+use tower::balance::p2c::Balance;
+use tower::buffer::Buffer;
+use tower::retry::Retry;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, ServiceExt as _};
+
+pub use outlier::EjectionPolicy;
+pub use pool::{BackendOptions, BackendPool, BackendSnapshot, PoolError};
+
+/// One attempt's request: the message and the call's deadline, if any.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// The message, relayed as it is.
+    pub message: SubmitRequest,
+    /// When the caller stops waiting.
+    pub deadline: Option<Instant>,
+}
+
+/// How calls are retried and queued.
+#[derive(Debug, Clone)]
+pub struct BalanceOptions {
+    /// Retries per call after the first attempt.
+    pub max_retries: usize,
+    /// Retries always allowed per second, whatever the traffic.
+    pub min_retries_per_sec: u32,
+    /// Beyond that floor, retries as a share of calls (over ten seconds).
+    pub retry_ratio: f32,
+    /// Calls that may wait for the balancer at once.
+    pub queue_capacity: usize,
+}
+
+impl Default for BalanceOptions {
+    fn default() -> Self {
+        Self {
+            max_retries: 2,
+            min_retries_per_sec: 10,
+            retry_ratio: 0.2,
+            queue_capacity: 1024,
+        }
+    }
+}
+
+type Stack = BoxCloneSyncService<Attempt, SubmitReply, BoxError>;
+
+/// Calls `Submit` on the best endpoint of a pool, retrying elsewhere.
+/// Cloning is cheap and shares the pool, balancer and retry budget.
+#[derive(Clone)]
+pub struct Balancer {
+    stack: Stack,
+    pool: Arc<BackendPool>,
+}
+
+impl Balancer {
+    /// Builds the stack over an empty pool; add endpoints through
+    /// [`Balancer::pool`]. Must run inside a tokio runtime (the buffer
+    /// spawns its worker).
+    pub fn new(backends: BackendOptions, options: BalanceOptions) -> Self {
+        let (pool, discovery) = BackendPool::new(backends);
+        let balance = Balance::new(discovery);
+        let fail_fast = fail_fast::FailFast::new(balance, pool.rotation());
+        let buffer = Buffer::new(fail_fast, options.queue_capacity);
+        let retry = Retry::new(
+            retry::RetryPolicy::new(
+                options.max_retries,
+                options.min_retries_per_sec,
+                options.retry_ratio,
+            ),
+            buffer,
+        );
+        Self {
+            stack: BoxCloneSyncService::new(retry),
+            pool,
+        }
+    }
+
+    /// The endpoints behind this balancer.
+    pub fn pool(&self) -> &Arc<BackendPool> {
+        &self.pool
+    }
+
+    /// Submits `message`, giving up at `deadline`.
+    ///
+    /// Answers of endpoints (such as `INVALID_ARGUMENT`) come back
+    /// unchanged; when no endpoint could serve the call the status is
+    /// `UNAVAILABLE`, and `DEADLINE_EXCEEDED` when the deadline passed.
+    pub async fn submit(
+        &self,
+        message: SubmitRequest,
+        deadline: Option<Instant>,
+    ) -> Result<SubmitReply, Status> {
+        let call = self.stack.clone().oneshot(Attempt { message, deadline });
+        let outcome = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
+                Ok(outcome) => outcome,
+                Err(_) => return Err(Status::deadline_exceeded("deadline exceeded")),
+            },
+            None => call.await,
+        };
+        outcome.map_err(into_status)
+    }
+}
+
+/// Answers of endpoints pass through unchanged; failures to reach any
+/// endpoint become `UNAVAILABLE`.
+fn into_status(error: BoxError) -> Status {
+    match error.downcast::<Status>() {
+        Ok(status) if backend::is_backend_failure(&status) => Status::unavailable(format!(
+            "no backend could serve the call: {}",
+            backend::describe(&status)
+        )),
+        Ok(status) => *status,
+        Err(other) => Status::unavailable(format!("no backend could serve the call: {other}")),
+    }
+}
