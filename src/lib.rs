@@ -50,13 +50,41 @@ pub mod status {
         status.source().is_some()
     }
 
-    /// Whether the peer could not serve the call: `UNAVAILABLE`, or any
-    /// local transport failure but an expired deadline. That includes
-    /// `CANCELLED` raised by the transport: hyper cancels a request whose
-    /// connection closed before it was sent (a caller that gives up drops
-    /// the call and never sees a status).
+    /// The gRPC retry pushback header: a negative value tells the caller
+    /// not to retry (gRPC proposal A6).
+    pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+    /// Marks `status` "do not retry": the peer already retried elsewhere,
+    /// and a retry by the caller would only multiply load.
+    pub fn with_no_retry(mut status: Status) -> Status {
+        status.metadata_mut().insert(
+            RETRY_PUSHBACK,
+            tonic::metadata::MetadataValue::from_static("-1"),
+        );
+        status
+    }
+
+    /// Whether the peer asked not to be retried: a pushback that is
+    /// negative or not a number.
+    pub fn forbids_retry(status: &Status) -> bool {
+        match status.metadata().get(RETRY_PUSHBACK) {
+            None => false,
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(|value| value.trim().parse::<i64>().ok())
+                .is_none_or(|millis| millis < 0),
+        }
+    }
+
+    /// Whether the peer could not serve the call: `UNAVAILABLE` (unless the
+    /// peer asked not to be retried: then it answered, after retrying
+    /// itself), or any local transport failure but an expired deadline.
+    /// That includes `CANCELLED` raised by the transport: hyper cancels a
+    /// request whose connection closed before it was sent (a caller that
+    /// gives up drops the call and never sees a status).
     pub fn is_unavailable(status: &Status) -> bool {
-        status.code() == Code::Unavailable
+        (status.code() == Code::Unavailable && !forbids_retry(status))
             || (is_transport_failure(status) && status.code() != Code::DeadlineExceeded)
     }
 

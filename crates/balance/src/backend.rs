@@ -105,6 +105,14 @@ impl BackendState {
         lock(&self.verdicts).is_ejected(Instant::now())
     }
 
+    /// When the current ejection ends, if one holds the backend out now.
+    pub(crate) fn ejection_ends(&self) -> Option<Instant> {
+        let now = Instant::now();
+        lock(&self.verdicts)
+            .ejected_until()
+            .filter(|until| *until > now)
+    }
+
     /// The reason of the most recent failure seen, if any.
     pub fn last_failure(&self) -> Option<String> {
         lock(&self.last_failure).clone()

@@ -25,7 +25,16 @@ pub(crate) async fn probe(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        // Wake at the next check, or when an ejection runs out, so that a
+        // healthy backend returns as soon as its ejection ends.
+        let ejection_ends = state.ejection_ends();
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = sleep_until_some(ejection_ends) => {
+                state.settle();
+                continue;
+            }
+        }
         let request = HealthCheckRequest {
             service: DATA_SERVICE_NAME.to_owned(),
         };
@@ -45,5 +54,12 @@ pub(crate) async fn probe(
         };
         // Also ends an ejection that has run out.
         state.checked(outcome);
+    }
+}
+
+async fn sleep_until_some(instant: Option<tokio::time::Instant>) {
+    match instant {
+        Some(instant) => tokio::time::sleep_until(instant).await,
+        None => std::future::pending().await,
     }
 }

@@ -133,14 +133,22 @@ impl Balancer {
 }
 
 /// Answers of endpoints pass through unchanged; failures to reach any
-/// endpoint become `UNAVAILABLE`.
+/// endpoint become `UNAVAILABLE`. Either way, once the call has been
+/// retried here, an `UNAVAILABLE` tells the caller not to retry it again.
 fn into_status(error: BoxError) -> Status {
-    match error.downcast::<Status>() {
-        Ok(status) if backend::is_backend_failure(&status) => Status::unavailable(format!(
-            "no backend could serve the call: {}",
-            backend::describe(&status)
-        )),
+    let status = match error.downcast::<Status>() {
+        Ok(status) if securemesh::status::is_transport_failure(&status) => {
+            Status::unavailable(format!(
+                "no backend could serve the call: {}",
+                backend::describe(&status)
+            ))
+        }
         Ok(status) => *status,
         Err(other) => Status::unavailable(format!("no backend could serve the call: {other}")),
+    };
+    if status.code() == tonic::Code::Unavailable {
+        securemesh::status::with_no_retry(status)
+    } else {
+        status
     }
 }

@@ -96,6 +96,11 @@ impl Verdicts {
         self.ejected_until.is_some_and(|until| now < until)
     }
 
+    /// When the current ejection ends, if any.
+    pub(crate) fn ejected_until(&self) -> Option<Instant> {
+        self.ejected_until
+    }
+
     /// Whether the last health check answered `SERVING`.
     pub(crate) fn is_healthy(&self) -> bool {
         self.healthy

@@ -65,7 +65,7 @@ impl BackendOptions {
         Self {
             tls,
             connect_timeout: Duration::from_secs(2),
-            attempt_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(2),
             health_interval: Duration::from_secs(1),

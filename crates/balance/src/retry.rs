@@ -144,6 +144,23 @@ mod tests {
     }
 
     #[test]
+    fn honours_a_peer_that_asks_not_to_be_retried() {
+        let mut policy = RetryPolicy::new(2, 10, 0.2);
+        let exhausted = securemesh::status::with_no_retry(tonic::Status::unavailable(
+            "no backend could serve the call",
+        ));
+        assert!(policy
+            .retry(&mut attempt(), &mut failed(exhausted))
+            .is_none());
+        let mut later = tonic::Status::unavailable("busy");
+        later.metadata_mut().insert(
+            securemesh::status::RETRY_PUSHBACK,
+            tonic::metadata::MetadataValue::from_static("100"),
+        );
+        assert!(policy.retry(&mut attempt(), &mut failed(later)).is_some());
+    }
+
+    #[test]
     fn attempts_are_bounded_per_call() {
         let mut policy = RetryPolicy::new(2, 10, 0.2);
         let mut request = attempt();

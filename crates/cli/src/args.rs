@@ -224,8 +224,8 @@ pub struct CoordinatorArgs {
     /// Bound on connecting to a backend.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     pub connect_timeout: Duration,
-    /// Bound on one attempt on one backend.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    /// Bound on one attempt on one backend (the per-try timeout).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub attempt_timeout: Duration,
     /// Bound on a whole call, retries included.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]

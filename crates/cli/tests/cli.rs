@@ -6,44 +6,15 @@
 //! grpcurl and the Python packages are installed by `.ci/run`; a missing
 //! tool fails these tests with a message saying so rather than skipping.
 
-use std::fs::File;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_securemesh");
+mod common;
 
-fn securemesh(args: &[&str], dir: &Path) -> Output {
-    Command::new(BINARY)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run securemesh")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn tool(name: &str) -> Command {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .map(|output| output.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{name} is not installed: run .ci/run, or see the README's test section"
-    );
-    Command::new(name)
-}
+use common::{free_port, securemesh, text, tool, BINARY};
 
 fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
@@ -148,14 +119,6 @@ struct Mesh {
     coordinator_port: u16,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Mesh {
     fn start() -> Self {
         let work = tempfile::tempdir().unwrap();
@@ -192,19 +155,12 @@ impl Mesh {
     }
 
     fn spawn(&self, label: &str, args: &[&str]) -> Child {
-        let log = File::create(self.work.path().join(format!("{label}.log"))).unwrap();
-        Command::new(BINARY)
-            .args(args)
-            .current_dir(self.work.path())
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+        common::spawn_logged(self.work.path(), label, &args)
     }
 
     fn log(&self, label: &str) -> String {
-        std::fs::read_to_string(self.work.path().join(format!("{label}.log"))).unwrap()
+        common::log(self.work.path(), label)
     }
 
     fn certs(&self) -> PathBuf {
@@ -252,24 +208,6 @@ impl Mesh {
         let mut all = vec!["client", "--target", &target];
         all.extend(args);
         securemesh(&all, self.work.path())
-    }
-
-    fn signal(child: &Child, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
-    }
-
-    fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(15),
-                "process did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 }
 
@@ -367,11 +305,11 @@ fn separate_processes_serve_fail_over_and_stop_cleanly() {
 
     // SIGTERM: graceful stops, exit status 0.
     let mut coordinator = mesh.coordinator.take().unwrap();
-    Mesh::signal(&coordinator, nix::sys::signal::Signal::SIGTERM);
-    assert!(Mesh::wait_exit(&mut coordinator).success());
+    common::signal(&coordinator, nix::sys::signal::Signal::SIGTERM);
+    assert!(common::wait_exit(&mut coordinator).success());
     let (_, mut second) = mesh.servers.remove(0);
-    Mesh::signal(&second, nix::sys::signal::Signal::SIGTERM);
-    assert!(Mesh::wait_exit(&mut second).success());
+    common::signal(&second, nix::sys::signal::Signal::SIGTERM);
+    assert!(common::wait_exit(&mut second).success());
 }
 
 #[test]

@@ -91,7 +91,11 @@ impl Client {
         keys: KeyRing,
         call_timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let balancer = Balancer::new(BackendOptions::new(tls), BalanceOptions::default());
+        // A coordinator may need a per-try timeout and a retry of its own:
+        // one attempt of ours may take the whole call.
+        let mut options = BackendOptions::new(tls);
+        options.attempt_timeout = call_timeout;
+        let balancer = Balancer::new(options, BalanceOptions::default());
         for target in targets {
             balancer.pool().add(target)?;
         }
