@@ -258,6 +258,17 @@ impl tower::Service<Attempt> for Backend {
             let mut request = tonic::Request::new(attempt.message);
             request.set_timeout(limit);
             let result = match tokio::time::timeout(limit, client.submit(request)).await {
+                // A tonic backend answers CANCELLED when the grpc-timeout we
+                // sent expires: that is the caller's deadline passing.
+                Ok(Err(status))
+                    if limited_by_deadline
+                        && matches!(
+                            status.code(),
+                            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                        ) =>
+                {
+                    return Err(Status::deadline_exceeded("deadline exceeded"));
+                }
                 Ok(result) => result.map(tonic::Response::into_inner),
                 Err(_) if limited_by_deadline => {
                     return Err(Status::deadline_exceeded("deadline exceeded"));

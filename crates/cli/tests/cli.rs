@@ -482,3 +482,56 @@ fn the_demo_runs_the_whole_lab_and_exits_zero() {
     }
     assert_eq!(mode(&work.path().join("certs/encryption_key.txt")), 0o600);
 }
+
+#[test]
+fn a_draining_server_reports_not_serving_still_serves_then_exits_zero() {
+    let mesh = Mesh::start();
+    let port = free_port();
+    let mut server = mesh.spawn(
+        "drainer",
+        &["server", &port.to_string(), "--drain-delay", "1500ms"],
+    );
+    mesh.wait_serving(port);
+    let token = securemesh(
+        &["encrypt", "--json-bytes", "during the drain"],
+        mesh.work.path(),
+    );
+    let body = format!(
+        "{{\"token\":\"{}\"}}",
+        String::from_utf8_lossy(&token.stdout).trim()
+    );
+
+    let stopping = Instant::now();
+    common::signal(&server, nix::sys::signal::Signal::SIGTERM);
+    loop {
+        let check = mesh.grpcurl(
+            port,
+            &["-d", "{\"service\":\"securemesh.v1.DataService\"}"],
+            &["grpc.health.v1.Health/Check"],
+        );
+        if text(&check).contains("NOT_SERVING") {
+            break;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(1),
+            "still SERVING after SIGTERM: {}",
+            text(&check)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let call = mesh.grpcurl(port, &["-d", &body], &["securemesh.v1.DataService/Submit"]);
+    assert!(
+        call.status.success(),
+        "refused during the drain delay: {}",
+        text(&call)
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_millis(1500),
+        "the check came too late"
+    );
+
+    assert!(common::wait_exit(&mut server).success());
+    let log = mesh.log("drainer");
+    assert!(log.contains("draining: NOT_SERVING"), "{log}");
+    assert!(log.contains("server stopped"), "{log}");
+}

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use securemesh::v1::data_service_server::DataServiceServer;
+use securemesh::v1::data_service_server::{DataService, DataServiceServer};
+use securemesh::v1::{SubmitReply, SubmitRequest};
 use securemesh_client::Client;
 use securemesh_coordinator::{BackendOptions, BalanceOptions, Coordinator};
 use securemesh_crypto::KeyRing;
@@ -67,11 +68,22 @@ struct TestServer {
 
 impl TestServer {
     fn start(material: &Material, address: SocketAddr) -> Self {
+        Self::start_with(material, address, |address| {
+            DataHandler::new(material.keys.clone(), address.to_string(), false)
+        })
+    }
+
+    /// A server running `make_service(its address)`.
+    fn start_with<S: DataService>(
+        material: &Material,
+        address: SocketAddr,
+        make_service: impl FnOnce(SocketAddr) -> S,
+    ) -> Self {
         let listener = std::net::TcpListener::bind(address).unwrap();
         listener.set_nonblocking(true).unwrap();
         let address = listener.local_addr().unwrap();
         let tls = securemesh_tls::server_config(&material.files("server")).unwrap();
-        let handler = DataHandler::new(material.keys.clone(), address.to_string(), false);
+        let handler = make_service(address);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -534,4 +546,88 @@ async fn handshakes_without_a_valid_client_certificate_are_refused() {
         other => panic!("unexpected {other}"),
     }
     assert_eq!(client.submit(b"welcome").await.unwrap().result, "ok");
+}
+
+/// A backend that answers only after `delay`, and records the
+/// `grpc-timeout` of every call it receives.
+#[derive(Clone)]
+struct SlowBackend {
+    delay: Duration,
+    seen_timeouts: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[tonic::async_trait]
+impl DataService for SlowBackend {
+    async fn submit(
+        &self,
+        request: tonic::Request<SubmitRequest>,
+    ) -> Result<tonic::Response<SubmitReply>, tonic::Status> {
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("none")
+            .to_owned();
+        self.seen_timeouts.lock().unwrap().push(timeout);
+        tokio::time::sleep(self.delay).await;
+        Ok(tonic::Response::new(SubmitReply::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_deadline_bounds_the_call_and_reaches_the_backend() {
+    let material = Material::new();
+    let seen_timeouts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let slow = SlowBackend {
+        delay: Duration::from_secs(5),
+        seen_timeouts: seen_timeouts.clone(),
+    };
+    let backend = TestServer::start_with(&material, any_port(), |_| slow);
+    let coordinator = TestCoordinator::start(&material, &[backend.url()]).await;
+    ready(&material, &coordinator.url).await;
+
+    let tls = securemesh_tls::client_tls_config(&material.files("client")).unwrap();
+    let deadline = Duration::from_millis(400);
+    let client = Client::new(
+        std::slice::from_ref(&coordinator.url),
+        tls,
+        material.keys.clone(),
+        deadline,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let status = client
+        .submit_token(material.keys.encrypt(b"late"))
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        waited >= Duration::from_millis(350),
+        "gave up early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(650),
+        "waited {waited:?} past a {deadline:?} deadline"
+    );
+
+    // The backend was told the time that remained: under the client's
+    // 400 ms, not the coordinator's 2 s per-try timeout. (A timeout the
+    // coordinator sends is in milliseconds or finer.)
+    let seen = seen_timeouts.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "retried after a deadline: {seen:?}");
+    let millis = seen[0]
+        .strip_suffix('m')
+        .and_then(|millis| millis.parse::<u64>().ok())
+        .or_else(|| {
+            seen[0]
+                .strip_suffix('u')
+                .and_then(|micros| micros.parse::<u64>().ok())
+                .map(|micros| micros / 1000)
+        })
+        .unwrap_or_else(|| panic!("unexpected grpc-timeout {seen:?}"));
+    assert!(
+        (200..400).contains(&millis),
+        "backend was given {millis} ms"
+    );
 }
