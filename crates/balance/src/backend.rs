@@ -22,6 +22,10 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::outlier::{EjectionPolicy, Verdicts};
+
+/// The metadata header that tells a server who the original caller was
+/// (the same name as `securemesh_tls::CALLER_HEADER`).
+const CALLER_HEADER: &str = "x-securemesh-caller";
 use crate::Attempt;
 
 /// How many backends of a pool are in rotation, shared by its backends so
@@ -257,11 +261,21 @@ impl tower::Service<Attempt> for Backend {
             }
             let mut request = tonic::Request::new(attempt.message);
             request.set_timeout(limit);
+            if let Some(caller) = attempt
+                .caller
+                .as_deref()
+                .and_then(|caller| tonic::metadata::MetadataValue::try_from(caller).ok())
+            {
+                request.metadata_mut().insert(CALLER_HEADER, caller);
+            }
             let result = match tokio::time::timeout(limit, client.submit(request)).await {
                 // A tonic backend answers CANCELLED when the grpc-timeout we
-                // sent expires: that is the caller's deadline passing.
+                // sent expires: that is the caller's deadline passing. (A
+                // CANCELLED raised by our own transport is a failed
+                // connection, and is retried.)
                 Ok(Err(status))
                     if limited_by_deadline
+                        && !securemesh::status::is_transport_failure(&status)
                         && matches!(
                             status.code(),
                             tonic::Code::Cancelled | tonic::Code::DeadlineExceeded

@@ -46,6 +46,10 @@ pub struct Attempt {
     pub message: SubmitRequest,
     /// When the caller stops waiting.
     pub deadline: Option<Instant>,
+    /// The original caller's identity, passed to the endpoint in
+    /// `x-securemesh-caller` (which servers believe only from a
+    /// coordinator).
+    pub caller: Option<String>,
 }
 
 /// How calls are retried and queued.
@@ -110,7 +114,7 @@ impl Balancer {
         &self.pool
     }
 
-    /// Submits `message`, giving up at `deadline`.
+    /// Submits `message` on behalf of `caller`, giving up at `deadline`.
     ///
     /// Answers of endpoints (such as `INVALID_ARGUMENT`) come back
     /// unchanged; when no endpoint could serve the call the status is
@@ -119,8 +123,13 @@ impl Balancer {
         &self,
         message: SubmitRequest,
         deadline: Option<Instant>,
+        caller: Option<String>,
     ) -> Result<SubmitReply, Status> {
-        let call = self.stack.clone().oneshot(Attempt { message, deadline });
+        let call = self.stack.clone().oneshot(Attempt {
+            message,
+            deadline,
+            caller,
+        });
         let outcome = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
                 Ok(outcome) => outcome,

@@ -95,6 +95,7 @@ mod tests {
         Attempt {
             message: SubmitRequest::default(),
             deadline: None,
+            caller: None,
         }
     }
 

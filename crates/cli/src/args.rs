@@ -115,8 +115,12 @@ pub struct KeygenArgs {
     #[arg(long, env = "SECUREMESH_CERTS", default_value = "certs")]
     pub certs: PathBuf,
     /// Overwrite an existing file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "rotate")]
     pub force: bool,
+    /// Put a new key first in the existing file and keep the old ones, so
+    /// that tokens made under them still decrypt.
+    #[arg(long)]
+    pub rotate: bool,
 }
 
 /// Certificate, key and CA of one party; defaults come from `--certs`.
@@ -170,6 +174,16 @@ pub struct ServerArgs {
     /// Do not print the lab's `Decrypted data:` line.
     #[arg(long, env = "SECUREMESH_HIDE_PLAINTEXT")]
     pub hide_plaintext: bool,
+    /// Another identity allowed to call (besides the coordinator's), e.g.
+    /// spiffe://securemesh/client/client to be called directly.
+    #[arg(long = "allow", value_name = "ID")]
+    pub allow: Vec<String>,
+    /// Largest message accepted, in bytes (larger ones get OUT_OF_RANGE).
+    #[arg(long, default_value_t = 65_536)]
+    pub max_message_size: usize,
+    /// Refuse tokens older than this ("token expired"); 0s accepts any age.
+    #[arg(long, env = "SECUREMESH_TOKEN_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub token_ttl: Duration,
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
@@ -189,6 +203,9 @@ pub struct ServeArgs {
     /// Then give in-flight calls this long to finish.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub drain_grace: Duration,
+    /// Calls in flight allowed per connection.
+    #[arg(long, default_value_t = 256)]
+    pub max_concurrent_streams: u32,
 }
 
 impl ServeArgs {
@@ -197,6 +214,7 @@ impl ServeArgs {
             handshake_timeout: self.handshake_timeout,
             drain_delay: self.drain_delay,
             drain_grace: self.drain_grace,
+            max_concurrent_streams: self.max_concurrent_streams,
         }
     }
 }
@@ -240,6 +258,13 @@ pub struct CoordinatorArgs {
     /// A ping unanswered for this long closes the connection.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     pub keepalive_timeout: Duration,
+    /// A client identity allowed to call; repeat for each [default: every
+    /// client of the CA].
+    #[arg(long = "allow", value_name = "ID")]
+    pub allow: Vec<String>,
+    /// Largest message accepted, in bytes (larger ones get OUT_OF_RANGE).
+    #[arg(long, default_value_t = 65_536)]
+    pub max_message_size: usize,
     /// Failed calls in a row that eject a backend.
     #[arg(long, default_value_t = 1)]
     pub eject_after: u32,

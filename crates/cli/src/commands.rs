@@ -6,12 +6,12 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use base64::Engine as _;
-use securemesh::v1::data_service_server::DataServiceServer;
 use securemesh_client::load::{self, LoadOptions};
 use securemesh_client::Client;
 use securemesh_coordinator::{BackendOptions, BalanceOptions, Coordinator, EjectionPolicy};
 use securemesh_crypto::KeyRing;
 use securemesh_server::DataHandler;
+use securemesh_tls::Authorization;
 
 use crate::args::{
     key_file, ClientArgs, Command, CoordinatorArgs, DecryptArgs, EncryptArgs, KeygenArgs,
@@ -61,8 +61,17 @@ fn print_written(paths: &[std::path::PathBuf]) {
 
 fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     let out = key_file(&args.out, &args.certs);
-    securemesh_crypto::write_new_key_file(&out, args.force)?;
-    println!("wrote {}", out.display());
+    if args.rotate {
+        let keys = securemesh_crypto::rotate_key_file(&out)?;
+        println!(
+            "rotated {}: a new key first, {} older kept",
+            out.display(),
+            keys - 1
+        );
+    } else {
+        securemesh_crypto::write_new_key_file(&out, args.force)?;
+        println!("wrote {}", out.display());
+    }
     Ok(())
 }
 
@@ -79,11 +88,16 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let server_id = args.server_id.unwrap_or_else(|| address.to_string());
     tracing::info!(%address, %server_id, "Server listening on {address} (mutual TLS)");
-    let handler = DataHandler::new(keys, server_id, !args.hide_plaintext);
+    let token_ttl = Some(args.token_ttl).filter(|ttl| !ttl.is_zero());
+    let handler = DataHandler::new(keys, server_id, !args.hide_plaintext).with_token_ttl(token_ttl);
     securemesh_tls::serve_mtls(
         listener,
         tls,
-        DataServiceServer::new(handler),
+        securemesh_tls::authorized_data_service(
+            handler,
+            Authorization::server_default(args.allow),
+            args.max_message_size,
+        ),
         args.serve.options(),
         shutdown_signal(),
     )
@@ -118,6 +132,11 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     for url in &args.backends {
         coordinator.pool().add(url)?;
     }
+    let authorization = if args.allow.is_empty() {
+        Authorization::any_identity()
+    } else {
+        Authorization::only(args.allow.iter().cloned())
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -126,7 +145,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     securemesh_tls::serve_mtls(
         listener,
         server_tls,
-        DataServiceServer::new(coordinator),
+        securemesh_tls::authorized_data_service(coordinator, authorization, args.max_message_size),
         args.serve.options(),
         shutdown_signal(),
     )

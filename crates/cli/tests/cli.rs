@@ -280,7 +280,13 @@ fn separate_processes_serve_fail_over_and_stop_cleanly() {
         "{server_logs}"
     );
     assert!(server_logs.contains("Decrypted data: from two"));
-    assert!(server_logs.contains("caller=spiffe://securemesh/both/coordinator"));
+    // Servers log the original caller, as the coordinator forwarded it.
+    assert!(
+        server_logs.contains(
+            "caller=spiffe://securemesh/client/client2 via=spiffe://securemesh/both/coordinator"
+        ),
+        "{server_logs}"
+    );
     let coordinator_log = mesh.log("coordinator");
     assert!(coordinator_log.contains("caller=spiffe://securemesh/client/client2"));
 
@@ -489,7 +495,15 @@ fn a_draining_server_reports_not_serving_still_serves_then_exits_zero() {
     let port = free_port();
     let mut server = mesh.spawn(
         "drainer",
-        &["server", &port.to_string(), "--drain-delay", "1500ms"],
+        &[
+            "server",
+            &port.to_string(),
+            "--drain-delay",
+            "1500ms",
+            // Called directly below, not through a coordinator.
+            "--allow",
+            "spiffe://securemesh/client/client",
+        ],
     );
     mesh.wait_serving(port);
     let token = securemesh(

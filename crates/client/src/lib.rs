@@ -123,7 +123,7 @@ impl Client {
     pub async fn submit_token(&self, token: Vec<u8>) -> Result<SubmitReply, tonic::Status> {
         let deadline = tokio::time::Instant::now() + self.call_timeout;
         self.balancer
-            .submit(SubmitRequest { token }, Some(deadline))
+            .submit(SubmitRequest { token }, Some(deadline), None)
             .await
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! The balancing, health checking, ejection and retries live in
 //! [`securemesh_balance`]; this crate adds the proxying `DataService`
-//! ([`Coordinator`]), which honours the caller's deadline. Wrap it in
-//! `DataServiceServer` and run it with `securemesh_tls::serve_mtls`, which
-//! adds mutual TLS, health, reflection and graceful drain.
+//! ([`Coordinator`]), which honours the caller's deadline and tells servers
+//! who its caller was. Serve it with `securemesh_tls::authorized_data_service`
+//! and `securemesh_tls::serve_mtls`, which add authorization, a message size
+//! limit, mutual TLS, health, reflection and graceful drain.
 //!
 //! The coordinator relays tokens as opaque bytes: it never holds a Fernet key.
 

@@ -52,12 +52,16 @@ impl DataService for Coordinator {
             self.request_timeout,
             tokio::time::Instant::now(),
         );
-        let caller = securemesh_tls::request_identity(&request);
-        match self
+        let caller = request
+            .extensions()
+            .get::<securemesh_tls::Caller>()
+            .map(|caller| caller.origin().to_owned())
+            .unwrap_or_else(|| securemesh_tls::request_identity(&request));
+        let outcome = self
             .balancer
-            .submit(request.into_inner(), Some(deadline))
-            .await
-        {
+            .submit(request.into_inner(), Some(deadline), Some(caller.clone()))
+            .await;
+        match outcome {
             Ok(reply) => {
                 tracing::info!(%caller, server = %reply.server_id, "Submit relayed");
                 Ok(Response::new(reply))

@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use securemesh::v1::data_service_server::{DataService, DataServiceServer};
+use securemesh::v1::data_service_server::DataService;
 use securemesh::v1::{SubmitReply, SubmitRequest};
 use securemesh_client::Client;
 use securemesh_coordinator::{BackendOptions, BalanceOptions, Coordinator};
 use securemesh_crypto::KeyRing;
 use securemesh_server::DataHandler;
-use securemesh_tls::{ServeOptions, TlsFiles};
+use securemesh_tls::{Authorization, ServeOptions, TlsFiles};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::oneshot;
@@ -94,7 +94,11 @@ impl TestServer {
             securemesh_tls::serve_mtls(
                 listener,
                 tls,
-                DataServiceServer::new(handler),
+                securemesh_tls::authorized_data_service(
+                    handler,
+                    Authorization::server_default([]),
+                    64 * 1024,
+                ),
                 ServeOptions::default(),
                 std::future::pending(),
             )
@@ -137,6 +141,14 @@ struct TestCoordinator {
 
 impl TestCoordinator {
     async fn start(material: &Material, backends: &[String]) -> Self {
+        Self::start_with(material, backends, Authorization::any_identity()).await
+    }
+
+    async fn start_with(
+        material: &Material,
+        backends: &[String],
+        authorization: Authorization,
+    ) -> Self {
         let client_tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
         let mut options = BackendOptions::new(client_tls);
         options.health_interval = Duration::from_millis(200);
@@ -154,7 +166,7 @@ impl TestCoordinator {
         tokio::spawn(securemesh_tls::serve_mtls(
             listener,
             tls,
-            DataServiceServer::new(coordinator),
+            securemesh_tls::authorized_data_service(coordinator, authorization, 64 * 1024),
             ServeOptions::default(),
             async move {
                 let _ = stopped.await;
@@ -630,4 +642,87 @@ async fn the_callers_deadline_bounds_the_call_and_reaches_the_backend() {
         (200..400).contains(&millis),
         "backend was given {millis} ms"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_admit_only_the_coordinator_and_health_stays_open() {
+    let Mesh {
+        material,
+        servers: [a],
+        coordinator: _coordinator,
+        client,
+    } = Mesh::<1>::start().await;
+    assert_eq!(
+        client
+            .submit(b"through the coordinator")
+            .await
+            .unwrap()
+            .server_id,
+        a.id()
+    );
+
+    // A client certificate alone does not get past a server...
+    let direct = material.client(&a.url(), "client");
+    match direct
+        .submit(b"bypassing the coordinator")
+        .await
+        .unwrap_err()
+    {
+        securemesh_client::ClientError::Status(status) => {
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            assert!(
+                status
+                    .message()
+                    .contains("spiffe://securemesh/client/client"),
+                "{status:?}"
+            );
+        }
+        other => panic!("unexpected {other}"),
+    }
+    // ...but its health checks answer any certificate of the CA.
+    ready(&material, &a.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_allow_list_refuses_other_clients() {
+    let material = Material::new();
+    let a = TestServer::start(&material, any_port());
+    let coordinator = TestCoordinator::start_with(
+        &material,
+        &[a.url()],
+        Authorization::only(["spiffe://securemesh/client/client".to_owned()]),
+    )
+    .await;
+    ready(&material, &coordinator.url).await;
+    assert!(material
+        .client(&coordinator.url, "client")
+        .submit(b"ok")
+        .await
+        .is_ok());
+    match material
+        .client(&coordinator.url, "client2")
+        .submit(b"not me")
+        .await
+        .unwrap_err()
+    {
+        securemesh_client::ClientError::Status(status) => {
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            assert!(status.message().contains("client/client2"), "{status:?}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused_and_the_mesh_keeps_serving() {
+    let Mesh {
+        material,
+        servers: [a],
+        coordinator: _coordinator,
+        client,
+    } = Mesh::<1>::start().await;
+    let huge = material.keys.encrypt(&vec![b'x'; 100 * 1024]);
+    let status = client.submit_token(huge).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(client.submit(b"small").await.unwrap().server_id, a.id());
 }

@@ -55,6 +55,28 @@ pub fn write_new_key_file(path: &Path, force: bool) -> Result<(), KeyFileError> 
     )?)
 }
 
+/// Puts a new random key first in the key file at `path` and keeps the
+/// existing keys after it (they still decrypt); the file stays mode 0600.
+/// Returns how many keys the file now holds.
+pub fn rotate_key_file(path: &Path) -> Result<usize, KeyFileError> {
+    let mut keys = vec![generate_key()];
+    for (line, key) in read_key_lines(path)? {
+        if fernet::Fernet::new(&key).is_none() {
+            return Err(KeyFileError::InvalidKey {
+                path: path.to_path_buf(),
+                line,
+            });
+        }
+        keys.push(key);
+    }
+    let contents = keys
+        .iter()
+        .map(|key| format!("{key}\n"))
+        .collect::<String>();
+    securemesh_fs::write_file(path, contents.as_bytes(), securemesh_fs::PRIVATE, true)?;
+    Ok(keys.len())
+}
+
 /// Reads every key line of a key file, skipping blank lines and `#` comments.
 pub(crate) fn read_key_lines(path: &Path) -> Result<Vec<(usize, String)>, KeyFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
@@ -76,6 +98,27 @@ pub(crate) fn read_key_lines(path: &Path) -> Result<Vec<(usize, String)>, KeyFil
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotation_puts_a_new_key_first_and_keeps_the_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.txt");
+        write_new_key_file(&path, false).unwrap();
+        let old = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(rotate_key_file(&path).unwrap(), 2);
+        let rotated = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = rotated.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_ne!(lines[0], old.trim());
+        assert_eq!(lines[1], old.trim());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(rotate_key_file(&dir.path().join("missing.txt")).is_err());
+    }
 
     #[test]
     fn new_key_file_is_private_and_never_overwritten_without_force() {

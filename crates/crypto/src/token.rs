@@ -6,7 +6,7 @@
 //! overflow, so a forged timestamp must be rejected here first.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE;
 use base64::Engine as _;
@@ -38,6 +38,9 @@ pub enum TokenError {
     /// the ciphertext does not decrypt.
     #[error("token verification failed (tampered, or encrypted under another key)")]
     Invalid,
+    /// The token verified, but it is older than the time-to-live allowed.
+    #[error("token expired")]
+    Expired,
 }
 
 /// The Fernet keys of one party: the first encrypts, any of them decrypts.
@@ -94,12 +97,33 @@ impl KeyRing {
     }
 
     /// Verifies `token` under any key of the ring and returns the plaintext.
+    /// Tokens of any age are accepted.
     pub fn decrypt(&self, token: &[u8]) -> Result<Vec<u8>, TokenError> {
-        let text = check_frame(token, unix_now())?;
-        self.all
+        self.decrypt_with_ttl(token, None)
+    }
+
+    /// Verifies `token` under any key of the ring and returns the plaintext,
+    /// refusing a token made more than `ttl` ago (as Python's
+    /// `Fernet.decrypt(token, ttl)`) or more than 60 s in the future.
+    ///
+    /// The age is judged only once the token has verified, so that a forged
+    /// token learns nothing but "invalid".
+    pub fn decrypt_with_ttl(
+        &self,
+        token: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<Vec<u8>, TokenError> {
+        let now = unix_now();
+        let (text, made_at) = check_frame(token, now)?;
+        let plaintext = self
+            .all
             .iter()
             .find_map(|key| key.decrypt(text).ok())
-            .ok_or(TokenError::Invalid)
+            .ok_or(TokenError::Invalid)?;
+        match ttl {
+            Some(ttl) if made_at.saturating_add(ttl.as_secs()) < now => Err(TokenError::Expired),
+            _ => Ok(plaintext),
+        }
     }
 }
 
@@ -117,8 +141,9 @@ fn unix_now() -> u64 {
 }
 
 /// Checks the token's outer frame (text, base64url, version, length, block
-/// alignment, timestamp bound) and returns it as text for the `fernet` crate.
-fn check_frame(token: &[u8], now: u64) -> Result<&str, TokenError> {
+/// alignment, timestamp bound) and returns it as text for the `fernet` crate,
+/// with the time it claims to have been made.
+fn check_frame(token: &[u8], now: u64) -> Result<(&str, u64), TokenError> {
     if token.is_empty() {
         return Err(TokenError::Empty);
     }
@@ -137,10 +162,11 @@ fn check_frame(token: &[u8], now: u64) -> Result<&str, TokenError> {
     }
     let mut timestamp = [0u8; 8];
     timestamp.copy_from_slice(&decoded[1..9]);
-    if u64::from_be_bytes(timestamp) > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
+    let made_at = u64::from_be_bytes(timestamp);
+    if made_at > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
         return Err(TokenError::FromTheFuture);
     }
-    Ok(text)
+    Ok((text, made_at))
 }
 
 #[cfg(test)]
@@ -174,7 +200,10 @@ mod tests {
         let token = "gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==";
         let ring = KeyRing::from_key_strings(&[key]).unwrap();
         assert_eq!(ring.decrypt(token.as_bytes()).unwrap(), b"hello");
-        assert_eq!(check_frame(token.as_bytes(), 499162801), Ok(token));
+        assert_eq!(
+            check_frame(token.as_bytes(), 499162801),
+            Ok((token, 499162800))
+        );
     }
 
     #[test]
@@ -251,6 +280,63 @@ mod tests {
         let forged = URL_SAFE.encode(raw);
         assert_eq!(
             ring.decrypt(forged.as_bytes()),
+            Err(TokenError::FromTheFuture)
+        );
+    }
+
+    /// Re-signs a token of `ring`'s (single) `key` as made at `made_at`.
+    fn token_made_at(key: &str, plaintext: &[u8], made_at: u64) -> Vec<u8> {
+        // The fernet crate can only stamp the current time, so rebuild the
+        // token: version | timestamp | IV | ciphertext, then the HMAC.
+        use hmac::{Hmac, Mac};
+        let fresh = KeyRing::from_key_strings(&[key])
+            .unwrap()
+            .encrypt(plaintext);
+        let mut raw = URL_SAFE.decode(&fresh).unwrap();
+        raw[1..9].copy_from_slice(&made_at.to_be_bytes());
+        let secret = URL_SAFE.decode(key).unwrap();
+        let body = raw.len() - 32;
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&secret[..16]).unwrap();
+        mac.update(&raw[..body]);
+        let tag = mac.finalize().into_bytes();
+        raw[body..].copy_from_slice(&tag);
+        URL_SAFE.encode(raw).into_bytes()
+    }
+
+    #[test]
+    fn ttl_refuses_old_tokens_only_after_they_verify() {
+        let key = crate::generate_key();
+        let ring = KeyRing::from_key_strings(&[&key]).unwrap();
+        let now = unix_now();
+        let old = token_made_at(&key, b"old", now - 120);
+        assert_eq!(ring.decrypt(&old).unwrap(), b"old");
+        assert_eq!(
+            ring.decrypt_with_ttl(&old, Some(Duration::from_secs(60))),
+            Err(TokenError::Expired)
+        );
+        assert!(ring
+            .decrypt_with_ttl(&old, Some(Duration::from_secs(300)))
+            .is_ok());
+        // A forged old token is "invalid", not "expired".
+        let mut forged = old.clone();
+        let last = forged.len() - 5;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        assert!(!matches!(
+            ring.decrypt_with_ttl(&forged, Some(Duration::from_secs(60))),
+            Ok(_) | Err(TokenError::Expired)
+        ));
+    }
+
+    #[test]
+    fn refuses_tokens_from_beyond_the_clock_skew() {
+        let key = crate::generate_key();
+        let ring = KeyRing::from_key_strings(&[&key]).unwrap();
+        let now = unix_now();
+        assert!(ring
+            .decrypt(&token_made_at(&key, b"soon", now + 30))
+            .is_ok());
+        assert_eq!(
+            ring.decrypt(&token_made_at(&key, b"later", now + 600)),
             Err(TokenError::FromTheFuture)
         );
     }

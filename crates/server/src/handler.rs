@@ -1,5 +1,7 @@
 //! The `securemesh.v1.DataService` implementation of a server.
 
+use std::time::Duration;
+
 use securemesh::v1::data_service_server::DataService;
 use securemesh::v1::{SubmitReply, SubmitRequest};
 use securemesh_crypto::KeyRing;
@@ -15,6 +17,7 @@ pub struct DataHandler {
     keys: KeyRing,
     server_id: String,
     print_plaintext: bool,
+    token_ttl: Option<Duration>,
 }
 
 impl DataHandler {
@@ -24,7 +27,15 @@ impl DataHandler {
             keys,
             server_id: server_id.into(),
             print_plaintext,
+            token_ttl: None,
         }
+    }
+
+    /// Refuses tokens made more than `ttl` ago ("token expired"); `None`
+    /// accepts tokens of any age.
+    pub fn with_token_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.token_ttl = ttl;
+        self
     }
 }
 
@@ -34,19 +45,26 @@ impl DataService for DataHandler {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
-        let caller = securemesh_tls::request_identity(&request);
+        let (caller, via) = match request.extensions().get::<securemesh_tls::Caller>() {
+            Some(caller) => (
+                caller.origin().to_owned(),
+                caller.on_behalf_of.as_ref().map(|_| caller.peer.clone()),
+            ),
+            None => (securemesh_tls::request_identity(&request), None),
+        };
+        let via = via.unwrap_or_else(|| "direct".to_owned());
         let token = request.into_inner().token;
-        let plaintext = match self.keys.decrypt(&token) {
+        let plaintext = match self.keys.decrypt_with_ttl(&token, self.token_ttl) {
             Ok(plaintext) => plaintext,
             Err(reason) => {
-                tracing::warn!(%caller, token_bytes = token.len(), %reason, "Submit refused");
+                tracing::warn!(%caller, %via, token_bytes = token.len(), %reason, "Submit refused");
                 return Err(Status::invalid_argument(format!("invalid token: {reason}")));
             }
         };
         if self.print_plaintext {
             tracing::info!("Decrypted data: {}", printable(&plaintext));
         }
-        tracing::info!(%caller, plaintext_bytes = plaintext.len(), "Submit accepted");
+        tracing::info!(%caller, %via, plaintext_bytes = plaintext.len(), "Submit accepted");
         Ok(Response::new(SubmitReply {
             result: "ok".into(),
             server_id: self.server_id.clone(),

@@ -1,9 +1,10 @@
 //! The DataService server: verifies and decrypts Fernet tokens from
 //! mutually authenticated callers and answers with the plaintext's digest.
 //!
-//! [`DataHandler`] is the service alone, free of transport concerns; wrap it
-//! in `DataServiceServer` and run it with [`securemesh_tls::serve_mtls`],
-//! which adds mutual TLS, health and reflection.
+//! [`DataHandler`] is the service alone, free of transport concerns;
+//! `securemesh_tls::authorized_data_service` puts it behind authorization
+//! and a message size limit, and `securemesh_tls::serve_mtls` runs that with
+//! mutual TLS, health and reflection.
 
 mod handler;
 

@@ -9,6 +9,7 @@
 //! reflection. One crypto provider, `ring`, is used throughout.
 
 mod acceptor;
+mod authorize;
 mod client;
 mod identity;
 mod material;
@@ -16,6 +17,9 @@ mod serve;
 mod server;
 
 pub use acceptor::TlsIncoming;
+pub use authorize::{
+    authorized_data_service, Authorization, Caller, CALLER_HEADER, COORDINATOR_IDENTITY,
+};
 pub use client::client_tls_config;
 pub use identity::{peer_identity, request_identity};
 pub use material::{TlsError, TlsFiles};

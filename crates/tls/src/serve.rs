@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::body::Body;
-use tonic::codegen::http;
+use tonic::codegen::{http, Body as HttpBody, Bytes};
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
 use tonic::transport::Server;
@@ -38,6 +38,8 @@ pub struct ServeOptions {
     /// Then, how long in-flight calls may take to finish before the server
     /// stops anyway.
     pub drain_grace: Duration,
+    /// Concurrent HTTP/2 streams (calls) allowed per connection.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for ServeOptions {
@@ -46,6 +48,7 @@ impl Default for ServeOptions {
             handshake_timeout: Duration::from_secs(10),
             drain_delay: Duration::ZERO,
             drain_grace: Duration::from_secs(10),
+            max_concurrent_streams: 256,
         }
     }
 }
@@ -55,7 +58,7 @@ impl Default for ServeOptions {
 /// completes. Then it drains: health turns `NOT_SERVING`, calls are still
 /// served for `drain_delay`, then new connections are refused and in-flight
 /// calls have `drain_grace` to finish before this returns.
-pub async fn serve_mtls<S>(
+pub async fn serve_mtls<S, B>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     service: S,
@@ -65,7 +68,7 @@ pub async fn serve_mtls<S>(
 where
     S: tower_service::Service<
             http::Request<Body>,
-            Response = http::Response<Body>,
+            Response = http::Response<B>,
             Error = Infallible,
         > + NamedService
         + Clone
@@ -73,6 +76,8 @@ where
         + Sync
         + 'static,
     S::Future: Send + 'static,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
 {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<S>().await;
@@ -99,6 +104,7 @@ where
         }
     };
     let server = Server::builder()
+        .max_concurrent_streams(Some(options.max_concurrent_streams))
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, drain);
     let grace_over = async {

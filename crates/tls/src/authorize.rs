@@ -1,0 +1,136 @@
+//! Who may call the DataService, and on whose behalf.
+//!
+//! mTLS proves that a peer holds a certificate of our CA; this decides what
+//! that identity may do. Servers admit, by default, only the coordinator's
+//! identity (so a client certificate alone cannot bypass the coordinator);
+//! the coordinator admits every client of the CA unless given a list. A
+//! refused identity gets `PERMISSION_DENIED` naming it.
+//!
+//! The coordinator tells servers who its caller was in the
+//! [`CALLER_HEADER`] metadata; a server believes that header only from a
+//! trusted forwarder (the coordinator), so a client cannot claim to be
+//! someone else by setting it.
+//!
+//! Applied as a tonic interceptor on the DataService alone: health checks
+//! and reflection stay open to every certificate of the CA.
+
+use std::collections::BTreeSet;
+
+use securemesh::v1::data_service_server::{DataService, DataServiceServer};
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Status};
+
+use crate::peer_identity;
+
+/// The metadata header that carries the original caller's identity.
+pub const CALLER_HEADER: &str = "x-securemesh-caller";
+
+/// The identity of the coordinator certificate made by `pki init`.
+pub const COORDINATOR_IDENTITY: &str = "spiffe://securemesh/both/coordinator";
+
+/// Who called, as established by [`Authorization::check`]; handlers find it
+/// in the request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The identity of the TLS peer.
+    pub peer: String,
+    /// The original caller named by a trusted forwarder, if any.
+    pub on_behalf_of: Option<String>,
+}
+
+impl Caller {
+    /// The original caller: the forwarded identity, else the peer.
+    pub fn origin(&self) -> &str {
+        self.on_behalf_of.as_deref().unwrap_or(&self.peer)
+    }
+}
+
+/// Which peer identities may call, and which may speak for others.
+#[derive(Debug, Clone)]
+pub struct Authorization {
+    allowed: Option<BTreeSet<String>>,
+    forwarders: BTreeSet<String>,
+}
+
+impl Authorization {
+    /// Any certificate of the CA may call; nobody may speak for others.
+    pub fn any_identity() -> Self {
+        Self {
+            allowed: None,
+            forwarders: BTreeSet::new(),
+        }
+    }
+
+    /// Only `allowed` identities may call.
+    pub fn only(allowed: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            allowed: Some(allowed.into_iter().collect()),
+            forwarders: BTreeSet::new(),
+        }
+    }
+
+    /// What a server does by default: admit the coordinator and `extra`,
+    /// and believe the coordinator about its callers.
+    pub fn server_default(extra: impl IntoIterator<Item = String>) -> Self {
+        let mut allowed: BTreeSet<String> = extra.into_iter().collect();
+        allowed.insert(COORDINATOR_IDENTITY.to_owned());
+        Self {
+            allowed: Some(allowed),
+            forwarders: [COORDINATOR_IDENTITY.to_owned()].into(),
+        }
+    }
+
+    /// Refuses a peer that may not call; otherwise records the [`Caller`]
+    /// in the request's extensions.
+    pub fn check(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let peer = request
+            .peer_certs()
+            .and_then(|chain| peer_identity(&chain))
+            .ok_or_else(|| Status::unauthenticated("no client certificate identity"))?;
+        if let Some(allowed) = &self.allowed {
+            if !allowed.contains(&peer) {
+                tracing::warn!(%peer, "call refused: identity not allowed");
+                return Err(Status::permission_denied(format!(
+                    "identity {peer} is not allowed to call this service"
+                )));
+            }
+        }
+        let claimed = request
+            .metadata()
+            .get(CALLER_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let on_behalf_of = match claimed {
+            Some(claimed) if self.forwarders.contains(&peer) => Some(claimed),
+            Some(claimed) => {
+                tracing::warn!(%peer, %claimed, "ignoring a caller header from a peer that is not a forwarder");
+                None
+            }
+            None => None,
+        };
+        request
+            .extensions_mut()
+            .insert(Caller { peer, on_behalf_of });
+        Ok(request)
+    }
+}
+
+impl tonic::service::Interceptor for Authorization {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        self.check(request)
+    }
+}
+
+/// A DataService as securemesh serves it: `handler` behind `authorization`,
+/// with decoded messages limited to `max_message_bytes` (larger ones get
+/// `OUT_OF_RANGE`).
+pub fn authorized_data_service<H: DataService>(
+    handler: H,
+    authorization: Authorization,
+    max_message_bytes: usize,
+) -> InterceptedService<DataServiceServer<H>, Authorization> {
+    InterceptedService::new(
+        DataServiceServer::new(handler).max_decoding_message_size(max_message_bytes),
+        authorization,
+    )
+}
