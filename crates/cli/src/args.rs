@@ -58,6 +58,44 @@ pub enum PkiCommand {
     Init(PkiInitArgs),
     /// Issue one more certificate from the existing CA.
     Issue(PkiIssueArgs),
+    /// Revoke a certificate: add it to the CA's CRL (ca_crl.pem). Running
+    /// servers and coordinators refuse it after SIGHUP.
+    Revoke(PkiNameArgs),
+    /// Issue a certificate again (same role and names, new key and serial).
+    /// Running servers and coordinators serve it after SIGHUP.
+    Renew(PkiRenewArgs),
+    /// Show what a certificate says: subject, names, usages, issuer,
+    /// validity, fingerprint.
+    Show(PkiShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PkiNameArgs {
+    /// Name of the certificate (NAME_cert.pem in the directory).
+    pub name: String,
+    /// Directory of the CA and certificates.
+    #[arg(
+        long,
+        visible_alias = "certs",
+        env = "SECUREMESH_CERTS",
+        default_value = "certs"
+    )]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PkiRenewArgs {
+    #[command(flatten)]
+    pub certificate: PkiNameArgs,
+    /// Validity of the new certificate, in days.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct PkiShowArgs {
+    /// A PEM certificate file.
+    pub file: PathBuf,
 }
 
 /// Where PKI files go and how long certificates last.
@@ -138,6 +176,13 @@ pub struct TlsArgs {
     /// The CA certificate trusted for peers [default: <certs>/ca_cert.pem].
     #[arg(long, env = "SECUREMESH_CA")]
     pub ca: Option<PathBuf>,
+    /// Certificate revocation list checked for clients [default:
+    /// <certs>/ca_crl.pem when it exists].
+    #[arg(long, env = "SECUREMESH_CRL", conflicts_with = "no_crl")]
+    pub crl: Option<PathBuf>,
+    /// Do not check a revocation list.
+    #[arg(long)]
+    pub no_crl: bool,
 }
 
 impl TlsArgs {
@@ -149,6 +194,18 @@ impl TlsArgs {
             key: self.key.clone().unwrap_or(defaults.key),
             ca: self.ca.clone().unwrap_or(defaults.ca),
         }
+    }
+
+    /// The CRL to check now: `--crl`, else `<certs>/ca_crl.pem` if it
+    /// exists (so one made by `pki revoke` after start is picked up on
+    /// reload), none with `--no-crl`.
+    pub fn crl(&self) -> Option<PathBuf> {
+        if self.no_crl {
+            return None;
+        }
+        self.crl.clone().or_else(|| {
+            Some(self.certs.join(securemesh_pki::CRL_FILE)).filter(|path| path.exists())
+        })
     }
 
     /// The Fernet key file: `explicit`, or `<certs>/encryption_key.txt`.

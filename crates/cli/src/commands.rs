@@ -11,7 +11,7 @@ use securemesh_client::Client;
 use securemesh_coordinator::{BackendOptions, BalanceOptions, Coordinator, EjectionPolicy};
 use securemesh_crypto::KeyRing;
 use securemesh_server::DataHandler;
-use securemesh_tls::Authorization;
+use securemesh_tls::{Authorization, ReloadableConfig};
 
 use crate::args::{
     key_file, ClientArgs, Command, CoordinatorArgs, DecryptArgs, EncryptArgs, KeygenArgs,
@@ -42,6 +42,20 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             })?;
             print_written(&written);
         }
+        Command::Pki(PkiCommand::Revoke(args)) => {
+            let crl = securemesh_pki::revoke(&args.dir, &args.name)?;
+            println!(
+                "revoked {}: wrote {} (send SIGHUP to running servers and coordinators)",
+                args.name,
+                crl.display()
+            );
+        }
+        Command::Pki(PkiCommand::Renew(args)) => {
+            let dir = &args.certificate.dir;
+            let written = securemesh_pki::renew(dir, &args.certificate.name, args.days)?;
+            print_written(&written);
+        }
+        Command::Pki(PkiCommand::Show(args)) => print!("{}", securemesh_pki::show(&args.file)?),
         Command::Keygen(args) => keygen(args)?,
         Command::Server(args) => server(args).await?,
         Command::Coordinator(args) => coordinator(args).await?,
@@ -79,7 +93,11 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let address = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.port)));
-    let tls = securemesh_tls::server_config(&args.tls.files("server"))?;
+    let tls_args = args.tls.clone();
+    let tls = ReloadableConfig::new(securemesh_tls::server_config(
+        &tls_args.files("server"),
+        tls_args.crl().as_deref(),
+    )?);
     let key_file = args.tls.encryption_key(&args.encryption_key);
     let keys = KeyRing::from_file(&key_file)?;
     let listener = tokio::net::TcpListener::bind(address)
@@ -90,6 +108,17 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(%address, %server_id, "Server listening on {address} (mutual TLS)");
     let token_ttl = Some(args.token_ttl).filter(|ttl| !ttl.is_zero());
     let handler = DataHandler::new(keys, server_id, !args.hide_plaintext).with_token_ttl(token_ttl);
+    reload_on_sighup({
+        let (tls, handler) = (tls.clone(), handler.clone());
+        move || {
+            tls.replace(securemesh_tls::server_config(
+                &tls_args.files("server"),
+                tls_args.crl().as_deref(),
+            )?);
+            handler.replace_keys(KeyRing::from_file(&key_file)?);
+            Ok(())
+        }
+    });
     securemesh_tls::serve_mtls(
         listener,
         tls,
@@ -107,7 +136,21 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let server_tls = securemesh_tls::server_config(&args.tls.files("coordinator"))?;
+    let tls_args = args.tls.clone();
+    let server_tls = ReloadableConfig::new(securemesh_tls::server_config(
+        &tls_args.files("coordinator"),
+        tls_args.crl().as_deref(),
+    )?);
+    reload_on_sighup({
+        let server_tls = server_tls.clone();
+        move || {
+            server_tls.replace(securemesh_tls::server_config(
+                &tls_args.files("coordinator"),
+                tls_args.crl().as_deref(),
+            )?);
+            Ok(())
+        }
+    });
     let client_tls = securemesh_tls::client_tls_config(&args.tls.files("coordinator"))?;
     let mut backends = BackendOptions::new(client_tls);
     backends.connect_timeout = args.connect_timeout;
@@ -219,6 +262,28 @@ fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     let plaintext = keys.decrypt(args.token.as_bytes())?;
     println!("{}", String::from_utf8_lossy(&plaintext));
     Ok(())
+}
+
+/// On every SIGHUP, runs `reload` (read certificates, CRL and keys again);
+/// if it fails, the process keeps what it had and says why.
+fn reload_on_sighup(reload: impl Fn() -> anyhow::Result<()> + Send + 'static) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: reloading is off");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match reload() {
+                Ok(()) => tracing::info!("reloaded certificates, revocation list and keys"),
+                Err(error) => tracing::warn!(
+                    error = %format!("{error:#}"),
+                    "reload failed: keeping the current certificates and keys"
+                ),
+            }
+        }
+    });
 }
 
 /// Completes on Ctrl-C or SIGTERM.

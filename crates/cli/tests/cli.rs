@@ -211,6 +211,47 @@ impl Mesh {
     }
 }
 
+impl Mesh {
+    /// Sends SIGHUP to the process `label` and waits until it has reloaded.
+    fn reload(&self, label: &str, child: &Child) {
+        let done = |log: &str| log.matches("reloaded certificates").count();
+        let before = done(&self.log(label));
+        common::signal(child, nix::sys::signal::Signal::SIGHUP);
+        let started = Instant::now();
+        while done(&self.log(label)) == before {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{label} did not reload: {}",
+                self.log(label)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SHA-256 fingerprint of the certificate a TLS handshake on `port`
+    /// presents, or of a PEM file.
+    fn fingerprint(&self, source: Result<u16, &Path>) -> String {
+        let certs = self.certs();
+        let script = match source {
+            Ok(port) => format!(
+                "openssl s_client -connect 127.0.0.1:{port} -CAfile {ca} -cert {cert} -key {key} \
+                 </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256",
+                ca = certs.join("ca_cert.pem").display(),
+                cert = certs.join("client_cert.pem").display(),
+                key = certs.join("client_key.pem").display(),
+            ),
+            Err(file) => format!(
+                "openssl x509 -noout -fingerprint -sha256 -in {}",
+                file.display()
+            ),
+        };
+        let output = tool("sh").args(["-c", &script]).output().unwrap();
+        let fingerprint = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        assert!(fingerprint.contains("Fingerprint="), "{}", text(&output));
+        fingerprint
+    }
+}
+
 impl Drop for Mesh {
     fn drop(&mut self) {
         for (_, child) in &mut self.servers {
@@ -548,4 +589,62 @@ fn a_draining_server_reports_not_serving_still_serves_then_exits_zero() {
     let log = mesh.log("drainer");
     assert!(log.contains("draining: NOT_SERVING"), "{log}");
     assert!(log.contains("server stopped"), "{log}");
+}
+
+#[test]
+fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
+    let mesh = Mesh::start();
+    let work = mesh.work.path();
+    let coordinator = mesh.coordinator.as_ref().unwrap();
+    let as_client2 = ["--identity", "client2", "--name", "Client2"];
+    assert!(mesh.client(&as_client2).status.success());
+
+    // Revoked: refused at the handshake once the coordinator reloads; the
+    // other client is still served.
+    let revoked = securemesh(&["pki", "revoke", "client2"], work);
+    assert!(revoked.status.success(), "{}", text(&revoked));
+    mesh.reload("coordinator", coordinator);
+    let refused = mesh.client(&as_client2);
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains("UNAVAILABLE"), "{}", text(&refused));
+    assert!(
+        mesh.log("coordinator").contains("Revoked"),
+        "{}",
+        mesh.log("coordinator")
+    );
+    assert!(mesh.client(&["--name", "Client1"]).status.success());
+
+    // Renewed: new handshakes present the new certificate.
+    let cert = mesh.certs().join("coordinator_cert.pem");
+    let before = mesh.fingerprint(Err(&cert));
+    assert_eq!(mesh.fingerprint(Ok(mesh.coordinator_port)), before);
+    let renewed = securemesh(&["pki", "renew", "coordinator"], work);
+    assert!(renewed.status.success(), "{}", text(&renewed));
+    let after = mesh.fingerprint(Err(&cert));
+    assert_ne!(after, before);
+    mesh.reload("coordinator", coordinator);
+    assert_eq!(mesh.fingerprint(Ok(mesh.coordinator_port)), after);
+    assert!(mesh.client(&["--name", "Client1"]).status.success());
+
+    // Rotated Fernet key: servers accept tokens under the new key and the
+    // old one after they reload.
+    let old_token = securemesh(&["encrypt", "--json-bytes", "under the old key"], work);
+    let old_token = String::from_utf8_lossy(&old_token.stdout).trim().to_owned();
+    let rotated = securemesh(&["keygen", "--rotate"], work);
+    assert!(rotated.status.success(), "{}", text(&rotated));
+    for (port, server) in &mesh.servers {
+        mesh.reload(&format!("server-{port}"), server);
+    }
+    let new = mesh.client(&["--requests", "20", "--concurrency", "4", "--json"]);
+    assert!(new.status.success(), "{}", text(&new));
+    let body = format!("{{\"token\":\"{old_token}\"}}");
+    let old = mesh.grpcurl(
+        mesh.coordinator_port,
+        &["-d", &body],
+        &["securemesh.v1.DataService/Submit"],
+    );
+    assert!(old.status.success(), "{}", text(&old));
+
+    let shown = securemesh(&["pki", "show", "certs/coordinator_cert.pem"], work);
+    assert!(text(&shown).contains("URI:spiffe://securemesh/both/coordinator"));
 }

@@ -82,7 +82,7 @@ impl TestServer {
         let listener = std::net::TcpListener::bind(address).unwrap();
         listener.set_nonblocking(true).unwrap();
         let address = listener.local_addr().unwrap();
-        let tls = securemesh_tls::server_config(&material.files("server")).unwrap();
+        let tls = securemesh_tls::server_config(&material.files("server"), None).unwrap();
         let handler = make_service(address);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -161,7 +161,7 @@ impl TestCoordinator {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://{}", listener.local_addr().unwrap());
-        let tls = securemesh_tls::server_config(&material.files("coordinator")).unwrap();
+        let tls = securemesh_tls::server_config(&material.files("coordinator"), None).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(securemesh_tls::serve_mtls(
             listener,

@@ -115,6 +115,11 @@ impl Authority {
         })
     }
 
+    /// The CA as an rcgen issuer (for CRLs).
+    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
     /// The CA certificate, PEM.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem

@@ -20,7 +20,15 @@ pub enum PkiError {
     /// Writing failed, or a target exists and `force` was not given.
     #[error(transparent)]
     Write(#[from] WriteError),
-    /// Reading the CA failed.
+    /// A file is not what it should be (PEM certificate, CRL).
+    #[error("{path}: {what}")]
+    Unreadable {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// Reading a file failed.
     #[error("{path}: {source}")]
     Read {
         /// The file concerned.
@@ -148,7 +156,7 @@ fn leaf_paths(dir: &Path, name: &str) -> [PathBuf; 2] {
     ]
 }
 
-fn read(path: &Path) -> Result<String, PkiError> {
+pub(crate) fn read(path: &Path) -> Result<String, PkiError> {
     std::fs::read_to_string(path).map_err(|source| PkiError::Read {
         path: path.to_path_buf(),
         source,

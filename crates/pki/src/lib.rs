@@ -9,6 +9,8 @@
 
 mod authority;
 mod files;
+mod lifecycle;
 
-pub use authority::{Authority, IssuedCertificate, Role};
+pub use authority::{identity_uri, Authority, IssuedCertificate, Role};
 pub use files::{init, issue, InitOptions, IssueOptions, PkiError, CA_CERT_FILE, CA_KEY_FILE};
+pub use lifecycle::{renew, revoke, show, CRL_FILE};

@@ -1,5 +1,6 @@
 //! The `securemesh.v1.DataService` implementation of a server.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use securemesh::v1::data_service_server::DataService;
@@ -12,9 +13,12 @@ use tonic::{Request, Response, Status};
 /// A token that fails verification is answered with `INVALID_ARGUMENT` and a
 /// reason that names no secret. The plaintext is printed (the lab's
 /// `Decrypted data:` line) only when `print_plaintext` is set.
+///
+/// Clones share the key ring, so [`DataHandler::replace_keys`] on one (after
+/// a key rotation) takes effect for all.
 #[derive(Debug, Clone)]
 pub struct DataHandler {
-    keys: KeyRing,
+    keys: Arc<RwLock<KeyRing>>,
     server_id: String,
     print_plaintext: bool,
     token_ttl: Option<Duration>,
@@ -24,11 +28,20 @@ impl DataHandler {
     /// A handler answering as `server_id` (e.g. `127.0.0.1:5001`).
     pub fn new(keys: KeyRing, server_id: impl Into<String>, print_plaintext: bool) -> Self {
         Self {
-            keys,
+            keys: Arc::new(RwLock::new(keys)),
             server_id: server_id.into(),
             print_plaintext,
             token_ttl: None,
         }
+    }
+
+    /// Decrypts with `keys` from now on (calls in progress finish with the
+    /// ring they started with).
+    pub fn replace_keys(&self, keys: KeyRing) {
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = keys;
     }
 
     /// Refuses tokens made more than `ttl` ago ("token expired"); `None`
@@ -54,7 +67,12 @@ impl DataService for DataHandler {
         };
         let via = via.unwrap_or_else(|| "direct".to_owned());
         let token = request.into_inner().token;
-        let plaintext = match self.keys.decrypt_with_ttl(&token, self.token_ttl) {
+        let decrypted = self
+            .keys
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .decrypt_with_ttl(&token, self.token_ttl);
+        let plaintext = match decrypted {
             Ok(plaintext) => plaintext,
             Err(reason) => {
                 tracing::warn!(%caller, %via, token_bytes = token.len(), %reason, "Submit refused");

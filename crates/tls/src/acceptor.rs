@@ -8,7 +8,6 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,6 +17,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
+
+use crate::ReloadableConfig;
 
 /// How many finished handshakes may wait for tonic to pick them up.
 const READY_QUEUE: usize = 64;
@@ -32,20 +33,16 @@ pub struct TlsIncoming {
 }
 
 impl TlsIncoming {
-    /// Starts accepting on `listener` with `config`. Handshakes that take
-    /// longer than `handshake_timeout` are abandoned.
+    /// Starts accepting on `listener`, each connection with the
+    /// configuration current when it arrives. Handshakes that take longer
+    /// than `handshake_timeout` are abandoned.
     pub fn new(
         listener: TcpListener,
-        config: Arc<rustls::ServerConfig>,
+        config: ReloadableConfig,
         handshake_timeout: Duration,
     ) -> Self {
         let (sender, receiver) = mpsc::channel(READY_QUEUE);
-        tokio::spawn(accept_loop(
-            listener,
-            TlsAcceptor::from(config),
-            handshake_timeout,
-            sender,
-        ));
+        tokio::spawn(accept_loop(listener, config, handshake_timeout, sender));
         Self {
             ready: ReceiverStream::new(receiver),
         }
@@ -64,7 +61,7 @@ type ReadySender = mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>;
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    config: ReloadableConfig,
     handshake_timeout: Duration,
     ready: ReadySender,
 ) {
@@ -80,7 +77,7 @@ async fn accept_loop(
                 tokio::spawn(handshake(
                     stream,
                     peer,
-                    acceptor.clone(),
+                    TlsAcceptor::from(config.current()),
                     handshake_timeout,
                     ready.clone(),
                 ));

@@ -24,4 +24,4 @@ pub use client::client_tls_config;
 pub use identity::{peer_identity, request_identity};
 pub use material::{TlsError, TlsFiles};
 pub use serve::{serve_mtls, ServeError, ServeOptions};
-pub use server::server_config;
+pub use server::{server_config, ReloadableConfig};

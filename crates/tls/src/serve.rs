@@ -13,7 +13,7 @@ use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
 use tonic::transport::Server;
 
-use crate::TlsIncoming;
+use crate::{ReloadableConfig, TlsIncoming};
 
 /// Why serving stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,7 @@ impl Default for ServeOptions {
 /// calls have `drain_grace` to finish before this returns.
 pub async fn serve_mtls<S, B>(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: impl Into<ReloadableConfig>,
     service: S,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
@@ -87,7 +87,7 @@ where
     securemesh::add_reflection(&mut routes)?;
     routes.add_service(service);
 
-    let incoming = TlsIncoming::new(listener, tls, options.handshake_timeout);
+    let incoming = TlsIncoming::new(listener, tls.into(), options.handshake_timeout);
     let closing = Arc::new(tokio::sync::Notify::new());
     let drain = {
         let closing = closing.clone();

@@ -1,0 +1,320 @@
+//! After issuing: revoking a certificate (the CA's CRL), renewing one, and
+//! showing what a certificate says.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use crate::authority::{Authority, Role};
+use crate::files::{read, CA_CERT_FILE, CA_KEY_FILE};
+use crate::PkiError;
+
+/// File name of the CA's certificate revocation list.
+pub const CRL_FILE: &str = "ca_crl.pem";
+
+/// How long a CRL is declared valid. Servers do not refuse an expired CRL
+/// (that would lock every client out); re-run `pki revoke` to refresh it.
+const CRL_VALIDITY_DAYS: i64 = 30;
+
+/// Adds the certificate `<dir>/<name>_cert.pem` to the CA's CRL
+/// (`<dir>/ca_crl.pem`), keeping the certificates revoked before, and
+/// returns the CRL's path.
+pub fn revoke(dir: &Path, name: &str) -> Result<PathBuf, PkiError> {
+    let cert_path = dir.join(format!("{name}_cert.pem"));
+    let serial = parse_certificate(&read(&cert_path)?, &cert_path)?.serial;
+    let crl_path = dir.join(CRL_FILE);
+    let (mut revoked, number) = if crl_path.exists() {
+        existing_crl(&read(&crl_path)?, &crl_path)?
+    } else {
+        (Vec::new(), 0)
+    };
+    let now = OffsetDateTime::now_utc();
+    if !revoked
+        .iter()
+        .any(|entry: &RevokedCertParams| entry.serial_number.to_bytes() == serial)
+    {
+        revoked.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&serial),
+            revocation_time: now,
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let authority = Authority::from_pem(
+        &read(&dir.join(CA_CERT_FILE))?,
+        &read(&dir.join(CA_KEY_FILE))?,
+    )?;
+    let crl = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + Duration::days(CRL_VALIDITY_DAYS),
+        crl_number: SerialNumber::from((number + 1).to_be_bytes().to_vec()),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(authority.issuer())?;
+    securemesh_fs::write_file(
+        &crl_path,
+        crl.pem()?.as_bytes(),
+        securemesh_fs::PUBLIC,
+        true,
+    )?;
+    Ok(crl_path)
+}
+
+/// Issues `<dir>/<name>` again from the CA: same role and names, a new key,
+/// a new serial and a fresh validity of `days`. The old certificate stays
+/// valid until it expires or is revoked. Returns the paths written.
+pub fn renew(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>, PkiError> {
+    let cert_path = dir.join(format!("{name}_cert.pem"));
+    let current = parse_certificate(&read(&cert_path)?, &cert_path)?;
+    let authority = Authority::from_pem(
+        &read(&dir.join(CA_CERT_FILE))?,
+        &read(&dir.join(CA_KEY_FILE))?,
+    )?;
+    let issued = authority.issue(name, current.role, &current.host_names, days)?;
+    let key_path = dir.join(format!("{name}_key.pem"));
+    securemesh_fs::write_file(
+        &key_path,
+        issued.key_pem.as_bytes(),
+        securemesh_fs::PRIVATE,
+        true,
+    )?;
+    securemesh_fs::write_file(
+        &cert_path,
+        issued.cert_pem.as_bytes(),
+        securemesh_fs::PUBLIC,
+        true,
+    )?;
+    Ok(vec![cert_path, key_path])
+}
+
+/// A readable account of a PEM certificate: subject, names, usages,
+/// issuer, validity, serial and SHA-256 fingerprint.
+pub fn show(path: &Path) -> Result<String, PkiError> {
+    let pem = read(path)?;
+    let certificate = parse_certificate(&pem, path)?;
+    let mut out = String::new();
+    let hex = |bytes: &[u8]| {
+        bytes
+            .iter()
+            .map(|byte| format!("{byte:02X}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let _ = writeln!(out, "Subject:     {}", certificate.subject);
+    let _ = writeln!(out, "Issuer:      {}", certificate.issuer);
+    let _ = writeln!(out, "Serial:      {}", hex(&certificate.serial));
+    let _ = writeln!(out, "Not before:  {}", certificate.not_before);
+    let _ = writeln!(out, "Not after:   {}", certificate.not_after);
+    let _ = writeln!(out, "CA:          {}", certificate.is_ca);
+    let _ = writeln!(out, "Key usage:   {}", certificate.key_usage);
+    let _ = writeln!(out, "Ext. usage:  {}", certificate.extended_key_usage);
+    let _ = writeln!(out, "Names (SAN): {}", certificate.names.join(", "));
+    let _ = writeln!(out, "SHA-256:     {}", hex(&certificate.fingerprint));
+    Ok(out)
+}
+
+/// What a certificate says, as far as securemesh cares.
+struct Parsed {
+    subject: String,
+    issuer: String,
+    serial: Vec<u8>,
+    not_before: String,
+    not_after: String,
+    is_ca: bool,
+    key_usage: String,
+    extended_key_usage: String,
+    role: Role,
+    names: Vec<String>,
+    /// DNS names and IP addresses, beyond the loopback names every server
+    /// certificate carries.
+    host_names: Vec<String>,
+    fingerprint: Vec<u8>,
+}
+
+fn unreadable(path: &Path, what: &str) -> PkiError {
+    PkiError::Unreadable {
+        path: path.to_path_buf(),
+        what: what.to_owned(),
+    }
+}
+
+fn parse_certificate(pem: &str, path: &Path) -> Result<Parsed, PkiError> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|_| unreadable(path, "not a PEM file"))?;
+    let (_, certificate) = X509Certificate::from_der(&block.contents)
+        .map_err(|_| unreadable(path, "not an X.509 certificate"))?;
+    let (server_auth, client_auth) = certificate
+        .extended_key_usage()
+        .ok()
+        .flatten()
+        .map(|eku| (eku.value.server_auth, eku.value.client_auth))
+        .unwrap_or((false, false));
+    let role = match (server_auth, client_auth) {
+        (true, true) => Role::Both,
+        (true, false) => Role::Server,
+        _ => Role::Client,
+    };
+    let mut names = Vec::new();
+    let mut host_names = Vec::new();
+    if let Ok(Some(san)) = certificate.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(dns) => {
+                    names.push(format!("DNS:{dns}"));
+                    host_names.push(dns.to_string());
+                }
+                GeneralName::URI(uri) => names.push(format!("URI:{uri}")),
+                GeneralName::IPAddress(bytes) => {
+                    let ip = match bytes.len() {
+                        4 => <[u8; 4]>::try_from(*bytes).map(std::net::IpAddr::from).ok(),
+                        16 => <[u8; 16]>::try_from(*bytes)
+                            .map(std::net::IpAddr::from)
+                            .ok(),
+                        _ => None,
+                    };
+                    if let Some(ip) = ip {
+                        names.push(format!("IP:{ip}"));
+                        host_names.push(ip.to_string());
+                    }
+                }
+                other => names.push(format!("{other:?}")),
+            }
+        }
+    }
+    host_names.retain(|host| !["localhost", "127.0.0.1", "::1"].contains(&host.as_str()));
+    let key_usage = certificate
+        .key_usage()
+        .ok()
+        .flatten()
+        .map(|usage| usage.value.to_string())
+        .unwrap_or_else(|| "none".into());
+    let extended_key_usage = match (server_auth, client_auth) {
+        (true, true) => "serverAuth, clientAuth",
+        (true, false) => "serverAuth",
+        (false, true) => "clientAuth",
+        (false, false) => "none",
+    }
+    .to_owned();
+    Ok(Parsed {
+        subject: certificate.subject().to_string(),
+        issuer: certificate.issuer().to_string(),
+        serial: certificate.raw_serial().to_vec(),
+        not_before: certificate.validity().not_before.to_string(),
+        not_after: certificate.validity().not_after.to_string(),
+        is_ca: certificate.is_ca(),
+        key_usage,
+        extended_key_usage,
+        role,
+        names,
+        host_names,
+        fingerprint: Sha256::digest(&block.contents).to_vec(),
+    })
+}
+
+/// The revoked entries and number of an existing CRL.
+fn existing_crl(pem: &str, path: &Path) -> Result<(Vec<RevokedCertParams>, u64), PkiError> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|_| unreadable(path, "not a PEM file"))?;
+    let (_, crl) = CertificateRevocationList::from_der(&block.contents)
+        .map_err(|_| unreadable(path, "not a CRL"))?;
+    let number = crl
+        .crl_number()
+        .and_then(|number| u64::try_from(number).ok())
+        .unwrap_or(0);
+    let revoked = crl
+        .iter_revoked_certificates()
+        .map(|entry| RevokedCertParams {
+            serial_number: SerialNumber::from_slice(entry.raw_serial()),
+            revocation_time: entry.revocation_date.to_datetime(),
+            reason_code: None,
+            invalidity_date: None,
+        })
+        .collect();
+    Ok((revoked, number))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pki() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        crate::init(&crate::InitOptions {
+            dir: dir.path().to_path_buf(),
+            days: 30,
+            extra_clients: vec![],
+            sans: vec!["mesh.test".into()],
+            force: false,
+        })
+        .unwrap();
+        dir
+    }
+
+    fn revoked_serials(dir: &Path) -> (Vec<Vec<u8>>, u64) {
+        let (entries, number) = existing_crl(&read(&dir.join(CRL_FILE)).unwrap(), dir).unwrap();
+        (
+            entries.iter().map(|e| e.serial_number.to_bytes()).collect(),
+            number,
+        )
+    }
+
+    #[test]
+    fn revocations_accumulate_in_a_numbered_crl() {
+        let dir = pki();
+        let serial = |name: &str| {
+            let path = dir.path().join(format!("{name}_cert.pem"));
+            parse_certificate(&read(&path).unwrap(), &path)
+                .unwrap()
+                .serial
+        };
+        revoke(dir.path(), "client2").unwrap();
+        assert_eq!(revoked_serials(dir.path()), (vec![serial("client2")], 1));
+        revoke(dir.path(), "client").unwrap();
+        revoke(dir.path(), "client").unwrap();
+        let (serials, number) = revoked_serials(dir.path());
+        assert_eq!(number, 3);
+        assert_eq!(serials.len(), 2);
+        assert!(serials.contains(&serial("client")));
+        assert!(revoke(dir.path(), "nobody").is_err());
+    }
+
+    #[test]
+    fn renewal_keeps_role_and_names_with_a_new_key_and_serial() {
+        let dir = pki();
+        let path = dir.path().join("server_cert.pem");
+        let before = parse_certificate(&read(&path).unwrap(), &path).unwrap();
+        let old_key = read(&dir.path().join("server_key.pem")).unwrap();
+        renew(dir.path(), "server", 10).unwrap();
+        let after = parse_certificate(&read(&path).unwrap(), &path).unwrap();
+        assert_ne!(after.serial, before.serial);
+        assert_ne!(read(&dir.path().join("server_key.pem")).unwrap(), old_key);
+        assert_eq!(after.role, Role::Server);
+        assert_eq!(after.names, before.names);
+        assert!(after.names.contains(&"DNS:mesh.test".to_string()));
+    }
+
+    #[test]
+    fn show_tells_what_matters() {
+        let dir = pki();
+        let shown = show(&dir.path().join("coordinator_cert.pem")).unwrap();
+        for expected in [
+            "CN=coordinator",
+            "serverAuth, clientAuth",
+            "URI:spiffe://securemesh/both/coordinator",
+            "IP:127.0.0.1",
+            "CA:          false",
+            "SHA-256:",
+        ] {
+            assert!(shown.contains(expected), "{expected:?} not in\n{shown}");
+        }
+        assert!(show(&dir.path().join("missing.pem")).is_err());
+    }
+}
