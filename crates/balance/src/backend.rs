@@ -261,12 +261,15 @@ impl tower::Service<Attempt> for Backend {
             }
             let mut request = tonic::Request::new(attempt.message);
             request.set_timeout(limit);
-            if let Some(caller) = attempt
-                .caller
-                .as_deref()
-                .and_then(|caller| tonic::metadata::MetadataValue::try_from(caller).ok())
-            {
-                request.metadata_mut().insert(CALLER_HEADER, caller);
+            for (name, value) in [
+                (CALLER_HEADER, attempt.caller.as_deref()),
+                ("authorization", attempt.authorization.as_deref()),
+            ] {
+                if let Some(value) =
+                    value.and_then(|value| tonic::metadata::MetadataValue::try_from(value).ok())
+                {
+                    request.metadata_mut().insert(name, value);
+                }
             }
             let result = match tokio::time::timeout(limit, client.submit(request)).await {
                 // A tonic backend answers CANCELLED when the grpc-timeout we

@@ -50,6 +50,8 @@ pub struct Attempt {
     /// `x-securemesh-caller` (which servers believe only from a
     /// coordinator).
     pub caller: Option<String>,
+    /// `authorization` metadata for the endpoint (a client's credentials).
+    pub authorization: Option<String>,
 }
 
 /// How calls are retried and queued.
@@ -114,22 +116,14 @@ impl Balancer {
         &self.pool
     }
 
-    /// Submits `message` on behalf of `caller`, giving up at `deadline`.
+    /// Submits `attempt.message`, giving up at `attempt.deadline`.
     ///
     /// Answers of endpoints (such as `INVALID_ARGUMENT`) come back
     /// unchanged; when no endpoint could serve the call the status is
     /// `UNAVAILABLE`, and `DEADLINE_EXCEEDED` when the deadline passed.
-    pub async fn submit(
-        &self,
-        message: SubmitRequest,
-        deadline: Option<Instant>,
-        caller: Option<String>,
-    ) -> Result<SubmitReply, Status> {
-        let call = self.stack.clone().oneshot(Attempt {
-            message,
-            deadline,
-            caller,
-        });
+    pub async fn submit(&self, attempt: Attempt) -> Result<SubmitReply, Status> {
+        let deadline = attempt.deadline;
+        let call = self.stack.clone().oneshot(attempt);
         let outcome = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
                 Ok(outcome) => outcome,

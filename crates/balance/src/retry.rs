@@ -96,6 +96,7 @@ mod tests {
             message: SubmitRequest::default(),
             deadline: None,
             caller: None,
+            authorization: None,
         }
     }
 

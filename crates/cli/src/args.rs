@@ -34,6 +34,9 @@ pub enum Command {
     Client(ClientArgs),
     /// Print the Fernet token of a message (for grpcurl and other clients).
     Encrypt(EncryptArgs),
+    /// Manage the credentials file (passwords and Bearer tokens).
+    #[command(subcommand)]
+    Credentials(CredentialsCommand),
     /// Print the plaintext of a Fernet token.
     Decrypt(DecryptArgs),
     /// Run the whole lab: certificates, two servers, coordinator, clients,
@@ -49,6 +52,37 @@ impl Command {
             Command::Server(_) | Command::Coordinator(_) | Command::Demo(_)
         )
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredentialsCommand {
+    /// Add a user with an argon2id hash of a password (from --password,
+    /// SECUREMESH_PASSWORD, or the first line of standard input).
+    AddUser(CredentialsUserArgs),
+    /// Add a named random Bearer token and print it (only its digest is
+    /// kept).
+    AddToken(CredentialsTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CredentialsUserArgs {
+    /// User name.
+    pub name: String,
+    /// The password.
+    #[arg(long, env = "SECUREMESH_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// The credentials file (created with mode 0600).
+    #[arg(long, default_value = "certs/credentials.txt")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CredentialsTokenArgs {
+    /// Token name.
+    pub name: String,
+    /// The credentials file (created with mode 0600).
+    #[arg(long, default_value = "certs/credentials.txt")]
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,9 +297,26 @@ pub struct ServeArgs {
     /// Calls in flight allowed per connection.
     #[arg(long, default_value_t = 256)]
     pub max_concurrent_streams: u32,
+    /// Also require credentials (Basic or Bearer) from this file on every
+    /// call; health and reflection stay open.
+    #[arg(long, env = "SECUREMESH_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
 }
 
 impl ServeArgs {
+    /// `authorization`, requiring credentials too when a file is given.
+    pub fn with_credentials(
+        &self,
+        authorization: securemesh_tls::Authorization,
+    ) -> anyhow::Result<securemesh_tls::Authorization> {
+        Ok(match &self.credentials {
+            Some(path) => authorization.with_credentials(std::sync::Arc::new(
+                securemesh_credentials::Credentials::from_file(path)?,
+            )),
+            None => authorization,
+        })
+    }
+
     pub fn options(&self) -> securemesh_tls::ServeOptions {
         securemesh_tls::ServeOptions {
             handshake_timeout: self.handshake_timeout,
@@ -349,6 +400,25 @@ pub struct ClientArgs {
         default_value = "https://127.0.0.1:8000"
     )]
     pub targets: Vec<String>,
+    /// User name for Basic credentials.
+    #[arg(long, env = "SECUREMESH_USER", requires = "password")]
+    pub user: Option<String>,
+    /// Password for Basic credentials.
+    #[arg(
+        long,
+        env = "SECUREMESH_PASSWORD",
+        hide_env_values = true,
+        requires = "user"
+    )]
+    pub password: Option<String>,
+    /// Bearer token.
+    #[arg(
+        long,
+        env = "SECUREMESH_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "user"
+    )]
+    pub token: Option<String>,
     /// Time a call may take, retries included (sent as its deadline).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub timeout: Duration,

@@ -14,8 +14,8 @@ use securemesh_server::DataHandler;
 use securemesh_tls::{Authorization, ReloadableConfig};
 
 use crate::args::{
-    key_file, ClientArgs, Command, CoordinatorArgs, DecryptArgs, EncryptArgs, KeygenArgs,
-    PkiCommand, ServerArgs,
+    key_file, ClientArgs, Command, CoordinatorArgs, CredentialsCommand, DecryptArgs, EncryptArgs,
+    KeygenArgs, PkiCommand, ServerArgs,
 };
 
 /// Runs one subcommand to completion.
@@ -56,6 +56,31 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             print_written(&written);
         }
         Command::Pki(PkiCommand::Show(args)) => print!("{}", securemesh_pki::show(&args.file)?),
+        Command::Credentials(CredentialsCommand::AddUser(args)) => {
+            let password = match args.password {
+                Some(password) => password,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_owned()
+                }
+            };
+            anyhow::ensure!(
+                !password.is_empty(),
+                "an empty password is not a credential"
+            );
+            securemesh_credentials::add_user(&args.file, &args.name, &password)?;
+            println!("added user {} to {}", args.name, args.file.display());
+        }
+        Command::Credentials(CredentialsCommand::AddToken(args)) => {
+            let token = securemesh_credentials::add_token(&args.file, &args.name)?;
+            eprintln!(
+                "added token {} to {}; it is shown once:",
+                args.name,
+                args.file.display()
+            );
+            println!("{token}");
+        }
         Command::Keygen(args) => keygen(args)?,
         Command::Server(args) => server(args).await?,
         Command::Coordinator(args) => coordinator(args).await?,
@@ -124,7 +149,8 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         tls,
         securemesh_tls::authorized_data_service(
             handler,
-            Authorization::server_default(args.allow),
+            args.serve
+                .with_credentials(Authorization::server_default(args.allow.clone()))?,
             args.max_message_size,
         ),
         args.serve.options(),
@@ -175,11 +201,11 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     for url in &args.backends {
         coordinator.pool().add(url)?;
     }
-    let authorization = if args.allow.is_empty() {
+    let authorization = args.serve.with_credentials(if args.allow.is_empty() {
         Authorization::any_identity()
     } else {
         Authorization::only(args.allow.iter().cloned())
-    };
+    })?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -200,7 +226,15 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let tls = securemesh_tls::client_tls_config(&args.tls.files(&args.identity))?;
     let keys = KeyRing::from_file(&args.tls.encryption_key(&args.encryption_key))?;
-    let client = Client::new(&args.targets, tls, keys, args.timeout)?;
+    let authorization = match (&args.user, &args.password, &args.token) {
+        (Some(user), Some(password), _) => {
+            Some(securemesh_credentials::basic_header(user, password))
+        }
+        (_, _, Some(token)) => Some(securemesh_credentials::bearer_header(token)),
+        _ => None,
+    };
+    let client =
+        Client::new(&args.targets, tls, keys, args.timeout)?.with_authorization(authorization);
     let message = args
         .message
         .unwrap_or_else(|| format!("Sensitive data from {}", args.name));

@@ -14,7 +14,7 @@ mod status_names;
 use std::time::Duration;
 
 use securemesh::v1::{SubmitReply, SubmitRequest, DATA_SERVICE_NAME};
-use securemesh_balance::{BackendOptions, BalanceOptions, Balancer};
+use securemesh_balance::{Attempt, BackendOptions, BalanceOptions, Balancer};
 use securemesh_crypto::KeyRing;
 pub use status_names::code_name;
 use tonic::transport::{ClientTlsConfig, Endpoint};
@@ -79,6 +79,7 @@ pub struct Client {
     balancer: Balancer,
     keys: KeyRing,
     call_timeout: Duration,
+    authorization: Option<String>,
 }
 
 impl Client {
@@ -103,7 +104,15 @@ impl Client {
             balancer,
             keys,
             call_timeout,
+            authorization: None,
         })
+    }
+
+    /// Sends `authorization` metadata (see `securemesh_credentials::
+    /// basic_header` and `bearer_header`) with every call.
+    pub fn with_authorization(mut self, authorization: Option<String>) -> Self {
+        self.authorization = authorization;
+        self
     }
 
     /// Encrypts `plaintext`, submits it and verifies the reply.
@@ -123,7 +132,12 @@ impl Client {
     pub async fn submit_token(&self, token: Vec<u8>) -> Result<SubmitReply, tonic::Status> {
         let deadline = tokio::time::Instant::now() + self.call_timeout;
         self.balancer
-            .submit(SubmitRequest { token }, Some(deadline), None)
+            .submit(Attempt {
+                message: SubmitRequest { token },
+                deadline: Some(deadline),
+                caller: None,
+                authorization: self.authorization.clone(),
+            })
             .await
     }
 }

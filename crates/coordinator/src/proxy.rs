@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use securemesh::v1::data_service_server::DataService;
 use securemesh::v1::{SubmitReply, SubmitRequest};
-use securemesh_balance::{BackendOptions, BalanceOptions, Balancer};
+use securemesh_balance::{Attempt, BackendOptions, BalanceOptions, Balancer};
 use tonic::{Request, Response, Status};
 
 use crate::deadline::call_deadline;
@@ -57,9 +57,16 @@ impl DataService for Coordinator {
             .get::<securemesh_tls::Caller>()
             .map(|caller| caller.origin().to_owned())
             .unwrap_or_else(|| securemesh_tls::request_identity(&request));
+        // The caller's own credentials stay here: servers trust the
+        // coordinator's identity, and learn the caller from the header.
         let outcome = self
             .balancer
-            .submit(request.into_inner(), Some(deadline), Some(caller.clone()))
+            .submit(Attempt {
+                message: request.into_inner(),
+                deadline: Some(deadline),
+                caller: Some(caller.clone()),
+                authorization: None,
+            })
             .await;
         match outcome {
             Ok(reply) => {

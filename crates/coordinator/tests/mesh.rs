@@ -726,3 +726,61 @@ async fn oversized_messages_are_refused_and_the_mesh_keeps_serving() {
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert_eq!(client.submit(b"small").await.unwrap().server_id, a.id());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_required_when_configured() {
+    let material = Material::new();
+    let file = material.dir.path().join("credentials.txt");
+    securemesh_credentials::add_user(&file, "alice", "correct horse").unwrap();
+    let token = securemesh_credentials::add_token(&file, "ci-bot").unwrap();
+    let credentials = Arc::new(securemesh_credentials::Credentials::from_file(&file).unwrap());
+    let a = TestServer::start(&material, any_port());
+    let coordinator = TestCoordinator::start_with(
+        &material,
+        &[a.url()],
+        Authorization::any_identity().with_credentials(credentials),
+    )
+    .await;
+    // Health needs no credentials.
+    ready(&material, &coordinator.url).await;
+    let client = |authorization: Option<String>| {
+        material
+            .client(&coordinator.url, "client")
+            .with_authorization(authorization)
+    };
+    for (case, authorization) in [
+        ("missing", None),
+        (
+            "wrong password",
+            Some(securemesh_credentials::basic_header("alice", "wrong horse")),
+        ),
+        (
+            "unknown user",
+            Some(securemesh_credentials::basic_header(
+                "mallory",
+                "correct horse",
+            )),
+        ),
+        (
+            "forged token",
+            Some(securemesh_credentials::bearer_header("forged")),
+        ),
+        ("malformed", Some("Basic !!!".to_owned())),
+    ] {
+        let status = client(authorization)
+            .submit_token(material.keys.encrypt(b"x"))
+            .await;
+        let status = status.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{case}: {status:?}");
+        assert!(!status.message().contains("horse"), "{case}: {status:?}");
+    }
+    for authorization in [
+        securemesh_credentials::basic_header("alice", "correct horse"),
+        securemesh_credentials::bearer_header(&token),
+    ] {
+        let reply = client(Some(authorization))
+            .submit(b"with credentials")
+            .await;
+        assert_eq!(reply.unwrap().server_id, a.id());
+    }
+}

@@ -11,12 +11,18 @@
 //! trusted forwarder (the coordinator), so a client cannot claim to be
 //! someone else by setting it.
 //!
+//! Optionally, callers must also present credentials (`authorization`
+//! metadata, Basic or Bearer) from a credentials file; missing or wrong
+//! ones get `UNAUTHENTICATED`.
+//!
 //! Applied as a tonic interceptor on the DataService alone: health checks
 //! and reflection stay open to every certificate of the CA.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use securemesh::v1::data_service_server::{DataService, DataServiceServer};
+use securemesh_credentials::Credentials;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 
@@ -36,6 +42,8 @@ pub struct Caller {
     pub peer: String,
     /// The original caller named by a trusted forwarder, if any.
     pub on_behalf_of: Option<String>,
+    /// The user or token name proven by credentials, if they are required.
+    pub user: Option<String>,
 }
 
 impl Caller {
@@ -50,6 +58,7 @@ impl Caller {
 pub struct Authorization {
     allowed: Option<BTreeSet<String>>,
     forwarders: BTreeSet<String>,
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl Authorization {
@@ -58,6 +67,7 @@ impl Authorization {
         Self {
             allowed: None,
             forwarders: BTreeSet::new(),
+            credentials: None,
         }
     }
 
@@ -66,6 +76,7 @@ impl Authorization {
         Self {
             allowed: Some(allowed.into_iter().collect()),
             forwarders: BTreeSet::new(),
+            credentials: None,
         }
     }
 
@@ -77,7 +88,14 @@ impl Authorization {
         Self {
             allowed: Some(allowed),
             forwarders: [COORDINATOR_IDENTITY.to_owned()].into(),
+            credentials: None,
         }
+    }
+
+    /// Also requires credentials from `credentials` on every call.
+    pub fn with_credentials(mut self, credentials: Arc<Credentials>) -> Self {
+        self.credentials = Some(credentials);
+        self
     }
 
     /// Refuses a peer that may not call; otherwise records the [`Caller`]
@@ -108,9 +126,27 @@ impl Authorization {
             }
             None => None,
         };
-        request
-            .extensions_mut()
-            .insert(Caller { peer, on_behalf_of });
+        let user = match &self.credentials {
+            None => None,
+            Some(credentials) => {
+                let header = request
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|value| value.to_str().ok());
+                match credentials.verify(header) {
+                    Ok(user) => Some(user),
+                    Err(refusal) => {
+                        tracing::warn!(%peer, %refusal, "call refused: credentials");
+                        return Err(Status::unauthenticated(refusal.to_string()));
+                    }
+                }
+            }
+        };
+        request.extensions_mut().insert(Caller {
+            peer,
+            on_behalf_of,
+            user,
+        });
         Ok(request)
     }
 }

@@ -1,0 +1,365 @@
+//! Credentials on top of mutual TLS: user names with argon2id password
+//! hashes (HTTP Basic) and named Bearer tokens, kept in a credentials file.
+//!
+//! The file holds one credential a line (`#` starts a comment):
+//!
+//! ```text
+//! user alice $argon2id$v=19$m=19456,t=2,p=1$...
+//! token ci-bot sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+//! ```
+//!
+//! Tokens are 32 random bytes, so a SHA-256 digest compared in constant
+//! time protects them; passwords are chosen by people, so they get argon2id.
+//! A successful password check is remembered for a while (by a digest of
+//! user and password, never the password), so that argon2 does not run on
+//! every call.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::rand_core::{OsRng, RngCore};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// How long a verified password is remembered.
+const VERIFIED_FOR: Duration = Duration::from_secs(300);
+/// At most this many verified passwords are remembered.
+const CACHE_CAPACITY: usize = 1024;
+
+/// Why the credentials file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    /// Reading failed.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Writing failed.
+    #[error(transparent)]
+    Write(#[from] securemesh_fs::WriteError),
+    /// A line is not a credential. The line is not shown: it may hold a
+    /// secret.
+    #[error("{path}: line {line} is not `user NAME HASH` or `token NAME sha256:HEX`")]
+    Malformed {
+        /// The file concerned.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+    },
+    /// A name with white space, or empty.
+    #[error("invalid name {0:?}: use letters, digits, '.', '-', '_' or '@'")]
+    InvalidName(String),
+    /// The name is taken.
+    #[error("{0} already has a credential in this file")]
+    Duplicate(String),
+    /// argon2 failed to hash.
+    #[error("hashing the password failed: {0}")]
+    Hash(String),
+}
+
+/// Why a call's credentials were refused. Messages name no secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No `authorization` metadata.
+    #[error("credentials required (authorization: Basic or Bearer)")]
+    Missing,
+    /// Not `Basic base64(user:password)` or `Bearer TOKEN`.
+    #[error("malformed authorization metadata")]
+    Malformed,
+    /// Unknown user or token, or a wrong password.
+    #[error("invalid credentials")]
+    Invalid,
+}
+
+/// The credentials a process accepts.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    users: HashMap<String, String>,
+    tokens: Vec<(String, [u8; 32])>,
+    verified: Mutex<HashMap<[u8; 32], Instant>>,
+}
+
+impl Credentials {
+    /// Loads a credentials file.
+    pub fn from_file(path: &Path) -> Result<Self, CredentialsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let malformed = |line| CredentialsError::Malformed {
+            path: path.to_path_buf(),
+            line,
+        };
+        let mut credentials = Self::default();
+        for (index, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields[..] {
+                ["user", name, hash] if PasswordHash::new(hash).is_ok() => {
+                    credentials.users.insert(name.to_owned(), hash.to_owned());
+                }
+                ["token", name, digest] => {
+                    let digest = digest
+                        .strip_prefix("sha256:")
+                        .and_then(decode_hex)
+                        .ok_or_else(|| malformed(index + 1))?;
+                    credentials.tokens.push((name.to_owned(), digest));
+                }
+                _ => return Err(malformed(index + 1)),
+            }
+        }
+        Ok(credentials)
+    }
+
+    /// Checks the `authorization` metadata of a call and returns the name
+    /// of the user or token it proves.
+    pub fn verify(&self, authorization: Option<&str>) -> Result<String, Refusal> {
+        let header = authorization.ok_or(Refusal::Missing)?.trim();
+        let (scheme, value) = header.split_once(' ').ok_or(Refusal::Malformed)?;
+        match scheme.to_ascii_lowercase().as_str() {
+            "basic" => self.verify_basic(value.trim()),
+            "bearer" => self.verify_bearer(value.trim()),
+            _ => Err(Refusal::Malformed),
+        }
+    }
+
+    fn verify_basic(&self, encoded: &str) -> Result<String, Refusal> {
+        let decoded = STANDARD.decode(encoded).map_err(|_| Refusal::Malformed)?;
+        let decoded = String::from_utf8(decoded).map_err(|_| Refusal::Malformed)?;
+        let (user, password) = decoded.split_once(':').ok_or(Refusal::Malformed)?;
+        let Some(hash) = self.users.get(user) else {
+            return Err(Refusal::Invalid);
+        };
+        let remembered = Sha256::new()
+            .chain_update(hash.as_bytes())
+            .chain_update([0])
+            .chain_update(password.as_bytes())
+            .finalize()
+            .into();
+        if self.recently_verified(&remembered) {
+            return Ok(user.to_owned());
+        }
+        let parsed = PasswordHash::new(hash).map_err(|_| Refusal::Invalid)?;
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .map_err(|_| Refusal::Invalid)?;
+        self.remember(remembered);
+        Ok(user.to_owned())
+    }
+
+    fn verify_bearer(&self, token: &str) -> Result<String, Refusal> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Compare with every token, in constant time each, so that timing
+        // reveals neither which token nor how much of it matched.
+        let mut found = None;
+        for (name, stored) in &self.tokens {
+            if bool::from(stored.ct_eq(&digest)) {
+                found = Some(name.clone());
+            }
+        }
+        found.ok_or(Refusal::Invalid)
+    }
+
+    fn recently_verified(&self, key: &[u8; 32]) -> bool {
+        let cache = self
+            .verified
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        cache.get(key).is_some_and(|at| at.elapsed() < VERIFIED_FOR)
+    }
+
+    fn remember(&self, key: [u8; 32]) {
+        let mut cache = self
+            .verified
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if cache.len() >= CACHE_CAPACITY {
+            cache.retain(|_, at| at.elapsed() < VERIFIED_FOR);
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(key, Instant::now());
+    }
+}
+
+/// Adds a user with an argon2id hash of `password` to the credentials file
+/// at `path` (created with mode 0600 if missing).
+pub fn add_user(path: &Path, name: &str, password: &str) -> Result<(), CredentialsError> {
+    let salt = SaltString::generate(&mut OsRng);
+    let hash = Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|error| CredentialsError::Hash(error.to_string()))?;
+    append(path, "user", name, &hash.to_string())
+}
+
+/// Adds a new random Bearer token named `name` to the credentials file and
+/// returns it: only its digest is stored, so this is the one chance to see
+/// it.
+pub fn add_token(path: &Path, name: &str) -> Result<String, CredentialsError> {
+    let mut secret = [0u8; 32];
+    OsRng.fill_bytes(&mut secret);
+    let token = URL_SAFE_NO_PAD.encode(secret);
+    let digest: String = Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    append(path, "token", name, &format!("sha256:{digest}"))?;
+    Ok(token)
+}
+
+fn append(path: &Path, kind: &str, name: &str, secret: &str) -> Result<(), CredentialsError> {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c));
+    if !valid {
+        return Err(CredentialsError::InvalidName(name.to_owned()));
+    }
+    let mut text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            "# securemesh credentials: user NAME ARGON2-HASH | token NAME sha256:HEX\n".to_owned()
+        }
+        Err(source) => {
+            return Err(CredentialsError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let taken = text.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() == 3 && fields[0] == kind && fields[1] == name
+    });
+    if taken {
+        return Err(CredentialsError::Duplicate(name.to_owned()));
+    }
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&format!("{kind} {name} {secret}\n"));
+    securemesh_fs::write_file(path, text.as_bytes(), securemesh_fs::PRIVATE, true)?;
+    Ok(())
+}
+
+fn decode_hex(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    for (index, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(index * 2..index * 2 + 2)?, 16).ok()?;
+    }
+    Some(bytes)
+}
+
+/// The `authorization` metadata value for Basic credentials.
+pub fn basic_header(user: &str, password: &str) -> String {
+    format!("Basic {}", STANDARD.encode(format!("{user}:{password}")))
+}
+
+/// The `authorization` metadata value for a Bearer token.
+pub fn bearer_header(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file() -> (tempfile::TempDir, PathBuf, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.txt");
+        add_user(&path, "alice", "correct horse").unwrap();
+        let token = add_token(&path, "ci-bot").unwrap();
+        (dir, path, token)
+    }
+
+    #[test]
+    fn accepts_the_right_password_and_token() {
+        let (_dir, path, token) = file();
+        let credentials = Credentials::from_file(&path).unwrap();
+        let basic = basic_header("alice", "correct horse");
+        assert_eq!(credentials.verify(Some(&basic)), Ok("alice".into()));
+        // Remembered: the second check does not need argon2, same answer.
+        assert_eq!(credentials.verify(Some(&basic)), Ok("alice".into()));
+        let bearer = bearer_header(&token);
+        assert_eq!(credentials.verify(Some(&bearer)), Ok("ci-bot".into()));
+    }
+
+    #[test]
+    fn refuses_missing_malformed_and_wrong_credentials() {
+        let (_dir, path, token) = file();
+        let credentials = Credentials::from_file(&path).unwrap();
+        assert_eq!(credentials.verify(None), Err(Refusal::Missing));
+        for malformed in ["Basic", "Digest abc", "Basic !!!", "Basic bm9jb2xvbg=="] {
+            assert_eq!(
+                credentials.verify(Some(malformed)),
+                Err(Refusal::Malformed),
+                "{malformed}"
+            );
+        }
+        let wrong = basic_header("alice", "wrong horse");
+        assert_eq!(credentials.verify(Some(&wrong)), Err(Refusal::Invalid));
+        // A remembered good password does not let a wrong one through.
+        credentials
+            .verify(Some(&basic_header("alice", "correct horse")))
+            .unwrap();
+        assert_eq!(credentials.verify(Some(&wrong)), Err(Refusal::Invalid));
+        let stranger = basic_header("mallory", "correct horse");
+        assert_eq!(credentials.verify(Some(&stranger)), Err(Refusal::Invalid));
+        let mut forged = token.clone();
+        forged.pop();
+        assert_eq!(
+            credentials.verify(Some(&bearer_header(&forged))),
+            Err(Refusal::Invalid)
+        );
+        assert!(!Refusal::Invalid.to_string().contains("horse"));
+    }
+
+    #[test]
+    fn the_file_stores_no_secret_in_clear_and_is_private() {
+        let (_dir, path, token) = file();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("correct horse"));
+        assert!(!text.contains(&token));
+        assert!(text.contains("$argon2id$"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(matches!(
+            add_user(&path, "alice", "again"),
+            Err(CredentialsError::Duplicate(_))
+        ));
+        assert!(matches!(
+            add_user(&path, "bad name", "x"),
+            Err(CredentialsError::InvalidName(_))
+        ));
+    }
+
+    #[test]
+    fn a_malformed_file_names_the_line_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.txt");
+        std::fs::write(&path, "# ok\nuser bob hunter2\n").unwrap();
+        let error = Credentials::from_file(&path).unwrap_err().to_string();
+        assert!(error.contains("line 2"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+    }
+}
