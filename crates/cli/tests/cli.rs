@@ -648,3 +648,59 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     let shown = securemesh(&["pki", "show", "certs/coordinator_cert.pem"], work);
     assert!(text(&shown).contains("URI:spiffe://securemesh/both/coordinator"));
 }
+
+#[test]
+fn logs_never_show_keys_tokens_or_refused_plaintext() {
+    let mesh = Mesh::start();
+    let work = mesh.work.path();
+    let ok = mesh.client(&["--message", "an accepted payload"]);
+    assert!(ok.status.success(), "{}", text(&ok));
+
+    // A token under another key, carrying a secret: refused, never decrypted.
+    let other_key = work.join("other_key.txt");
+    assert!(
+        securemesh(&["keygen", "--out", other_key.to_str().unwrap()], work)
+            .status
+            .success()
+    );
+    let refused_token = securemesh(
+        &[
+            "encrypt",
+            "--json-bytes",
+            "--encryption-key",
+            other_key.to_str().unwrap(),
+            "TOP-SECRET-REFUSED-PAYLOAD",
+        ],
+        work,
+    );
+    let refused_token = String::from_utf8_lossy(&refused_token.stdout)
+        .trim()
+        .to_owned();
+    let body = format!("{{\"token\":\"{refused_token}\"}}");
+    let refused = mesh.grpcurl(
+        mesh.coordinator_port,
+        &["-d", &body],
+        &["securemesh.v1.DataService/Submit"],
+    );
+    assert!(
+        text(&refused).contains("InvalidArgument"),
+        "{}",
+        text(&refused)
+    );
+
+    let key = std::fs::read_to_string(mesh.certs().join("encryption_key.txt")).unwrap();
+    let mut logs = mesh.log("coordinator");
+    for (port, _) in &mesh.servers {
+        logs.push_str(&mesh.log(&format!("server-{port}")));
+    }
+    assert!(logs.contains("Submit refused"), "{logs}");
+    for secret in [
+        "TOP-SECRET-REFUSED-PAYLOAD",
+        "PRIVATE KEY",
+        key.trim(),
+        refused_token.as_str(),
+        "gAAAAA",
+    ] {
+        assert!(!logs.contains(secret), "the logs show {secret:?}:\n{logs}");
+    }
+}

@@ -454,6 +454,16 @@ async fn raw_handshake(
     ca: &Path,
     identity: Option<&TlsFiles>,
 ) -> Result<(), String> {
+    raw_handshake_to(address, "localhost", ca, identity).await
+}
+
+/// [`raw_handshake`] expecting the server to be `server_name`.
+async fn raw_handshake_to(
+    address: SocketAddr,
+    server_name: &str,
+    ca: &Path,
+    identity: Option<&TlsFiles>,
+) -> Result<(), String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
@@ -481,7 +491,7 @@ async fn raw_handshake(
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
+    let name = ServerName::try_from(server_name.to_owned()).unwrap();
     let mut tls = connector
         .connect(name, tcp)
         .await
@@ -783,4 +793,193 @@ async fn credentials_are_required_when_configured() {
             .await;
         assert_eq!(reply.unwrap().server_id, a.id());
     }
+}
+
+/// A gRPC codec that sends and receives raw bytes, to send what a
+/// well-behaved stub never would.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut as _;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf as _;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// Calls `path` on `url` with `body` as the raw message.
+async fn raw_call(
+    material: &Material,
+    url: &str,
+    path: &'static str,
+    body: Vec<u8>,
+) -> tonic::Status {
+    let tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(body),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .unwrap_err()
+}
+
+/// Sends `bytes` on a plain TCP connection and reports whether the server
+/// closed it within two seconds (rather than leaving it hanging).
+async fn closes_on(address: SocketAddr, bytes: &[u8]) -> bool {
+    let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let _ = tcp.write_all(bytes).await;
+    let mut buffer = [0u8; 256];
+    let read = async {
+        loop {
+            match tcp.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refusal_matrix_holds_at_server_and_coordinator() {
+    use time::{Duration as Span, OffsetDateTime};
+
+    let Mesh {
+        material,
+        servers: [a],
+        coordinator,
+        client,
+    } = Mesh::<1>::start().await;
+    let coordinator_address: SocketAddr = coordinator.url["https://".len()..].parse().unwrap();
+    let ca = material.dir.path().join("ca_cert.pem");
+
+    // Client certificates outside their validity, from our own CA.
+    let authority = securemesh_pki::Authority::from_pem(
+        &std::fs::read_to_string(&ca).unwrap(),
+        &std::fs::read_to_string(material.dir.path().join("ca_key.pem")).unwrap(),
+    )
+    .unwrap();
+    let now = OffsetDateTime::now_utc();
+    for (name, from, until) in [
+        ("expired", now - Span::days(10), now - Span::days(1)),
+        ("future", now + Span::days(1), now + Span::days(10)),
+    ] {
+        let issued = authority
+            .issue_valid_between(name, securemesh_pki::Role::Client, &[], from, until)
+            .unwrap();
+        let files = material.files(name);
+        std::fs::write(&files.cert, issued.cert_pem).unwrap();
+        std::fs::write(&files.key, issued.key_pem).unwrap();
+    }
+
+    for (address, url) in [
+        (a.address, a.url()),
+        (coordinator_address, coordinator.url.clone()),
+    ] {
+        let expired = raw_handshake(address, &ca, Some(&material.files("expired"))).await;
+        assert!(
+            expired.clone().unwrap_err().contains("Expired"),
+            "{address}: {expired:?}"
+        );
+        let future = raw_handshake(address, &ca, Some(&material.files("future"))).await;
+        // TLS has no "not yet valid" alert: rustls sends CertificateExpired.
+        assert!(
+            future.clone().unwrap_err().contains("CertificateExpired"),
+            "{address}: {future:?}"
+        );
+
+        // The client refuses a server whose certificate is not for the
+        // name it dialled.
+        let misnamed = raw_handshake_to(
+            address,
+            "not-this-server.example",
+            &ca,
+            Some(&material.files("coordinator")),
+        )
+        .await;
+        assert!(
+            misnamed.clone().unwrap_err().contains("not valid for name"),
+            "{misnamed:?}"
+        );
+
+        // Not TLS at all: the connection is closed, nothing hangs.
+        assert!(
+            closes_on(address, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await,
+            "{address}"
+        );
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect();
+        assert!(closes_on(address, &noise).await, "{address}");
+
+        // Well-formed gRPC, bad content.
+        let malformed = raw_call(
+            &material,
+            &url,
+            "/securemesh.v1.DataService/Submit",
+            vec![
+                0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
+        )
+        .await;
+        assert_eq!(malformed.code(), Code::Internal, "{url}: {malformed:?}");
+        let unknown = raw_call(&material, &url, "/securemesh.v1.DataService/Delete", vec![]).await;
+        assert_eq!(unknown.code(), Code::Unimplemented, "{url}: {unknown:?}");
+        let unknown = raw_call(&material, &url, "/nope.v1.Nothing/Here", vec![]).await;
+        assert_eq!(unknown.code(), Code::Unimplemented, "{url}: {unknown:?}");
+    }
+
+    // Nothing of that disturbed the mesh.
+    assert_eq!(
+        client.submit(b"still serving").await.unwrap().server_id,
+        a.id()
+    );
 }

@@ -142,6 +142,30 @@ impl Authority {
         extra_sans: &[String],
         days: u32,
     ) -> Result<IssuedCertificate, PkiError> {
+        if days == 0 {
+            return Err(PkiError::InvalidValidity);
+        }
+        let now = OffsetDateTime::now_utc();
+        self.issue_valid_between(
+            name,
+            role,
+            extra_sans,
+            now - Duration::hours(1),
+            now + Duration::days(i64::from(days)),
+        )
+    }
+
+    /// Like [`Authority::issue`] with an explicit validity period, which
+    /// may lie in the past or the future (to test that peers refuse
+    /// expired and not yet valid certificates).
+    pub fn issue_valid_between(
+        &self,
+        name: &str,
+        role: Role,
+        extra_sans: &[String],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCertificate, PkiError> {
         validate_name(name)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
@@ -174,7 +198,12 @@ impl Authority {
             }
         }
         params.subject_alt_names = sans;
-        set_validity_and_serial(&mut params, days)?;
+        if not_after <= not_before {
+            return Err(PkiError::InvalidValidity);
+        }
+        params.not_before = not_before;
+        params.not_after = not_after;
+        params.serial_number = Some(random_serial()?);
 
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCertificate {
@@ -220,8 +249,7 @@ fn random_hex(bytes: usize) -> Result<String, PkiError> {
 }
 
 /// Validity starts an hour back (tolerating clock skew between machines) and
-/// lasts `days`; the serial is 16 random bytes so that re-issuing never
-/// repeats one (revocation is by serial).
+/// lasts `days`.
 fn set_validity_and_serial(params: &mut CertificateParams, days: u32) -> Result<(), PkiError> {
     if days == 0 {
         return Err(PkiError::InvalidValidity);
@@ -229,12 +257,18 @@ fn set_validity_and_serial(params: &mut CertificateParams, days: u32) -> Result<
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::hours(1);
     params.not_after = now + Duration::days(i64::from(days));
+    params.serial_number = Some(random_serial()?);
+    Ok(())
+}
+
+/// 16 random bytes, so that re-issuing never repeats a serial (revocation
+/// is by serial).
+fn random_serial() -> Result<SerialNumber, PkiError> {
     let mut serial = [0u8; 16];
     ring::rand::SystemRandom::new()
         .fill(&mut serial)
         .map_err(|_| PkiError::Random)?;
     // A positive INTEGER: clear the top bit, and keep it non-zero.
     serial[0] = (serial[0] & 0x7f) | 0x01;
-    params.serial_number = Some(SerialNumber::from_slice(&serial));
-    Ok(())
+    Ok(SerialNumber::from_slice(&serial))
 }
