@@ -297,6 +297,9 @@ pub struct ServeArgs {
     /// Calls in flight allowed per connection.
     #[arg(long, default_value_t = 256)]
     pub max_concurrent_streams: u32,
+    /// Connections allowed at once; more are closed on arrival.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
     /// Also require credentials (Basic or Bearer) from this file on every
     /// call; health and reflection stay open.
     #[arg(long, env = "SECUREMESH_CREDENTIALS")]
@@ -323,6 +326,7 @@ impl ServeArgs {
             drain_delay: self.drain_delay,
             drain_grace: self.drain_grace,
             max_concurrent_streams: self.max_concurrent_streams,
+            max_connections: self.max_connections,
         }
     }
 }

@@ -70,6 +70,7 @@ impl TestServer {
     fn start(material: &Material, address: SocketAddr) -> Self {
         Self::start_with(material, address, |address| {
             DataHandler::new(material.keys.clone(), address.to_string(), false)
+                .with_token_ttl(Some(Duration::from_secs(60)))
         })
     }
 
@@ -423,7 +424,16 @@ async fn bad_tokens_get_invalid_argument_through_the_coordinator() {
         .unwrap()
         .encrypt(b"under another key");
 
+    let now = securemesh_crypto::unix_now();
     for (case, token) in [
+        (
+            "expired by the TTL",
+            material.keys.encrypt_at_time(b"stale", now - 120),
+        ),
+        (
+            "from the future",
+            material.keys.encrypt_at_time(b"early", now + 600),
+        ),
         ("tampered", tampered),
         ("another key", other_key),
         ("empty", Vec::new()),
@@ -464,6 +474,17 @@ async fn raw_handshake_to(
     ca: &Path,
     identity: Option<&TlsFiles>,
 ) -> Result<(), String> {
+    open_tls(address, server_name, ca, identity).await.map(drop)
+}
+
+/// A TLS connection the server has accepted (it answered the HTTP/2
+/// preface), or how it refused.
+async fn open_tls(
+    address: SocketAddr,
+    server_name: &str,
+    ca: &Path,
+    identity: Option<&TlsFiles>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
@@ -504,7 +525,7 @@ async fn raw_handshake_to(
     let mut buffer = [0u8; 64];
     match tls.read(&mut buffer).await {
         Ok(0) => Err("closed".into()),
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(tls),
         Err(error) => Err(error.to_string()),
     }
 }
@@ -982,4 +1003,61 @@ async fn the_refusal_matrix_holds_at_server_and_coordinator() {
         client.submit(b"still serving").await.unwrap().server_id,
         a.id()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_time_out_and_connections_are_limited() {
+    let material = Material::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let tls = securemesh_tls::server_config(&material.files("server"), None).unwrap();
+    let handler = DataHandler::new(material.keys.clone(), "limited", false);
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(securemesh_tls::serve_mtls(
+        listener,
+        tls,
+        securemesh_tls::authorized_data_service(handler, Authorization::any_identity(), 1024),
+        ServeOptions {
+            handshake_timeout: Duration::from_millis(300),
+            max_connections: 2,
+            ..ServeOptions::default()
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let ca = material.dir.path().join("ca_cert.pem");
+    let client = material.files("client");
+
+    // Slowloris: a connection that never starts its handshake is closed.
+    let started = Instant::now();
+    assert!(closes_on(address, b"").await, "an idle connection was kept");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed after {waited:?}"
+    );
+
+    // Two connections are open; a third is closed on arrival...
+    let first = open_tls(address, "localhost", &ca, Some(&client))
+        .await
+        .unwrap();
+    let _second = open_tls(address, "localhost", &ca, Some(&client))
+        .await
+        .unwrap();
+    let third = open_tls(address, "localhost", &ca, Some(&client)).await;
+    assert!(third.is_err(), "a third connection was accepted");
+    // ...until one of them closes.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while open_tls(address, "localhost", &ca, Some(&client))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -4,15 +4,19 @@
 //! TCP connections, run each handshake in its own task with a deadline, and
 //! hand finished TLS streams to `Server::serve_with_incoming_shutdown`. A
 //! refused or stalled handshake is logged and dropped; it never stops the
-//! accept loop.
+//! accept loop. At most a set number of connections are open at once;
+//! beyond that, new ones are closed at once (and logged), so that many idle
+//! or slow connections cannot exhaust the process.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,20 +33,34 @@ const READY_QUEUE: usize = 64;
 /// Dropping it (tonic does when the server shuts down) stops the accept loop
 /// and closes the listening socket, so the port is free again at once.
 pub struct TlsIncoming {
-    ready: ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>,
+    ready: ReceiverStream<Result<Connection, std::io::Error>>,
+}
+
+/// An accepted, authenticated connection. It holds one of the listener's
+/// connection permits until it closes.
+pub struct Connection {
+    stream: TlsStream<TcpStream>,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl TlsIncoming {
     /// Starts accepting on `listener`, each connection with the
     /// configuration current when it arrives. Handshakes that take longer
-    /// than `handshake_timeout` are abandoned.
+    /// than `handshake_timeout` are abandoned; at most `max_connections`
+    /// (handshaking or open) are kept.
     pub fn new(
         listener: TcpListener,
         config: ReloadableConfig,
         handshake_timeout: Duration,
+        max_connections: usize,
     ) -> Self {
         let (sender, receiver) = mpsc::channel(READY_QUEUE);
-        tokio::spawn(accept_loop(listener, config, handshake_timeout, sender));
+        let limits = Limits {
+            handshake_timeout,
+            connections: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+        };
+        tokio::spawn(accept_loop(listener, config, limits, sender));
         Self {
             ready: ReceiverStream::new(receiver),
         }
@@ -50,19 +68,26 @@ impl TlsIncoming {
 }
 
 impl Stream for TlsIncoming {
-    type Item = Result<TlsStream<TcpStream>, std::io::Error>;
+    type Item = Result<Connection, std::io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         Pin::new(&mut self.ready).poll_next(cx)
     }
 }
 
-type ReadySender = mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>;
+type ReadySender = mpsc::Sender<Result<Connection, std::io::Error>>;
+
+#[derive(Clone)]
+struct Limits {
+    handshake_timeout: Duration,
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+}
 
 async fn accept_loop(
     listener: TcpListener,
     config: ReloadableConfig,
-    handshake_timeout: Duration,
+    limits: Limits,
     ready: ReadySender,
 ) {
     loop {
@@ -72,13 +97,23 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
+                    tracing::warn!(
+                        %peer,
+                        limit = limits.max_connections,
+                        "connection refused: too many connections"
+                    );
+                    drop(stream);
+                    continue;
+                };
                 // gRPC messages are small and latency-sensitive.
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(handshake(
                     stream,
                     peer,
                     TlsAcceptor::from(config.current()),
-                    handshake_timeout,
+                    limits.handshake_timeout,
+                    permit,
                     ready.clone(),
                 ));
             }
@@ -96,11 +131,17 @@ async fn handshake(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     timeout: Duration,
+    permit: OwnedSemaphorePermit,
     ready: ReadySender,
 ) {
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => {
-            let _ = ready.send(Ok(tls)).await;
+        Ok(Ok(stream)) => {
+            let _ = ready
+                .send(Ok(Connection {
+                    stream,
+                    _permit: permit,
+                }))
+                .await;
         }
         Ok(Err(error)) => {
             tracing::info!(%peer, %error, "TLS handshake refused");
@@ -108,5 +149,55 @@ async fn handshake(
         Err(_) => {
             tracing::info!(%peer, timeout_ms = timeout.as_millis() as u64, "TLS handshake timed out");
         }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The connection info of the TLS stream, so that `Request::peer_certs`
+/// works as with tonic's own TLS.
+impl tonic::transport::server::Connected for Connection {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
     }
 }

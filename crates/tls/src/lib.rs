@@ -16,7 +16,7 @@ mod material;
 mod serve;
 mod server;
 
-pub use acceptor::TlsIncoming;
+pub use acceptor::{Connection, TlsIncoming};
 pub use authorize::{
     authorized_data_service, Authorization, Caller, CALLER_HEADER, COORDINATOR_IDENTITY,
 };

@@ -40,6 +40,8 @@ pub struct ServeOptions {
     pub drain_grace: Duration,
     /// Concurrent HTTP/2 streams (calls) allowed per connection.
     pub max_concurrent_streams: u32,
+    /// Connections (handshaking or open) allowed at once.
+    pub max_connections: usize,
 }
 
 impl Default for ServeOptions {
@@ -49,6 +51,7 @@ impl Default for ServeOptions {
             drain_delay: Duration::ZERO,
             drain_grace: Duration::from_secs(10),
             max_concurrent_streams: 256,
+            max_connections: 4096,
         }
     }
 }
@@ -87,7 +90,12 @@ where
     securemesh::add_reflection(&mut routes)?;
     routes.add_service(service);
 
-    let incoming = TlsIncoming::new(listener, tls.into(), options.handshake_timeout);
+    let incoming = TlsIncoming::new(
+        listener,
+        tls.into(),
+        options.handshake_timeout,
+        options.max_connections,
+    );
     let closing = Arc::new(tokio::sync::Notify::new());
     let drain = {
         let closing = closing.clone();
