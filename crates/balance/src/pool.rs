@@ -114,6 +114,8 @@ struct Member {
 /// The backends of one coordinator.
 pub struct BackendPool {
     options: BackendOptions,
+    /// TLS for new backend connections; replaced on reload.
+    tls: Mutex<ClientTlsConfig>,
     rotation: Arc<Rotation>,
     changes: mpsc::UnboundedSender<Change<String, BalancedBackend>>,
     members: Mutex<BTreeMap<String, Member>>,
@@ -124,6 +126,7 @@ impl BackendPool {
     pub fn new(options: BackendOptions) -> (Arc<Self>, Discovery) {
         let (changes, receiver) = mpsc::unbounded_channel();
         let pool = Arc::new(Self {
+            tls: Mutex::new(options.tls.clone()),
             options,
             rotation: Arc::default(),
             changes,
@@ -146,7 +149,12 @@ impl BackendPool {
         };
         let channel = Endpoint::from_shared(url.to_owned())
             .map_err(endpoint_error)?
-            .tls_config(self.options.tls.clone())
+            .tls_config(
+                self.tls
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .clone(),
+            )
             .map_err(endpoint_error)?
             .connect_timeout(self.options.connect_timeout)
             .http2_keep_alive_interval(self.options.keepalive_interval)
@@ -180,6 +188,19 @@ impl BackendPool {
             let _ = self.changes.send(Change::Remove(url.to_owned()));
             tracing::info!(backend = %url, "backend removed");
         }
+    }
+
+    /// Connects to every backend again with `tls` (a renewed certificate):
+    /// each backend is replaced in the balancer by a fresh one; calls in
+    /// flight finish on the old connections.
+    pub fn replace_tls(&self, tls: ClientTlsConfig) -> Result<(), PoolError> {
+        *self.tls.lock().unwrap_or_else(|poison| poison.into_inner()) = tls;
+        let urls: Vec<String> = self.members().keys().cloned().collect();
+        for url in urls {
+            self.remove(&url);
+            self.add(&url)?;
+        }
+        Ok(())
     }
 
     /// How many backends the balancer may pick right now.

@@ -307,6 +307,20 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Reads the credentials file again into `authorization`, if one is
+    /// configured.
+    pub fn reload_credentials(
+        &self,
+        authorization: &securemesh_tls::Authorization,
+    ) -> anyhow::Result<()> {
+        if let Some(path) = &self.credentials {
+            authorization.replace_credentials(std::sync::Arc::new(
+                securemesh_credentials::Credentials::from_file(path)?,
+            ));
+        }
+        Ok(())
+    }
+
     /// `authorization`, requiring credentials too when a file is given.
     pub fn with_credentials(
         &self,

@@ -133,26 +133,25 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(%address, %server_id, "Server listening on {address} (mutual TLS)");
     let token_ttl = Some(args.token_ttl).filter(|ttl| !ttl.is_zero());
     let handler = DataHandler::new(keys, server_id, !args.hide_plaintext).with_token_ttl(token_ttl);
+    let authorization = args
+        .serve
+        .with_credentials(Authorization::server_default(args.allow.clone()))?;
     reload_on_sighup({
-        let (tls, handler) = (tls.clone(), handler.clone());
+        let (tls, handler, authorization) = (tls.clone(), handler.clone(), authorization.clone());
+        let serve_args = args.serve.clone();
         move || {
             tls.replace(securemesh_tls::server_config(
                 &tls_args.files("server"),
                 tls_args.crl().as_deref(),
             )?);
             handler.replace_keys(KeyRing::from_file(&key_file)?);
-            Ok(())
+            serve_args.reload_credentials(&authorization)
         }
     });
     securemesh_tls::serve_mtls(
         listener,
         tls,
-        securemesh_tls::authorized_data_service(
-            handler,
-            args.serve
-                .with_credentials(Authorization::server_default(args.allow.clone()))?,
-            args.max_message_size,
-        ),
+        securemesh_tls::authorized_data_service(handler, authorization, args.max_message_size),
         args.serve.options(),
         shutdown_signal(),
     )
@@ -167,16 +166,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         &tls_args.files("coordinator"),
         tls_args.crl().as_deref(),
     )?);
-    reload_on_sighup({
-        let server_tls = server_tls.clone();
-        move || {
-            server_tls.replace(securemesh_tls::server_config(
-                &tls_args.files("coordinator"),
-                tls_args.crl().as_deref(),
-            )?);
-            Ok(())
-        }
-    });
+
     let client_tls = securemesh_tls::client_tls_config(&args.tls.files("coordinator"))?;
     let mut backends = BackendOptions::new(client_tls);
     backends.connect_timeout = args.connect_timeout;
@@ -206,6 +196,19 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     } else {
         Authorization::only(args.allow.iter().cloned())
     })?;
+    reload_on_sighup({
+        let (server_tls, pool) = (server_tls.clone(), coordinator.pool().clone());
+        let (authorization, serve_args) = (authorization.clone(), args.serve.clone());
+        move || {
+            let files = tls_args.files("coordinator");
+            server_tls.replace(securemesh_tls::server_config(
+                &files,
+                tls_args.crl().as_deref(),
+            )?);
+            pool.replace_tls(securemesh_tls::client_tls_config(&files)?)?;
+            serve_args.reload_credentials(&authorization)
+        }
+    });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -14,12 +14,7 @@ use tempfile::TempDir;
 
 mod common;
 
-use common::{free_port, securemesh, text, tool, BINARY};
-
-fn mode(path: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-}
+use common::{free_port, mode_of, securemesh, text, tool, BINARY};
 
 #[test]
 fn pki_init_writes_verifiable_private_material_and_never_overwrites() {
@@ -40,12 +35,12 @@ fn pki_init_writes_verifiable_private_material_and_never_overwrites() {
             .unwrap();
         assert!(verify.status.success(), "{name}: {}", text(&verify));
         assert_eq!(
-            mode(&certs.join(format!("{name}_key.pem"))),
+            mode_of(&certs.join(format!("{name}_key.pem"))),
             0o600,
             "{name}"
         );
     }
-    assert_eq!(mode(&certs.join("ca_key.pem")), 0o600);
+    assert_eq!(mode_of(&certs.join("ca_key.pem")), 0o600);
 
     let again = securemesh(&["pki", "init"], work.path());
     assert!(!again.status.success());
@@ -96,7 +91,7 @@ fn keygen_writes_a_private_fernet_key_once() {
     let first = securemesh(&["keygen"], work.path());
     assert!(first.status.success(), "{}", text(&first));
     let path = work.path().join("certs/encryption_key.txt");
-    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode_of(&path), 0o600);
     let key = std::fs::read_to_string(&path).unwrap();
     assert_eq!(key.trim().len(), 44, "{key:?}");
 
@@ -527,7 +522,10 @@ fn the_demo_runs_the_whole_lab_and_exits_zero() {
             "missing {line:?} in\n{transcript}"
         );
     }
-    assert_eq!(mode(&work.path().join("certs/encryption_key.txt")), 0o600);
+    assert_eq!(
+        mode_of(&work.path().join("certs/encryption_key.txt")),
+        0o600
+    );
 }
 
 #[test]
@@ -625,6 +623,27 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     mesh.reload("coordinator", coordinator);
     assert_eq!(mesh.fingerprint(Ok(mesh.coordinator_port)), after);
     assert!(mesh.client(&["--name", "Client1"]).status.success());
+
+    // The coordinator connects to servers with its renewed certificate:
+    // once the old one is revoked and the servers have reloaded, only the
+    // new one gets through, and calls still succeed.
+    let old_cert = std::fs::read(&cert).unwrap();
+    std::fs::write(mesh.certs().join("previous_cert.pem"), &old_cert).unwrap();
+    let renewed = securemesh(&["pki", "renew", "coordinator"], work);
+    assert!(renewed.status.success(), "{}", text(&renewed));
+    let revoked = securemesh(&["pki", "revoke", "previous"], work);
+    assert!(revoked.status.success(), "{}", text(&revoked));
+    for (port, server) in &mesh.servers {
+        mesh.reload(&format!("server-{port}"), server);
+    }
+    let connected = |log: &str| log.matches("backend added").count();
+    let before = connected(&mesh.log("coordinator"));
+    mesh.reload("coordinator", coordinator);
+    // Both backends were replaced: their old connections closed, and the
+    // new ones can only have been made with the renewed certificate.
+    assert_eq!(connected(&mesh.log("coordinator")), before + 2);
+    let through = mesh.client(&["--requests", "20", "--concurrency", "4", "--json"]);
+    assert!(through.status.success(), "{}", text(&through));
 
     // Rotated Fernet key: servers accept tokens under the new key and the
     // old one after they reload.
@@ -766,4 +785,77 @@ openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
     let server_log = mesh.log(&format!("server-{}", mesh.servers[0].0));
     assert!(server_log.contains("UnknownIssuer"), "{server_log}");
     assert!(mesh.client(&["--name", "Client1"]).status.success());
+}
+
+#[test]
+fn credentials_on_top_of_mtls_from_the_command_line() {
+    let mesh = Mesh::start();
+    let work = mesh.work.path();
+    let added = Command::new(BINARY)
+        .args(["credentials", "add-user", "alice"])
+        .env("SECUREMESH_PASSWORD", "correct horse")
+        .current_dir(work)
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{}", text(&added));
+    let token = securemesh(&["credentials", "add-token", "ci-bot"], work);
+    assert!(token.status.success(), "{}", text(&token));
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
+    assert_eq!(mode_of(&mesh.certs().join("credentials.txt")), 0o600);
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "coordinator",
+        "--listen",
+        &listen,
+        "--credentials",
+        "certs/credentials.txt",
+    ];
+    let backends: Vec<String> = mesh
+        .servers
+        .iter()
+        .map(|(port, _)| format!("https://127.0.0.1:{port}"))
+        .collect();
+    for backend in &backends {
+        args.extend(["--backend", backend]);
+    }
+    let guarded = mesh.spawn("guarded", &args);
+    mesh.wait_serving(port);
+    let target = format!("https://127.0.0.1:{port}");
+    let call = |extra: &[&str]| {
+        let mut all = vec!["client", "--target", &target];
+        all.extend(extra);
+        securemesh(&all, work)
+    };
+
+    let anonymous = call(&[]);
+    assert!(!anonymous.status.success());
+    assert!(
+        text(&anonymous).contains("UNAUTHENTICATED"),
+        "{}",
+        text(&anonymous)
+    );
+    let wrong = call(&["--user", "alice", "--password", "wrong horse"]);
+    assert!(text(&wrong).contains("UNAUTHENTICATED"), "{}", text(&wrong));
+    assert!(call(&["--user", "alice", "--password", "correct horse"])
+        .status
+        .success());
+    assert!(call(&["--token", &token]).status.success());
+
+    // A token added later is accepted once the coordinator reloads.
+    let later = securemesh(&["credentials", "add-token", "later"], work);
+    let later = String::from_utf8_lossy(&later.stdout).trim().to_owned();
+    assert!(!call(&["--token", &later]).status.success());
+    mesh.reload("guarded", &guarded);
+    assert!(call(&["--token", &later]).status.success());
+
+    let log = mesh.log("guarded");
+    assert!(
+        !log.contains("correct horse") && !log.contains(&token),
+        "{log}"
+    );
+    let mut guarded = guarded;
+    let _ = guarded.kill();
+    let _ = guarded.wait();
 }

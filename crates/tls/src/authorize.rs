@@ -19,7 +19,7 @@
 //! and reflection stay open to every certificate of the CA.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use securemesh::v1::data_service_server::{DataService, DataServiceServer};
 use securemesh_credentials::Credentials;
@@ -58,7 +58,7 @@ impl Caller {
 pub struct Authorization {
     allowed: Option<BTreeSet<String>>,
     forwarders: BTreeSet<String>,
-    credentials: Option<Arc<Credentials>>,
+    credentials: Option<Arc<RwLock<Arc<Credentials>>>>,
 }
 
 impl Authorization {
@@ -94,8 +94,21 @@ impl Authorization {
 
     /// Also requires credentials from `credentials` on every call.
     pub fn with_credentials(mut self, credentials: Arc<Credentials>) -> Self {
-        self.credentials = Some(credentials);
+        self.credentials = Some(Arc::new(RwLock::new(credentials)));
         self
+    }
+
+    /// Checks credentials against `credentials` from now on, in every clone
+    /// of this authorization (a reloaded file); `false` if none are
+    /// required here.
+    pub fn replace_credentials(&self, credentials: Arc<Credentials>) -> bool {
+        match &self.credentials {
+            Some(shared) => {
+                *shared.write().unwrap_or_else(|poison| poison.into_inner()) = credentials;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Refuses a peer that may not call; otherwise records the [`Caller`]
@@ -128,7 +141,11 @@ impl Authorization {
         };
         let user = match &self.credentials {
             None => None,
-            Some(credentials) => {
+            Some(shared) => {
+                let credentials = shared
+                    .read()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .clone();
                 let header = request
                     .metadata()
                     .get("authorization")

@@ -91,3 +91,9 @@ pub fn tool(name: &str) -> Command {
     );
     Command::new(name)
 }
+
+/// The permission bits of `path`.
+pub fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
