@@ -611,6 +611,42 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
         mesh.log("coordinator")
     );
     assert!(mesh.client(&["--name", "Client1"]).status.success());
+    // A server refuses the revoked certificate at the handshake too (before
+    // the reload it got as far as PERMISSION_DENIED: it may not call
+    // servers directly).
+    let (server_port, server) = &mesh.servers[0];
+    let direct = || {
+        let certs = mesh.certs();
+        tool("grpcurl")
+            .arg("-cacert")
+            .arg(certs.join("ca_cert.pem"))
+            .arg("-cert")
+            .arg(certs.join("client2_cert.pem"))
+            .arg("-key")
+            .arg(certs.join("client2_key.pem"))
+            .args(["-max-time", "5", "-d", "{}"])
+            .arg(format!("127.0.0.1:{server_port}"))
+            .arg("securemesh.v1.DataService/Submit")
+            .output()
+            .unwrap()
+    };
+    let before = direct();
+    assert!(
+        text(&before).contains("PermissionDenied"),
+        "{}",
+        text(&before)
+    );
+    mesh.reload(&format!("server-{server_port}"), server);
+    let refused = direct();
+    assert!(!refused.status.success());
+    assert!(
+        !text(&refused).contains("PermissionDenied"),
+        "{}",
+        text(&refused)
+    );
+    assert!(mesh
+        .log(&format!("server-{server_port}"))
+        .contains("Revoked"));
 
     // Renewed: new handshakes present the new certificate.
     let cert = mesh.certs().join("coordinator_cert.pem");
@@ -851,6 +887,34 @@ fn credentials_on_top_of_mtls_from_the_command_line() {
     assert!(call(&["--token", &later]).status.success());
 
     let log = mesh.log("guarded");
+
+    // A server with credentials, called directly by an allowed client.
+    let server_port = free_port();
+    let server = mesh.spawn(
+        "guarded-server",
+        &[
+            "server",
+            &server_port.to_string(),
+            "--credentials",
+            "certs/credentials.txt",
+            "--allow",
+            "spiffe://securemesh/client/client",
+        ],
+    );
+    mesh.wait_serving(server_port);
+    let direct = format!("https://127.0.0.1:{server_port}");
+    let call_server = |extra: &[&str]| {
+        let mut all = vec!["client", "--target", &direct];
+        all.extend(extra);
+        securemesh(&all, work)
+    };
+    assert!(text(&call_server(&[])).contains("UNAUTHENTICATED"));
+    let wrong = call_server(&["--user", "alice", "--password", "wrong horse"]);
+    assert!(text(&wrong).contains("UNAUTHENTICATED"), "{}", text(&wrong));
+    assert!(call_server(&["--token", &token]).status.success());
+    let mut server = server;
+    let _ = server.kill();
+    let _ = server.wait();
     assert!(
         !log.contains("correct horse") && !log.contains(&token),
         "{log}"
