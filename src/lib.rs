@@ -37,6 +37,47 @@ pub fn add_reflection(
     Ok(())
 }
 
+/// Request ids: one per call, carried in `x-request-id` by client,
+/// coordinator and server, so that a call can be followed across processes.
+pub mod request_id {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// The metadata header that carries the request id.
+    pub const HEADER: &str = "x-request-id";
+
+    /// A new request id: 16 hex digits, unique within this process and
+    /// unlikely to repeat across processes (it is not a secret).
+    pub fn new() -> String {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        hasher.write_u32(std::process::id());
+        if let Ok(elapsed) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            hasher.write_u128(elapsed.as_nanos());
+        }
+        format!("{:016x}", hasher.finish())
+    }
+
+    /// A caller's request id, if it is one we are willing to log: 1 to 128
+    /// printable ASCII characters without spaces.
+    pub fn accept(value: &str) -> Option<&str> {
+        let ok = !value.is_empty()
+            && value.len() <= 128
+            && value.bytes().all(|byte| byte.is_ascii_graphic());
+        ok.then_some(value)
+    }
+
+    /// The request id of `metadata`, or a new one.
+    pub fn of(metadata: &tonic::metadata::MetadataMap) -> String {
+        metadata
+            .get(HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(accept)
+            .map_or_else(new, str::to_owned)
+    }
+}
+
 /// Reading a `tonic::Status` the way securemesh callers need to.
 pub mod status {
     use std::error::Error as _;
@@ -100,6 +141,30 @@ pub mod status {
                 format!("{}: {cause}", status.message())
             }
             _ => status.message().to_owned(),
+        }
+    }
+
+    /// The canonical upper-case name of `code` (`UNAVAILABLE`, ...), as
+    /// grpcurl and the gRPC specification print it.
+    pub fn code_name(code: Code) -> &'static str {
+        match code {
+            Code::Ok => "OK",
+            Code::Cancelled => "CANCELLED",
+            Code::Unknown => "UNKNOWN",
+            Code::InvalidArgument => "INVALID_ARGUMENT",
+            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Code::NotFound => "NOT_FOUND",
+            Code::AlreadyExists => "ALREADY_EXISTS",
+            Code::PermissionDenied => "PERMISSION_DENIED",
+            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Code::FailedPrecondition => "FAILED_PRECONDITION",
+            Code::Aborted => "ABORTED",
+            Code::OutOfRange => "OUT_OF_RANGE",
+            Code::Unimplemented => "UNIMPLEMENTED",
+            Code::Internal => "INTERNAL",
+            Code::Unavailable => "UNAVAILABLE",
+            Code::DataLoss => "DATA_LOSS",
+            Code::Unauthenticated => "UNAUTHENTICATED",
         }
     }
 

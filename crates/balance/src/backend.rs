@@ -261,9 +261,14 @@ impl tower::Service<Attempt> for Backend {
             }
             let mut request = tonic::Request::new(attempt.message);
             request.set_timeout(limit);
+            attempt.trace.attempted(&state.url);
             for (name, value) in [
                 (CALLER_HEADER, attempt.caller.as_deref()),
                 ("authorization", attempt.authorization.as_deref()),
+                (
+                    securemesh::request_id::HEADER,
+                    attempt.request_id.as_deref(),
+                ),
             ] {
                 if let Some(value) =
                     value.and_then(|value| tonic::metadata::MetadataValue::try_from(value).ok())

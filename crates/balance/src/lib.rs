@@ -52,6 +52,41 @@ pub struct Attempt {
     pub caller: Option<String>,
     /// `authorization` metadata for the endpoint (a client's credentials).
     pub authorization: Option<String>,
+    /// The call's request id, sent as `x-request-id`.
+    pub request_id: Option<String>,
+    /// Filled in as attempts are made: how many, and the last endpoint.
+    pub trace: Arc<CallTrace>,
+}
+
+/// What happened to a call inside the balancer, for its audit line.
+#[derive(Debug, Default)]
+pub struct CallTrace {
+    attempts: std::sync::atomic::AtomicU32,
+    last_endpoint: std::sync::Mutex<Option<String>>,
+}
+
+impl CallTrace {
+    /// Attempts made (0 if the call never reached an endpoint).
+    pub fn attempts(&self) -> u32 {
+        self.attempts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The endpoint of the last attempt.
+    pub fn last_endpoint(&self) -> Option<String> {
+        self.last_endpoint
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn attempted(&self, endpoint: &str) {
+        self.attempts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self
+            .last_endpoint
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(endpoint.to_owned());
+    }
 }
 
 /// How calls are retried and queued.

@@ -97,6 +97,8 @@ mod tests {
             deadline: None,
             caller: None,
             authorization: None,
+            request_id: None,
+            trace: Default::default(),
         }
     }
 

@@ -17,6 +17,46 @@ use securemesh_tls::TlsFiles;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Where and how logs are written; valid for every command.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Also write logs to this file (e.g. server-log.txt).
+    #[arg(long, global = true, env = "SECUREMESH_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Start a new log file every day (FILE.YYYY-MM-DD).
+    #[arg(long, global = true, value_enum, default_value = "never")]
+    pub log_rotation: LogRotation,
+    /// Text for people, or one JSON object a line for machines.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "SECUREMESH_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log files rotate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogRotation {
+    /// One file.
+    Never,
+    /// A file a day.
+    Daily,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

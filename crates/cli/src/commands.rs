@@ -243,19 +243,22 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| format!("Sensitive data from {}", args.name));
 
     let Some(requests) = args.requests else {
-        return Ok(match client.submit(message.as_bytes()).await {
-            Ok(reply) => {
-                println!(
-                    "[{}] Success: result={} server={}",
-                    args.name, reply.result, reply.server_id
-                );
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                println!("[{}] Failed: {error}", args.name);
-                ExitCode::FAILURE
-            }
-        });
+        let request_id = securemesh::request_id::new();
+        return Ok(
+            match client.submit_as(message.as_bytes(), &request_id).await {
+                Ok(reply) => {
+                    println!(
+                        "[{}] Success: result={} server={}",
+                        args.name, reply.result, reply.server_id
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    println!("[{}] Failed: {error} (request id {request_id})", args.name);
+                    ExitCode::FAILURE
+                }
+            },
+        );
     };
 
     let options = LoadOptions {

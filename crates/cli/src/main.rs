@@ -10,7 +10,14 @@ use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
-    logging::init(cli.command.is_quiet());
+    // Held until exit: it flushes the log file.
+    let _log_guard = match logging::init(cli.command.is_quiet(), &cli.log) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("securemesh: cannot set up logging: {error:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -923,3 +923,137 @@ fn credentials_on_top_of_mtls_from_the_command_line() {
     let _ = guarded.kill();
     let _ = guarded.wait();
 }
+
+/// The JSON log lines of `path` that are audit lines for `request_id`.
+fn audit_lines(path: &Path, request_id: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "audit" && line["request_id"] == request_id)
+        .collect()
+}
+
+#[test]
+fn json_log_files_follow_one_call_across_processes_by_request_id() {
+    let mesh = Mesh::start();
+    let work = mesh.work.path();
+    let server_port = free_port();
+    let coordinator_port = free_port();
+    let server = mesh.spawn(
+        "logged-server",
+        &[
+            "server",
+            &server_port.to_string(),
+            "--log-file",
+            "logs/server-log.txt",
+            "--log-format",
+            "json",
+        ],
+    );
+    mesh.wait_serving(server_port);
+    let listen = format!("127.0.0.1:{coordinator_port}");
+    let backend = format!("https://127.0.0.1:{server_port}");
+    let coordinator = mesh.spawn(
+        "logged-coordinator",
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--backend",
+            &backend,
+            "--log-file",
+            "logs/coordinator-log.txt",
+            "--log-rotation",
+            "daily",
+            "--log-format",
+            "json",
+        ],
+    );
+    mesh.wait_serving(coordinator_port);
+
+    // A call with the caller's own request id.
+    let token = securemesh(&["encrypt", "--json-bytes", "followed"], work);
+    let body = format!(
+        "{{\"token\":\"{}\"}}",
+        String::from_utf8_lossy(&token.stdout).trim()
+    );
+    let call = mesh.grpcurl(
+        coordinator_port,
+        &["-H", "x-request-id: trace-me-42", "-d", &body],
+        &["securemesh.v1.DataService/Submit"],
+    );
+    assert!(call.status.success(), "{}", text(&call));
+
+    // A refused call: the client prints the request id it used.
+    let other_key = work.join("other_key.txt");
+    assert!(
+        securemesh(&["keygen", "--out", other_key.to_str().unwrap()], work)
+            .status
+            .success()
+    );
+    let target = format!("https://127.0.0.1:{coordinator_port}");
+    let refused = securemesh(
+        &[
+            "client",
+            "--target",
+            &target,
+            "--encryption-key",
+            other_key.to_str().unwrap(),
+            "--log-file",
+            "logs/client-log.txt",
+        ],
+        work,
+    );
+    assert!(!refused.status.success());
+    let printed = String::from_utf8_lossy(&refused.stdout).to_string();
+    let refused_id = printed
+        .split("(request id ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no request id in {printed:?}"))
+        .to_owned();
+
+    // Stop both so that their log files are complete.
+    for (mut child, label) in [(coordinator, "coordinator"), (server, "server")] {
+        common::signal(&child, nix::sys::signal::Signal::SIGTERM);
+        assert!(common::wait_exit(&mut child).success(), "{label}");
+    }
+    let logs = work.join("logs");
+    let server_log = logs.join("server-log.txt");
+    let coordinator_log = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| {
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("coordinator-log.txt.")
+        })
+        .expect("a dated coordinator log file (daily rotation)");
+    assert!(logs.join("client-log.txt").exists());
+
+    let at_coordinator = audit_lines(&coordinator_log, "trace-me-42");
+    assert_eq!(at_coordinator.len(), 1, "{at_coordinator:?}");
+    let line = &at_coordinator[0];
+    assert_eq!(line["caller"], "spiffe://securemesh/client/client");
+    assert_eq!(line["method"], "/securemesh.v1.DataService/Submit");
+    assert_eq!(line["status"], "OK");
+    assert_eq!(line["backend"], backend.as_str());
+    assert_eq!(line["attempts"], 1);
+    assert!(line["latency_ms"].as_f64().is_some() && line["bytes"].as_u64() > Some(0));
+    assert!(line["timestamp"].is_string());
+
+    let at_server = audit_lines(&server_log, "trace-me-42");
+    assert_eq!(at_server.len(), 1, "{at_server:?}");
+    assert_eq!(at_server[0]["caller"], "spiffe://securemesh/client/client");
+    assert_eq!(at_server[0]["via"], "spiffe://securemesh/both/coordinator");
+    assert_eq!(at_server[0]["status"], "OK");
+
+    let refused_at_coordinator = audit_lines(&coordinator_log, &refused_id);
+    let refused_at_server = audit_lines(&server_log, &refused_id);
+    assert_eq!(refused_at_coordinator.len(), 1, "{refused_id}");
+    assert_eq!(refused_at_coordinator[0]["status"], "INVALID_ARGUMENT");
+    assert_eq!(refused_at_server.len(), 1, "{refused_id}");
+    assert_eq!(refused_at_server[0]["status"], "INVALID_ARGUMENT");
+}

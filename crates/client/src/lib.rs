@@ -9,14 +9,13 @@
 //! spread over servers.
 
 pub mod load;
-mod status_names;
 
 use std::time::Duration;
 
+pub use securemesh::status::code_name;
 use securemesh::v1::{SubmitReply, SubmitRequest, DATA_SERVICE_NAME};
 use securemesh_balance::{Attempt, BackendOptions, BalanceOptions, Balancer};
 use securemesh_crypto::KeyRing;
-pub use status_names::code_name;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -117,8 +116,19 @@ impl Client {
 
     /// Encrypts `plaintext`, submits it and verifies the reply.
     pub async fn submit(&self, plaintext: &[u8]) -> Result<SubmitReply, ClientError> {
+        self.submit_as(plaintext, &securemesh::request_id::new())
+            .await
+    }
+
+    /// [`Client::submit`] under the request id `request_id`, which the
+    /// coordinator and server log with the call.
+    pub async fn submit_as(
+        &self,
+        plaintext: &[u8],
+        request_id: &str,
+    ) -> Result<SubmitReply, ClientError> {
         let token = self.keys.encrypt(plaintext);
-        let reply = self.submit_token(token).await?;
+        let reply = self.send(token, request_id).await?;
         if reply.result != "ok" {
             return Err(ClientError::UnexpectedResult(reply.result));
         }
@@ -130,6 +140,10 @@ impl Client {
 
     /// Submits an already made token as it is, without any check.
     pub async fn submit_token(&self, token: Vec<u8>) -> Result<SubmitReply, tonic::Status> {
+        self.send(token, &securemesh::request_id::new()).await
+    }
+
+    async fn send(&self, token: Vec<u8>, request_id: &str) -> Result<SubmitReply, tonic::Status> {
         let deadline = tokio::time::Instant::now() + self.call_timeout;
         self.balancer
             .submit(Attempt {
@@ -137,6 +151,8 @@ impl Client {
                 deadline: Some(deadline),
                 caller: None,
                 authorization: self.authorization.clone(),
+                request_id: Some(request_id.to_owned()),
+                trace: Default::default(),
             })
             .await
     }

@@ -125,7 +125,8 @@ pub async fn run(client: &Client, options: &LoadOptions) -> (LoadSummary, Option
                     }
                     let payload = format!("{message} #{sequence}");
                     let sent = Instant::now();
-                    let outcome = client.submit(payload.as_bytes()).await;
+                    let request_id = securemesh::request_id::new();
+                    let outcome = client.submit_as(payload.as_bytes(), &request_id).await;
                     if let Some(histogram) = &mut tally.latencies {
                         let micros = sent.elapsed().as_micros().max(1) as u64;
                         let _ = histogram.record(micros.min(600_000_000));
@@ -138,7 +139,9 @@ pub async fn run(client: &Client, options: &LoadOptions) -> (LoadSummary, Option
                         Err(error) => {
                             tally.failed += 1;
                             *tally.errors.entry(error.kind().to_owned()).or_default() += 1;
-                            tally.first_error.get_or_insert_with(|| error.to_string());
+                            tally.first_error.get_or_insert_with(|| {
+                                format!("{error} (request id {request_id})")
+                            });
                         }
                     }
                     bar.inc(1);

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use securemesh::v1::data_service_server::DataService;
 use securemesh::v1::{SubmitReply, SubmitRequest};
-use securemesh_balance::{Attempt, BackendOptions, BalanceOptions, Balancer};
+use std::sync::Arc;
+
+use securemesh_balance::{Attempt, BackendOptions, BalanceOptions, Balancer, CallTrace};
 use tonic::{Request, Response, Status};
 
 use crate::deadline::call_deadline;
@@ -44,39 +46,52 @@ impl DataService for Coordinator {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
+        let started = tokio::time::Instant::now();
         let deadline = call_deadline(
             request
                 .metadata()
                 .get("grpc-timeout")
                 .and_then(|value| value.to_str().ok()),
             self.request_timeout,
-            tokio::time::Instant::now(),
+            started,
         );
+        let request_id = securemesh::request_id::of(request.metadata());
         let caller = request
             .extensions()
             .get::<securemesh_tls::Caller>()
             .map(|caller| caller.origin().to_owned())
             .unwrap_or_else(|| securemesh_tls::request_identity(&request));
+        let message = request.into_inner();
+        let bytes = message.token.len();
+        let trace = Arc::new(CallTrace::default());
         // The caller's own credentials stay here: servers trust the
         // coordinator's identity, and learn the caller from the header.
         let outcome = self
             .balancer
             .submit(Attempt {
-                message: request.into_inner(),
+                message,
                 deadline: Some(deadline),
                 caller: Some(caller.clone()),
                 authorization: None,
+                request_id: Some(request_id.clone()),
+                trace: trace.clone(),
             })
             .await;
-        match outcome {
-            Ok(reply) => {
-                tracing::info!(%caller, server = %reply.server_id, "Submit relayed");
-                Ok(Response::new(reply))
-            }
-            Err(status) => {
-                tracing::info!(%caller, code = ?status.code(), message = status.message(), "Submit failed");
-                Err(status)
-            }
-        }
+        let status = match &outcome {
+            Ok(_) => "OK",
+            Err(status) => securemesh::status::code_name(status.code()),
+        };
+        tracing::info!(
+            %request_id,
+            %caller,
+            method = "/securemesh.v1.DataService/Submit",
+            status,
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            bytes,
+            backend = trace.last_endpoint().as_deref().unwrap_or("none"),
+            attempts = trace.attempts(),
+            "audit"
+        );
+        outcome.map(Response::new)
     }
 }

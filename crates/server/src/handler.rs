@@ -58,6 +58,8 @@ impl DataService for DataHandler {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
+        let started = std::time::Instant::now();
+        let request_id = securemesh::request_id::of(request.metadata());
         let (caller, via) = match request.extensions().get::<securemesh_tls::Caller>() {
             Some(caller) => (
                 caller.origin().to_owned(),
@@ -67,27 +69,46 @@ impl DataService for DataHandler {
         };
         let via = via.unwrap_or_else(|| "direct".to_owned());
         let token = request.into_inner().token;
+        let outcome = self.answer(&token);
+        let status = match &outcome {
+            Ok(_) => "OK",
+            Err(status) => securemesh::status::code_name(status.code()),
+        };
+        // Never the token or the plaintext: its size, and how it went.
+        tracing::info!(
+            %request_id,
+            %caller,
+            %via,
+            method = "/securemesh.v1.DataService/Submit",
+            status,
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            bytes = token.len(),
+            "audit"
+        );
+        outcome.map(Response::new)
+    }
+}
+
+impl DataHandler {
+    /// Decrypts `token` and makes the reply, or says why it is refused.
+    fn answer(&self, token: &[u8]) -> Result<SubmitReply, Status> {
         let decrypted = self
             .keys
             .read()
             .unwrap_or_else(|poison| poison.into_inner())
-            .decrypt_with_ttl(&token, self.token_ttl);
-        let plaintext = match decrypted {
-            Ok(plaintext) => plaintext,
-            Err(reason) => {
-                tracing::warn!(%caller, %via, token_bytes = token.len(), %reason, "Submit refused");
-                return Err(Status::invalid_argument(format!("invalid token: {reason}")));
-            }
-        };
+            .decrypt_with_ttl(token, self.token_ttl);
+        let plaintext = decrypted.map_err(|reason| {
+            tracing::warn!(token_bytes = token.len(), %reason, "Submit refused");
+            Status::invalid_argument(format!("invalid token: {reason}"))
+        })?;
         if self.print_plaintext {
             tracing::info!("Decrypted data: {}", printable(&plaintext));
         }
-        tracing::info!(%caller, %via, plaintext_bytes = plaintext.len(), "Submit accepted");
-        Ok(Response::new(SubmitReply {
+        Ok(SubmitReply {
             result: "ok".into(),
             server_id: self.server_id.clone(),
             plaintext_sha256: securemesh_crypto::sha256(&plaintext).to_vec(),
-        }))
+        })
     }
 }
 

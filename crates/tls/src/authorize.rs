@@ -120,6 +120,7 @@ impl Authorization {
             .ok_or_else(|| Status::unauthenticated("no client certificate identity"))?;
         if let Some(allowed) = &self.allowed {
             if !allowed.contains(&peer) {
+                audit_refusal(&request, &peer, "PERMISSION_DENIED");
                 tracing::warn!(%peer, "call refused: identity not allowed");
                 return Err(Status::permission_denied(format!(
                     "identity {peer} is not allowed to call this service"
@@ -153,6 +154,7 @@ impl Authorization {
                 match credentials.verify(header) {
                     Ok(user) => Some(user),
                     Err(refusal) => {
+                        audit_refusal(&request, &peer, "UNAUTHENTICATED");
                         tracing::warn!(%peer, %refusal, "call refused: credentials");
                         return Err(Status::unauthenticated(refusal.to_string()));
                     }
@@ -166,6 +168,19 @@ impl Authorization {
         });
         Ok(request)
     }
+}
+
+/// The audit line of a call refused before it reached the service.
+fn audit_refusal(request: &Request<()>, peer: &str, status: &str) {
+    tracing::info!(
+        request_id = %securemesh::request_id::of(request.metadata()),
+        caller = %peer,
+        method = "/securemesh.v1.DataService/Submit",
+        status,
+        latency_ms = 0.0,
+        bytes = 0,
+        "audit"
+    );
 }
 
 impl tonic::service::Interceptor for Authorization {
