@@ -86,7 +86,7 @@ impl DataService for Coordinator {
             %caller,
             method = "/securemesh.v1.DataService/Submit",
             status,
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
             bytes,
             backend = trace.last_endpoint().as_deref().unwrap_or("none"),
             attempts = trace.attempts(),

@@ -81,7 +81,7 @@ impl DataService for DataHandler {
             %via,
             method = "/securemesh.v1.DataService/Submit",
             status,
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
             bytes = token.len(),
             "audit"
         );
