@@ -132,10 +132,12 @@ pub enum PkiCommand {
     Init(PkiInitArgs),
     /// Issue one more certificate from the existing CA.
     Issue(PkiIssueArgs),
-    /// Revoke a certificate: add it to the CA's CRL (ca_crl.pem). Running
-    /// servers and coordinators refuse it after SIGHUP.
+    /// Revoke a certificate (a NAME, or a PEM file such as one `renew` kept
+    /// under retired/): add it to the CA's CRL (ca_crl.pem). Running servers
+    /// and coordinators refuse it after SIGHUP.
     Revoke(PkiNameArgs),
-    /// Issue a certificate again (same role and names, new key and serial).
+    /// Issue a certificate again (same role and names, new key and serial;
+    /// the old one is kept under retired/ to be revoked if need be).
     /// Running servers and coordinators serve it after SIGHUP.
     Renew(PkiRenewArgs),
     /// Show what a certificate says: subject, names, usages, issuer,

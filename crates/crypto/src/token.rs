@@ -8,11 +8,17 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::URL_SAFE;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use crate::key_file::{read_key_lines, KeyFileError};
+
+/// base64url with or without padding.
+const LENIENT_URL_SAFE: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
 
 /// Fernet format version byte.
 const VERSION: u8 = 0x80;
@@ -158,11 +164,12 @@ fn check_frame(token: &[u8], now: u64) -> Result<(&str, u64), TokenError> {
         return Err(TokenError::Empty);
     }
     let text = std::str::from_utf8(token).map_err(|_| TokenError::Malformed("not ASCII text"))?;
-    // Python accepts the token with or without trailing padding and a
-    // trailing newline is a common copy-paste artefact; anything else is not
+    // A trailing newline is a common copy-paste artefact, and padding is
+    // optional (the `fernet` crate trims it); anything else is not
     // base64url.
-    let decoded = URL_SAFE
-        .decode(text.trim_end_matches('\n'))
+    let text = text.trim_end_matches(['\n', '\r']);
+    let decoded = LENIENT_URL_SAFE
+        .decode(text)
         .map_err(|_| TokenError::Malformed("not base64url"))?;
     if decoded.len() < MIN_TOKEN_BYTES || (decoded.len() - 1 - 8 - 16 - 32) % 16 != 0 {
         return Err(TokenError::Malformed("wrong length"));
@@ -182,6 +189,7 @@ fn check_frame(token: &[u8], now: u64) -> Result<(&str, u64), TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE;
 
     fn ring() -> KeyRing {
         KeyRing::from_key_strings(&[crate::generate_key()]).unwrap()
@@ -214,6 +222,23 @@ mod tests {
             check_frame(token.as_bytes(), 499162801),
             Ok((token, 499162800))
         );
+    }
+
+    #[test]
+    fn accepts_a_trailing_newline_and_missing_padding() {
+        let ring = ring();
+        let token = String::from_utf8(ring.encrypt(b"pasted")).unwrap();
+        for variant in [
+            format!("{token}\n"),
+            format!("{token}\r\n"),
+            token.trim_end_matches('=').to_owned(),
+        ] {
+            assert_eq!(
+                ring.decrypt(variant.as_bytes()).unwrap(),
+                b"pasted",
+                "{variant:?}"
+            );
+        }
     }
 
     #[test]

@@ -46,7 +46,30 @@ pub fn refuse_existing<'a>(
 }
 
 /// Writes `contents` to `path` with `mode` (Unix permission bits).
+///
+/// An overwrite (`force`) is atomic: the contents go to a temporary file in
+/// the same directory, which is synced and renamed over `path`, so that a
+/// crash or a concurrent reader never sees a half-written secret.
 pub fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), WriteError> {
+    if !force {
+        return create(path, contents, mode, false);
+    }
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    create(&temporary, contents, mode, true)?;
+    std::fs::rename(&temporary, path).map_err(|source| {
+        let _ = std::fs::remove_file(&temporary);
+        WriteError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+fn create(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), WriteError> {
     let io_error = |source: std::io::Error| {
         if source.kind() == std::io::ErrorKind::AlreadyExists {
             WriteError::Exists(path.to_path_buf())
@@ -81,7 +104,8 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Resul
     }
     #[cfg(not(unix))]
     let _ = mode;
-    file.write_all(contents).map_err(io_error)
+    file.write_all(contents).map_err(io_error)?;
+    file.sync_all().map_err(io_error)
 }
 
 #[cfg(all(test, unix))]

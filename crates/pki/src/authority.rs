@@ -227,7 +227,9 @@ fn subject(common_name: &str) -> DistinguishedName {
 
 /// Names become file names and identity URIs: keep them to a safe alphabet.
 fn validate_name(name: &str) -> Result<(), PkiError> {
-    let ok = !name.is_empty()
+    // `ca` would write over ca_cert.pem and ca_key.pem.
+    let ok = name != "ca"
+        && !name.is_empty()
         && name.len() <= 64
         && name
             .chars()

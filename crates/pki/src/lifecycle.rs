@@ -22,12 +22,21 @@ pub const CRL_FILE: &str = "ca_crl.pem";
 /// (that would lock every client out); re-run `pki revoke` to refresh it.
 const CRL_VALIDITY_DAYS: i64 = 30;
 
-/// Adds the certificate `<dir>/<name>_cert.pem` to the CA's CRL
-/// (`<dir>/ca_crl.pem`), keeping the certificates revoked before, and
-/// returns the CRL's path.
-pub fn revoke(dir: &Path, name: &str) -> Result<PathBuf, PkiError> {
-    let cert_path = dir.join(format!("{name}_cert.pem"));
-    let serial = parse_certificate(&read(&cert_path)?, &cert_path)?.serial;
+/// Adds a certificate to the CA's CRL (`<dir>/ca_crl.pem`), keeping the
+/// certificates revoked before, and returns the CRL's path. `certificate`
+/// is a name (`<dir>/<name>_cert.pem`) or the path of a PEM file, such as
+/// one that `renew` archived under `<dir>/retired/`.
+pub fn revoke(dir: &Path, certificate: &str) -> Result<PathBuf, PkiError> {
+    let cert_path = if certificate.ends_with(".pem") {
+        PathBuf::from(certificate)
+    } else {
+        dir.join(format!("{certificate}_cert.pem"))
+    };
+    let parsed = parse_certificate(&read(&cert_path)?, &cert_path)?;
+    if parsed.is_ca {
+        return Err(unreadable(&cert_path, "is a CA certificate, not a leaf"));
+    }
+    let serial = parsed.serial;
     let crl_path = dir.join(CRL_FILE);
     let (mut revoked, number) = if crl_path.exists() {
         existing_crl(&read(&crl_path)?, &crl_path)?
@@ -70,10 +79,33 @@ pub fn revoke(dir: &Path, name: &str) -> Result<PathBuf, PkiError> {
 
 /// Issues `<dir>/<name>` again from the CA: same role and names, a new key,
 /// a new serial and a fresh validity of `days`. The old certificate stays
-/// valid until it expires or is revoked. Returns the paths written.
+/// valid until it expires or is revoked; it is kept as
+/// `<dir>/retired/<name>_<serial>_cert.pem` so that `revoke` can name it.
+/// Returns the paths written, the archived one first.
 pub fn renew(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>, PkiError> {
     let cert_path = dir.join(format!("{name}_cert.pem"));
-    let current = parse_certificate(&read(&cert_path)?, &cert_path)?;
+    let current_pem = read(&cert_path)?;
+    let current = parse_certificate(&current_pem, &cert_path)?;
+    if current.is_ca || name == "ca" {
+        return Err(unreadable(
+            &cert_path,
+            "is the CA certificate: it is not renewed this way",
+        ));
+    }
+    let serial: String = current
+        .serial
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    let archived = dir
+        .join("retired")
+        .join(format!("{name}_{serial}_cert.pem"));
+    securemesh_fs::write_file(
+        &archived,
+        current_pem.as_bytes(),
+        securemesh_fs::PUBLIC,
+        true,
+    )?;
     let authority = Authority::from_pem(
         &read(&dir.join(CA_CERT_FILE))?,
         &read(&dir.join(CA_KEY_FILE))?,
@@ -92,7 +124,7 @@ pub fn renew(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>, PkiError
         securemesh_fs::PUBLIC,
         true,
     )?;
-    Ok(vec![cert_path, key_path])
+    Ok(vec![archived, cert_path, key_path])
 }
 
 /// A readable account of a PEM certificate: subject, names, usages,
@@ -297,8 +329,34 @@ mod tests {
         assert_ne!(after.serial, before.serial);
         assert_ne!(read(&dir.path().join("server_key.pem")).unwrap(), old_key);
         assert_eq!(after.role, Role::Server);
+        // The old certificate was archived and can still be revoked.
+        let retired: Vec<_> = std::fs::read_dir(dir.path().join("retired"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        assert_eq!(retired.len(), 1);
+        revoke(dir.path(), retired[0].to_str().unwrap()).unwrap();
+        assert_eq!(revoked_serials(dir.path()).0, vec![before.serial.clone()]);
         assert_eq!(after.names, before.names);
         assert!(after.names.contains(&"DNS:mesh.test".to_string()));
+    }
+
+    #[test]
+    fn the_ca_is_never_renewed_revoked_or_overwritten_as_a_leaf() {
+        let dir = pki();
+        let ca_key = read(&dir.path().join(CA_KEY_FILE)).unwrap();
+        assert!(renew(dir.path(), "ca", 30).is_err());
+        assert!(revoke(dir.path(), "ca").is_err());
+        let forced = crate::issue(&crate::IssueOptions {
+            dir: dir.path().to_path_buf(),
+            name: "ca".into(),
+            role: Role::Client,
+            sans: vec![],
+            days: 30,
+            force: true,
+        });
+        assert!(forced.is_err());
+        assert_eq!(read(&dir.path().join(CA_KEY_FILE)).unwrap(), ca_key);
     }
 
     #[test]
