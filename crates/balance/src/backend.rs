@@ -72,6 +72,11 @@ pub struct BackendState {
     last_failure: Mutex<Option<String>>,
     waker: AtomicWaker,
     rotation: Arc<Rotation>,
+    /// Set once the backend has left the pool; nothing may count it again.
+    retired: AtomicBool,
+    /// Wakes the prober when an ejection starts, so that it can end it on
+    /// time.
+    pub(crate) ejected: tokio::sync::Notify,
 }
 
 impl BackendState {
@@ -86,6 +91,8 @@ impl BackendState {
             last_failure: Mutex::new(None),
             waker: AtomicWaker::new(),
             rotation,
+            retired: AtomicBool::new(false),
+            ejected: tokio::sync::Notify::new(),
         })
     }
 
@@ -140,7 +147,7 @@ impl BackendState {
             return;
         }
         let mut count = lock(&self.rotation.in_rotation);
-        if !self.is_in_rotation() || *count <= 1 {
+        if self.retired.load(Ordering::Acquire) || !self.is_in_rotation() || *count <= 1 {
             return;
         }
         let now = Instant::now();
@@ -156,6 +163,7 @@ impl BackendState {
             time.as_millis(),
             failures
         );
+        self.ejected.notify_one();
     }
 
     /// Records a health check: `Ok` for `SERVING`, else the reason.
@@ -175,6 +183,9 @@ impl BackendState {
     /// applies health check results and ends ejections that have run out.
     pub(crate) fn settle(&self) {
         let mut count = lock(&self.rotation.in_rotation);
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
         let now = Instant::now();
         let mut verdicts = lock(&self.verdicts);
         let may_serve = verdicts.may_serve(now);
@@ -198,6 +209,9 @@ impl BackendState {
     /// Called when the backend leaves the pool for good.
     pub(crate) fn retire(&self) {
         let mut count = lock(&self.rotation.in_rotation);
+        // Under the count lock: a prober still finishing a check (an abort
+        // does not interrupt it) sees the flag and leaves the count alone.
+        self.retired.store(true, Ordering::Release);
         if self.in_rotation.swap(false, Ordering::AcqRel) {
             self.rotation.leave(&mut count);
         }
@@ -307,5 +321,41 @@ impl tower::Service<Attempt> for Backend {
             }
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retired_backend_is_never_counted_again() {
+        let rotation = Arc::new(Rotation::default());
+        let state = BackendState::new(
+            "https://127.0.0.1:1".into(),
+            EjectionPolicy::default(),
+            rotation.clone(),
+        );
+        assert_eq!(rotation.count(), 1);
+        state.retire();
+        assert_eq!(rotation.count(), 0);
+        // A prober that was still finishing a check when it was aborted.
+        state.checked(Ok(()));
+        state.settle();
+        assert_eq!(rotation.count(), 0);
+        assert!(!state.is_in_rotation());
+    }
+
+    #[test]
+    fn passive_failures_eject_but_never_the_last_backend() {
+        let rotation = Arc::new(Rotation::default());
+        let policy = EjectionPolicy::default();
+        let a = BackendState::new("https://a".into(), policy, rotation.clone());
+        let b = BackendState::new("https://b".into(), policy, rotation.clone());
+        a.call_failed("connection refused");
+        assert!(!a.is_in_rotation() && a.is_ejected());
+        b.call_failed("connection refused");
+        assert!(b.is_in_rotation(), "the last backend was ejected");
+        assert_eq!(rotation.count(), 1);
     }
 }

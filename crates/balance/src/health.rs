@@ -34,6 +34,8 @@ pub(crate) async fn probe(
                 state.settle();
                 continue;
             }
+            // A new ejection: wait for its end instead of the next tick.
+            () = state.ejected.notified() => continue,
         }
         let request = HealthCheckRequest {
             service: DATA_SERVICE_NAME.to_owned(),

@@ -158,6 +158,7 @@ impl Balancer {
     /// `UNAVAILABLE`, and `DEADLINE_EXCEEDED` when the deadline passed.
     pub async fn submit(&self, attempt: Attempt) -> Result<SubmitReply, Status> {
         let deadline = attempt.deadline;
+        let trace = attempt.trace.clone();
         let call = self.stack.clone().oneshot(attempt);
         let outcome = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
@@ -166,14 +167,16 @@ impl Balancer {
             },
             None => call.await,
         };
-        outcome.map_err(into_status)
+        outcome.map_err(|error| into_status(error, trace.attempts() > 0))
     }
 }
 
 /// Answers of endpoints pass through unchanged; failures to reach any
-/// endpoint become `UNAVAILABLE`. Either way, once the call has been
-/// retried here, an `UNAVAILABLE` tells the caller not to retry it again.
-fn into_status(error: BoxError) -> Status {
+/// endpoint become `UNAVAILABLE`. When the call did reach endpoints (and
+/// was retried here), an `UNAVAILABLE` tells the caller not to retry it
+/// again; when no endpoint was in rotation it does not, so that a client
+/// can still try another coordinator.
+fn into_status(error: BoxError, reached_endpoints: bool) -> Status {
     let status = match error.downcast::<Status>() {
         Ok(status) if securemesh::status::is_transport_failure(&status) => {
             Status::unavailable(format!(
@@ -184,9 +187,26 @@ fn into_status(error: BoxError) -> Status {
         Ok(status) => *status,
         Err(other) => Status::unavailable(format!("no backend could serve the call: {other}")),
     };
-    if status.code() == tonic::Code::Unavailable {
+    if reached_endpoints && status.code() == tonic::Code::Unavailable {
         securemesh::status::with_no_retry(status)
     } else {
         status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_call_that_reached_endpoints_forbids_retrying_it() {
+        let failed = || -> BoxError { Box::new(Status::unavailable("no backend in rotation")) };
+        let tried = into_status(failed(), true);
+        assert!(securemesh::status::forbids_retry(&tried));
+        let never_tried = into_status(failed(), false);
+        assert!(!securemesh::status::forbids_retry(&never_tried));
+        let answer = into_status(Box::new(Status::invalid_argument("bad token")), true);
+        assert_eq!(answer.code(), tonic::Code::InvalidArgument);
+        assert!(!securemesh::status::forbids_retry(&answer));
     }
 }

@@ -199,14 +199,25 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     reload_on_sighup({
         let (server_tls, pool) = (server_tls.clone(), coordinator.pool().clone());
         let (authorization, serve_args) = (authorization.clone(), args.serve.clone());
+        let loaded_identity = std::sync::Mutex::new(identity_bytes(&tls_args.files("coordinator")));
         move || {
+            // Read and check everything first; change nothing on a failure.
             let files = tls_args.files("coordinator");
-            server_tls.replace(securemesh_tls::server_config(
-                &files,
-                tls_args.crl().as_deref(),
-            )?);
-            pool.replace_tls(securemesh_tls::client_tls_config(&files)?)?;
-            serve_args.reload_credentials(&authorization)
+            let new_server_tls = securemesh_tls::server_config(&files, tls_args.crl().as_deref())?;
+            let identity = identity_bytes(&files);
+            let new_client_tls = securemesh_tls::client_tls_config(&files)?;
+            serve_args.reload_credentials(&authorization)?;
+            server_tls.replace(new_server_tls);
+            // Reconnecting resets what health checks and ejection learnt:
+            // only when our own certificate changed.
+            let mut loaded = loaded_identity
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            if *loaded != identity {
+                pool.replace_tls(new_client_tls)?;
+                *loaded = identity;
+            }
+            Ok(())
         }
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -302,6 +313,14 @@ fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     let plaintext = keys.decrypt(args.token.as_bytes())?;
     println!("{}", String::from_utf8_lossy(&plaintext));
     Ok(())
+}
+
+/// The certificate and key files of an identity, to tell whether they
+/// changed.
+fn identity_bytes(files: &securemesh_tls::TlsFiles) -> Vec<u8> {
+    let mut bytes = std::fs::read(&files.cert).unwrap_or_default();
+    bytes.extend(std::fs::read(&files.key).unwrap_or_default());
+    bytes
 }
 
 /// On every SIGHUP, runs `reload` (read certificates, CRL and keys again);
