@@ -912,6 +912,27 @@ fn credentials_on_top_of_mtls_from_the_command_line() {
     let wrong = call_server(&["--user", "alice", "--password", "wrong horse"]);
     assert!(text(&wrong).contains("UNAUTHENTICATED"), "{}", text(&wrong));
     assert!(call_server(&["--token", &token]).status.success());
+    // Behind a coordinator, the server trusts the coordinator to have
+    // checked credentials (this one requires none).
+    let front_port = free_port();
+    let front_listen = format!("127.0.0.1:{front_port}");
+    let front = mesh.spawn(
+        "front",
+        &[
+            "coordinator",
+            "--listen",
+            &front_listen,
+            "--backend",
+            &direct,
+        ],
+    );
+    mesh.wait_serving(front_port);
+    let through = format!("https://127.0.0.1:{front_port}");
+    let relayed = securemesh(&["client", "--target", &through], work);
+    assert!(relayed.status.success(), "{}", text(&relayed));
+    let mut front = front;
+    let _ = front.kill();
+    let _ = front.wait();
     let mut server = server;
     let _ = server.kill();
     let _ = server.wait();

@@ -140,6 +140,11 @@ impl Credentials {
         let decoded = String::from_utf8(decoded).map_err(|_| Refusal::Malformed)?;
         let (user, password) = decoded.split_once(':').ok_or(Refusal::Malformed)?;
         let Some(hash) = self.users.get(user) else {
+            // Spend the same argon2 work as for a real user, so that timing
+            // does not tell which user names exist.
+            if let Ok(dummy) = PasswordHash::new(dummy_hash()) {
+                let _ = Argon2::default().verify_password(password.as_bytes(), &dummy);
+            }
             return Err(Refusal::Invalid);
         };
         let remembered = Sha256::new()
@@ -255,6 +260,20 @@ fn append(path: &Path, kind: &str, name: &str, secret: &str) -> Result<(), Crede
     Ok(())
 }
 
+/// An argon2id hash of a random password nobody knows, made once.
+fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let mut password = [0u8; 32];
+        OsRng.fill_bytes(&mut password);
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(&password, &salt)
+            .map(|hash| hash.to_string())
+            .unwrap_or_default()
+    })
+}
+
 fn decode_hex(hex: &str) -> Option<[u8; 32]> {
     if hex.len() != 64 {
         return None;
@@ -321,6 +340,17 @@ mod tests {
         assert_eq!(credentials.verify(Some(&wrong)), Err(Refusal::Invalid));
         let stranger = basic_header("mallory", "correct horse");
         assert_eq!(credentials.verify(Some(&stranger)), Err(Refusal::Invalid));
+        // An unknown user costs an argon2 verification too.
+        let started = Instant::now();
+        let _ = credentials.verify(Some(&basic_header("nobody", "x")));
+        let unknown = started.elapsed();
+        let started = Instant::now();
+        let _ = credentials.verify(Some(&basic_header("alice", "not it")));
+        let known = started.elapsed();
+        assert!(
+            unknown * 4 > known,
+            "unknown {unknown:?} vs known {known:?}"
+        );
         let mut forged = token.clone();
         forged.pop();
         assert_eq!(

@@ -13,7 +13,8 @@
 //!
 //! Optionally, callers must also present credentials (`authorization`
 //! metadata, Basic or Bearer) from a credentials file; missing or wrong
-//! ones get `UNAUTHENTICATED`.
+//! ones get `UNAUTHENTICATED`. A trusted forwarder is exempt: the
+//! coordinator checks its own callers' credentials.
 //!
 //! Applied as a tonic interceptor on the DataService alone: health checks
 //! and reflection stay open to every certificate of the CA.
@@ -140,8 +141,12 @@ impl Authorization {
             }
             None => None,
         };
+        // A trusted forwarder (the coordinator) has checked its caller's
+        // credentials already and does not pass them on.
+        let forwarded = on_behalf_of.is_some() || self.forwarders.contains(&peer);
         let user = match &self.credentials {
             None => None,
+            Some(_) if forwarded => None,
             Some(shared) => {
                 let credentials = shared
                     .read()
