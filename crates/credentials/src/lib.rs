@@ -348,7 +348,7 @@ mod tests {
         let _ = credentials.verify(Some(&basic_header("alice", "not it")));
         let known = started.elapsed();
         assert!(
-            unknown * 4 > known,
+            unknown * 10 > known,
             "unknown {unknown:?} vs known {known:?}"
         );
         let mut forged = token.clone();
