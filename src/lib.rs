@@ -168,6 +168,14 @@ pub mod status {
         }
     }
 
+    /// `OK`, or the status name of a failed call, for audit lines.
+    pub fn outcome_name<T>(outcome: &Result<T, Status>) -> &'static str {
+        match outcome {
+            Ok(_) => "OK",
+            Err(status) => code_name(status.code()),
+        }
+    }
+
     /// Statuses the peer sent pass unchanged; a local transport failure
     /// becomes `UNAVAILABLE` with its cause in the message, as grpc-go
     /// reports a refused handshake.

@@ -111,18 +111,37 @@ pub struct CredentialsUserArgs {
     /// The password.
     #[arg(long, env = "SECUREMESH_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
-    /// The credentials file (created with mode 0600).
-    #[arg(long, default_value = "certs/credentials.txt")]
-    pub file: PathBuf,
+    #[command(flatten)]
+    pub file: CredentialsFileArgs,
+}
+
+/// Where the credentials file is.
+#[derive(Debug, Args)]
+pub struct CredentialsFileArgs {
+    /// The credentials file, created with mode 0600 [default:
+    /// <certs>/credentials.txt].
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Directory of the default file.
+    #[arg(long, env = "SECUREMESH_CERTS", default_value = "certs")]
+    pub certs: PathBuf,
+}
+
+impl CredentialsFileArgs {
+    /// `--file`, or `<certs>/credentials.txt`.
+    pub fn path(&self) -> PathBuf {
+        self.file
+            .clone()
+            .unwrap_or_else(|| self.certs.join("credentials.txt"))
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct CredentialsTokenArgs {
     /// Token name.
     pub name: String,
-    /// The credentials file (created with mode 0600).
-    #[arg(long, default_value = "certs/credentials.txt")]
-    pub file: PathBuf,
+    #[command(flatten)]
+    pub file: CredentialsFileArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -69,15 +69,17 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 !password.is_empty(),
                 "an empty password is not a credential"
             );
-            securemesh_credentials::add_user(&args.file, &args.name, &password)?;
-            println!("added user {} to {}", args.name, args.file.display());
+            let file = args.file.path();
+            securemesh_credentials::add_user(&file, &args.name, &password)?;
+            println!("added user {} to {}", args.name, file.display());
         }
         Command::Credentials(CredentialsCommand::AddToken(args)) => {
-            let token = securemesh_credentials::add_token(&args.file, &args.name)?;
+            let file = args.file.path();
+            let token = securemesh_credentials::add_token(&file, &args.name)?;
             eprintln!(
                 "added token {} to {}; it is shown once:",
                 args.name,
-                args.file.display()
+                file.display()
             );
             println!("{token}");
         }

@@ -180,17 +180,30 @@ impl Mesh {
         }
     }
 
-    /// `grpcurl <certificate flags> <flags> 127.0.0.1:<port> <command>`.
+    /// `grpcurl <certificate flags> <flags> 127.0.0.1:<port> <command>`,
+    /// as the client `client`.
     fn grpcurl(&self, port: u16, flags: &[&str], command: &[&str]) -> Output {
         let certs = self.certs();
-        tool("grpcurl")
-            .arg("-cacert")
-            .arg(certs.join("ca_cert.pem"))
-            .arg("-cert")
-            .arg(certs.join("client_cert.pem"))
-            .arg("-key")
-            .arg(certs.join("client_key.pem"))
-            .args(["-max-time", "10"])
+        let identity = (certs.join("client_cert.pem"), certs.join("client_key.pem"));
+        self.grpcurl_as(Some(identity), port, flags, command)
+    }
+
+    /// grpcurl trusting our CA, with the certificate and key `identity`
+    /// (none: no client certificate).
+    fn grpcurl_as(
+        &self,
+        identity: Option<(PathBuf, PathBuf)>,
+        port: u16,
+        flags: &[&str],
+        command: &[&str],
+    ) -> Output {
+        let mut grpcurl = tool("grpcurl");
+        grpcurl.arg("-cacert").arg(self.certs().join("ca_cert.pem"));
+        if let Some((cert, key)) = identity {
+            grpcurl.arg("-cert").arg(cert).arg("-key").arg(key);
+        }
+        grpcurl
+            .args(["-max-time", "5"])
             .args(flags)
             .arg(format!("127.0.0.1:{port}"))
             .args(command)
@@ -411,14 +424,7 @@ fn grpcurl_with_client_certificates_lists_and_calls() {
     );
 
     // Without a client certificate the handshake is refused.
-    let anonymous = tool("grpcurl")
-        .arg("-cacert")
-        .arg(mesh.certs().join("ca_cert.pem"))
-        .args(["-max-time", "5"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("list")
-        .output()
-        .unwrap();
+    let anonymous = mesh.grpcurl_as(None, port, &[], &["list"]);
     assert!(!anonymous.status.success(), "{}", text(&anonymous));
     assert!(
         text(&anonymous).contains("Failed to dial"),
@@ -617,18 +623,16 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     let (server_port, server) = &mesh.servers[0];
     let direct = || {
         let certs = mesh.certs();
-        tool("grpcurl")
-            .arg("-cacert")
-            .arg(certs.join("ca_cert.pem"))
-            .arg("-cert")
-            .arg(certs.join("client2_cert.pem"))
-            .arg("-key")
-            .arg(certs.join("client2_key.pem"))
-            .args(["-max-time", "5", "-d", "{}"])
-            .arg(format!("127.0.0.1:{server_port}"))
-            .arg("securemesh.v1.DataService/Submit")
-            .output()
-            .unwrap()
+        let client2 = (
+            certs.join("client2_cert.pem"),
+            certs.join("client2_key.pem"),
+        );
+        mesh.grpcurl_as(
+            Some(client2),
+            *server_port,
+            &["-d", "{}"],
+            &["securemesh.v1.DataService/Submit"],
+        )
     };
     let before = direct();
     assert!(
@@ -785,18 +789,8 @@ openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
 
     let ports = [mesh.coordinator_port, mesh.servers[0].0];
     for port in ports {
-        let refused = tool("grpcurl")
-            .arg("-cacert")
-            .arg(mesh.certs().join("ca_cert.pem"))
-            .arg("-cert")
-            .arg(foreign.join("client.pem"))
-            .arg("-key")
-            .arg(foreign.join("client.key"))
-            .args(["-max-time", "5"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("list")
-            .output()
-            .unwrap();
+        let foreign_identity = (foreign.join("client.pem"), foreign.join("client.key"));
+        let refused = mesh.grpcurl_as(Some(foreign_identity), port, &[], &["list"]);
         assert!(!refused.status.success(), "{port}: {}", text(&refused));
         // Go's TLS client withholds a certificate the server's CA list does
         // not name; openssl presents it anyway, so the verifier judges it.

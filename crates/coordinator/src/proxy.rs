@@ -77,10 +77,7 @@ impl DataService for Coordinator {
                 trace: trace.clone(),
             })
             .await;
-        let status = match &outcome {
-            Ok(_) => "OK",
-            Err(status) => securemesh::status::code_name(status.code()),
-        };
+        let status = securemesh::status::outcome_name(&outcome);
         tracing::info!(
             %request_id,
             %caller,

@@ -70,10 +70,7 @@ impl DataService for DataHandler {
         let via = via.unwrap_or_else(|| "direct".to_owned());
         let token = request.into_inner().token;
         let outcome = self.answer(&token);
-        let status = match &outcome {
-            Ok(_) => "OK",
-            Err(status) => securemesh::status::code_name(status.code()),
-        };
+        let status = securemesh::status::outcome_name(&outcome);
         // Never the token or the plaintext: its size, and how it went.
         tracing::info!(
             %request_id,
