@@ -123,8 +123,41 @@ impl Credentials {
         Ok(credentials)
     }
 
+    /// The verdict on `authorization` when it needs no password hashing
+    /// (missing, malformed, a Bearer token, or a password verified
+    /// recently); `None` when only [`Credentials::verify`] can tell, at the
+    /// cost of an argon2 verification. Lets an async caller keep argon2 off
+    /// its event loop.
+    pub fn verify_without_hashing(
+        &self,
+        authorization: Option<&str>,
+    ) -> Option<Result<String, Refusal>> {
+        let Some(header) = authorization else {
+            return Some(Err(Refusal::Missing));
+        };
+        let Some((scheme, value)) = header.trim().split_once(' ') else {
+            return Some(Err(Refusal::Malformed));
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "bearer" => Some(self.verify_bearer(value.trim())),
+            "basic" => {
+                let (user, password) = match decode_basic(value.trim()) {
+                    Ok(pair) => pair,
+                    Err(refusal) => return Some(Err(refusal)),
+                };
+                let hash = self.users.get(&user)?;
+                self.recently_verified(&remembered_key(hash, &password))
+                    .then_some(Ok(user))
+            }
+            _ => Some(Err(Refusal::Malformed)),
+        }
+    }
+
     /// Checks the `authorization` metadata of a call and returns the name
-    /// of the user or token it proves.
+    /// of the user or token it proves. A password costs one argon2
+    /// verification unless verified recently; verifications run one at a
+    /// time in a process, so that a flood of wrong passwords takes at most
+    /// one core.
     pub fn verify(&self, authorization: Option<&str>) -> Result<String, Refusal> {
         let header = authorization.ok_or(Refusal::Missing)?.trim();
         let (scheme, value) = header.split_once(' ').ok_or(Refusal::Malformed)?;
@@ -136,32 +169,22 @@ impl Credentials {
     }
 
     fn verify_basic(&self, encoded: &str) -> Result<String, Refusal> {
-        let decoded = STANDARD.decode(encoded).map_err(|_| Refusal::Malformed)?;
-        let decoded = String::from_utf8(decoded).map_err(|_| Refusal::Malformed)?;
-        let (user, password) = decoded.split_once(':').ok_or(Refusal::Malformed)?;
-        let Some(hash) = self.users.get(user) else {
+        let (user, password) = decode_basic(encoded)?;
+        let Some(hash) = self.users.get(&user) else {
             // Spend the same argon2 work as for a real user, so that timing
             // does not tell which user names exist.
-            if let Ok(dummy) = PasswordHash::new(dummy_hash()) {
-                let _ = Argon2::default().verify_password(password.as_bytes(), &dummy);
-            }
+            let _ = argon2_verify(dummy_hash(), &password);
             return Err(Refusal::Invalid);
         };
-        let remembered = Sha256::new()
-            .chain_update(hash.as_bytes())
-            .chain_update([0])
-            .chain_update(password.as_bytes())
-            .finalize()
-            .into();
+        let remembered = remembered_key(hash, &password);
         if self.recently_verified(&remembered) {
-            return Ok(user.to_owned());
+            return Ok(user);
         }
-        let parsed = PasswordHash::new(hash).map_err(|_| Refusal::Invalid)?;
-        Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .map_err(|_| Refusal::Invalid)?;
+        if !argon2_verify(hash, &password) {
+            return Err(Refusal::Invalid);
+        }
         self.remember(remembered);
-        Ok(user.to_owned())
+        Ok(user)
     }
 
     fn verify_bearer(&self, token: &str) -> Result<String, Refusal> {
@@ -260,6 +283,40 @@ fn append(path: &Path, kind: &str, name: &str, secret: &str) -> Result<(), Crede
     Ok(())
 }
 
+/// User name and password of a Basic credential.
+fn decode_basic(encoded: &str) -> Result<(String, String), Refusal> {
+    let decoded = STANDARD.decode(encoded).map_err(|_| Refusal::Malformed)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| Refusal::Malformed)?;
+    let (user, password) = decoded.split_once(':').ok_or(Refusal::Malformed)?;
+    Ok((user.to_owned(), password.to_owned()))
+}
+
+/// What a verified password is remembered by: a digest of its hash and the
+/// password, never the password itself.
+fn remembered_key(hash: &str, password: &str) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(hash.as_bytes())
+        .chain_update([0])
+        .chain_update(password.as_bytes())
+        .finalize()
+        .into()
+}
+
+/// Whether `password` matches the argon2 `hash`. One verification at a
+/// time per process.
+fn argon2_verify(hash: &str, password: &str) -> bool {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    Argon2::default()
+        .verify_password(password.as_bytes(), &parsed)
+        .is_ok()
+}
+
 /// An argon2id hash of a random password nobody knows, made once.
 fn dummy_hash() -> &'static str {
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -315,6 +372,13 @@ mod tests {
         assert_eq!(credentials.verify(Some(&basic)), Ok("alice".into()));
         // Remembered: the second check does not need argon2, same answer.
         assert_eq!(credentials.verify(Some(&basic)), Ok("alice".into()));
+        assert_eq!(
+            credentials.verify_without_hashing(Some(&basic)),
+            Some(Ok("alice".into()))
+        );
+        // A password not seen before needs argon2.
+        let other = basic_header("alice", "another guess");
+        assert_eq!(credentials.verify_without_hashing(Some(&other)), None);
         let bearer = bearer_header(&token);
         assert_eq!(credentials.verify(Some(&bearer)), Ok("ci-bot".into()));
     }

@@ -156,7 +156,10 @@ impl Authorization {
                     .metadata()
                     .get("authorization")
                     .and_then(|value| value.to_str().ok());
-                match credentials.verify(header) {
+                let verdict = credentials
+                    .verify_without_hashing(header)
+                    .unwrap_or_else(|| hashing_allowed_to_block(|| credentials.verify(header)));
+                match verdict {
                     Ok(user) => Some(user),
                     Err(refusal) => {
                         audit_refusal(&request, &peer, "UNAUTHENTICATED");
@@ -172,6 +175,18 @@ impl Authorization {
             user,
         });
         Ok(request)
+    }
+}
+
+/// Runs `verify` (argon2) telling tokio that this thread blocks, so that
+/// other tasks (health checks, other calls) move to another thread
+/// meanwhile. Outside a multi-threaded runtime it simply runs.
+fn hashing_allowed_to_block<T>(verify: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(verify)
+        }
+        _ => verify(),
     }
 }
 
