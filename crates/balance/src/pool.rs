@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
+use securemesh_tls::ClientTls;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
 
@@ -42,7 +43,7 @@ pub type Discovery = futures_util::stream::Map<
 #[derive(Debug, Clone)]
 pub struct BackendOptions {
     /// TLS toward backends (the coordinator's own certificate).
-    pub tls: ClientTlsConfig,
+    pub tls: ClientTls,
     /// Bound on establishing a connection.
     pub connect_timeout: Duration,
     /// Bound on one attempt of a call on one backend.
@@ -61,7 +62,7 @@ pub struct BackendOptions {
 
 impl BackendOptions {
     /// Defaults for everything but TLS.
-    pub fn new(tls: ClientTlsConfig) -> Self {
+    pub fn new(tls: ClientTls) -> Self {
         Self {
             tls,
             connect_timeout: Duration::from_secs(2),
@@ -115,7 +116,7 @@ struct Member {
 pub struct BackendPool {
     options: BackendOptions,
     /// TLS for new backend connections; replaced on reload.
-    tls: Mutex<ClientTlsConfig>,
+    tls: Mutex<ClientTls>,
     rotation: Arc<Rotation>,
     changes: mpsc::UnboundedSender<Change<String, BalancedBackend>>,
     members: Mutex<BTreeMap<String, Member>>,
@@ -147,14 +148,13 @@ impl BackendPool {
             url: url.to_owned(),
             source,
         };
-        let channel = Endpoint::from_shared(url.to_owned())
-            .map_err(endpoint_error)?
-            .tls_config(
-                self.tls
-                    .lock()
-                    .unwrap_or_else(|poison| poison.into_inner())
-                    .clone(),
-            )
+        let tls = self
+            .tls
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone();
+        let channel = tls
+            .apply(Endpoint::from_shared(url.to_owned()).map_err(endpoint_error)?)
             .map_err(endpoint_error)?
             .connect_timeout(self.options.connect_timeout)
             .http2_keep_alive_interval(self.options.keepalive_interval)
@@ -193,7 +193,7 @@ impl BackendPool {
     /// Connects to every backend again with `tls` (a renewed certificate):
     /// each backend is replaced in the balancer by a fresh one; calls in
     /// flight finish on the old connections.
-    pub fn replace_tls(&self, tls: ClientTlsConfig) -> Result<(), PoolError> {
+    pub fn replace_tls(&self, tls: ClientTls) -> Result<(), PoolError> {
         *self.tls.lock().unwrap_or_else(|poison| poison.into_inner()) = tls;
         let urls: Vec<String> = self.members().keys().cloned().collect();
         for url in urls {

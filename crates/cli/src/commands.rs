@@ -169,7 +169,8 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         tls_args.crl().as_deref(),
     )?);
 
-    let client_tls = securemesh_tls::client_tls_config(&args.tls.files("coordinator"))?;
+    let client_tls =
+        securemesh_tls::client_tls(&args.tls.files("coordinator"), args.tls.crl().as_deref())?;
     let mut backends = BackendOptions::new(client_tls);
     backends.connect_timeout = args.connect_timeout;
     backends.attempt_timeout = args.attempt_timeout;
@@ -201,17 +202,21 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     reload_on_sighup({
         let (server_tls, pool) = (server_tls.clone(), coordinator.pool().clone());
         let (authorization, serve_args) = (authorization.clone(), args.serve.clone());
-        let loaded_identity = std::sync::Mutex::new(identity_bytes(&tls_args.files("coordinator")));
+        let loaded_identity = std::sync::Mutex::new(identity_bytes(
+            &tls_args.files("coordinator"),
+            tls_args.crl().as_deref(),
+        ));
         move || {
             // Read and check everything first; change nothing on a failure.
             let files = tls_args.files("coordinator");
             let new_server_tls = securemesh_tls::server_config(&files, tls_args.crl().as_deref())?;
-            let identity = identity_bytes(&files);
-            let new_client_tls = securemesh_tls::client_tls_config(&files)?;
+            let crl = tls_args.crl();
+            let identity = identity_bytes(&files, crl.as_deref());
+            let new_client_tls = securemesh_tls::client_tls(&files, crl.as_deref())?;
             serve_args.reload_credentials(&authorization)?;
             server_tls.replace(new_server_tls);
             // Reconnecting resets what health checks and ejection learnt:
-            // only when our own certificate changed.
+            // only when our certificate or the CRL changed.
             let mut loaded = loaded_identity
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner());
@@ -240,7 +245,8 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
-    let tls = securemesh_tls::client_tls_config(&args.tls.files(&args.identity))?;
+    let tls =
+        securemesh_tls::client_tls(&args.tls.files(&args.identity), args.tls.crl().as_deref())?;
     let keys = KeyRing::from_file(&args.tls.encryption_key(&args.encryption_key))?;
     let authorization = match (&args.user, &args.password, &args.token) {
         (Some(user), Some(password), _) => {
@@ -317,11 +323,14 @@ fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The certificate and key files of an identity, to tell whether they
+/// The certificate, key and CRL files of a client, to tell whether they
 /// changed.
-fn identity_bytes(files: &securemesh_tls::TlsFiles) -> Vec<u8> {
+fn identity_bytes(files: &securemesh_tls::TlsFiles, crl: Option<&std::path::Path>) -> Vec<u8> {
     let mut bytes = std::fs::read(&files.cert).unwrap_or_default();
     bytes.extend(std::fs::read(&files.key).unwrap_or_default());
+    if let Some(crl) = crl {
+        bytes.extend(std::fs::read(crl).unwrap_or_default());
+    }
     bytes
 }
 

@@ -704,6 +704,35 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     );
     assert!(old.status.success(), "{}", text(&old));
 
+    // A revoked server certificate: the coordinator, reloaded with the new
+    // CRL, refuses the servers (calls fail) until they present a renewed
+    // one; no process restarts.
+    let revoked = securemesh(&["pki", "revoke", "server"], work);
+    assert!(revoked.status.success(), "{}", text(&revoked));
+    mesh.reload("coordinator", coordinator);
+    let refused = mesh.client(&["--name", "Client1", "--timeout", "3s"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    let coordinator_log = mesh.log("coordinator");
+    assert!(
+        coordinator_log
+            .lines()
+            .any(|line| line.contains("Server https://127.0.0.1:") && line.contains("Revoked")),
+        "{coordinator_log}"
+    );
+    let renewed = securemesh(&["pki", "renew", "server"], work);
+    assert!(renewed.status.success(), "{}", text(&renewed));
+    for (port, server) in &mesh.servers {
+        mesh.reload(&format!("server-{port}"), server);
+    }
+    let started = Instant::now();
+    while !mesh.client(&["--name", "Client1"]).status.success() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "servers with a renewed certificate were not used again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     let shown = securemesh(&["pki", "show", "certs/coordinator_cert.pem"], work);
     assert!(text(&shown).contains("URI:spiffe://securemesh/both/coordinator"));
 }

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use securemesh_client::Client;
 use securemesh_crypto::KeyRing;
+use securemesh_tls::ClientTls;
 use securemesh_tls::TlsFiles;
 use tempfile::TempDir;
-use tonic::transport::ClientTlsConfig;
 
 /// The coordinator's per-try timeout (its default).
 const PER_TRY: Duration = Duration::from_secs(1);
@@ -83,7 +83,7 @@ struct Cluster {
     work: TempDir,
     servers: Vec<Node>,
     coordinators: Vec<Node>,
-    tls: ClientTlsConfig,
+    tls: ClientTls,
     keys: KeyRing,
 }
 

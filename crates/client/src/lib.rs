@@ -16,7 +16,8 @@ pub use securemesh::status::code_name;
 use securemesh::v1::{SubmitReply, SubmitRequest, DATA_SERVICE_NAME};
 use securemesh_balance::{Attempt, BackendOptions, BalanceOptions, Balancer};
 use securemesh_crypto::KeyRing;
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use securemesh_tls::ClientTls;
+use tonic::transport::Endpoint;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -87,7 +88,7 @@ impl Client {
     /// retries included; the time left travels as `grpc-timeout`.
     pub fn new(
         targets: &[String],
-        tls: ClientTlsConfig,
+        tls: ClientTls,
         keys: KeyRing,
         call_timeout: Duration,
     ) -> Result<Self, ClientError> {
@@ -158,14 +159,13 @@ impl Client {
     }
 }
 
-fn endpoint(target: &str, tls: ClientTlsConfig) -> Result<Endpoint, ClientError> {
+fn endpoint(target: &str, tls: ClientTls) -> Result<Endpoint, ClientError> {
     let invalid = |source| ClientError::Endpoint {
         target: target.to_owned(),
         source,
     };
-    Ok(Endpoint::from_shared(target.to_owned())
-        .map_err(invalid)?
-        .tls_config(tls)
+    Ok(tls
+        .apply(Endpoint::from_shared(target.to_owned()).map_err(invalid)?)
         .map_err(invalid)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true))
@@ -175,7 +175,7 @@ fn endpoint(target: &str, tls: ClientTlsConfig) -> Result<Endpoint, ClientError>
 /// `SERVING`, polling every 100 ms for at most `timeout`.
 pub async fn wait_until_serving(
     target: &str,
-    tls: ClientTlsConfig,
+    tls: ClientTls,
     timeout: Duration,
 ) -> Result<(), ClientError> {
     let channel = endpoint(target, tls)?

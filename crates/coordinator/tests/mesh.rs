@@ -872,9 +872,8 @@ async fn raw_call(
     body: Vec<u8>,
 ) -> tonic::Status {
     let tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .unwrap()
-        .tls_config(tls)
+    let channel = tls
+        .apply(tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap())
         .unwrap()
         .connect()
         .await

@@ -1,22 +1,77 @@
-//! The client side of mutual TLS, as tonic's channel takes it.
+//! The client side of mutual TLS: our certificate for the server, and the
+//! server's certificate verified against our CA and, when given, its
+//! revocation list.
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateRevocationListDer;
+use rustls::RootCertStore;
+use tonic::transport::{ClientTlsConfig, Endpoint, Identity};
 
 use crate::material::{TlsError, TlsFiles};
 
-/// A tonic client TLS configuration that trusts only `files.ca` and presents
-/// `files.cert` as our identity. The server name is taken from each
-/// endpoint's URL (a DNS name or an IP address in the server's SANs).
-pub fn client_tls_config(files: &TlsFiles) -> Result<ClientTlsConfig, TlsError> {
+/// How a client connects: the identity it presents and how it verifies
+/// servers. Cheap to clone.
+#[derive(Clone)]
+pub struct ClientTls {
+    identity: ClientTlsConfig,
+    verifier: Arc<dyn ServerCertVerifier>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// `endpoint` with this TLS. The server name is taken from the
+    /// endpoint's URL (a DNS name or an IP address in the server's SANs).
+    pub fn apply(&self, endpoint: Endpoint) -> Result<Endpoint, tonic::transport::Error> {
+        endpoint.tls_config_with_verifier(self.identity.clone(), self.verifier.clone())
+    }
+}
+
+/// Presents `files.cert` and trusts servers whose certificate chains to
+/// `files.ca` (with serverAuth, valid for the dialled name).
+pub fn client_tls_config(files: &TlsFiles) -> Result<ClientTls, TlsError> {
+    client_tls(files, None)
+}
+
+/// [`client_tls_config`], also refusing servers whose certificate is
+/// revoked by the CRL at `crl`.
+pub fn client_tls(files: &TlsFiles, crl: Option<&Path>) -> Result<ClientTls, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for ca in TlsFiles::certificates(&files.ca)? {
+        roots.add(ca)?;
+    }
+    let mut verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider);
+    if let Some(crl) = crl {
+        let pem = TlsFiles::read(crl)?;
+        let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| TlsError::Pem {
+                path: crl.to_path_buf(),
+                what: error.to_string(),
+            })?;
+        verifier = verifier.with_crls(crls);
+    }
+    let verifier = verifier.build().map_err(|error| TlsError::Pem {
+        path: files.ca.clone(),
+        what: format!("cannot verify servers with it: {error}"),
+    })?;
     // Parse now so that a bad file is reported at start-up with its path,
     // not at the first connection attempt.
-    TlsFiles::certificates(&files.ca)?;
     TlsFiles::certificates(&files.cert)?;
     TlsFiles::private_key(&files.key)?;
-    Ok(ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(TlsFiles::read(&files.ca)?))
-        .identity(Identity::from_pem(
-            TlsFiles::read(&files.cert)?,
-            TlsFiles::read(&files.key)?,
-        )))
+    let identity = ClientTlsConfig::new().identity(Identity::from_pem(
+        TlsFiles::read(&files.cert)?,
+        TlsFiles::read(&files.key)?,
+    ));
+    Ok(ClientTls { identity, verifier })
 }
