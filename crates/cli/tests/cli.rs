@@ -907,7 +907,8 @@ fn credentials_on_top_of_mtls_from_the_command_line() {
     let later = String::from_utf8_lossy(&later.stdout).trim().to_owned();
     assert!(!call(&["--token", &later]).status.success());
     mesh.reload("guarded", &guarded);
-    assert!(call(&["--token", &later]).status.success());
+    let accepted = call(&["--token", &later]);
+    assert!(accepted.status.success(), "{}", text(&accepted));
 
     let log = mesh.log("guarded");
 

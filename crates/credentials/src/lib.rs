@@ -27,6 +27,9 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+/// The start of every Bearer token this crate makes.
+pub const TOKEN_PREFIX: &str = "smt_";
+
 /// How long a verified password is remembered.
 const VERIFIED_FOR: Duration = Duration::from_secs(300);
 /// At most this many verified passwords are remembered.
@@ -239,7 +242,9 @@ pub fn add_user(path: &Path, name: &str, password: &str) -> Result<(), Credentia
 pub fn add_token(path: &Path, name: &str) -> Result<String, CredentialsError> {
     let mut secret = [0u8; 32];
     OsRng.fill_bytes(&mut secret);
-    let token = URL_SAFE_NO_PAD.encode(secret);
+    // A fixed prefix: a token never starts with '-' (which a command line
+    // would take for a flag), and secret scanners can recognise it.
+    let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
     let digest: String = Sha256::digest(token.as_bytes())
         .iter()
         .map(|byte| format!("{byte:02x}"))
@@ -381,6 +386,7 @@ mod tests {
         assert_eq!(credentials.verify_without_hashing(Some(&other)), None);
         let bearer = bearer_header(&token);
         assert_eq!(credentials.verify(Some(&bearer)), Ok("ci-bot".into()));
+        assert!(token.starts_with(TOKEN_PREFIX) && token.len() == TOKEN_PREFIX.len() + 43);
     }
 
     #[test]
