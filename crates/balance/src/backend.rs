@@ -21,11 +21,10 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::Status;
 
+use securemesh_tls::CALLER_HEADER;
+
 use crate::outlier::{EjectionPolicy, Verdicts};
 
-/// The metadata header that tells a server who the original caller was
-/// (the same name as `securemesh_tls::CALLER_HEADER`).
-const CALLER_HEADER: &str = "x-securemesh-caller";
 use crate::Attempt;
 
 /// How many backends of a pool are in rotation, shared by its backends so

@@ -7,9 +7,6 @@ use std::sync::Arc;
 
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateRevocationListDer;
-use rustls::RootCertStore;
 use tonic::transport::{ClientTlsConfig, Endpoint, Identity};
 
 use crate::material::{TlsError, TlsFiles};
@@ -46,20 +43,10 @@ pub fn client_tls_config(files: &TlsFiles) -> Result<ClientTls, TlsError> {
 /// revoked by the CRL at `crl`.
 pub fn client_tls(files: &TlsFiles, crl: Option<&Path>) -> Result<ClientTls, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for ca in TlsFiles::certificates(&files.ca)? {
-        roots.add(ca)?;
-    }
-    let mut verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider);
+    let mut verifier =
+        WebPkiServerVerifier::builder_with_provider(TlsFiles::roots(&files.ca)?, provider);
     if let Some(crl) = crl {
-        let pem = TlsFiles::read(crl)?;
-        let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| TlsError::Pem {
-                path: crl.to_path_buf(),
-                what: error.to_string(),
-            })?;
-        verifier = verifier.with_crls(crls);
+        verifier = verifier.with_crls(TlsFiles::crls(crl)?);
     }
     let verifier = verifier.build().map_err(|error| TlsError::Pem {
         path: files.ca.clone(),

@@ -1,9 +1,11 @@
 //! Where a party's certificate, key and trusted CA live, and reading them.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::RootCertStore;
 
 /// Why TLS material could not be loaded or used.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,28 @@ impl TlsFiles {
             });
         }
         Ok(certs)
+    }
+
+    /// The CA certificates of `path` as a root store.
+    pub(crate) fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in Self::certificates(path)? {
+            roots.add(ca)?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    /// Every revocation list in the PEM file at `path`.
+    pub(crate) fn crls(
+        path: &Path,
+    ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+        let pem = Self::read(path)?;
+        CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| TlsError::Pem {
+                path: path.to_path_buf(),
+                what: error.to_string(),
+            })
     }
 
     pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {

@@ -6,10 +6,8 @@
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateRevocationListDer;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::ServerConfig;
 
 use crate::material::{TlsError, TlsFiles};
 
@@ -24,21 +22,10 @@ use crate::material::{TlsError, TlsFiles};
 pub fn server_config(files: &TlsFiles, crl: Option<&Path>) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
 
-    let mut roots = RootCertStore::empty();
-    for ca in TlsFiles::certificates(&files.ca)? {
-        roots.add(ca)?;
-    }
     let mut verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+        WebPkiClientVerifier::builder_with_provider(TlsFiles::roots(&files.ca)?, provider.clone());
     if let Some(crl) = crl {
-        let pem = TlsFiles::read(crl)?;
-        let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| TlsError::Pem {
-                path: crl.to_path_buf(),
-                what: error.to_string(),
-            })?;
-        verifier = verifier.with_crls(crls);
+        verifier = verifier.with_crls(TlsFiles::crls(crl)?);
     }
     let verifier = verifier.build()?;
 
