@@ -110,6 +110,9 @@ pub struct BackendSnapshot {
 struct Member {
     state: Arc<BackendState>,
     prober: JoinHandle<()>,
+    /// How many sources (the static list, discovery keys) named this URL;
+    /// the backend leaves when the last of them removes it.
+    sources: usize,
 }
 
 /// The backends of one coordinator.
@@ -138,12 +141,23 @@ impl BackendPool {
         (pool, discovery)
     }
 
-    /// Adds a backend (a no-op if present) and starts probing its health.
+    /// Adds a backend and starts probing its health. A URL added again (by
+    /// another source: the static list and a discovery key may name the
+    /// same server) is counted, not connected twice.
     pub fn add(&self, url: &str) -> Result<(), PoolError> {
         let mut members = self.members();
-        if members.contains_key(url) {
+        if let Some(member) = members.get_mut(url) {
+            member.sources += 1;
             return Ok(());
         }
+        let member = self.connect(url)?;
+        tracing::info!(backend = %url, "backend added");
+        members.insert(url.to_owned(), member);
+        Ok(())
+    }
+
+    /// A backend for `url`, published to the balancer, with its prober.
+    fn connect(&self, url: &str) -> Result<Member, PoolError> {
         let endpoint_error = |source| PoolError::Endpoint {
             url: url.to_owned(),
             source,
@@ -175,19 +189,34 @@ impl BackendPool {
             self.options.health_interval,
             self.options.health_timeout,
         ));
-        tracing::info!(backend = %url, "backend added");
-        members.insert(url.to_owned(), Member { state, prober });
-        Ok(())
+        Ok(Member {
+            state,
+            prober,
+            sources: 1,
+        })
     }
 
-    /// Removes a backend: the balancer drops it and its prober stops.
+    /// Removes a backend once every source that added it has removed it:
+    /// the balancer drops it and its prober stops.
     pub fn remove(&self, url: &str) {
-        if let Some(member) = self.members().remove(url) {
-            member.prober.abort();
-            member.state.retire();
-            let _ = self.changes.send(Change::Remove(url.to_owned()));
+        let mut members = self.members();
+        let Some(member) = members.get_mut(url) else {
+            return;
+        };
+        member.sources -= 1;
+        if member.sources > 0 {
+            return;
+        }
+        if let Some(member) = members.remove(url) {
+            self.disconnect(url, &member);
             tracing::info!(backend = %url, "backend removed");
         }
+    }
+
+    fn disconnect(&self, url: &str, member: &Member) {
+        member.prober.abort();
+        member.state.retire();
+        let _ = self.changes.send(Change::Remove(url.to_owned()));
     }
 
     /// Connects to every backend again with `tls` (a renewed certificate):
@@ -195,10 +224,17 @@ impl BackendPool {
     /// flight finish on the old connections.
     pub fn replace_tls(&self, tls: ClientTls) -> Result<(), PoolError> {
         *self.tls.lock().unwrap_or_else(|poison| poison.into_inner()) = tls;
-        let urls: Vec<String> = self.members().keys().cloned().collect();
+        let mut members = self.members();
+        let urls: Vec<String> = members.keys().cloned().collect();
         for url in urls {
-            self.remove(&url);
-            self.add(&url)?;
+            let Some(old) = members.remove(&url) else {
+                continue;
+            };
+            self.disconnect(&url, &old);
+            let mut fresh = self.connect(&url)?;
+            fresh.sources = old.sources;
+            tracing::info!(backend = %url, "backend reconnected with new TLS");
+            members.insert(url, fresh);
         }
         Ok(())
     }
@@ -239,5 +275,63 @@ impl Drop for BackendPool {
         for member in self.members().values() {
             member.prober.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> (tempfile::TempDir, Arc<BackendPool>, Discovery) {
+        let dir = tempfile::tempdir().unwrap();
+        securemesh_pki::init(&securemesh_pki::InitOptions {
+            dir: dir.path().to_owned(),
+            days: 1,
+            extra_clients: Vec::new(),
+            sans: Vec::new(),
+            force: false,
+        })
+        .unwrap();
+        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "coordinator");
+        let tls = securemesh_tls::client_tls_config(&files).unwrap();
+        let (pool, discovery) = BackendPool::new(BackendOptions::new(tls));
+        (dir, pool, discovery)
+    }
+
+    fn urls(pool: &BackendPool) -> Vec<String> {
+        pool.snapshot()
+            .into_iter()
+            .map(|backend| backend.url)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_backend_named_by_two_sources_leaves_when_both_removed_it() {
+        let (_dir, pool, _discovery) = pool();
+        let url = "https://127.0.0.1:9";
+        pool.add(url).unwrap();
+        pool.add(url).unwrap();
+        assert_eq!(urls(&pool), [url]);
+        pool.remove(url);
+        assert_eq!(urls(&pool), [url], "one source still names it");
+        pool.remove(url);
+        assert!(urls(&pool).is_empty());
+        pool.remove(url);
+        assert!(urls(&pool).is_empty(), "removing an unknown URL is a no-op");
+    }
+
+    #[tokio::test]
+    async fn reconnecting_keeps_how_many_sources_named_a_backend() {
+        let (dir, pool, _discovery) = pool();
+        let url = "https://127.0.0.1:9";
+        pool.add(url).unwrap();
+        pool.add(url).unwrap();
+        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "coordinator");
+        pool.replace_tls(securemesh_tls::client_tls_config(&files).unwrap())
+            .unwrap();
+        pool.remove(url);
+        assert_eq!(urls(&pool), [url]);
+        pool.remove(url);
+        assert!(urls(&pool).is_empty());
     }
 }

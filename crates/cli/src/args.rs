@@ -333,6 +333,21 @@ pub struct ServerArgs {
     /// Largest message accepted, in bytes (larger ones get OUT_OF_RANGE).
     #[arg(long, default_value_t = 65_536)]
     pub max_message_size: usize,
+    /// Register in etcd while running, so that coordinators following the
+    /// prefix find this server: etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
+    /// (prefix default /securemesh/dataservice).
+    #[arg(long, value_name = "ETCD_URL", env = "SECUREMESH_REGISTER")]
+    pub register: Option<securemesh_discovery::EtcdConfig>,
+    /// The URL coordinators dial, as registered [default:
+    /// https://<listen address>]; its host must be in the server certificate.
+    #[arg(long, value_name = "URL", env = "SECUREMESH_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Lifetime of the registration's etcd lease: a server that dies
+    /// without deregistering is forgotten this long after.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub register_ttl: Duration,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Refuse tokens older than this ("token expired"); 0s accepts any age.
     #[arg(long, env = "SECUREMESH_TOKEN_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
     pub token_ttl: Duration,
@@ -340,6 +355,40 @@ pub struct ServerArgs {
     pub serve: ServeArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+}
+
+/// TLS toward etcd, for `--register` and `--discovery`.
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// Reach etcd over TLS, trusting this CA (e.g. certs/ca_cert.pem when
+    /// etcd serves a certificate from `securemesh pki issue etcd`).
+    #[arg(long, env = "SECUREMESH_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Certificate to present to etcd (for its --client-cert-auth).
+    #[arg(long, env = "SECUREMESH_ETCD_CERT", requires_all = ["etcd_ca", "etcd_key"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// Key of --etcd-cert.
+    #[arg(long, env = "SECUREMESH_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// `config` with the TLS these flags ask for, checked.
+    pub fn apply(
+        &self,
+        config: securemesh_discovery::EtcdConfig,
+    ) -> anyhow::Result<securemesh_discovery::EtcdConfig> {
+        let tls = self
+            .etcd_ca
+            .clone()
+            .map(|ca| securemesh_discovery::EtcdTls {
+                ca,
+                identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+            });
+        let config = config.with_tls(tls);
+        config.check()?;
+        Ok(config)
+    }
 }
 
 /// How a long-running process accepts connections and drains on SIGTERM.
@@ -411,15 +460,22 @@ pub struct CoordinatorArgs {
     /// Listen address.
     #[arg(long, env = "SECUREMESH_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
-    /// A backend server URL; repeat for each.
+    /// A backend server URL; repeat for each [default, without --discovery:
+    /// https://127.0.0.1:5001 and https://127.0.0.1:5002].
     #[arg(
         long = "backend",
         value_name = "URL",
         env = "SECUREMESH_BACKENDS",
-        value_delimiter = ',',
-        default_values_t = ["https://127.0.0.1:5001".to_string(), "https://127.0.0.1:5002".to_string()]
+        value_delimiter = ','
     )]
     pub backends: Vec<String>,
+    /// Also follow the servers registered in etcd under a prefix:
+    /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (prefix default
+    /// /securemesh/dataservice).
+    #[arg(long, value_name = "ETCD_URL", env = "SECUREMESH_DISCOVERY")]
+    pub discovery: Option<securemesh_discovery::EtcdConfig>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Interval of health checks on each backend.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub health_interval: Duration,

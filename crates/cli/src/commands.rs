@@ -18,6 +18,12 @@ use crate::args::{
     KeygenArgs, PkiCommand, ServerArgs,
 };
 
+/// The lab's servers, the coordinator's backends when none are named.
+const LAB_BACKENDS: [&str; 2] = ["https://127.0.0.1:5001", "https://127.0.0.1:5002"];
+
+/// How long a stopping server waits for etcd to confirm its deregistration.
+const DEREGISTER_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs one subcommand to completion.
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
@@ -133,6 +139,29 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let server_id = args.server_id.unwrap_or_else(|| address.to_string());
     tracing::info!(%address, %server_id, "Server listening on {address} (mutual TLS)");
+    let registration = match &args.register {
+        Some(etcd) => {
+            let etcd = args.etcd.apply(etcd.clone())?;
+            let url = match &args.advertise {
+                Some(url) => url.clone(),
+                None if address.ip().is_unspecified() => anyhow::bail!(
+                    "listening on {address}: say with --advertise which URL coordinators should dial"
+                ),
+                None => format!("https://{address}"),
+            };
+            tracing::info!(key = %etcd.key_of(&server_id), %url, "registering in etcd");
+            let record = securemesh_discovery::ServerRecord {
+                server_id: server_id.clone(),
+                url,
+            };
+            Some(securemesh_discovery::register(
+                etcd,
+                record,
+                args.register_ttl,
+            ))
+        }
+        None => None,
+    };
     let token_ttl = Some(args.token_ttl).filter(|ttl| !ttl.is_zero());
     let handler = DataHandler::new(keys, server_id, !args.hide_plaintext).with_token_ttl(token_ttl);
     let authorization = args
@@ -155,7 +184,14 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         tls,
         securemesh_tls::authorized_data_service(handler, authorization, args.max_message_size),
         args.serve.options(),
-        shutdown_signal(),
+        async {
+            shutdown_signal().await;
+            // Leave the registry first: coordinators stop sending new calls
+            // here while the calls in flight drain.
+            if let Some(registration) = registration {
+                registration.withdraw(DEREGISTER_LIMIT).await;
+            }
+        },
     )
     .await?;
     tracing::info!("server stopped");
@@ -191,9 +227,26 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         },
         args.request_timeout,
     );
-    for url in &args.backends {
+    let backends = if args.backends.is_empty() && args.discovery.is_none() {
+        LAB_BACKENDS.iter().map(|url| (*url).to_owned()).collect()
+    } else {
+        args.backends.clone()
+    };
+    for url in &backends {
         coordinator.pool().add(url)?;
     }
+    // Held until the coordinator stops.
+    let _discovery = match &args.discovery {
+        Some(etcd) => {
+            let etcd = args.etcd.apply(etcd.clone())?;
+            tracing::info!(endpoints = ?etcd.endpoints, prefix = %etcd.prefix, "following the servers registered in etcd");
+            Some(securemesh_discovery::follow(
+                etcd,
+                coordinator.pool().clone(),
+            ))
+        }
+        None => None,
+    };
     let authorization = args.serve.with_credentials(if args.allow.is_empty() {
         Authorization::any_identity()
     } else {
@@ -231,7 +284,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
-    tracing::info!(%address, backends = ?args.backends, "Coordinator listening on {address} (mutual TLS)");
+    tracing::info!(%address, static_backends = ?backends, "Coordinator listening on {address} (mutual TLS)");
     securemesh_tls::serve_mtls(
         listener,
         server_tls,

@@ -676,7 +676,7 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     for (port, server) in &mesh.servers {
         mesh.reload(&format!("server-{port}"), server);
     }
-    let connected = |log: &str| log.matches("backend added").count();
+    let connected = |log: &str| log.matches("backend reconnected with new TLS").count();
     let before = connected(&mesh.log("coordinator"));
     mesh.reload("coordinator", coordinator);
     // Both backends were replaced: their old connections closed, and the

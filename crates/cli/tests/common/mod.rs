@@ -3,6 +3,9 @@
 // Each test file uses its own subset of these helpers.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod etcd;
+
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::Path;

@@ -1,0 +1,393 @@
+//! Service discovery against a real etcd: servers register with
+//! `--register`, coordinators follow with `--discovery`, under load from
+//! the client library. etcd runs on free loopback ports with a temporary
+//! data directory (`.ci/run` installs `etcd-server`); the cases run one at
+//! a time.
+//!
+//! `cargo test -p securemesh-cli --test discovery -- --nocapture` prints
+//! each case's figures.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::cluster::{assert_clean, under_load, Cluster};
+use common::etcd::{Etcd, EtcdTlsFiles};
+use securemesh_client::Client;
+
+const REQUESTS: usize = 1_000;
+const PREFIX: &str = "/securemesh/test";
+/// Short leases, so that a killed server is forgotten quickly.
+const TTL: &str = "2s";
+
+/// One case at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn register_args(etcd: &Etcd, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--register".to_string(),
+        etcd.url(PREFIX),
+        "--register-ttl".into(),
+        TTL.into(),
+    ];
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    args
+}
+
+fn discovery_args(etcd: &Etcd, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["--discovery".to_string(), etcd.url(PREFIX)];
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    args
+}
+
+/// Starts `count` servers registered with `extra` arguments.
+async fn start_registered(cluster: &mut Cluster, etcd: &Etcd, count: usize, extra: &[&str]) {
+    for _ in 0..count {
+        let index = cluster.add_server(&register_args(etcd, extra));
+        cluster.start_server(index).await;
+    }
+}
+
+/// Calls through `client` until each of `servers` has answered.
+async fn until_answered_by(client: &Client, servers: &[String]) {
+    let wanted: BTreeSet<&String> = servers.iter().collect();
+    let mut seen = BTreeSet::new();
+    let started = Instant::now();
+    while !wanted.iter().all(|server| seen.contains(*server)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "only {seen:?} answered, wanted {wanted:?}"
+        );
+        if let Ok(reply) = client.submit(b"who answers?").await {
+            seen.insert(reply.server_id);
+        }
+    }
+}
+
+/// Waits until `label`'s log has a line with every one of `needles`;
+/// returns how long that took.
+async fn until_logged(
+    cluster: &Cluster,
+    label: &str,
+    needles: &[&str],
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let log = cluster.log(label);
+        if log
+            .lines()
+            .any(|line| needles.iter().all(|needle| line.contains(needle)))
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{label} did not log {needles:?} within {limit:?}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn server_ids(cluster: &Cluster) -> Vec<String> {
+    cluster.servers.iter().map(|server| server.id()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_1_a_server_registered_later_gets_traffic_within_two_seconds() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let etcd = Etcd::launch(cluster.work.path(), None);
+    start_registered(&mut cluster, &etcd, 2, &[]).await;
+    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &server_ids(&cluster)).await;
+
+    let third = cluster.add_server(&register_args(&etcd, &[]));
+    let third_id = cluster.servers[third].id();
+    let serving = Arc::new(Mutex::new(None));
+    let serving_at = serving.clone();
+    let cluster_ref = &mut cluster;
+    let report = under_load(&client, REQUESTS, |progress| async move {
+        progress.reached(REQUESTS / 4).await;
+        cluster_ref.start_server(third).await;
+        *serving_at.lock().unwrap() = Some(Instant::now());
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    })
+    .await;
+    let serving = serving.lock().unwrap().expect("started");
+    let first = report
+        .answers
+        .iter()
+        .find(|(at, server)| *at > serving && *server == third_id)
+        .map(|(at, _)| at.duration_since(serving));
+    report.print(&format!(
+        "discovery 1, a third server registered: traffic after {} ms",
+        first.map_or(-1, |wait| wait.as_millis() as i64)
+    ));
+    assert_clean(&report, REQUESTS);
+    let first = first.expect("the registered server never got traffic");
+    assert!(first <= Duration::from_secs(2), "traffic after {first:?}");
+    assert!(cluster
+        .log("coordinator-1")
+        .lines()
+        .any(|line| line.contains("backend registered in etcd") && line.contains(&third_id)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_2_a_server_stopped_with_sigterm_leaves_at_once() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let etcd = Etcd::launch(cluster.work.path(), None);
+    start_registered(&mut cluster, &etcd, 2, &[]).await;
+    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &server_ids(&cluster)).await;
+
+    let stopped_url = cluster.servers[0].url();
+    let stopped_id = cluster.servers[0].id();
+    let exited = Arc::new(Mutex::new(None));
+    let exited_at = exited.clone();
+    let cluster_ref = &mut cluster;
+    let report = under_load(&client, REQUESTS, |progress| async move {
+        progress.reached(REQUESTS / 4).await;
+        let status = cluster_ref.servers[0].terminate();
+        assert!(status.success(), "the server exited with {status}");
+        *exited_at.lock().unwrap() = Some(Instant::now());
+        // The server deregistered before draining: by the time it has
+        // exited, the coordinator has already dropped it.
+        until_logged(
+            cluster_ref,
+            "coordinator-1",
+            &["backend deregistered from etcd", &stopped_url],
+            Duration::from_millis(200),
+        )
+        .await;
+        progress.reached(REQUESTS / 2).await;
+    })
+    .await;
+    report.print("discovery 2, SIGTERM of a registered server");
+    assert_clean(&report, REQUESTS);
+    let exited = exited.lock().unwrap().expect("stopped");
+    assert!(!report
+        .answers
+        .iter()
+        .any(|(at, server)| *at > exited && *server == stopped_id));
+    assert!(cluster.log("server-1").contains("deregistered from etcd"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_3_a_killed_server_is_ejected_then_forgotten_when_its_lease_expires() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let etcd = Etcd::launch(cluster.work.path(), None);
+    start_registered(&mut cluster, &etcd, 2, &[]).await;
+    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &server_ids(&cluster)).await;
+
+    let killed_url = cluster.servers[0].url();
+    let forgotten = Arc::new(Mutex::new(Duration::ZERO));
+    let forgotten_after = forgotten.clone();
+    let cluster_ref = &mut cluster;
+    let report = under_load(&client, REQUESTS, |progress| async move {
+        progress.reached(REQUESTS / 4).await;
+        cluster_ref.servers[0].kill();
+        // A 2 s lease; etcd checks expiry twice a second.
+        *forgotten_after.lock().unwrap() = until_logged(
+            cluster_ref,
+            "coordinator-1",
+            &["backend deregistered from etcd", &killed_url],
+            Duration::from_secs(6),
+        )
+        .await;
+    })
+    .await;
+    let forgotten = *forgotten.lock().unwrap();
+    report.print(&format!(
+        "discovery 3, SIGKILL of a registered server: key expired after {} ms",
+        forgotten.as_millis()
+    ));
+    assert_clean(&report, REQUESTS);
+    assert!(forgotten >= Duration::from_millis(500), "{forgotten:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_4_etcd_killed_under_load_costs_nothing_and_everyone_catches_up() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let mut etcd = Etcd::launch(cluster.work.path(), None);
+    start_registered(&mut cluster, &etcd, 2, &[]).await;
+    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &server_ids(&cluster)).await;
+
+    let third = cluster.add_server(&register_args(&etcd, &[]));
+    let third_id = cluster.servers[third].id();
+    let (cluster_ref, etcd_ref) = (&mut cluster, &mut etcd);
+    let third_needle = third_id.clone();
+    let report = under_load(&client, REQUESTS, |progress| async move {
+        progress.reached(REQUESTS / 4).await;
+        etcd_ref.kill();
+        until_logged(
+            cluster_ref,
+            "coordinator-1",
+            &["lost etcd: keeping the last known backends"],
+            Duration::from_secs(5),
+        )
+        .await;
+        // A server and a coordinator that start while etcd is away serve
+        // (the coordinator with no backends yet) and catch up later.
+        cluster_ref.start_server(third).await;
+        cluster_ref
+            .add_coordinator(&discovery_args(etcd_ref, &[]))
+            .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        etcd_ref.start();
+        until_logged(
+            cluster_ref,
+            "coordinator-1",
+            &["backend registered in etcd", &third_needle],
+            Duration::from_secs(8),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    })
+    .await;
+    report.print("discovery 4, etcd killed under load, then back");
+    assert_clean(&report, REQUESTS);
+    assert!(
+        report.servers.contains_key(&third_id),
+        "{:?}",
+        report.servers
+    );
+    for server in ["server-1", "server-2"] {
+        let log = cluster.log(server);
+        assert!(log.contains("not registered in etcd"), "{log}");
+        assert!(log.matches("registered in etcd key=").count() >= 2, "{log}");
+    }
+    let late = cluster.client(&cluster.coordinator_urls()[1..]);
+    until_answered_by(&late, &server_ids(&cluster)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_5_two_coordinators_on_one_prefix_converge() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let etcd = Etcd::launch(cluster.work.path(), None);
+    start_registered(&mut cluster, &etcd, 3, &[]).await;
+    for _ in 0..2 {
+        cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    }
+    let clients: Vec<Client> = cluster
+        .coordinator_urls()
+        .iter()
+        .map(|url| cluster.client(std::slice::from_ref(url)))
+        .collect();
+    for client in &clients {
+        until_answered_by(client, &server_ids(&cluster)).await;
+    }
+
+    let stopped_url = cluster.servers[1].url();
+    let stopped_id = cluster.servers[1].id();
+    assert!(cluster.servers[1].terminate().success());
+    for coordinator in ["coordinator-1", "coordinator-2"] {
+        until_logged(
+            &cluster,
+            coordinator,
+            &["backend deregistered from etcd", &stopped_url],
+            Duration::from_millis(500),
+        )
+        .await;
+    }
+    for client in &clients {
+        for _ in 0..50 {
+            let reply = client.submit(b"after the stop").await.unwrap();
+            assert_ne!(reply.server_id, stopped_id);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_6_etcd_over_mutual_tls_with_the_projects_certificates() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let certs = cluster.certs();
+    for (name, role) in [("etcd", "both"), ("registrar", "client")] {
+        let issued =
+            common::securemesh(&["pki", "issue", name, "--role", role], cluster.work.path());
+        assert!(issued.status.success(), "{}", common::text(&issued));
+    }
+    let etcd = Etcd::launch(
+        cluster.work.path(),
+        Some(EtcdTlsFiles {
+            cert: certs.join("etcd_cert.pem"),
+            key: certs.join("etcd_key.pem"),
+            ca: certs.join("ca_cert.pem"),
+        }),
+    );
+    let ca = "certs/ca_cert.pem";
+    let registrar = [
+        "--etcd-ca",
+        ca,
+        "--etcd-cert",
+        "certs/registrar_cert.pem",
+        "--etcd-key",
+        "certs/registrar_key.pem",
+    ];
+    start_registered(&mut cluster, &etcd, 2, &registrar).await;
+    let coordinator_identity = [
+        "--etcd-ca",
+        ca,
+        "--etcd-cert",
+        "certs/coordinator_cert.pem",
+        "--etcd-key",
+        "certs/coordinator_key.pem",
+    ];
+    cluster
+        .add_coordinator(&discovery_args(&etcd, &coordinator_identity))
+        .await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &server_ids(&cluster)).await;
+
+    // Refused by etcd: no client certificate, and one from another CA.
+    let other = tempfile::tempdir().unwrap();
+    let made = common::securemesh(
+        &["pki", "init", "--dir", other.path().to_str().unwrap()],
+        cluster.work.path(),
+    );
+    assert!(made.status.success(), "{}", common::text(&made));
+    let other_cert = other.path().join("client_cert.pem");
+    let other_key = other.path().join("client_key.pem");
+    let refused = [
+        vec!["--etcd-ca", ca],
+        vec![
+            "--etcd-ca",
+            ca,
+            "--etcd-cert",
+            other_cert.to_str().unwrap(),
+            "--etcd-key",
+            other_key.to_str().unwrap(),
+        ],
+    ];
+    for extra in &refused {
+        start_registered(&mut cluster, &etcd, 1, extra).await;
+    }
+    // Nor does a coordinator that talks to etcd without TLS learn anything.
+    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for refused_server in ["server-3", "server-4"] {
+        let log = cluster.log(refused_server);
+        assert!(log.contains("not registered in etcd"), "{log}");
+        assert!(!log.contains("registered in etcd key="), "{log}");
+    }
+    let log = cluster.log("coordinator-1");
+    for server in &cluster.servers[2..] {
+        assert!(!log.contains(&server.url()), "{log}");
+    }
+    let log = cluster.log("coordinator-2");
+    assert!(log.contains("lost etcd"), "{log}");
+    assert!(!log.contains("backend registered in etcd"), "{log}");
+}

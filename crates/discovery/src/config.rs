@@ -1,0 +1,215 @@
+//! Where etcd is and how to reach it: the `etcd://HOST:PORT[,...]/PREFIX`
+//! form the command line takes, and TLS toward etcd.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+use crate::DiscoveryError;
+
+/// The prefix servers register under when the URL names none.
+pub const DEFAULT_PREFIX: &str = "/securemesh/dataservice";
+
+/// Bound on one request to etcd (a put, a get, a lease grant).
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why an `etcd://` URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EtcdUrlError {
+    /// It does not start with `etcd://`.
+    #[error("an etcd URL starts with etcd:// (etcd://HOST:PORT[,HOST:PORT...][/PREFIX])")]
+    Scheme,
+    /// No `HOST:PORT` was given, or one is malformed.
+    #[error("{0:?} is not HOST:PORT")]
+    Endpoint(String),
+}
+
+/// TLS toward etcd: the CA that signed etcd's certificate and, when etcd
+/// requires client certificates, ours.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// CA certificate (PEM) that etcd's serving certificate chains to.
+    pub ca: PathBuf,
+    /// Our certificate and key (PEM), for etcd's `--client-cert-auth`.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> Result<TlsOptions, DiscoveryError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| DiscoveryError::TlsFile {
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&self.ca)?));
+        if let Some((cert, key)) = &self.identity {
+            options = options.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(options)
+    }
+}
+
+/// An etcd cluster and the prefix under which servers are registered.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// `HOST:PORT` of each etcd member.
+    pub endpoints: Vec<String>,
+    /// The key prefix, without a trailing `/`.
+    pub prefix: String,
+    /// TLS toward etcd; plain HTTP/2 when `None`.
+    pub tls: Option<EtcdTls>,
+}
+
+impl FromStr for EtcdConfig {
+    type Err = EtcdUrlError;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        let rest = url.strip_prefix("etcd://").ok_or(EtcdUrlError::Scheme)?;
+        let (hosts, path) = match rest.find('/') {
+            Some(slash) => rest.split_at(slash),
+            None => (rest, ""),
+        };
+        let endpoints = hosts
+            .split(',')
+            .map(|endpoint| {
+                let valid = endpoint
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+                if valid {
+                    Ok(endpoint.to_owned())
+                } else {
+                    Err(EtcdUrlError::Endpoint(endpoint.to_owned()))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let prefix = path.trim_end_matches('/');
+        let prefix = if prefix.is_empty() {
+            DEFAULT_PREFIX
+        } else {
+            prefix
+        };
+        Ok(Self {
+            endpoints,
+            prefix: prefix.to_owned(),
+            tls: None,
+        })
+    }
+}
+
+impl EtcdConfig {
+    /// The same cluster, reached over TLS.
+    pub fn with_tls(mut self, tls: Option<EtcdTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The key a server with this id registers under.
+    pub fn key_of(&self, server_id: &str) -> String {
+        format!("{}/{server_id}", self.prefix)
+    }
+
+    /// The range every registration is in: the prefix and a `/`, so that
+    /// `/a/svc` does not also match `/a/svc2/...`.
+    pub(crate) fn range(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+
+    /// Checks that the TLS files can be read, so that a typo is reported at
+    /// start-up rather than on every reconnection.
+    pub fn check(&self) -> Result<(), DiscoveryError> {
+        self.tls.as_ref().map(EtcdTls::options).transpose()?;
+        Ok(())
+    }
+
+    /// A client for the cluster. Connections are made lazily; a dead
+    /// connection is noticed within a few seconds by HTTP/2 keep-alive.
+    pub(crate) async fn connect(&self) -> Result<Client, DiscoveryError> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let endpoints: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|endpoint| format!("{scheme}://{endpoint}"))
+            .collect();
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.options()?);
+        }
+        within(Client::connect(endpoints, Some(options))).await
+    }
+}
+
+/// `request`, bounded by [`REQUEST_TIMEOUT`].
+pub(crate) async fn within<T>(
+    request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, DiscoveryError> {
+    tokio::time::timeout(REQUEST_TIMEOUT, request)
+        .await
+        .map_err(|_| DiscoveryError::Timeout(REQUEST_TIMEOUT))?
+        .map_err(DiscoveryError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_several_members_and_a_prefix() {
+        let config: EtcdConfig = "etcd://10.0.0.1:2379,etcd-2.example:2379/team/api/"
+            .parse()
+            .unwrap();
+        assert_eq!(config.endpoints, ["10.0.0.1:2379", "etcd-2.example:2379"]);
+        assert_eq!(config.prefix, "/team/api");
+        assert_eq!(config.key_of("server-1"), "/team/api/server-1");
+        assert_eq!(config.range(), "/team/api/");
+    }
+
+    #[test]
+    fn the_prefix_defaults_when_absent() {
+        for url in ["etcd://127.0.0.1:2379", "etcd://127.0.0.1:2379/"] {
+            let config: EtcdConfig = url.parse().unwrap();
+            assert_eq!(config.prefix, DEFAULT_PREFIX, "{url}");
+        }
+        let ipv6: EtcdConfig = "etcd://[::1]:2379".parse().unwrap();
+        assert_eq!(ipv6.endpoints, ["[::1]:2379"]);
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_etcd_url() {
+        assert_eq!(
+            "http://127.0.0.1:2379".parse::<EtcdConfig>().unwrap_err(),
+            EtcdUrlError::Scheme
+        );
+        for bad in [
+            "etcd://",
+            "etcd:///prefix",
+            "etcd://127.0.0.1/prefix",
+            "etcd://127.0.0.1:99999",
+            "etcd://127.0.0.1:2379,/p",
+            "etcd://:2379",
+        ] {
+            assert!(
+                matches!(bad.parse::<EtcdConfig>(), Err(EtcdUrlError::Endpoint(_))),
+                "{bad} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_tls_file_is_reported_with_its_path() {
+        let config = "etcd://127.0.0.1:2379"
+            .parse::<EtcdConfig>()
+            .unwrap()
+            .with_tls(Some(EtcdTls {
+                ca: PathBuf::from("/nonexistent/ca_cert.pem"),
+                identity: None,
+            }));
+        let error = config.check().unwrap_err().to_string();
+        assert!(error.contains("/nonexistent/ca_cert.pem"), "{error}");
+    }
+}

@@ -1,0 +1,271 @@
+//! A coordinator following the registrations under a prefix: read them,
+//! watch from that revision, apply every change to the backend set.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use tokio::task::JoinHandle;
+
+use crate::config::within;
+use crate::{Backoff, DiscoveryError, EtcdConfig, ServerRecord};
+
+/// The set of backends discovery feeds. A URL may be inserted by several
+/// keys (and by other sources); it should stay until each removed it.
+pub trait Membership: Send + Sync + 'static {
+    /// Starts sending calls to `url`.
+    fn insert(&self, url: &str) -> Result<(), String>;
+    /// Stops sending new calls to `url`.
+    fn remove(&self, url: &str);
+}
+
+impl Membership for securemesh_balance::BackendPool {
+    fn insert(&self, url: &str) -> Result<(), String> {
+        self.add(url).map_err(|error| error.to_string())
+    }
+
+    fn remove(&self, url: &str) {
+        securemesh_balance::BackendPool::remove(self, url);
+    }
+}
+
+/// Follows `config`'s prefix into `members` until dropped. When etcd is
+/// unreachable the last known set stays (health checks still eject dead
+/// servers) and the prefix is read again, with backoff, until it answers.
+pub fn follow(config: EtcdConfig, members: Arc<dyn Membership>) -> Follower {
+    Follower {
+        task: tokio::spawn(follow_forever(config, Registrations::new(members))),
+    }
+}
+
+/// The background task of [`follow`]; stops when dropped.
+#[derive(Debug)]
+pub struct Follower {
+    task: JoinHandle<()>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn follow_forever(config: EtcdConfig, mut registrations: Registrations) {
+    let mut backoff = Backoff::new();
+    loop {
+        let Err(error) = sync_and_watch(&config, &mut registrations, &mut backoff).await;
+        let delay = backoff.delay();
+        tracing::warn!(
+            prefix = %config.prefix,
+            %error,
+            backends = registrations.by_key.len(),
+            retry_in_ms = delay.as_millis() as u64,
+            "lost etcd: keeping the last known backends"
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Reads the prefix, then applies its changes until the watch fails.
+async fn sync_and_watch(
+    config: &EtcdConfig,
+    registrations: &mut Registrations,
+    backoff: &mut Backoff,
+) -> Result<Infallible, DiscoveryError> {
+    let mut client = config.connect().await?;
+    let range = config.range();
+    let listing = within(client.get(range.as_str(), Some(GetOptions::new().with_prefix()))).await?;
+    let revision = listing.header().map_or(0, |header| header.revision());
+    registrations.replace_all(
+        listing
+            .kvs()
+            .iter()
+            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value())),
+    );
+    tracing::info!(
+        prefix = %config.prefix,
+        revision,
+        backends = registrations.by_key.len(),
+        "read the registrations in etcd; watching for changes"
+    );
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1);
+    let mut watch = within(client.watch(range.as_str(), Some(options))).await?;
+    backoff.reset();
+    while let Some(response) = watch.message().await? {
+        if response.canceled() {
+            return Err(DiscoveryError::StreamEnded(format!(
+                "watch cancelled ({}), compacted at revision {}",
+                response.cancel_reason(),
+                response.compact_revision()
+            )));
+        }
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key());
+            match event.event_type() {
+                EventType::Put => registrations.put(&key, kv.value()),
+                EventType::Delete => registrations.delete(&key),
+            }
+        }
+    }
+    Err(DiscoveryError::StreamEnded("watch".into()))
+}
+
+/// The registrations seen so far, by key, and the backend set they feed.
+struct Registrations {
+    by_key: BTreeMap<String, String>,
+    members: Arc<dyn Membership>,
+}
+
+impl Registrations {
+    fn new(members: Arc<dyn Membership>) -> Self {
+        Self {
+            by_key: BTreeMap::new(),
+            members,
+        }
+    }
+
+    /// A key was written: its backend joins (replacing the one it named
+    /// before, if any). A value that is not a [`ServerRecord`] is ignored
+    /// and logged.
+    fn put(&mut self, key: &str, value: &[u8]) {
+        let record = match serde_json::from_slice::<ServerRecord>(value) {
+            Ok(record) => record,
+            Err(error) => {
+                tracing::warn!(%key, %error, "ignoring a registration that is not a server record");
+                self.delete(key);
+                return;
+            }
+        };
+        match self.by_key.get(key) {
+            Some(url) if *url == record.url => return,
+            Some(_) => self.delete(key),
+            None => {}
+        }
+        match self.members.insert(&record.url) {
+            Ok(()) => {
+                tracing::info!(%key, url = %record.url, server_id = %record.server_id, "backend registered in etcd");
+                self.by_key.insert(key.to_owned(), record.url);
+            }
+            Err(error) => {
+                tracing::warn!(%key, url = %record.url, %error, "cannot use a registered backend")
+            }
+        }
+    }
+
+    /// A key was deleted (by its server, or when its lease expired).
+    fn delete(&mut self, key: &str) {
+        if let Some(url) = self.by_key.remove(key) {
+            tracing::info!(%key, %url, "backend deregistered from etcd");
+            self.members.remove(&url);
+        }
+    }
+
+    /// After a (re)read of the whole prefix: keys that vanished meanwhile
+    /// leave, new and changed ones join, unchanged ones are left alone.
+    fn replace_all<'a>(&mut self, listing: impl Iterator<Item = (String, &'a [u8])>) {
+        let listing: BTreeMap<String, &[u8]> = listing.collect();
+        let gone: Vec<String> = self
+            .by_key
+            .keys()
+            .filter(|key| !listing.contains_key(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.delete(&key);
+        }
+        for (key, value) in listing {
+            self.put(&key, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records what discovery asked of the backend set.
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<String>>);
+
+    impl Membership for Recorded {
+        fn insert(&self, url: &str) -> Result<(), String> {
+            if url.starts_with("bad") {
+                return Err("not a URL".into());
+            }
+            self.0.lock().unwrap().push(format!("+{url}"));
+            Ok(())
+        }
+
+        fn remove(&self, url: &str) {
+            self.0.lock().unwrap().push(format!("-{url}"));
+        }
+    }
+
+    fn record(url: &str) -> Vec<u8> {
+        serde_json::to_vec(&ServerRecord {
+            server_id: "s".into(),
+            url: url.into(),
+        })
+        .unwrap()
+    }
+
+    fn registrations() -> (Arc<Recorded>, Registrations) {
+        let recorded = Arc::new(Recorded::default());
+        (recorded.clone(), Registrations::new(recorded))
+    }
+
+    fn taken(recorded: &Recorded) -> Vec<String> {
+        std::mem::take(&mut *recorded.0.lock().unwrap())
+    }
+
+    #[test]
+    fn puts_and_deletes_become_inserts_and_removals() {
+        let (recorded, mut registrations) = registrations();
+        registrations.put("/p/a", &record("https://a:1"));
+        registrations.put("/p/a", &record("https://a:1"));
+        registrations.put("/p/a", &record("https://a:2"));
+        registrations.delete("/p/a");
+        registrations.delete("/p/a");
+        assert_eq!(
+            taken(&recorded),
+            [
+                "+https://a:1",
+                "-https://a:1",
+                "+https://a:2",
+                "-https://a:2"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_resync_changes_only_what_changed_meanwhile() {
+        let (recorded, mut registrations) = registrations();
+        registrations.put("/p/a", &record("https://a:1"));
+        registrations.put("/p/b", &record("https://b:1"));
+        taken(&recorded);
+        let (b, c) = (record("https://b:1"), record("https://c:1"));
+        registrations.replace_all(
+            [
+                ("/p/b".to_owned(), b.as_slice()),
+                ("/p/c".to_owned(), c.as_slice()),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(taken(&recorded), ["-https://a:1", "+https://c:1"]);
+    }
+
+    #[test]
+    fn a_value_that_is_not_a_record_is_ignored_and_unnames_its_key() {
+        let (recorded, mut registrations) = registrations();
+        registrations.put("/p/a", &record("https://a:1"));
+        registrations.put("/p/a", b"https://a:1");
+        registrations.put("/p/b", &record("bad url"));
+        assert_eq!(taken(&recorded), ["+https://a:1", "-https://a:1"]);
+        assert!(registrations.by_key.is_empty());
+    }
+}

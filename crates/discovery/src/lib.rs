@@ -1,0 +1,98 @@
+//! Service discovery through etcd.
+//!
+//! A server [`register`]s itself: one key `<prefix>/<server_id>` whose
+//! value is a [`ServerRecord`], bound to a lease it keeps alive while it
+//! runs and revokes when it stops. A coordinator [`follow`]s the prefix:
+//! it reads it, watches it from that revision, and turns every put and
+//! delete into a change of its backend set. Either side rides out an etcd
+//! outage: the server keeps serving and registers again, the coordinator
+//! keeps the last known set and reads the prefix again.
+//!
+//! etcd is one source of backends among possible others: anything that
+//! can list a service and notify changes (a Consul catalog's blocking
+//! queries, Kubernetes endpoints) would drive the same [`Membership`].
+
+mod config;
+mod follow;
+mod register;
+
+pub use config::{EtcdConfig, EtcdTls, EtcdUrlError, DEFAULT_PREFIX};
+pub use follow::{follow, Membership};
+pub use register::{register, Registration, ServerRecord};
+
+/// What went wrong talking to etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The etcd client reported an error.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// etcd did not answer in time.
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// A TLS file for etcd could not be read.
+    #[error("cannot read {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The lease was lost (etcd expired it, or stopped answering).
+    #[error("the registration's lease was lost: {0}")]
+    LeaseLost(&'static str),
+    /// A watch or keep-alive stream ended or was cancelled by etcd.
+    #[error("etcd ended the stream: {0}")]
+    StreamEnded(String),
+}
+
+/// Delays between attempts to reach etcd again: doubling from 100 ms up to
+/// 5 s, reset after a success, with jitter so that many processes do not
+/// return in step.
+#[derive(Debug)]
+struct Backoff {
+    next: std::time::Duration,
+}
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// The delay to wait now; the following one doubles.
+    fn delay(&mut self) -> std::time::Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // Up to a quarter less, from the clock's low bits: enough to spread
+        // processes apart without a random number generator.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|now| now.subsec_nanos())
+            .unwrap_or(0);
+        delay - delay.mul_f64(f64::from(nanos % 1000) / 4000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..10).map(|_| backoff.delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100) && delays[0] >= Duration::from_millis(75));
+        assert!(delays[1] >= Duration::from_millis(150));
+        assert!(delays.iter().all(|delay| *delay <= Backoff::MAX));
+        assert!(delays[9] >= Backoff::MAX.mul_f64(0.75));
+        backoff.reset();
+        assert!(backoff.delay() <= Duration::from_millis(100));
+    }
+}
