@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,6 +17,7 @@ use futures_util::task::AtomicWaker;
 pub use securemesh::status::{describe, is_unavailable as is_backend_failure};
 use securemesh::v1::data_service_client::DataServiceClient;
 use securemesh::v1::SubmitReply;
+use securemesh_telemetry::{metrics, Window, WindowSnapshot};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::Status;
@@ -76,6 +77,10 @@ pub struct BackendState {
     /// Wakes the prober when an ejection starts, so that it can end it on
     /// time.
     pub(crate) ejected: tokio::sync::Notify,
+    /// Attempts in flight on this backend.
+    in_flight: AtomicU64,
+    /// Recent attempts: rate and latency, for the status page.
+    recent: Window,
 }
 
 impl BackendState {
@@ -92,7 +97,47 @@ impl BackendState {
             rotation,
             retired: AtomicBool::new(false),
             ejected: tokio::sync::Notify::new(),
+            in_flight: AtomicU64::new(0),
+            recent: Window::default(),
         })
+        .published()
+    }
+
+    /// Publishes the rotation gauges as they are now.
+    fn published(self: Arc<Self>) -> Arc<Self> {
+        self.publish_gauges();
+        self
+    }
+
+    fn publish_gauges(&self) {
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
+        let metrics = metrics();
+        let url = [self.url.as_str()];
+        let flag = |on: bool| i64::from(on);
+        metrics
+            .backend_up
+            .with_label_values(&url)
+            .set(flag(self.is_in_rotation()));
+        metrics
+            .backend_healthy
+            .with_label_values(&url)
+            .set(flag(self.is_healthy()));
+        metrics
+            .backend_ejected
+            .with_label_values(&url)
+            .set(flag(self.is_ejected()));
+    }
+
+    /// Attempts in flight on this backend now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Rate and latency of its recent attempts.
+    pub fn recent(&self) -> WindowSnapshot {
+        self.recent.snapshot()
     }
 
     /// The backend's URL, e.g. `https://127.0.0.1:5001`.
@@ -154,6 +199,12 @@ impl BackendState {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.in_rotation.store(false, Ordering::Release);
         self.rotation.leave(&mut count);
+        drop(count);
+        metrics()
+            .backend_ejections
+            .with_label_values(&[self.url.as_str()])
+            .inc();
+        self.publish_gauges();
         tracing::warn!(
             backend = %self.url,
             ejection_ms = time.as_millis() as u64,
@@ -176,6 +227,7 @@ impl BackendState {
         }
         lock(&self.verdicts).set_healthy(healthy);
         self.settle();
+        self.publish_gauges();
     }
 
     /// Puts the backend in or out of rotation as its verdicts say now:
@@ -198,10 +250,16 @@ impl BackendState {
             *count += 1;
             tracing::info!(backend = %self.url, "Server {} is back in rotation", self.url);
             self.waker.wake();
+            drop(verdicts);
+            drop(count);
+            self.publish_gauges();
         } else {
             self.in_rotation.store(false, Ordering::Release);
             self.rotation.leave(&mut count);
             tracing::warn!(backend = %self.url, "Server {} is out of rotation", self.url);
+            drop(verdicts);
+            drop(count);
+            self.publish_gauges();
         }
     }
 
@@ -214,6 +272,9 @@ impl BackendState {
         if self.in_rotation.swap(false, Ordering::AcqRel) {
             self.rotation.leave(&mut count);
         }
+        drop(count);
+        // A series for a backend that left would otherwise claim it is up.
+        metrics().forget_backend(&self.url);
     }
 }
 
@@ -275,6 +336,7 @@ impl tower::Service<Attempt> for Backend {
             let mut request = tonic::Request::new(attempt.message);
             request.set_timeout(limit);
             attempt.trace.attempted(&state.url);
+            let in_flight = InFlight::start(&state);
             for (name, value) in [
                 (CALLER_HEADER, attempt.caller.as_deref()),
                 ("authorization", attempt.authorization.as_deref()),
@@ -313,6 +375,8 @@ impl tower::Service<Attempt> for Backend {
                     per_try.as_millis()
                 ))),
             };
+            let failed = matches!(&result, Err(status) if is_backend_failure(status));
+            in_flight.finish(failed);
             match &result {
                 Err(status) if is_backend_failure(status) => state.call_failed(&describe(status)),
                 Err(status) if status.code() == tonic::Code::DeadlineExceeded => {}
@@ -320,6 +384,55 @@ impl tower::Service<Attempt> for Backend {
             }
             result
         })
+    }
+}
+
+/// One attempt on a backend, counted while it runs. An attempt dropped
+/// before it finished (its call was abandoned) still leaves the count.
+struct InFlight {
+    state: Arc<BackendState>,
+    started: std::time::Instant,
+    finished: bool,
+}
+
+impl InFlight {
+    fn start(state: &Arc<BackendState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        let url = [state.url.as_str()];
+        metrics().backend_in_flight.with_label_values(&url).inc();
+        metrics().backend_requests.with_label_values(&url).inc();
+        Self {
+            state: state.clone(),
+            started: std::time::Instant::now(),
+            finished: false,
+        }
+    }
+
+    fn finish(mut self, failed: bool) {
+        self.end(failed);
+    }
+
+    fn end(&mut self, failed: bool) {
+        self.finished = true;
+        let state = &self.state;
+        state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let url = [state.url.as_str()];
+        // A retired backend's series are gone; do not bring them back.
+        if !state.retired.load(Ordering::Acquire) {
+            metrics().backend_in_flight.with_label_values(&url).dec();
+        }
+        if failed {
+            metrics().backend_failures.with_label_values(&url).inc();
+        }
+        state.recent.record(self.started.elapsed(), !failed);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.end(false);
+        }
     }
 }
 

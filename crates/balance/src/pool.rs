@@ -93,7 +93,7 @@ pub enum PoolError {
 }
 
 /// One backend's state as reported by [`BackendPool::snapshot`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendSnapshot {
     /// The backend URL.
     pub url: String,
@@ -105,6 +105,10 @@ pub struct BackendSnapshot {
     pub ejected: bool,
     /// The most recent failure reason.
     pub last_failure: Option<String>,
+    /// Attempts in flight on it now.
+    pub in_flight: u64,
+    /// Its recent attempts.
+    pub recent: securemesh_telemetry::WindowSnapshot,
 }
 
 struct Member {
@@ -259,6 +263,8 @@ impl BackendPool {
                 healthy: member.state.is_healthy(),
                 ejected: member.state.is_ejected(),
                 last_failure: member.state.last_failure(),
+                in_flight: member.state.in_flight(),
+                recent: member.state.recent(),
             })
             .collect()
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use securemesh::v1::SubmitReply;
+use securemesh_telemetry::metrics;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::BoxError;
 
@@ -48,7 +49,7 @@ impl tower::retry::Policy<Attempt, SubmitReply, BoxError> for RetryPolicy {
 
     fn retry(
         &mut self,
-        _request: &mut Attempt,
+        request: &mut Attempt,
         result: &mut Result<SubmitReply, BoxError>,
     ) -> Option<Self::Future> {
         let Err(error) = result else {
@@ -58,9 +59,20 @@ impl tower::retry::Policy<Attempt, SubmitReply, BoxError> for RetryPolicy {
             return None;
         }
         if !self.budget.withdraw() {
+            metrics().retry_budget_refusals.inc();
+            metrics().retry_budget_exhausted.set(1);
             tracing::warn!("retry budget exhausted: not retrying");
             return None;
         }
+        metrics().retry_budget_exhausted.set(0);
+        let failed_on = request
+            .trace
+            .last_endpoint()
+            .unwrap_or_else(|| "none".to_owned());
+        metrics()
+            .backend_retries
+            .with_label_values(&[failed_on.as_str()])
+            .inc();
         self.retries_left -= 1;
         Some(std::future::ready(()))
     }

@@ -82,6 +82,20 @@ pub enum Command {
     /// Run the whole lab: certificates, two servers, coordinator, clients,
     /// a failover and a recovery.
     Demo(DemoArgs),
+    /// Print a running coordinator's (or server's) status: its backends,
+    /// their health, load and latency, from its admin listener.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The admin listener (the process's --metrics-listen): PORT, :PORT or
+    /// IP:PORT.
+    #[arg(long, env = "SECUREMESH_ADMIN", default_value = "127.0.0.1:9000")]
+    pub admin: String,
+    /// Print the status document as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl Command {
@@ -410,6 +424,11 @@ pub struct ServeArgs {
     /// Connections allowed at once; more are closed on arrival.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
+    /// Serve Prometheus metrics (/metrics), a status document (/status) and
+    /// a status page (/) over plain HTTP on this address: PORT or :PORT for
+    /// loopback, IP:PORT otherwise [default: off].
+    #[arg(long, value_name = "ADDR", env = "SECUREMESH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Also require credentials (Basic or Bearer) from this file on every
     /// call; health and reflection stay open.
     #[arg(long, env = "SECUREMESH_CREDENTIALS")]

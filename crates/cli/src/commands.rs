@@ -6,12 +6,14 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use base64::Engine as _;
+use securemesh_admin::{BackendStatus, StatusReport};
 use securemesh_client::load::{self, LoadOptions};
 use securemesh_client::Client;
 use securemesh_coordinator::{BackendOptions, BalanceOptions, Coordinator, EjectionPolicy};
 use securemesh_crypto::KeyRing;
 use securemesh_server::DataHandler;
 use securemesh_tls::{Authorization, ReloadableConfig};
+use std::sync::Arc;
 
 use crate::args::{
     key_file, ClientArgs, Command, CoordinatorArgs, CredentialsCommand, DecryptArgs, EncryptArgs,
@@ -96,6 +98,15 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Encrypt(args) => encrypt(args)?,
         Command::Decrypt(args) => decrypt(args)?,
         Command::Demo(args) => return crate::demo::run(args).await,
+        Command::Status(args) => {
+            let address = securemesh_admin::parse_listen_address(&args.admin)?;
+            let report = securemesh_admin::fetch_status(address).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -164,6 +175,26 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     };
     let token_ttl = Some(args.token_ttl).filter(|ttl| !ttl.is_zero());
     let handler = DataHandler::new(keys, server_id, !args.hide_plaintext).with_token_ttl(token_ttl);
+    if let Some(admin) = &args.serve.metrics_listen {
+        let stats = handler.stats().clone();
+        let listen = address.to_string();
+        let discovery = args.register.as_ref().map(ToString::to_string);
+        let started = std::time::Instant::now();
+        start_admin(
+            admin,
+            Arc::new(move || StatusReport {
+                role: "server".into(),
+                listen: listen.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                uptime_seconds: started.elapsed().as_secs(),
+                in_flight: stats.in_flight(),
+                recent: stats.recent(),
+                discovery: discovery.clone(),
+                backends: Vec::new(),
+            }),
+        )
+        .await?;
+    }
     let authorization = args
         .serve
         .with_credentials(Authorization::server_default(args.allow.clone()))?;
@@ -284,6 +315,38 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
+    if let Some(admin) = &args.serve.metrics_listen {
+        let (stats, pool) = (coordinator.stats().clone(), coordinator.pool().clone());
+        let listen = address.to_string();
+        let discovery = args.discovery.as_ref().map(ToString::to_string);
+        let started = std::time::Instant::now();
+        start_admin(
+            admin,
+            Arc::new(move || StatusReport {
+                role: "coordinator".into(),
+                listen: listen.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                uptime_seconds: started.elapsed().as_secs(),
+                in_flight: stats.in_flight(),
+                recent: stats.recent(),
+                discovery: discovery.clone(),
+                backends: pool
+                    .snapshot()
+                    .into_iter()
+                    .map(|backend| BackendStatus {
+                        state: BackendStatus::state_of(backend.in_rotation, backend.ejected).into(),
+                        url: backend.url,
+                        healthy: backend.healthy,
+                        ejected: backend.ejected,
+                        in_flight: backend.in_flight,
+                        recent: backend.recent,
+                        last_failure: backend.last_failure,
+                    })
+                    .collect(),
+            }),
+        )
+        .await?;
+    }
     tracing::info!(%address, static_backends = ?backends, "Coordinator listening on {address} (mutual TLS)");
     securemesh_tls::serve_mtls(
         listener,
@@ -373,6 +436,24 @@ fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     let keys = KeyRing::from_file(&key_file(&args.encryption_key, &args.certs))?;
     let plaintext = keys.decrypt(args.token.as_bytes())?;
     println!("{}", String::from_utf8_lossy(&plaintext));
+    Ok(())
+}
+
+/// Binds the admin listener at `address` and serves it in the background
+/// until the process exits.
+async fn start_admin(address: &str, status: securemesh_admin::StatusSource) -> anyhow::Result<()> {
+    let address = securemesh_admin::parse_listen_address(address)?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address} for metrics"))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, "admin listening on http://{address}: /metrics, /status, /");
+    tokio::spawn(async move {
+        if let Err(error) = securemesh_admin::serve(listener, status, std::future::pending()).await
+        {
+            tracing::warn!(%error, "the admin listener stopped");
+        }
+    });
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use securemesh::v1::{SubmitReply, SubmitRequest};
 use std::sync::Arc;
 
 use securemesh_balance::{Attempt, BackendOptions, BalanceOptions, Balancer, CallTrace};
+use securemesh_telemetry::CallStats;
 use tonic::{Request, Response, Status};
 
 use crate::deadline::call_deadline;
@@ -17,7 +18,11 @@ use crate::deadline::call_deadline;
 pub struct Coordinator {
     balancer: Balancer,
     request_timeout: Duration,
+    stats: CallStats,
 }
+
+/// The one method of the service, as metrics label it.
+const SUBMIT: &str = "/securemesh.v1.DataService/Submit";
 
 impl Coordinator {
     /// A coordinator over an empty pool; add backends through
@@ -31,12 +36,19 @@ impl Coordinator {
         Self {
             balancer: Balancer::new(backends, options),
             request_timeout,
+            stats: CallStats::default(),
         }
     }
 
     /// The backends behind this coordinator.
     pub fn pool(&self) -> &std::sync::Arc<securemesh_balance::BackendPool> {
         self.balancer.pool()
+    }
+
+    /// The calls this coordinator (and its clones) answered: for the status
+    /// page.
+    pub fn stats(&self) -> &CallStats {
+        &self.stats
     }
 }
 
@@ -46,6 +58,7 @@ impl DataService for Coordinator {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
+        let timer = self.stats.start(SUBMIT);
         let started = tokio::time::Instant::now();
         let deadline = call_deadline(
             request
@@ -78,12 +91,13 @@ impl DataService for Coordinator {
             })
             .await;
         let status = securemesh::status::outcome_name(&outcome);
+        let latency = timer.finish(status);
         tracing::info!(
             %request_id,
             %caller,
-            method = "/securemesh.v1.DataService/Submit",
+            method = SUBMIT,
             status,
-            latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
+            latency_ms = latency.as_micros() as f64 / 1000.0,
             bytes,
             backend = trace.last_endpoint().as_deref().unwrap_or("none"),
             attempts = trace.attempts(),

@@ -49,6 +49,20 @@ pub enum TokenError {
     Expired,
 }
 
+impl TokenError {
+    /// A short name for the refusal, for metrics: `empty`, `malformed`,
+    /// `from_the_future`, `invalid` or `expired`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::Malformed(_) => "malformed",
+            Self::FromTheFuture => "from_the_future",
+            Self::Invalid => "invalid",
+            Self::Expired => "expired",
+        }
+    }
+}
+
 /// The Fernet keys of one party: the first encrypts, any of them decrypts.
 #[derive(Clone)]
 pub struct KeyRing {

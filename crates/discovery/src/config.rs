@@ -99,6 +99,16 @@ impl FromStr for EtcdConfig {
     }
 }
 
+impl std::fmt::Display for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "etcd://{}{}", self.endpoints.join(","), self.prefix)?;
+        if self.tls.is_some() {
+            f.write_str(" (TLS)")?;
+        }
+        Ok(())
+    }
+}
+
 impl EtcdConfig {
     /// The same cluster, reached over TLS.
     pub fn with_tls(mut self, tls: Option<EtcdTls>) -> Self {
@@ -167,6 +177,10 @@ mod tests {
         assert_eq!(config.prefix, "/team/api");
         assert_eq!(config.key_of("server-1"), "/team/api/server-1");
         assert_eq!(config.range(), "/team/api/");
+        assert_eq!(
+            config.to_string(),
+            "etcd://10.0.0.1:2379,etcd-2.example:2379/team/api"
+        );
     }
 
     #[test]

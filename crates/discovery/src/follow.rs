@@ -94,6 +94,7 @@ async fn sync_and_watch(
         .with_start_revision(revision + 1);
     let mut watch = within(client.watch(range.as_str(), Some(options))).await?;
     backoff.reset();
+    let _connected = crate::Connected::now();
     while let Some(response) = watch.message().await? {
         if response.canceled() {
             return Err(DiscoveryError::StreamEnded(format!(

@@ -45,6 +45,23 @@ pub enum DiscoveryError {
     StreamEnded(String),
 }
 
+/// Marks the process as following or holding its registrations (the
+/// `securemesh_discovery_connected` gauge) while it lives.
+struct Connected;
+
+impl Connected {
+    fn now() -> Self {
+        securemesh_telemetry::metrics().discovery_connected.set(1);
+        Self
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        securemesh_telemetry::metrics().discovery_connected.set(0);
+    }
+}
+
 /// Delays between attempts to reach etcd again: doubling from 100 ms up to
 /// 5 s, reset after a success, with jitter so that many processes do not
 /// return in step.

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::within;
-use crate::{Backoff, DiscoveryError, EtcdConfig};
+use crate::{Backoff, Connected, DiscoveryError, EtcdConfig};
 
 /// What a server publishes about itself: the value of its key.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -127,6 +127,7 @@ async fn hold(
     };
     tracing::info!(%key, lease, ttl_s = ttl_seconds, "registered in etcd");
     backoff.reset();
+    let _connected = Connected::now();
 
     let mut renew = tokio::time::interval(ttl / 3);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

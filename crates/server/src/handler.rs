@@ -6,6 +6,7 @@ use std::time::Duration;
 use securemesh::v1::data_service_server::DataService;
 use securemesh::v1::{SubmitReply, SubmitRequest};
 use securemesh_crypto::KeyRing;
+use securemesh_telemetry::{metrics, CallStats};
 use tonic::{Request, Response, Status};
 
 /// Decrypts each submitted token with the server's key ring.
@@ -22,7 +23,11 @@ pub struct DataHandler {
     server_id: String,
     print_plaintext: bool,
     token_ttl: Option<Duration>,
+    stats: CallStats,
 }
+
+/// The one method of the service, as metrics label it.
+const SUBMIT: &str = "/securemesh.v1.DataService/Submit";
 
 impl DataHandler {
     /// A handler answering as `server_id` (e.g. `127.0.0.1:5001`).
@@ -32,7 +37,14 @@ impl DataHandler {
             server_id: server_id.into(),
             print_plaintext,
             token_ttl: None,
+            stats: CallStats::default(),
         }
+    }
+
+    /// The calls this handler (and its clones) served: for the status
+    /// page.
+    pub fn stats(&self) -> &CallStats {
+        &self.stats
     }
 
     /// Decrypts with `keys` from now on (calls in progress finish with the
@@ -58,7 +70,7 @@ impl DataService for DataHandler {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
-        let started = std::time::Instant::now();
+        let timer = self.stats.start(SUBMIT);
         let request_id = securemesh::request_id::of(request.metadata());
         let (caller, via) = match request.extensions().get::<securemesh_tls::Caller>() {
             Some(caller) => (
@@ -71,14 +83,15 @@ impl DataService for DataHandler {
         let token = request.into_inner().token;
         let outcome = self.answer(&token);
         let status = securemesh::status::outcome_name(&outcome);
+        let latency = timer.finish(status);
         // Never the token or the plaintext: its size, and how it went.
         tracing::info!(
             %request_id,
             %caller,
             %via,
-            method = "/securemesh.v1.DataService/Submit",
+            method = SUBMIT,
             status,
-            latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
+            latency_ms = latency.as_micros() as f64 / 1000.0,
             bytes = token.len(),
             "audit"
         );
@@ -95,6 +108,10 @@ impl DataHandler {
             .unwrap_or_else(|poison| poison.into_inner())
             .decrypt_with_ttl(token, self.token_ttl);
         let plaintext = decrypted.map_err(|reason| {
+            metrics()
+                .token_refusals
+                .with_label_values(&[reason.kind()])
+                .inc();
             tracing::warn!(token_bytes = token.len(), %reason, "Submit refused");
             Status::invalid_argument(format!("invalid token: {reason}"))
         })?;

@@ -22,6 +22,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 
+use securemesh_telemetry::metrics;
+
 use crate::ReloadableConfig;
 
 /// How many finished handshakes may wait for tonic to pick them up.
@@ -40,7 +42,24 @@ pub struct TlsIncoming {
 /// connection permits until it closes.
 pub struct Connection {
     stream: TlsStream<TcpStream>,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
+}
+
+/// One of the listener's connection permits, counted in the
+/// `connections_open` gauge while held.
+struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        metrics().connections_open.inc();
+        Self(permit)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics().connections_open.dec();
+    }
 }
 
 impl TlsIncoming {
@@ -98,6 +117,7 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
+                    metrics().connections_refused.inc();
                     tracing::warn!(
                         %peer,
                         limit = limits.max_connections,
@@ -113,7 +133,7 @@ async fn accept_loop(
                     peer,
                     TlsAcceptor::from(config.current()),
                     limits.handshake_timeout,
-                    permit,
+                    Slot::new(permit),
                     ready.clone(),
                 ));
             }
@@ -131,7 +151,7 @@ async fn handshake(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     timeout: Duration,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
     ready: ReadySender,
 ) {
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
@@ -139,16 +159,51 @@ async fn handshake(
             let _ = ready
                 .send(Ok(Connection {
                     stream,
-                    _permit: permit,
+                    _slot: slot,
                 }))
                 .await;
         }
         Ok(Err(error)) => {
-            tracing::info!(%peer, %error, "TLS handshake refused");
+            let reason = failure_reason(&error);
+            metrics()
+                .handshake_failures
+                .with_label_values(&[reason])
+                .inc();
+            tracing::info!(%peer, %error, reason, "TLS handshake refused");
         }
         Err(_) => {
+            metrics()
+                .handshake_failures
+                .with_label_values(&["timeout"])
+                .inc();
             tracing::info!(%peer, timeout_ms = timeout.as_millis() as u64, "TLS handshake timed out");
         }
+    }
+}
+
+/// A short, bounded label for why a handshake failed (the metric's
+/// `reason`; the log line keeps the full error).
+fn failure_reason(error: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let tls_error = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<Error>());
+    match tls_error {
+        Some(Error::NoCertificatesPresented) => "no_client_certificate",
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => "unknown_ca",
+        Some(Error::InvalidCertificate(CertificateError::Revoked)) => "revoked",
+        Some(Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        )) => "expired",
+        Some(Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        )) => "not_yet_valid",
+        Some(Error::InvalidCertificate(_)) => "bad_certificate",
+        Some(Error::AlertReceived(_)) => "alert_from_client",
+        Some(Error::PeerIncompatible(_)) => "incompatible_client",
+        Some(_) => "protocol_error",
+        None if error.kind() == std::io::ErrorKind::UnexpectedEof => "closed_by_client",
+        None => "io_error",
     }
 }
 

@@ -191,7 +191,11 @@ fn hashing_allowed_to_block<T>(verify: impl FnOnce() -> T) -> T {
 }
 
 /// The audit line of a call refused before it reached the service.
-fn audit_refusal(request: &Request<()>, peer: &str, status: &str) {
+fn audit_refusal(request: &Request<()>, peer: &str, status: &'static str) {
+    securemesh_telemetry::metrics()
+        .requests
+        .with_label_values(&["/securemesh.v1.DataService/Submit", status])
+        .inc();
     tracing::info!(
         request_id = %securemesh::request_id::of(request.metadata()),
         caller = %peer,

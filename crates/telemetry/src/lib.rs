@@ -1,0 +1,375 @@
+//! What securemesh measures, in one place.
+//!
+//! Libraries record into one process-wide registry, [`metrics()`]; the
+//! admin listener renders it as Prometheus text when `--metrics-listen` is
+//! given. Besides the exported series, [`Window`] keeps recent latency and
+//! rate in process, for the status page.
+
+mod window;
+
+pub use window::{Window, WindowSnapshot};
+
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every series a securemesh process exports, registered in one registry.
+/// Counters end in `_total` and durations are in seconds, as Prometheus
+/// conventions ask.
+pub struct Metrics {
+    registry: Registry,
+    /// Calls answered, by `method` and gRPC `status`.
+    pub requests: IntCounterVec,
+    /// Call latency in seconds, by `method`.
+    pub request_duration: HistogramVec,
+    /// Calls being served now, by `method`.
+    pub in_flight: IntGaugeVec,
+    /// TLS handshakes that failed, by `reason`.
+    pub handshake_failures: IntCounterVec,
+    /// Connections open now (handshaking or established).
+    pub connections_open: IntGauge,
+    /// Connections closed on arrival because the limit was reached.
+    pub connections_refused: IntCounter,
+    /// Tokens a server refused, by `reason`.
+    pub token_refusals: IntCounterVec,
+    /// 1 while a backend is in rotation, by `backend`.
+    pub backend_up: IntGaugeVec,
+    /// 1 while a backend's last health check answered SERVING.
+    pub backend_healthy: IntGaugeVec,
+    /// 1 while a backend is ejected for failed calls.
+    pub backend_ejected: IntGaugeVec,
+    /// Attempts sent to a backend.
+    pub backend_requests: IntCounterVec,
+    /// Attempts a backend failed (unreachable, reset, timed out).
+    pub backend_failures: IntCounterVec,
+    /// Attempts in flight on a backend.
+    pub backend_in_flight: IntGaugeVec,
+    /// Times a backend was ejected.
+    pub backend_ejections: IntCounterVec,
+    /// Retries made after an attempt on a backend failed.
+    pub backend_retries: IntCounterVec,
+    /// Retries the retry budget refused.
+    pub retry_budget_refusals: IntCounter,
+    /// 1 while the retry budget is exhausted (its last withdrawal failed).
+    pub retry_budget_exhausted: IntGauge,
+    /// 1 while the process follows (coordinator) or holds (server) its
+    /// etcd registrations.
+    pub discovery_connected: IntGauge,
+}
+
+/// Latency histogram buckets, in seconds: 100 µs to 10 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
+];
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}
+
+// Registering a fixed set of well-formed, distinct series cannot fail;
+// `expect` documents that at start-up, as for any constant.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("distinct, well-formed metric definitions");
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    registered(
+        registry,
+        IntCounter::new(name, help).expect("a well-formed counter"),
+    )
+}
+
+fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    registered(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("a well-formed counter"),
+    )
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    registered(
+        registry,
+        IntGauge::new(name, help).expect("a well-formed gauge"),
+    )
+}
+
+fn gauges(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    registered(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("a well-formed gauge"),
+    )
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let request_duration = registered(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "securemesh_request_duration_seconds",
+                    "Call latency, by method.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["method"],
+            )
+            .expect("a well-formed histogram"),
+        );
+        Self {
+            requests: counters(
+                r,
+                "securemesh_requests_total",
+                "Calls answered, by method and gRPC status.",
+                &["method", "status"],
+            ),
+            request_duration,
+            in_flight: gauges(
+                r,
+                "securemesh_requests_in_flight",
+                "Calls being served now, by method.",
+                &["method"],
+            ),
+            handshake_failures: counters(
+                r,
+                "securemesh_tls_handshake_failures_total",
+                "TLS handshakes that failed, by reason.",
+                &["reason"],
+            ),
+            connections_open: gauge(
+                r,
+                "securemesh_connections_open",
+                "Connections open now (handshaking or established).",
+            ),
+            connections_refused: counter(
+                r,
+                "securemesh_connections_refused_total",
+                "Connections closed on arrival because the connection limit was reached.",
+            ),
+            token_refusals: counters(
+                r,
+                "securemesh_token_refusals_total",
+                "Fernet tokens refused, by reason.",
+                &["reason"],
+            ),
+            backend_up: gauges(
+                r,
+                "securemesh_backend_up",
+                "1 while the backend is in rotation.",
+                &["backend"],
+            ),
+            backend_healthy: gauges(
+                r,
+                "securemesh_backend_healthy",
+                "1 while the backend's last health check answered SERVING.",
+                &["backend"],
+            ),
+            backend_ejected: gauges(
+                r,
+                "securemesh_backend_ejected",
+                "1 while the backend is ejected for failed calls.",
+                &["backend"],
+            ),
+            backend_requests: counters(
+                r,
+                "securemesh_backend_requests_total",
+                "Attempts sent to the backend.",
+                &["backend"],
+            ),
+            backend_failures: counters(
+                r,
+                "securemesh_backend_failures_total",
+                "Attempts the backend failed (unreachable, reset, timed out).",
+                &["backend"],
+            ),
+            backend_in_flight: gauges(
+                r,
+                "securemesh_backend_in_flight",
+                "Attempts in flight on the backend.",
+                &["backend"],
+            ),
+            backend_ejections: counters(
+                r,
+                "securemesh_backend_ejections_total",
+                "Times the backend was ejected for failed calls.",
+                &["backend"],
+            ),
+            backend_retries: counters(
+                r,
+                "securemesh_backend_retries_total",
+                "Retries made after an attempt on the backend failed.",
+                &["backend"],
+            ),
+            retry_budget_refusals: counter(
+                r,
+                "securemesh_retry_budget_refusals_total",
+                "Retries refused because the retry budget was exhausted.",
+            ),
+            retry_budget_exhausted: gauge(
+                r,
+                "securemesh_retry_budget_exhausted",
+                "1 while the retry budget is exhausted (its last withdrawal failed).",
+            ),
+            discovery_connected: gauge(
+                r,
+                "securemesh_discovery_connected",
+                "1 while etcd registrations are followed (coordinator) or held (server).",
+            ),
+            registry,
+        }
+    }
+
+    /// Every series in the Prometheus text exposition format (0.0.4).
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if let Err(error) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text) {
+            // Only a malformed series could fail, and ours are fixed.
+            return format!("# encoding failed: {error}\n");
+        }
+        text
+    }
+
+    /// Stops exporting a backend's gauges (it left the pool).
+    pub fn forget_backend(&self, url: &str) {
+        for gauges in [
+            &self.backend_up,
+            &self.backend_healthy,
+            &self.backend_ejected,
+            &self.backend_in_flight,
+        ] {
+            let _ = gauges.remove_label_values(&[url]);
+        }
+    }
+}
+
+/// The calls a process serves: exported series plus an in-process
+/// [`Window`] for its status. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct CallStats {
+    window: Arc<Window>,
+    in_flight: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl CallStats {
+    /// Starts timing one call of `method`; finish it with
+    /// [`CallTimer::finish`]. A timer dropped unfinished (the caller went
+    /// away) counts as `CANCELLED`.
+    pub fn start(&self, method: &'static str) -> CallTimer {
+        metrics().in_flight.with_label_values(&[method]).inc();
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        CallTimer {
+            stats: self.clone(),
+            method,
+            started: Instant::now(),
+            finished: false,
+        }
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Recent rate and latency.
+    pub fn recent(&self) -> WindowSnapshot {
+        self.window.snapshot()
+    }
+}
+
+/// One call being timed.
+#[derive(Debug)]
+pub struct CallTimer {
+    stats: CallStats,
+    method: &'static str,
+    started: Instant,
+    finished: bool,
+}
+
+impl CallTimer {
+    /// Records the call as answered with `status` (a gRPC code name such
+    /// as `OK` or `INVALID_ARGUMENT`); returns its latency.
+    pub fn finish(mut self, status: &'static str) -> std::time::Duration {
+        self.record(status)
+    }
+
+    fn record(&mut self, status: &'static str) -> std::time::Duration {
+        self.finished = true;
+        let latency = self.started.elapsed();
+        let metrics = metrics();
+        metrics
+            .requests
+            .with_label_values(&[self.method, status])
+            .inc();
+        metrics
+            .request_duration
+            .with_label_values(&[self.method])
+            .observe(latency.as_secs_f64());
+        metrics.in_flight.with_label_values(&[self.method]).dec();
+        self.stats
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.window.record(latency, status == "OK");
+        latency
+    }
+}
+
+impl Drop for CallTimer {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.record("CANCELLED");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_is_in_flight_until_finished_or_dropped() {
+        let stats = CallStats::default();
+        let first = stats.start("/m");
+        let second = stats.start("/m");
+        assert_eq!(stats.in_flight(), 2);
+        first.finish("OK");
+        drop(second);
+        assert_eq!(stats.in_flight(), 0);
+        let recent = stats.recent();
+        assert_eq!(recent.calls, 2);
+        assert_eq!(recent.failures, 1, "a dropped call is a failure");
+    }
+
+    #[test]
+    fn the_exposition_has_help_and_type_for_every_series() {
+        let stats = CallStats::default();
+        stats.start("/test.Method").finish("OK");
+        metrics()
+            .backend_up
+            .with_label_values(&["https://b:1"])
+            .set(1);
+        let text = metrics().render();
+        assert!(
+            text.contains("# TYPE securemesh_requests_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("securemesh_requests_total{method=\"/test.Method\",status=\"OK\"} 1"));
+        assert!(text.contains(
+            "securemesh_request_duration_seconds_bucket{method=\"/test.Method\",le=\"0.0001\"}"
+        ));
+        metrics().forget_backend("https://b:1");
+        assert!(!metrics().render().contains("https://b:1"));
+    }
+}

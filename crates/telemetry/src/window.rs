@@ -1,0 +1,187 @@
+//! Recent calls: rate, failures and latency percentiles over the last
+//! ten to twenty seconds, for status pages (Prometheus computes its own
+//! rates from the counters).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// Length of one half of the window.
+const HALF: Duration = Duration::from_secs(10);
+/// Latencies are kept in microseconds, up to a minute, to 2 significant
+/// figures (1% error): a few kilobytes per window.
+const MAX_MICROS: u64 = 60_000_000;
+
+/// What happened recently.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WindowSnapshot {
+    /// Calls in the window.
+    pub calls: u64,
+    /// Of which failed.
+    pub failures: u64,
+    /// Calls per second over the window.
+    pub per_second: f64,
+    /// Median latency in milliseconds (0 without calls).
+    pub p50_ms: f64,
+    /// 99th percentile latency in milliseconds (0 without calls).
+    pub p99_ms: f64,
+}
+
+/// A sliding window made of two halves: the current one fills while the
+/// previous, complete one still counts, so the window always covers
+/// between one and two halves.
+#[derive(Debug)]
+pub struct Window {
+    halves: Mutex<Halves>,
+}
+
+#[derive(Debug)]
+struct Halves {
+    current: Half,
+    previous: Option<Half>,
+}
+
+#[derive(Debug)]
+struct Half {
+    started: Instant,
+    latencies: Histogram<u64>,
+    failures: u64,
+}
+
+impl Half {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            // The bounds are constants that hdrhistogram accepts.
+            latencies: Histogram::new_with_bounds(1, MAX_MICROS, 2)
+                .unwrap_or_else(|_| unreachable!("valid histogram bounds")),
+            failures: 0,
+        }
+    }
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self {
+            halves: Mutex::new(Halves {
+                current: Half::new(Instant::now()),
+                previous: None,
+            }),
+        }
+    }
+}
+
+impl Window {
+    /// Records one call.
+    pub fn record(&self, latency: Duration, ok: bool) {
+        self.record_at(Instant::now(), latency, ok);
+    }
+
+    fn record_at(&self, now: Instant, latency: Duration, ok: bool) {
+        let mut halves = self.lock();
+        halves.advance(now);
+        let micros = u64::try_from(latency.as_micros())
+            .unwrap_or(MAX_MICROS)
+            .clamp(1, MAX_MICROS);
+        halves.current.latencies.saturating_record(micros);
+        if !ok {
+            halves.current.failures += 1;
+        }
+    }
+
+    /// The window now.
+    pub fn snapshot(&self) -> WindowSnapshot {
+        self.snapshot_at(Instant::now())
+    }
+
+    fn snapshot_at(&self, now: Instant) -> WindowSnapshot {
+        let mut halves = self.lock();
+        halves.advance(now);
+        let mut latencies = halves.current.latencies.clone();
+        let mut failures = halves.current.failures;
+        let mut since = halves.current.started;
+        if let Some(previous) = &halves.previous {
+            let _ = latencies.add(&previous.latencies);
+            failures += previous.failures;
+            since = previous.started;
+        }
+        let calls = latencies.len();
+        let seconds = now.duration_since(since).as_secs_f64().max(1.0);
+        let percentile = |quantile: f64| {
+            if calls == 0 {
+                0.0
+            } else {
+                latencies.value_at_quantile(quantile) as f64 / 1000.0
+            }
+        };
+        WindowSnapshot {
+            calls,
+            failures,
+            per_second: calls as f64 / seconds,
+            p50_ms: percentile(0.5),
+            p99_ms: percentile(0.99),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Halves> {
+        self.halves
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+impl Halves {
+    /// Starts new halves as time passes; after two idle halves the window
+    /// is empty.
+    fn advance(&mut self, now: Instant) {
+        while now.duration_since(self.current.started) >= HALF {
+            let started = self.current.started + HALF;
+            let finished = std::mem::replace(&mut self.current, Half::new(started));
+            self.previous = Some(finished);
+            if now.duration_since(started) >= HALF * 2 {
+                // Long idle: skip ahead rather than loop through every half.
+                self.previous = None;
+                self.current = Half::new(now);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_failures_and_percentiles_cover_the_recent_calls() {
+        let window = Window::default();
+        let start = window.lock().current.started;
+        for index in 0..100u64 {
+            let latency = Duration::from_millis(if index < 99 { 1 } else { 50 });
+            window.record_at(
+                start + Duration::from_millis(index * 10),
+                latency,
+                index % 10 != 0,
+            );
+        }
+        let snapshot = window.snapshot_at(start + Duration::from_secs(2));
+        assert_eq!(snapshot.calls, 100);
+        assert_eq!(snapshot.failures, 10);
+        assert!((snapshot.per_second - 50.0).abs() < 0.01, "{snapshot:?}");
+        assert!((snapshot.p50_ms - 1.0).abs() < 0.02, "{snapshot:?}");
+        assert!(snapshot.p99_ms <= 1.02, "{snapshot:?}");
+    }
+
+    #[test]
+    fn old_calls_leave_the_window() {
+        let window = Window::default();
+        let start = window.lock().current.started;
+        window.record_at(start, Duration::from_millis(5), true);
+        let soon = window.snapshot_at(start + HALF + Duration::from_secs(1));
+        assert_eq!(soon.calls, 1, "the previous half still counts");
+        let later = window.snapshot_at(start + HALF * 2 + Duration::from_secs(1));
+        assert_eq!(later, WindowSnapshot::default());
+        let much_later = window.snapshot_at(start + HALF * 50);
+        assert_eq!(much_later.calls, 0);
+    }
+}
