@@ -86,6 +86,7 @@ pub struct BackendState {
 impl BackendState {
     pub(crate) fn new(url: String, policy: EjectionPolicy, rotation: Arc<Rotation>) -> Arc<Self> {
         *lock(&rotation.in_rotation) += 1;
+        metrics().track_backend(&url);
         Arc::new(Self {
             url,
             policy,

@@ -95,6 +95,15 @@ fn value(exposition: &str, series: &str) -> f64 {
         .map_or(0.0, |value| value.trim().parse().unwrap())
 }
 
+/// The value of `series`, which must be exported.
+fn exported(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("{series} is not exported:\n{exposition}"))
+}
+
 fn promtool_accepts(exposition: &str) {
     let mut check = common::tool("promtool")
         .args(["check", "metrics"])
@@ -149,12 +158,35 @@ async fn metrics_pass_promtool_and_follow_calls_refusals_and_a_failover() {
     assert_eq!(attempts, 100.0);
     for url in &urls {
         assert_eq!(value(&metrics, &backend("securemesh_backend_up", url)), 1.0);
+        // Series that count trouble exist at 0 before any trouble, so
+        // that rate() and alerts see them from the start.
+        for name in [
+            "securemesh_backend_failures_total",
+            "securemesh_backend_retries_total",
+            "securemesh_backend_ejections_total",
+        ] {
+            assert_eq!(exported(&metrics, &backend(name, url)), 0.0);
+        }
     }
+    assert_eq!(
+        exported(
+            &metrics,
+            "securemesh_tls_handshake_failures_total{reason=\"unknown_ca\"}"
+        ),
+        0.0
+    );
     let mut served = 0.0;
     for admin in &observed.server_admins {
         let metrics = scrape(*admin).await;
         promtool_accepts(&metrics);
         served += value(&metrics, &ok);
+        assert_eq!(
+            exported(
+                &metrics,
+                "securemesh_token_refusals_total{reason=\"malformed\"}"
+            ),
+            0.0
+        );
     }
     assert_eq!(served, 100.0, "every call reached a server once");
 

@@ -50,6 +50,15 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// Every [`kind`](Self::kind) there is.
+    pub const KINDS: [&'static str; 5] = [
+        "empty",
+        "malformed",
+        "from_the_future",
+        "invalid",
+        "expired",
+    ];
+
     /// A short name for the refusal, for metrics: `empty`, `malformed`,
     /// `from_the_future`, `invalid` or `expired`.
     pub fn kind(&self) -> &'static str {
@@ -204,6 +213,19 @@ fn check_frame(token: &[u8], now: u64) -> Result<(&str, u64), TokenError> {
 mod tests {
     use super::*;
     use base64::engine::general_purpose::URL_SAFE;
+
+    #[test]
+    fn every_refusal_kind_is_listed() {
+        let every = [
+            TokenError::Empty,
+            TokenError::Malformed(""),
+            TokenError::FromTheFuture,
+            TokenError::Invalid,
+            TokenError::Expired,
+        ];
+        let kinds: Vec<&str> = every.iter().map(TokenError::kind).collect();
+        assert_eq!(kinds, TokenError::KINDS);
+    }
 
     fn ring() -> KeyRing {
         KeyRing::from_key_strings(&[crate::generate_key()]).unwrap()

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use securemesh::v1::data_service_server::DataService;
 use securemesh::v1::{SubmitReply, SubmitRequest};
-use securemesh_crypto::KeyRing;
-use securemesh_telemetry::{metrics, CallStats};
+use securemesh_crypto::{KeyRing, TokenError};
+use securemesh_telemetry::{metrics, CallStats, Metrics};
 use tonic::{Request, Response, Status};
 
 /// Decrypts each submitted token with the server's key ring.
@@ -32,6 +32,7 @@ const SUBMIT: &str = "/securemesh.v1.DataService/Submit";
 impl DataHandler {
     /// A handler answering as `server_id` (e.g. `127.0.0.1:5001`).
     pub fn new(keys: KeyRing, server_id: impl Into<String>, print_plaintext: bool) -> Self {
+        Metrics::declare_reasons(&metrics().token_refusals, &TokenError::KINDS);
         Self {
             keys: Arc::new(RwLock::new(keys)),
             server_id: server_id.into(),

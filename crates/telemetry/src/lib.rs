@@ -241,6 +241,28 @@ impl Metrics {
         text
     }
 
+    /// Exports `reasons` of a refusal counter at 0 before the first
+    /// refusal, so that `rate()` and alerts have a series from the start.
+    pub fn declare_reasons(counters: &IntCounterVec, reasons: &[&str]) {
+        for reason in reasons {
+            let _ = counters.with_label_values(&[*reason]);
+        }
+    }
+
+    /// Exports every per-backend series of `url`, counters at 0, as the
+    /// backend joins the pool.
+    pub fn track_backend(&self, url: &str) {
+        for counters in [
+            &self.backend_requests,
+            &self.backend_failures,
+            &self.backend_ejections,
+            &self.backend_retries,
+        ] {
+            let _ = counters.with_label_values(&[url]);
+        }
+        let _ = self.backend_in_flight.with_label_values(&[url]);
+    }
+
     /// Stops exporting a backend's gauges (it left the pool).
     pub fn forget_backend(&self, url: &str) {
         for gauges in [

@@ -132,19 +132,25 @@ impl Window {
 }
 
 impl Halves {
-    /// Starts new halves as time passes; after two idle halves the window
-    /// is empty.
+    /// Starts new halves as time passes, on a grid of [`HALF`]s from the
+    /// first, so that the window always spans one to two halves: after a
+    /// long idle the previous half is an empty one, and a burst is
+    /// averaged over the idle time it follows.
     fn advance(&mut self, now: Instant) {
-        while now.duration_since(self.current.started) >= HALF {
-            let started = self.current.started + HALF;
-            let finished = std::mem::replace(&mut self.current, Half::new(started));
-            self.previous = Some(finished);
-            if now.duration_since(started) >= HALF * 2 {
-                // Long idle: skip ahead rather than loop through every half.
-                self.previous = None;
-                self.current = Half::new(now);
-            }
+        let behind = now.duration_since(self.current.started);
+        if behind < HALF {
+            return;
         }
+        // The start of the half `now` falls in; below HALF, so the cast
+        // keeps every bit.
+        let into_half = Duration::from_nanos((behind.as_nanos() % HALF.as_nanos()) as u64);
+        let started = now - into_half;
+        let finished = std::mem::replace(&mut self.current, Half::new(started));
+        self.previous = Some(if behind < HALF * 2 {
+            finished
+        } else {
+            Half::new(started - HALF)
+        });
     }
 }
 
@@ -183,5 +189,24 @@ mod tests {
         assert_eq!(later, WindowSnapshot::default());
         let much_later = window.snapshot_at(start + HALF * 50);
         assert_eq!(much_later.calls, 0);
+    }
+
+    #[test]
+    fn a_burst_after_an_idle_spell_is_averaged_over_the_window() {
+        let window = Window::default();
+        let start = window.lock().current.started;
+        let burst = start + HALF * 7 + Duration::from_secs(4);
+        for index in 0..30u64 {
+            window.record_at(
+                burst + Duration::from_millis(index),
+                Duration::from_millis(1),
+                true,
+            );
+        }
+        let snapshot = window.snapshot_at(burst + Duration::from_secs(1));
+        assert_eq!(snapshot.calls, 30);
+        // The window runs from the start of the previous (empty) half:
+        // 10 s + 4 s + 1 s.
+        assert!((snapshot.per_second - 2.0).abs() < 0.01, "{snapshot:?}");
     }
 }

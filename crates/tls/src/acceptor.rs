@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 
-use securemesh_telemetry::metrics;
+use securemesh_telemetry::{metrics, Metrics};
 
 use crate::ReloadableConfig;
 
@@ -73,6 +73,7 @@ impl TlsIncoming {
         handshake_timeout: Duration,
         max_connections: usize,
     ) -> Self {
+        Metrics::declare_reasons(&metrics().handshake_failures, &HANDSHAKE_FAILURE_REASONS);
         let (sender, receiver) = mpsc::channel(READY_QUEUE);
         let limits = Limits {
             handshake_timeout,
@@ -180,6 +181,22 @@ async fn handshake(
         }
     }
 }
+
+/// Every label [`failure_reason`] gives, and `timeout`.
+const HANDSHAKE_FAILURE_REASONS: [&str; 12] = [
+    "no_client_certificate",
+    "unknown_ca",
+    "revoked",
+    "expired",
+    "not_yet_valid",
+    "bad_certificate",
+    "alert_from_client",
+    "incompatible_client",
+    "protocol_error",
+    "closed_by_client",
+    "io_error",
+    "timeout",
+];
 
 /// A short, bounded label for why a handshake failed (the metric's
 /// `reason`; the log line keeps the full error).
