@@ -52,6 +52,10 @@ pub struct BackendOptions {
     pub keepalive_interval: Duration,
     /// A ping unanswered for this long closes the connection.
     pub keepalive_timeout: Duration,
+    /// Whether to check backends' health actively (a load generator
+    /// measuring one target turns this off, so that it never takes the
+    /// target out of rotation itself).
+    pub health_checks: bool,
     /// Interval of active health checks.
     pub health_interval: Duration,
     /// Bound on one health check.
@@ -69,6 +73,7 @@ impl BackendOptions {
             attempt_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(2),
+            health_checks: true,
             health_interval: Duration::from_secs(1),
             health_timeout: Duration::from_secs(1),
             ejection: EjectionPolicy::default(),
@@ -187,12 +192,16 @@ impl BackendPool {
         self.changes
             .send(Change::Insert(url.to_owned(), balanced))
             .map_err(|_| PoolError::BalancerGone)?;
-        let prober = tokio::spawn(crate::health::probe(
-            state.clone(),
-            channel,
-            self.options.health_interval,
-            self.options.health_timeout,
-        ));
+        let prober = if self.options.health_checks {
+            tokio::spawn(crate::health::probe(
+                state.clone(),
+                channel,
+                self.options.health_interval,
+                self.options.health_timeout,
+            ))
+        } else {
+            tokio::spawn(async {})
+        };
         Ok(Member {
             state,
             prober,

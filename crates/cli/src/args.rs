@@ -85,6 +85,34 @@ pub enum Command {
     /// Print a running coordinator's (or server's) status: its backends,
     /// their health, load and latency, from its admin listener.
     Status(StatusArgs),
+    /// Measure the coordinator side by side with direct calls and nginx;
+    /// write BENCHMARKS.md and print the ratios against the targets.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A short smoke run that checks every step works (not how fast).
+    #[arg(long)]
+    pub quick: bool,
+    /// The report to write.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+    /// The failover picture to write, embedded by the report (a path
+    /// relative to the report's directory).
+    #[arg(long, default_value = "docs/bench-failover.svg")]
+    pub picture: PathBuf,
+    /// Notes on where the coordinator's CPU goes (from a profile), quoted
+    /// in the report when the file exists.
+    #[arg(long, default_value = "docs/coordinator-profile.md")]
+    pub profile_notes: PathBuf,
+    /// Also write every measurement as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Keep the lab's directory (certificates, logs, nginx.conf) here
+    /// instead of a temporary one.
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -588,12 +616,26 @@ pub struct ClientArgs {
     /// Fernet key file [default: <certs>/encryption_key.txt].
     #[arg(long, env = "SECUREMESH_ENCRYPTION_KEY")]
     pub encryption_key: Option<PathBuf>,
-    /// Load mode: number of submissions.
+    /// Load mode: number of submissions [default with --duration: no
+    /// limit].
     #[arg(long)]
     pub requests: Option<usize>,
-    /// Load mode: submissions in flight at once.
+    /// Load mode: stop after this long (e.g. 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Load mode: submissions in flight at once (with --rate: the most
+    /// allowed in flight).
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Load mode: spread the submissions over this many connections (one
+    /// client, HTTP/2 connection and balancer each), as ghz does.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub connections: u16,
+    /// Load mode, open loop: start this many submissions a second on a
+    /// fixed schedule; latency counts from when each was due, so stalls
+    /// are not hidden (coordinated omission).
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Print the load summary as one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -98,6 +98,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Encrypt(args) => encrypt(args)?,
         Command::Decrypt(args) => decrypt(args)?,
         Command::Demo(args) => return crate::demo::run(args).await,
+        Command::Bench(args) => return bench(args).await,
         Command::Status(args) => {
             let address = securemesh_admin::parse_listen_address(&args.admin)?;
             let report = securemesh_admin::fetch_status(address).await?;
@@ -371,38 +372,58 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         (_, _, Some(token)) => Some(securemesh_credentials::bearer_header(token)),
         _ => None,
     };
-    let client =
-        Client::new(&args.targets, tls, keys, args.timeout)?.with_authorization(authorization);
+    let clients = (0..args.connections)
+        .map(|_| {
+            Ok(
+                Client::new(&args.targets, tls.clone(), keys.clone(), args.timeout)?
+                    .with_authorization(authorization.clone()),
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let client = &clients[0];
     let message = args
         .message
         .unwrap_or_else(|| format!("Sensitive data from {}", args.name));
 
-    let Some(requests) = args.requests else {
-        let request_id = securemesh::request_id::new();
-        return Ok(
-            match client.submit_as(message.as_bytes(), &request_id).await {
-                Ok(reply) => {
-                    println!(
-                        "[{}] Success: result={} server={}",
-                        args.name, reply.result, reply.server_id
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    println!("[{}] Failed: {error} (request id {request_id})", args.name);
-                    ExitCode::FAILURE
-                }
-            },
-        );
+    if args
+        .rate
+        .is_some_and(|rate| !(rate > 0.0 && rate.is_finite()))
+    {
+        anyhow::bail!("--rate must be a positive number of submissions a second");
+    }
+    let requests = match (args.requests, args.duration) {
+        (Some(requests), _) => requests,
+        (None, Some(_)) => usize::MAX,
+        (None, None) => {
+            let request_id = securemesh::request_id::new();
+            return Ok(
+                match client.submit_as(message.as_bytes(), &request_id).await {
+                    Ok(reply) => {
+                        println!(
+                            "[{}] Success: result={} server={}",
+                            args.name, reply.result, reply.server_id
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(error) => {
+                        println!("[{}] Failed: {error} (request id {request_id})", args.name);
+                        ExitCode::FAILURE
+                    }
+                },
+            );
+        }
     };
 
     let options = LoadOptions {
         requests,
         concurrency: args.concurrency,
+        duration: args.duration,
+        rate: args.rate,
+        timeline: None,
         message,
-        progress: !args.json && std::io::stderr().is_terminal(),
+        progress: args.requests.is_some() && !args.json && std::io::stderr().is_terminal(),
     };
-    let (summary, first_error) = load::run(&client, &options).await;
+    let (summary, first_error) = load::run(&clients, &options).await;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -513,4 +534,60 @@ pub async fn shutdown_signal() {
         let _ = interrupt.await;
     }
     tracing::info!("shutdown requested");
+}
+
+async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
+    use securemesh_bench::{report, BenchOptions};
+    let binary = std::env::current_exe()?;
+    let temporary = tempfile::tempdir()?;
+    let dir = match &args.keep {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            dir.clone()
+        }
+        None => temporary.path().to_owned(),
+    };
+    let options = if args.quick {
+        BenchOptions::quick(binary, dir)
+    } else {
+        BenchOptions::full(binary, dir)
+    };
+    let results = securemesh_bench::run(&options).await?;
+
+    let report_dir = args
+        .out
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let picture = report_dir.join(&args.picture);
+    if let Some(parent) = picture.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(
+        &picture,
+        securemesh_bench::svg::failover_picture(&results.timelines),
+    )?;
+    let profile = std::fs::read_to_string(&args.profile_notes).unwrap_or_default();
+    let command: Vec<String> = std::env::args().collect();
+    let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let machine = report::Machine::read();
+    let markdown = report::markdown(
+        &results,
+        &report::Provenance {
+            command: &format!("securemesh {}", command[1..].join(" ")),
+            date: &date,
+            picture: &args.picture.display().to_string(),
+            machine: &machine,
+        },
+        &profile,
+    );
+    std::fs::write(&args.out, markdown)?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    }
+    for line in report::ratios(&results) {
+        println!("{line}");
+    }
+    println!("wrote {} and {}", args.out.display(), picture.display());
+    Ok(ExitCode::SUCCESS)
 }

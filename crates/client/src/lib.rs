@@ -14,7 +14,8 @@ use std::time::Duration;
 
 pub use securemesh::status::code_name;
 use securemesh::v1::{SubmitReply, SubmitRequest, DATA_SERVICE_NAME};
-use securemesh_balance::{Attempt, BackendOptions, BalanceOptions, Balancer};
+pub use securemesh_balance::BalanceOptions;
+use securemesh_balance::{Attempt, BackendOptions, Balancer};
 use securemesh_crypto::KeyRing;
 use securemesh_tls::ClientTls;
 use tonic::transport::Endpoint;
@@ -92,11 +93,34 @@ impl Client {
         keys: KeyRing,
         call_timeout: Duration,
     ) -> Result<Self, ClientError> {
+        Self::with_balance(
+            targets,
+            tls,
+            keys,
+            call_timeout,
+            BalanceOptions::default(),
+            true,
+        )
+    }
+
+    /// [`Client::new`] with its own retry and queue settings, and with or
+    /// without active health checks of its targets. A benchmark gives
+    /// `max_retries: 0` and no health checks, so that it neither hides the
+    /// failures of what it measures nor takes it out of rotation.
+    pub fn with_balance(
+        targets: &[String],
+        tls: ClientTls,
+        keys: KeyRing,
+        call_timeout: Duration,
+        balance: BalanceOptions,
+        health_checks: bool,
+    ) -> Result<Self, ClientError> {
         // A coordinator may need a per-try timeout and a retry of its own:
         // one attempt of ours may take the whole call.
         let mut options = BackendOptions::new(tls);
         options.attempt_timeout = call_timeout;
-        let balancer = Balancer::new(options, BalanceOptions::default());
+        options.health_checks = health_checks;
+        let balancer = Balancer::new(options, balance);
         for target in targets {
             balancer.pool().add(target)?;
         }

@@ -1,37 +1,82 @@
-//! Load mode: many submissions at a fixed concurrency, summarised.
+//! Load mode: many submissions, summarised.
 //!
-//! Latencies go into an HDR histogram (microsecond resolution); failures are
-//! counted by status name and successes by the server that handled them.
+//! Two ways to drive the load:
+//!
+//! - **closed loop** (the default): `concurrency` workers, each sending its
+//!   next submission when the previous one is answered, as fast as the
+//!   target allows;
+//! - **open loop** (`rate`): submissions start on a fixed schedule whether
+//!   or not earlier ones were answered, and each latency is measured from
+//!   the moment its submission was *due*, not from when it could be sent.
+//!   A stall therefore shows in the histogram as the many slow calls it
+//!   causes, instead of being hidden by the sender waiting (coordinated
+//!   omission).
+//!
+//! The load can be spread over several clients, one HTTP/2 connection
+//! each (`--connections`): one connection keeps a proxy on one worker and
+//! hides how it scales. Latencies go into an HDR histogram (microsecond
+//! resolution); failures are counted by status name, successes by the
+//! server that handled them, and optionally per time bucket (a timeline).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use tokio::time::Instant;
 
-use crate::Client;
+use securemesh::v1::SubmitReply;
+
+use crate::{Client, ClientError};
+
+/// Largest latency recorded, in microseconds (10 minutes).
+const MAX_MICROS: u64 = 600_000_000;
 
 /// What to send.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Total submissions.
+    /// Total submissions (at most; `duration` may end the run first).
     pub requests: usize,
-    /// Submissions in flight at once.
+    /// Closed loop: submissions in flight at once. Open loop: the most
+    /// allowed in flight before the schedule has to wait (its lateness is
+    /// still counted).
     pub concurrency: usize,
+    /// Ends the run after this long, whatever is left of `requests`.
+    pub duration: Option<Duration>,
+    /// Open loop: submissions started per second.
+    pub rate: Option<f64>,
+    /// Also count answers per bucket of this width (see
+    /// [`LoadSummary::timeline`]).
+    pub timeline: Option<Duration>,
     /// Payload prefix; each submission appends its sequence number.
     pub message: String,
     /// Draw a progress bar on standard error.
     pub progress: bool,
 }
 
+impl LoadOptions {
+    /// `requests` submissions, `concurrency` at a time, closed loop.
+    pub fn closed(requests: usize, concurrency: usize) -> Self {
+        Self {
+            requests,
+            concurrency,
+            duration: None,
+            rate: None,
+            timeline: None,
+            message: "load".to_owned(),
+            progress: false,
+        }
+    }
+}
+
 /// The outcome of a load run; serialised as the `--json` summary.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct LoadSummary {
-    /// Submissions attempted.
+    /// Submissions answered (successfully or not).
     pub requests: u64,
     /// Submissions answered `ok` with a matching digest.
     pub ok: u64,
@@ -47,12 +92,47 @@ pub struct LoadSummary {
     pub p90_ms: f64,
     /// 99th percentile latency, milliseconds.
     pub p99_ms: f64,
+    /// 99.9th percentile latency, milliseconds.
+    pub p999_ms: f64,
     /// Slowest submission, milliseconds.
     pub max_ms: f64,
     /// Failures by status name.
     pub errors: BTreeMap<String, u64>,
     /// Successes by `server_id`.
     pub servers: BTreeMap<String, u64>,
+    /// With [`LoadOptions::timeline`]: what was answered in each bucket,
+    /// from the start of the run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<Bucket>,
+}
+
+/// The answers of one timeline bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Bucket {
+    /// Answered successfully.
+    pub ok: u64,
+    /// Failed.
+    pub failed: u64,
+    /// 99th percentile latency of the answers in the bucket, milliseconds.
+    pub p99_ms: f64,
+}
+
+fn histogram() -> Option<Histogram<u64>> {
+    // The bounds are constants: construction cannot fail.
+    Histogram::new_with_bounds(1, MAX_MICROS, 3).ok()
+}
+
+fn micros(latency: Duration) -> u64 {
+    u64::try_from(latency.as_micros())
+        .unwrap_or(MAX_MICROS)
+        .clamp(1, MAX_MICROS)
+}
+
+#[derive(Default)]
+struct BucketTally {
+    ok: u64,
+    failed: u64,
+    latencies: Option<Histogram<u64>>,
 }
 
 #[derive(Default)]
@@ -63,15 +143,57 @@ struct Tally {
     errors: BTreeMap<String, u64>,
     servers: BTreeMap<String, u64>,
     first_error: Option<String>,
+    timeline: Vec<BucketTally>,
 }
 
 impl Tally {
     fn new() -> Self {
         Self {
-            // 1 µs to 10 min at 3 significant figures; the bounds are
-            // constants, so construction cannot fail.
-            latencies: Histogram::new_with_bounds(1, 600_000_000, 3).ok(),
+            latencies: histogram(),
             ..Self::default()
+        }
+    }
+
+    fn record(&mut self, sample: Sample) {
+        let Sample {
+            outcome,
+            latency,
+            bucket,
+            request_id,
+        } = sample;
+        let micros = micros(latency);
+        if let Some(histogram) = &mut self.latencies {
+            histogram.saturating_record(micros);
+        }
+        let ok = outcome.is_ok();
+        match outcome {
+            Ok(reply) => {
+                self.ok += 1;
+                *self.servers.entry(reply.server_id).or_default() += 1;
+            }
+            Err(error) => {
+                self.failed += 1;
+                *self.errors.entry(error.kind().to_owned()).or_default() += 1;
+                self.first_error
+                    .get_or_insert_with(|| format!("{error} (request id {request_id})"));
+            }
+        }
+        if let Some(index) = bucket {
+            if self.timeline.len() <= index {
+                self.timeline.resize_with(index + 1, BucketTally::default);
+            }
+            let bucket = &mut self.timeline[index];
+            if ok {
+                bucket.ok += 1;
+            } else {
+                bucket.failed += 1;
+            }
+            if bucket.latencies.is_none() {
+                bucket.latencies = histogram();
+            }
+            if let Some(histogram) = &mut bucket.latencies {
+                histogram.saturating_record(micros);
+            }
         }
     }
 
@@ -90,12 +212,76 @@ impl Tally {
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
+        if self.timeline.len() < other.timeline.len() {
+            self.timeline
+                .resize_with(other.timeline.len(), BucketTally::default);
+        }
+        for (mine, theirs) in self.timeline.iter_mut().zip(other.timeline) {
+            mine.ok += theirs.ok;
+            mine.failed += theirs.failed;
+            match (&mut mine.latencies, theirs.latencies) {
+                (Some(mine), Some(theirs)) => {
+                    let _ = mine.add(&theirs);
+                }
+                (slot @ None, theirs) => *slot = theirs,
+                _ => {}
+            }
+        }
     }
 }
 
-/// Runs the load and returns its summary, with the first error message seen
-/// (if any) for the caller to show.
-pub async fn run(client: &Client, options: &LoadOptions) -> (LoadSummary, Option<String>) {
+/// One answered submission.
+struct Sample {
+    outcome: Result<SubmitReply, ClientError>,
+    /// From when it was due to when it was answered.
+    latency: Duration,
+    /// Its timeline bucket, if there is a timeline.
+    bucket: Option<usize>,
+    request_id: String,
+}
+
+/// The common state of one run.
+struct Run {
+    clients: Vec<Client>,
+    options: LoadOptions,
+    started: Instant,
+    ends: Option<Instant>,
+    bar: ProgressBar,
+}
+
+impl Run {
+    fn bucket(&self, at: Instant) -> Option<usize> {
+        let width = self.options.timeline?;
+        let offset = at.saturating_duration_since(self.started);
+        usize::try_from(offset.as_nanos() / width.as_nanos().max(1)).ok()
+    }
+
+    fn over(&self, now: Instant) -> bool {
+        self.ends.is_some_and(|ends| now >= ends)
+    }
+
+    /// Sends submission `sequence` on its client; its latency counts from
+    /// `due`.
+    async fn submit(&self, sequence: usize, due: Instant) -> Sample {
+        let client = &self.clients[sequence % self.clients.len()];
+        let payload = format!("{} #{sequence}", self.options.message);
+        let request_id = securemesh::request_id::new();
+        let outcome = client.submit_as(payload.as_bytes(), &request_id).await;
+        let answered = Instant::now();
+        self.bar.inc(1);
+        Sample {
+            outcome,
+            latency: answered.saturating_duration_since(due),
+            bucket: self.bucket(answered),
+            request_id,
+        }
+    }
+}
+
+/// Runs the load over `clients` (submission `n` goes to client `n mod
+/// len`; give several for several connections) and returns its summary,
+/// with the first error message seen (if any) for the caller to show.
+pub async fn run(clients: &[Client], options: &LoadOptions) -> (LoadSummary, Option<String>) {
     let bar = if options.progress {
         let bar = ProgressBar::new(options.requests as u64);
         if let Ok(style) =
@@ -107,63 +293,105 @@ pub async fn run(client: &Client, options: &LoadOptions) -> (LoadSummary, Option
     } else {
         ProgressBar::hidden()
     };
-    let next = Arc::new(AtomicUsize::new(0));
+    if clients.is_empty() {
+        return (Tally::new().summary(Duration::ZERO), None);
+    }
     let started = Instant::now();
-    let workers: Vec<_> = (0..options.concurrency.max(1))
+    let run = Arc::new(Run {
+        clients: clients.to_vec(),
+        options: options.clone(),
+        started,
+        ends: options.duration.map(|duration| started + duration),
+        bar: bar.clone(),
+    });
+    let total = match options.rate {
+        Some(rate) => open_loop(run, rate).await,
+        None => closed_loop(run).await,
+    };
+    bar.finish_and_clear();
+    (total.summary(started.elapsed()), total.first_error)
+}
+
+async fn closed_loop(run: Arc<Run>) -> Tally {
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..run.options.concurrency.max(1))
         .map(|_| {
-            let client = client.clone();
+            let run = run.clone();
             let next = next.clone();
-            let bar = bar.clone();
-            let requests = options.requests;
-            let message = options.message.clone();
             tokio::spawn(async move {
                 let mut tally = Tally::new();
                 loop {
                     let sequence = next.fetch_add(1, Ordering::Relaxed);
-                    if sequence >= requests {
+                    let now = Instant::now();
+                    if sequence >= run.options.requests || run.over(now) {
                         break tally;
                     }
-                    let payload = format!("{message} #{sequence}");
-                    let sent = Instant::now();
-                    let request_id = securemesh::request_id::new();
-                    let outcome = client.submit_as(payload.as_bytes(), &request_id).await;
-                    if let Some(histogram) = &mut tally.latencies {
-                        let micros = sent.elapsed().as_micros().max(1) as u64;
-                        let _ = histogram.record(micros.min(600_000_000));
-                    }
-                    match outcome {
-                        Ok(reply) => {
-                            tally.ok += 1;
-                            *tally.servers.entry(reply.server_id).or_default() += 1;
-                        }
-                        Err(error) => {
-                            tally.failed += 1;
-                            *tally.errors.entry(error.kind().to_owned()).or_default() += 1;
-                            tally.first_error.get_or_insert_with(|| {
-                                format!("{error} (request id {request_id})")
-                            });
-                        }
-                    }
-                    bar.inc(1);
+                    tally.record(run.submit(sequence, now).await);
                 }
             })
         })
         .collect();
-
     let mut total = Tally::new();
     for worker in workers {
-        match worker.await {
-            Ok(tally) => total.merge(tally),
-            Err(error) => {
-                total.failed += 1;
-                *total.errors.entry("CLIENT_PANIC".into()).or_default() += 1;
-                total.first_error.get_or_insert_with(|| error.to_string());
-            }
+        collect(&mut total, worker.await);
+    }
+    total
+}
+
+async fn open_loop(run: Arc<Run>, rate: f64) -> Tally {
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let slots = Arc::new(tokio::sync::Semaphore::new(run.options.concurrency.max(1)));
+    let total = Arc::new(Mutex::new(Tally::new()));
+    let mut panicked = Tally::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for sequence in 0..run.options.requests {
+        let due = run.started + interval.mul_f64(sequence as f64);
+        if run.over(due) {
+            break;
+        }
+        tokio::time::sleep_until(due).await;
+        // At the cap the schedule waits; the wait counts in the latency.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let run = run.clone();
+        let total = total.clone();
+        tasks.spawn(async move {
+            let sample = run.submit(sequence, due).await;
+            drop(slot);
+            total
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .record(sample);
+        });
+        // Reap finished tasks as we go, so the set stays small.
+        while let Some(result) = tasks.try_join_next() {
+            reap(&mut panicked, result);
         }
     }
-    bar.finish_and_clear();
-    let elapsed = started.elapsed();
-    (total.summary(elapsed), total.first_error)
+    while let Some(result) = tasks.join_next().await {
+        reap(&mut panicked, result);
+    }
+    let mut total = std::mem::take(&mut *total.lock().unwrap_or_else(|poison| poison.into_inner()));
+    total.merge(panicked);
+    total
+}
+
+fn reap(total: &mut Tally, task: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = task {
+        collect(total, Err(error));
+    }
+}
+
+fn collect(total: &mut Tally, worker: Result<Tally, tokio::task::JoinError>) {
+    match worker {
+        Ok(tally) => total.merge(tally),
+        Err(error) => {
+            total.failed += 1;
+            *total.errors.entry("CLIENT_PANIC".into()).or_default() += 1;
+            total.first_error.get_or_insert_with(|| error.to_string());
+        }
+    }
 }
 
 impl Tally {
@@ -172,14 +400,11 @@ impl Tally {
     fn summary(&self, elapsed: Duration) -> LoadSummary {
         let round = |value: f64| (value * 1000.0).round() / 1000.0;
         let millis = |micros: u64| round(micros as f64 / 1000.0);
-        let (p50, p90, p99, max) = match &self.latencies {
-            Some(h) => (
-                h.value_at_quantile(0.50),
-                h.value_at_quantile(0.90),
-                h.value_at_quantile(0.99),
-                h.max(),
-            ),
-            None => (0, 0, 0, 0),
+        let quantile = |histogram: &Option<Histogram<u64>>, q: f64| {
+            histogram
+                .as_ref()
+                .filter(|h| !h.is_empty())
+                .map_or(0, |h| h.value_at_quantile(q))
         };
         let done = self.ok + self.failed;
         let elapsed_s = elapsed.as_secs_f64();
@@ -194,12 +419,22 @@ impl Tally {
             failed: self.failed,
             elapsed_s: round(elapsed_s),
             rps: (rps * 10.0).round() / 10.0,
-            p50_ms: millis(p50),
-            p90_ms: millis(p90),
-            p99_ms: millis(p99),
-            max_ms: millis(max),
+            p50_ms: millis(quantile(&self.latencies, 0.50)),
+            p90_ms: millis(quantile(&self.latencies, 0.90)),
+            p99_ms: millis(quantile(&self.latencies, 0.99)),
+            p999_ms: millis(quantile(&self.latencies, 0.999)),
+            max_ms: millis(self.latencies.as_ref().map_or(0, Histogram::max)),
             errors: self.errors.clone(),
             servers: self.servers.clone(),
+            timeline: self
+                .timeline
+                .iter()
+                .map(|bucket| Bucket {
+                    ok: bucket.ok,
+                    failed: bucket.failed,
+                    p99_ms: millis(quantile(&bucket.latencies, 0.99)),
+                })
+                .collect(),
         }
     }
 }
@@ -213,8 +448,8 @@ impl fmt::Display for LoadSummary {
         )?;
         writeln!(
             f,
-            "latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}",
-            self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms
+            "latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+            self.p50_ms, self.p90_ms, self.p99_ms, self.p999_ms, self.max_ms
         )?;
         for (server, count) in &self.servers {
             writeln!(f, "server {server}: {count}")?;

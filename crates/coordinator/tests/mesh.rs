@@ -257,13 +257,9 @@ async fn requests_through_the_coordinator_reach_both_servers() {
     );
 
     // Concurrent load is spread over both.
-    let options = securemesh_client::load::LoadOptions {
-        requests: 400,
-        concurrency: 16,
-        message: "spread".into(),
-        progress: false,
-    };
-    let (summary, first_error) = securemesh_client::load::run(&client, &options).await;
+    let options = securemesh_client::load::LoadOptions::closed(400, 16);
+    let (summary, first_error) =
+        securemesh_client::load::run(std::slice::from_ref(&client), &options).await;
     assert_eq!(summary.failed, 0, "{first_error:?}");
     assert_eq!(summary.ok, 400);
     let servers: Vec<_> = summary.servers.keys().cloned().collect();

@@ -1,0 +1,601 @@
+//! `securemesh bench`: the coordinator measured side by side with calling
+//! a server directly and with nginx's `grpc_pass`, in one run on one
+//! machine, written up as `BENCHMARKS.md` with a failover picture.
+//!
+//! What one run does, in order:
+//!
+//! 1. the Fernet decrypt path against Python `cryptography` ([`fernet`]);
+//! 2. starts the [`lab`]: two servers, the coordinator and nginx, and
+//!    measures the proxies' idle memory;
+//! 3. closed loop at concurrency 1, 32 and 128, the three routes
+//!    alternating round after round, with each proxy's CPU time per call;
+//! 4. open loop at half of each route's best throughput, latency counted
+//!    from when each call was due;
+//! 5. each proxy's memory while it holds many client TLS connections;
+//! 6. failover timelines: steady load while one server is SIGKILLed, and
+//!    separately SIGSTOPped, through each proxy.
+//!
+//! [`report`] turns the results into the Markdown report, the ratio lines
+//! and the picture.
+
+pub mod fernet;
+pub mod lab;
+pub mod nginx;
+pub mod process;
+pub mod report;
+pub mod svg;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use securemesh_client::load::{self, LoadOptions, LoadSummary};
+use serde::Serialize;
+
+use crate::fernet::{median, FernetResult};
+use crate::lab::{Lab, Route};
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A process could not be started.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        /// Which.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file or socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A tool the benchmark needs is missing.
+    #[error("missing: {0}")]
+    Missing(String),
+    /// The lab could not be set up.
+    #[error("{0}")]
+    Setup(String),
+    /// A connection could not be opened.
+    #[error("connecting: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// How much to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The `securemesh` executable to run servers and the coordinator with.
+    pub binary: PathBuf,
+    /// Where the lab lives (certificates, logs, nginx's files).
+    pub dir: PathBuf,
+    /// Each closed-loop and open-loop run's length.
+    pub run_time: Duration,
+    /// Rounds of alternation; medians are over rounds.
+    pub rounds: usize,
+    /// Closed-loop concurrencies.
+    pub concurrencies: Vec<usize>,
+    /// Connections the closed and open loops spread their calls over.
+    pub connections: usize,
+    /// Client TLS connections held for the memory measurement.
+    pub held_connections: usize,
+    /// Each failover timeline's length; the fault comes at a third.
+    pub timeline: Duration,
+    /// Time per size and side in the Fernet measurement.
+    pub fernet_budget: Duration,
+}
+
+impl BenchOptions {
+    /// The full benchmark (about five minutes).
+    pub fn full(binary: PathBuf, dir: PathBuf) -> Self {
+        Self {
+            binary,
+            dir,
+            run_time: Duration::from_secs(3),
+            rounds: 3,
+            concurrencies: vec![1, 32, 128],
+            connections: 4,
+            held_connections: 1000,
+            timeline: Duration::from_secs(4),
+            fernet_budget: Duration::from_millis(500),
+        }
+    }
+
+    /// A smoke run that checks every step works, not how fast (CI).
+    pub fn quick(binary: PathBuf, dir: PathBuf) -> Self {
+        Self {
+            run_time: Duration::from_millis(300),
+            rounds: 1,
+            concurrencies: vec![1, 32],
+            held_connections: 50,
+            timeline: Duration::from_millis(1500),
+            fernet_budget: Duration::from_millis(20),
+            ..Self::full(binary, dir)
+        }
+    }
+}
+
+/// One route at one concurrency: every round, and medians.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClosedLoop {
+    /// The route.
+    pub route: Route,
+    /// Calls in flight.
+    pub concurrency: usize,
+    /// Each round's summary.
+    pub rounds: Vec<LoadSummary>,
+    /// The proxy's CPU time per call in each round, µs (none direct).
+    pub cpu_us_per_call: Vec<f64>,
+}
+
+impl ClosedLoop {
+    fn median_of(&self, field: impl Fn(&LoadSummary) -> f64) -> f64 {
+        median(&mut self.rounds.iter().map(field).collect::<Vec<_>>())
+    }
+
+    /// Median throughput, calls per second.
+    pub fn rps(&self) -> f64 {
+        self.median_of(|summary| summary.rps)
+    }
+
+    /// Median p50, ms.
+    pub fn p50_ms(&self) -> f64 {
+        self.median_of(|summary| summary.p50_ms)
+    }
+
+    /// Median p99, ms.
+    pub fn p99_ms(&self) -> f64 {
+        self.median_of(|summary| summary.p99_ms)
+    }
+
+    /// Median p99.9, ms.
+    pub fn p999_ms(&self) -> f64 {
+        self.median_of(|summary| summary.p999_ms)
+    }
+
+    /// Failed calls over all rounds.
+    pub fn failed(&self) -> u64 {
+        self.rounds.iter().map(|summary| summary.failed).sum()
+    }
+
+    /// Median CPU time per call of the proxy, µs.
+    pub fn cpu_us(&self) -> Option<f64> {
+        (!self.cpu_us_per_call.is_empty()).then(|| median(&mut self.cpu_us_per_call.clone()))
+    }
+}
+
+/// One route's open-loop run.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenLoop {
+    /// The route.
+    pub route: Route,
+    /// Calls started per second.
+    pub rate: f64,
+    /// What came of it.
+    pub summary: LoadSummary,
+}
+
+/// A proxy's memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct Memory {
+    /// The proxy.
+    pub route: Route,
+    /// Processes summed (nginx: master and workers).
+    pub processes: usize,
+    /// Resident set right after start, bytes.
+    pub idle_bytes: u64,
+    /// Resident set while holding [`Memory::connections`], bytes.
+    pub loaded_bytes: u64,
+    /// Client TLS connections held.
+    pub connections: usize,
+}
+
+/// The fault of a failover timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Fault {
+    /// The server is killed.
+    Kill,
+    /// The server is stopped (and continued after the run).
+    Stop,
+}
+
+impl Fault {
+    /// Its name in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "SIGKILL",
+            Fault::Stop => "SIGSTOP",
+        }
+    }
+}
+
+/// Steady load through a proxy while one server fails.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timeline {
+    /// The proxy.
+    pub route: Route,
+    /// What happened to the server.
+    pub fault: Fault,
+    /// When, from the start of the load, seconds.
+    pub fault_at_s: f64,
+    /// Bucket width, seconds.
+    pub bucket_s: f64,
+    /// The run, with its per-bucket timeline.
+    pub summary: LoadSummary,
+}
+
+impl Timeline {
+    fn rate(&self, bucket: &load::Bucket) -> f64 {
+        (bucket.ok + bucket.failed) as f64 / self.bucket_s
+    }
+
+    fn fault_bucket(&self) -> usize {
+        (self.fault_at_s / self.bucket_s) as usize
+    }
+
+    /// Median calls per second over the buckets before the fault (the
+    /// first, warming up, left out).
+    pub fn steady_rps(&self) -> f64 {
+        let before = self.fault_bucket().min(self.summary.timeline.len());
+        let mut rates: Vec<f64> = self.summary.timeline[..before]
+            .iter()
+            .skip(1)
+            .map(|bucket| self.rate(bucket))
+            .collect();
+        median(&mut rates)
+    }
+
+    /// From the fault to the end of the first bucket from it on whose
+    /// throughput is at least 90% of steady, ms; `None` if none is. The
+    /// fault comes just after a bucket starts, so 100 ms (less the few
+    /// ms the fault came late) means the first 100 ms after it already
+    /// ran at 90%.
+    pub fn recovery_ms(&self) -> Option<f64> {
+        let steady = self.steady_rps();
+        let first = self.fault_bucket();
+        self.summary
+            .timeline
+            .iter()
+            .enumerate()
+            .skip(first)
+            .find(|(_, bucket)| self.rate(bucket) >= 0.9 * steady)
+            .map(|(index, _)| ((index + 1) as f64 * self.bucket_s - self.fault_at_s) * 1000.0)
+    }
+
+    /// Median throughput after the fault as a share of steady.
+    pub fn after_share(&self) -> f64 {
+        let steady = self.steady_rps();
+        let mut rates: Vec<f64> = self
+            .summary
+            .timeline
+            .iter()
+            .skip(self.fault_bucket())
+            .map(|bucket| self.rate(bucket))
+            .collect();
+        if steady > 0.0 {
+            median(&mut rates) / steady
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    /// Closed-loop runs, by concurrency then route.
+    pub closed: Vec<ClosedLoop>,
+    /// Open-loop runs.
+    pub open: Vec<OpenLoop>,
+    /// The proxies' memory.
+    pub memory: Vec<Memory>,
+    /// Failover timelines.
+    pub timelines: Vec<Timeline>,
+    /// The Fernet decrypt path.
+    pub fernet: Vec<FernetResult>,
+    /// `nginx -v`.
+    pub nginx_version: String,
+    /// Connections the loops spread their calls over.
+    pub connections: usize,
+    /// Length of each loop run, seconds.
+    pub run_time_s: f64,
+    /// Rounds.
+    pub rounds: usize,
+}
+
+impl Results {
+    /// The closed-loop result of `route` at `concurrency`.
+    pub fn closed(&self, route: Route, concurrency: usize) -> Option<&ClosedLoop> {
+        self.closed
+            .iter()
+            .find(|run| run.route == route && run.concurrency == concurrency)
+    }
+}
+
+/// Lets go of the CPU between measurements, so that one's tail does not
+/// run into the next.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// Runs the whole benchmark.
+pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
+    raise_open_file_limit();
+    eprintln!("bench: Fernet decrypt, ours and Python's");
+    let fernet = fernet::measure(options.fernet_budget)?;
+
+    eprintln!("bench: starting two servers, the coordinator and nginx");
+    let mut lab = Lab::start(&options.binary, &options.dir).await?;
+    let idle: Vec<(Route, u64, usize)> = [Route::Coordinator, Route::Nginx]
+        .into_iter()
+        .filter_map(|route| {
+            let proxy = lab.proxy(route)?;
+            Some((route, proxy.usage().rss_bytes, proxy.process_count()))
+        })
+        .collect();
+
+    // Warm every route up: connections, nginx's upstream keepalive pool.
+    for route in Route::ALL {
+        drive(
+            &lab,
+            route,
+            32,
+            options.connections,
+            options.run_time / 2,
+            None,
+        )
+        .await?;
+    }
+
+    let mut closed: Vec<ClosedLoop> = Vec::new();
+    for &concurrency in &options.concurrencies {
+        let mut runs: Vec<ClosedLoop> = Route::ALL
+            .iter()
+            .map(|&route| ClosedLoop {
+                route,
+                concurrency,
+                rounds: Vec::new(),
+                cpu_us_per_call: Vec::new(),
+            })
+            .collect();
+        for round in 0..options.rounds {
+            for run in &mut runs {
+                eprintln!(
+                    "bench: closed loop, concurrency {concurrency}, {} (round {} of {})",
+                    run.route.name(),
+                    round + 1,
+                    options.rounds
+                );
+                let connections = options.connections.min(concurrency);
+                let before = lab.proxy(run.route).map(process::Process::usage);
+                let summary = drive(
+                    &lab,
+                    run.route,
+                    concurrency,
+                    connections,
+                    options.run_time,
+                    None,
+                )
+                .await?;
+                if let (Some(before), Some(proxy)) = (before, lab.proxy(run.route)) {
+                    let spent = proxy.usage().cpu_seconds - before.cpu_seconds;
+                    if summary.requests > 0 {
+                        run.cpu_us_per_call
+                            .push(spent * 1e6 / summary.requests as f64);
+                    }
+                }
+                run.rounds.push(summary);
+                settle().await;
+            }
+        }
+        closed.extend(runs);
+    }
+
+    let mut open = Vec::new();
+    for route in Route::ALL {
+        let best = closed
+            .iter()
+            .filter(|run| run.route == route)
+            .map(ClosedLoop::rps)
+            .fold(0.0, f64::max);
+        let rate = (best / 2.0).max(1.0);
+        eprintln!("bench: open loop, {} at {rate:.0} calls/s", route.name());
+        let summary = open_loop(&lab, route, rate, options).await?;
+        open.push(OpenLoop {
+            route,
+            rate,
+            summary,
+        });
+        settle().await;
+    }
+
+    let mut memory = Vec::new();
+    for (route, idle_bytes, processes) in idle {
+        eprintln!(
+            "bench: {} holding {} client connections",
+            route.name(),
+            options.held_connections
+        );
+        let held = lab
+            .hold_connections(route, options.held_connections)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let loaded_bytes = lab.proxy(route).map_or(0, |proxy| proxy.usage().rss_bytes);
+        memory.push(Memory {
+            route,
+            processes,
+            idle_bytes,
+            loaded_bytes,
+            connections: held.len(),
+        });
+        drop(held);
+        settle().await;
+    }
+
+    let mut timelines = Vec::new();
+    for fault in [Fault::Kill, Fault::Stop] {
+        for route in [Route::Coordinator, Route::Nginx] {
+            eprintln!(
+                "bench: {} of a server through {}",
+                fault.name(),
+                route.name()
+            );
+            timelines.push(failover(&mut lab, route, fault, options).await?);
+        }
+    }
+
+    Ok(Results {
+        closed,
+        open,
+        memory,
+        timelines,
+        fernet,
+        nginx_version: lab.nginx_version.clone(),
+        connections: options.connections,
+        run_time_s: options.run_time.as_secs_f64(),
+        rounds: options.rounds,
+    })
+}
+
+/// A closed-loop run of `route`.
+async fn drive(
+    lab: &Lab,
+    route: Route,
+    concurrency: usize,
+    connections: usize,
+    duration: Duration,
+    timeline: Option<Duration>,
+) -> Result<LoadSummary, BenchError> {
+    let clients = lab.clients(route, connections)?;
+    let options = LoadOptions {
+        duration: Some(duration),
+        timeline,
+        message: "bench".into(),
+        ..LoadOptions::closed(usize::MAX, concurrency)
+    };
+    Ok(load::run(&clients, &options).await.0)
+}
+
+/// An open-loop run of `route` at `rate`.
+async fn open_loop(
+    lab: &Lab,
+    route: Route,
+    rate: f64,
+    options: &BenchOptions,
+) -> Result<LoadSummary, BenchError> {
+    let clients = lab.clients(route, options.connections)?;
+    let load = LoadOptions {
+        duration: Some(options.run_time),
+        rate: Some(rate),
+        message: "bench".into(),
+        ..LoadOptions::closed(usize::MAX, 1024)
+    };
+    Ok(load::run(&clients, &load).await.0)
+}
+
+/// Steady load through `route` while the second server meets `fault` a
+/// third of the way in; the server is back and in rotation afterwards.
+async fn failover(
+    lab: &mut Lab,
+    route: Route,
+    fault: Fault,
+    options: &BenchOptions,
+) -> Result<Timeline, BenchError> {
+    const BUCKET: Duration = Duration::from_millis(100);
+    // A third of the way in, on a bucket boundary.
+    let buckets_before = (options.timeline.as_secs_f64() / 3.0 / BUCKET.as_secs_f64()).round();
+    let fault_at = BUCKET.mul_f64(buckets_before.max(2.0));
+    let clients = lab.clients(route, options.connections)?;
+    let load = LoadOptions {
+        duration: Some(options.timeline),
+        timeline: Some(BUCKET),
+        message: "failover".into(),
+        ..LoadOptions::closed(usize::MAX, 32)
+    };
+    let started = tokio::time::Instant::now();
+    let running = tokio::spawn(async move { load::run(&clients, &load).await.0 });
+    // Just after the boundary: the load generator's clock started a
+    // moment after ours.
+    tokio::time::sleep_until(started + fault_at + Duration::from_millis(2)).await;
+    let fault_at_s = started.elapsed().as_secs_f64();
+    let victim = 1;
+    match fault {
+        Fault::Kill => lab.servers[victim].1.kill(),
+        Fault::Stop => lab.servers[victim].1.signal(Signal::SIGSTOP),
+    }
+    let mut summary = running
+        .await
+        .map_err(|error| BenchError::Setup(format!("the load generator failed: {error}")))?;
+    // Whole buckets of the run only: not the last, partial one, nor the
+    // calls that were still finishing after it.
+    let whole = (options.timeline.as_secs_f64() / BUCKET.as_secs_f64()).floor() as usize;
+    summary.timeline.truncate(whole);
+    match fault {
+        Fault::Kill => lab.servers[victim].1.restart()?,
+        Fault::Stop => lab.servers[victim].1.signal(Signal::SIGCONT),
+    }
+    lab.server_ready(victim).await?;
+    // Both proxies take a failed server back within about a second
+    // (health checks; nginx's fail_timeout).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    Ok(Timeline {
+        route,
+        fault,
+        fault_at_s,
+        bucket_s: BUCKET.as_secs_f64(),
+        summary,
+    })
+}
+
+/// The benchmark holds many connections, and so do the proxies it starts
+/// (they inherit the limit): raise the soft limit on open files to the
+/// hard one.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeline(rates: &[u64], fault_at_s: f64) -> Timeline {
+        let summary = LoadSummary {
+            timeline: rates
+                .iter()
+                .map(|&ok| load::Bucket {
+                    ok,
+                    failed: 0,
+                    p99_ms: 1.0,
+                })
+                .collect(),
+            ..LoadSummary::default()
+        };
+        Timeline {
+            route: Route::Coordinator,
+            fault: Fault::Kill,
+            fault_at_s,
+            bucket_s: 0.1,
+            summary,
+        }
+    }
+
+    #[test]
+    fn a_dip_in_the_first_bucket_after_the_fault_costs_one_bucket() {
+        // Buckets of 100 ms: 1000 calls/s steady, the fault at 0.302 s.
+        let dipped = timeline(&[50, 100, 100, 40, 95, 100], 0.302);
+        assert_eq!(dipped.steady_rps(), 1000.0, "the first bucket is left out");
+        let recovery = dipped.recovery_ms().unwrap();
+        assert!((recovery - 198.0).abs() < 0.01, "{recovery}");
+        let unbothered = timeline(&[50, 100, 100, 100, 100, 100], 0.302);
+        assert!(unbothered.recovery_ms().unwrap() < 100.0);
+        let broken = timeline(&[50, 100, 100, 10, 10, 10], 0.302);
+        assert_eq!(broken.recovery_ms(), None);
+        assert!((broken.after_share() - 0.1).abs() < 1e-9);
+    }
+}

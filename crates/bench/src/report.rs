@@ -1,0 +1,429 @@
+//! The written results: the ratio lines against the targets, and
+//! `BENCHMARKS.md` with the tables, the failover picture and the machine.
+
+use std::fmt::Write as _;
+
+use crate::lab::Route;
+use crate::{Fault, Results};
+
+/// One target, checked.
+#[derive(Debug, Clone)]
+pub struct Ratio {
+    /// What is compared.
+    pub name: String,
+    /// The measured value, formatted.
+    pub value: String,
+    /// The target, formatted.
+    pub target: String,
+    /// Whether the target is met; `None` if it could not be measured.
+    pub met: Option<bool>,
+}
+
+impl std::fmt::Display for Ratio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verdict = match self.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "not measured",
+        };
+        write!(
+            f,
+            "{}: {} (target {}) {verdict}",
+            self.name, self.value, self.target
+        )
+    }
+}
+
+fn ratio(
+    name: &str,
+    value: Option<f64>,
+    format: &str,
+    target: &str,
+    met: impl Fn(f64) -> bool,
+) -> Ratio {
+    Ratio {
+        name: name.to_owned(),
+        value: value.map_or_else(
+            || "-".to_owned(),
+            |value| match format {
+                "us" => format!("{value:.0} µs"),
+                "mb" => format!("{:.1} MB", value / 1e6),
+                "count" => format!("{value:.0}"),
+                "ms" => format!("{value:.0} ms"),
+                _ => format!("{value:.2}"),
+            },
+        ),
+        target: target.to_owned(),
+        met: value.map(met),
+    }
+}
+
+/// The targets of the issue that asked for this benchmark, as measured.
+pub fn ratios(results: &Results) -> Vec<Ratio> {
+    let at = |route, concurrency| results.closed(route, concurrency);
+    let divide = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let rps = |route, concurrency| at(route, concurrency).map(crate::ClosedLoop::rps);
+    let p99 = |route, concurrency| at(route, concurrency).map(crate::ClosedLoop::p99_ms);
+    let p50 = |route, concurrency| at(route, concurrency).map(crate::ClosedLoop::p50_ms);
+    let timeline = |route, fault| {
+        results
+            .timelines
+            .iter()
+            .find(|timeline| timeline.route == route && timeline.fault == fault)
+    };
+    let memory = |route| results.memory.iter().find(|memory| memory.route == route);
+    let added = |route| match (p50(route, 1), p50(Route::Direct, 1)) {
+        (Some(proxy), Some(direct)) => Some((proxy - direct) * 1000.0),
+        _ => None,
+    };
+    let slowest_fernet = results
+        .fernet
+        .iter()
+        .map(crate::fernet::FernetResult::speedup)
+        .try_fold(f64::INFINITY, |lowest, speedup| {
+            speedup.map(|s| lowest.min(s))
+        });
+    vec![
+        ratio(
+            "coordinator / direct throughput, concurrency 32",
+            divide(rps(Route::Coordinator, 32), rps(Route::Direct, 32)),
+            "x",
+            ">= 0.60",
+            |value| value >= 0.6,
+        ),
+        ratio(
+            "coordinator / nginx throughput, concurrency 32",
+            divide(rps(Route::Coordinator, 32), rps(Route::Nginx, 32)),
+            "x",
+            ">= 1.20",
+            |value| value >= 1.2,
+        ),
+        ratio(
+            "coordinator / nginx p99, concurrency 32",
+            divide(p99(Route::Coordinator, 32), p99(Route::Nginx, 32)),
+            "x",
+            "<= 0.80",
+            |value| value <= 0.8,
+        ),
+        ratio(
+            "coordinator failed calls through a SIGKILL",
+            timeline(Route::Coordinator, Fault::Kill).map(|t| t.summary.failed as f64),
+            "count",
+            "0",
+            |value| value == 0.0,
+        ),
+        ratio(
+            "nginx failed calls through a SIGKILL (context)",
+            timeline(Route::Nginx, Fault::Kill).map(|t| t.summary.failed as f64),
+            "count",
+            "-",
+            |_| true,
+        ),
+        ratio(
+            "coordinator back to 90% of steady after a SIGKILL",
+            timeline(Route::Coordinator, Fault::Kill).and_then(crate::Timeline::recovery_ms),
+            "ms",
+            "<= 100 ms",
+            |value| value <= 100.0,
+        ),
+        ratio(
+            "coordinator added p50 at concurrency 1",
+            added(Route::Coordinator),
+            "us",
+            "<= 150 µs",
+            |value| value <= 150.0,
+        ),
+        ratio(
+            "nginx added p50 at concurrency 1 (context)",
+            added(Route::Nginx),
+            "us",
+            "-",
+            |_| true,
+        ),
+        ratio(
+            "coordinator RSS idle",
+            memory(Route::Coordinator).map(|m| m.idle_bytes as f64),
+            "mb",
+            "<= 20 MB",
+            |value| value <= 20e6,
+        ),
+        ratio(
+            &format!(
+                "coordinator RSS holding {} client connections",
+                memory(Route::Coordinator).map_or(0, |m| m.connections)
+            ),
+            memory(Route::Coordinator).map(|m| m.loaded_bytes as f64),
+            "mb",
+            "<= 64 MB",
+            |value| value <= 64e6,
+        ),
+        ratio(
+            "Fernet decrypt, ours / Python cryptography (slowest size)",
+            slowest_fernet,
+            "x",
+            ">= 5",
+            |value| value >= 5.0,
+        ),
+    ]
+}
+
+/// Facts about the machine, for the report.
+pub struct Machine {
+    /// CPU model.
+    pub cpu: String,
+    /// Cores available to us.
+    pub cores: usize,
+    /// Memory, GiB.
+    pub memory_gib: f64,
+    /// Kernel release.
+    pub kernel: String,
+}
+
+impl Machine {
+    /// Read from `/proc`.
+    pub fn read() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
+            .map_or_else(|| "unknown".to_owned(), |(_, name)| name.trim().to_owned());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_kib = meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix("MemTotal:"))
+            .and_then(|value| {
+                value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+        Self {
+            cpu,
+            cores: std::thread::available_parallelism().map_or(1, usize::from),
+            memory_gib: memory_kib / 1024.0 / 1024.0,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|_| "unknown".to_owned(), |text| text.trim().to_owned()),
+        }
+    }
+}
+
+/// What the report says about how it was made.
+pub struct Provenance<'a> {
+    /// The command that produced it.
+    pub command: &'a str,
+    /// When, RFC 3339.
+    pub date: &'a str,
+    /// The picture's path relative to the report.
+    pub picture: &'a str,
+    /// The machine.
+    pub machine: &'a Machine,
+}
+
+/// `BENCHMARKS.md`.
+pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -> String {
+    let mut md = String::new();
+    let machine = provenance.machine;
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Written by `{}` on {}. Every number below comes from that one run on one \
+         machine: the three routes were measured alternately, in {} round(s) of {:.1} s \
+         per route, and the tables quote medians over rounds. Absolute numbers depend on \
+         the machine; the ratios are what to compare.\n",
+        provenance.command, provenance.date, results.rounds, results.run_time_s
+    );
+    let _ = writeln!(md, "## Targets\n\n```");
+    for line in ratios(results) {
+        let _ = writeln!(md, "{line}");
+    }
+    let _ = writeln!(md, "```\n");
+
+    let _ = writeln!(md, "## Setup\n");
+    let _ = writeln!(
+        md,
+        "- **direct**: the load generator calls one server.\n\
+         - **coordinator**: `securemesh coordinator` over both servers (mutual TLS both ways).\n\
+         - **nginx**: {} as a gRPC proxy over the same two servers: mutual TLS both ways \
+         (`ssl_verify_client on`, `grpc_pass grpcs://`, `grpc_ssl_certificate` with the \
+         coordinator's certificate, `grpc_ssl_verify on`), upstream `keepalive 512`, \
+         `grpc_next_upstream error timeout`, 1 s connect/send/read timeouts (as the \
+         coordinator's per-try timeout), `worker_processes auto`, no access log.\n\
+         - The load generator (`securemesh_client::load`, in the bench process) spreads its \
+         calls over {} HTTP/2 connections (fewer at concurrency 1), encrypts every payload \
+         with Fernet, checks every reply's digest and never retries: what a route fails, the \
+         benchmark counts.\n\
+         - Servers and coordinator run with `RUST_LOG=warn` (no per-call audit line), as \
+         nginx runs without an access log.\n",
+        results.nginx_version, results.connections
+    );
+
+    let _ = writeln!(md, "## Closed loop\n");
+    let _ = writeln!(
+        md,
+        "| concurrency | route | calls/s | p50 ms | p99 ms | p99.9 ms | failed | proxy CPU µs/call | vs direct |"
+    );
+    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    for run in &results.closed {
+        let direct = results
+            .closed(Route::Direct, run.concurrency)
+            .map_or(0.0, crate::ClosedLoop::rps);
+        let versus = if direct > 0.0 {
+            format!("{:.2}", run.rps() / direct)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {versus} |",
+            run.concurrency,
+            run.route.name(),
+            run.rps(),
+            run.p50_ms(),
+            run.p99_ms(),
+            run.p999_ms(),
+            run.failed(),
+            run.cpu_us()
+                .map_or_else(|| "-".into(), |cpu| format!("{cpu:.0}")),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nProxy CPU is the proxy's user + system time (nginx: master and workers) \
+         during the run, divided by the calls answered.\n"
+    );
+
+    let _ = writeln!(md, "## Open loop\n");
+    let _ = writeln!(
+        md,
+        "Calls start on a fixed schedule at half of each route's best closed-loop \
+         throughput; each latency counts from when its call was due, so a stall shows \
+         as the many late calls it causes (corrected for coordinated omission).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| route | calls/s asked | answered/s | p50 ms | p99 ms | p99.9 ms | max ms | failed |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for run in &results.open {
+        let s = &run.summary;
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} |",
+            run.route.name(),
+            run.rate,
+            s.rps,
+            s.p50_ms,
+            s.p99_ms,
+            s.p999_ms,
+            s.max_ms,
+            s.failed
+        );
+    }
+
+    let _ = writeln!(md, "\n## Memory\n");
+    let _ = writeln!(
+        md,
+        "| proxy | processes | RSS idle | RSS holding client connections | connections |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+    for memory in &results.memory {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} MB | {:.1} MB | {} |",
+            memory.route.name(),
+            memory.processes,
+            memory.idle_bytes as f64 / 1e6,
+            memory.loaded_bytes as f64 / 1e6,
+            memory.connections
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nRSS is `VmRSS` from `/proc`, summed over nginx's master and workers (their \
+         shared pages count once per process). Each held connection is a mutual-TLS \
+         HTTP/2 connection that has carried one call.\n"
+    );
+
+    let _ = writeln!(md, "## Failover\n");
+    let _ = writeln!(
+        md,
+        "Steady closed-loop load (concurrency 32) through each proxy; a third of the \
+         way in, one of the two servers is SIGKILLed, or SIGSTOPped (continued after the \
+         run). Throughput and p99 per 100 ms:\n"
+    );
+    let _ = writeln!(md, "![failover timelines]({})\n", provenance.picture);
+    let _ = writeln!(md, "| fault | proxy | calls | failed | steady calls/s | back to 90% after | median after / steady | p99 ms | max ms |");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for timeline in &results.timelines {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0} | {} | {:.2} | {:.3} | {:.3} |",
+            timeline.fault.name(),
+            timeline.route.name(),
+            timeline.summary.requests,
+            timeline.summary.failed,
+            timeline.steady_rps(),
+            timeline
+                .recovery_ms()
+                .map_or_else(|| "never".into(), |ms| format!("{ms:.0} ms")),
+            timeline.after_share(),
+            timeline.summary.p99_ms,
+            timeline.summary.max_ms,
+        );
+    }
+
+    let _ = writeln!(md, "\n## Fernet decrypt\n");
+    let _ = writeln!(
+        md,
+        "One thread each, same key and tokens: ours (`KeyRing::decrypt_with_ttl`, the \
+         server's path) against Python `cryptography`'s `Fernet.decrypt(token, ttl)`; \
+         medians of timed batches.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| plaintext | token | ours ns | Python ns | ours faster by |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
+    for result in &results.fernet {
+        let _ = writeln!(
+            md,
+            "| {} B | {} B | {:.0} | {} | {} |",
+            result.plaintext_bytes,
+            result.token_bytes,
+            result.rust_ns,
+            result
+                .python_ns
+                .map_or_else(|| "-".into(), |ns| format!("{ns:.0}")),
+            result
+                .speedup()
+                .map_or_else(|| "-".into(), |speedup| format!("{speedup:.1}x")),
+        );
+    }
+
+    if !profile.trim().is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Where the coordinator's CPU goes\n\n{}",
+            profile.trim()
+        );
+    }
+
+    let _ = writeln!(md, "\n## Machine\n");
+    let _ = writeln!(
+        md,
+        "- CPU: {} ({} cores available)\n- memory: {:.1} GiB\n- kernel: {}\n- {}\n- securemesh {}",
+        machine.cpu,
+        machine.cores,
+        machine.memory_gib,
+        machine.kernel,
+        results.nginx_version,
+        env!("CARGO_PKG_VERSION"),
+    );
+    md
+}
