@@ -42,6 +42,9 @@ pub struct TlsIncoming {
 /// connection permits until it closes.
 pub struct Connection {
     stream: TlsStream<TcpStream>,
+    /// The peer's identity, read from its certificate once, at the
+    /// handshake, instead of on every call.
+    identity: Option<Arc<str>>,
     _slot: Slot,
 }
 
@@ -157,9 +160,16 @@ async fn handshake(
 ) {
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => {
+            let identity = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(crate::peer_identity)
+                .map(Arc::from);
             let _ = ready
                 .send(Ok(Connection {
                     stream,
+                    identity,
                     _slot: slot,
                 }))
                 .await;
@@ -264,12 +274,38 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// The connection info of the TLS stream, so that `Request::peer_certs`
-/// works as with tonic's own TLS.
-impl tonic::transport::server::Connected for Connection {
-    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+/// What tonic puts in every request's extensions for a [`Connection`]:
+/// the peer's address, certificates and identity.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    tls: <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo,
+    identity: Option<Arc<str>>,
+}
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+impl PeerInfo {
+    /// The identity of the peer's certificate (see [`crate::peer_identity`]).
+    pub fn identity(&self) -> Option<&Arc<str>> {
+        self.identity.as_ref()
+    }
+
+    /// The peer's address.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.tls.get_ref().remote_addr()
+    }
+
+    /// The peer's certificate chain, leaf first.
+    pub fn certificates(&self) -> Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>> {
+        self.tls.peer_certs()
+    }
+}
+
+impl tonic::transport::server::Connected for Connection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        PeerInfo {
+            tls: self.stream.connect_info(),
+            identity: self.identity.clone(),
+        }
     }
 }

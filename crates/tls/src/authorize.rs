@@ -27,7 +27,7 @@ use securemesh_credentials::Credentials;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 
-use crate::peer_identity;
+use crate::caller_identity;
 
 /// The metadata header that carries the original caller's identity.
 pub const CALLER_HEADER: &str = "x-securemesh-caller";
@@ -115,9 +115,8 @@ impl Authorization {
     /// Refuses a peer that may not call; otherwise records the [`Caller`]
     /// in the request's extensions.
     pub fn check(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let peer = request
-            .peer_certs()
-            .and_then(|chain| peer_identity(&chain))
+        let peer = caller_identity(&request)
+            .map(|identity| identity.to_string())
             .ok_or_else(|| Status::unauthenticated("no client certificate identity"))?;
         if let Some(allowed) = &self.allowed {
             if !allowed.contains(&peer) {

@@ -1,5 +1,7 @@
 //! Who is on the other end of a connection, as its certificate says.
 
+use std::sync::Arc;
+
 use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -37,11 +39,20 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<String> {
     uri.or_else(dns).or_else(common_name)
 }
 
-/// The identity of the caller of a tonic request received over
-/// [`crate::TlsIncoming`], or `"unknown"`.
-pub fn request_identity<T>(request: &tonic::Request<T>) -> String {
+/// The identity of the peer of a tonic request: as [`crate::TlsIncoming`]
+/// read it at the handshake, else parsed from the request's certificates
+/// (tonic's own TLS).
+pub fn caller_identity<T>(request: &tonic::Request<T>) -> Option<Arc<str>> {
+    if let Some(peer) = request.extensions().get::<crate::PeerInfo>() {
+        return peer.identity().cloned();
+    }
     request
         .peer_certs()
         .and_then(|certs| peer_identity(&certs))
-        .unwrap_or_else(|| "unknown".to_owned())
+        .map(Arc::from)
+}
+
+/// [`caller_identity`], or `"unknown"`.
+pub fn request_identity<T>(request: &tonic::Request<T>) -> String {
+    caller_identity(request).map_or_else(|| "unknown".to_owned(), |identity| identity.to_string())
 }
