@@ -346,11 +346,19 @@ impl tower::Service<Attempt> for Backend {
                     attempt.request_id.as_deref(),
                 ),
             ] {
-                if let Some(value) =
+                if let Some(mut value) =
                     value.and_then(|value| tonic::metadata::MetadataValue::try_from(value).ok())
                 {
+                    // A request id is new on every call: indexing it in
+                    // HPACK's dynamic table would only evict entries worth
+                    // keeping, at a cost on both ends.
+                    value.set_sensitive(name == securemesh::request_id::HEADER);
                     request.metadata_mut().insert(name, value);
                 }
+            }
+            // The same for the time left, which differs on every call.
+            if let Some(timeout) = request.metadata_mut().get_mut("grpc-timeout") {
+                timeout.set_sensitive(true);
             }
             let result = match tokio::time::timeout(limit, client.submit(request)).await {
                 // A tonic backend answers CANCELLED when the grpc-timeout we
