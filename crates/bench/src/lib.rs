@@ -236,13 +236,16 @@ impl Timeline {
         (self.fault_at_s / self.bucket_s) as usize
     }
 
-    /// Median calls per second over the buckets before the fault (the
-    /// first, warming up, left out).
+    /// Median calls per second over the half second before the fault
+    /// (never the first bucket, which warms up): on a noisy machine,
+    /// throughput drifts over seconds, and what matters is the level the
+    /// fault interrupted.
     pub fn steady_rps(&self) -> f64 {
+        const STEADY_BUCKETS: usize = 5;
         let before = self.fault_bucket().min(self.summary.timeline.len());
-        let mut rates: Vec<f64> = self.summary.timeline[..before]
+        let from = before.saturating_sub(STEADY_BUCKETS).max(1);
+        let mut rates: Vec<f64> = self.summary.timeline[from.min(before)..before]
             .iter()
-            .skip(1)
             .map(|bucket| self.rate(bucket))
             .collect();
         median(&mut rates)
@@ -594,6 +597,13 @@ mod tests {
         assert!((recovery - 198.0).abs() < 0.01, "{recovery}");
         let unbothered = timeline(&[50, 100, 100, 100, 100, 100], 0.302);
         assert!(unbothered.recovery_ms().unwrap() < 100.0);
+        // Only the half second before the fault sets the level.
+        let drifted = timeline(
+            &[50, 150, 150, 150, 100, 100, 100, 100, 100, 92, 100],
+            0.902,
+        );
+        assert_eq!(drifted.steady_rps(), 1000.0);
+        assert!(drifted.recovery_ms().unwrap() < 100.0);
         let broken = timeline(&[50, 100, 100, 10, 10, 10], 0.302);
         assert_eq!(broken.recovery_ms(), None);
         assert!((broken.after_share() - 0.1).abs() < 1e-9);

@@ -358,6 +358,12 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
          run). Throughput and p99 per 100 ms:\n"
     );
     let _ = writeln!(md, "![failover timelines]({})\n", provenance.picture);
+    let _ = writeln!(
+        md,
+        "\"Steady\" is the median of the half second before the fault; \"back to 90%\" \
+         counts from the fault to the end of the first 100 ms bucket at 90% of it or \
+         more (about 100 ms: the first bucket after the fault was already there).\n"
+    );
     let _ = writeln!(md, "| fault | proxy | calls | failed | steady calls/s | back to 90% after | median after / steady | p99 ms | max ms |");
     let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for timeline in &results.timelines {

@@ -127,12 +127,15 @@ pub struct StatusArgs {
 }
 
 impl Command {
-    /// One-shot commands log only warnings by default.
-    pub fn is_quiet(&self) -> bool {
-        !matches!(
-            self,
-            Command::Server(_) | Command::Coordinator(_) | Command::Demo(_)
-        )
+    /// The default log level: long-running roles log `info`; one-shot
+    /// commands only warnings; the benchmark only errors (it counts what
+    /// fails itself, and its own clients' transient warnings are noise).
+    pub fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Server(_) | Command::Coordinator(_) | Command::Demo(_) => "info",
+            Command::Bench(_) => "error",
+            _ => "warn",
+        }
     }
 }
 

@@ -12,11 +12,10 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::args::{LogArgs, LogFormat, LogRotation};
 
-/// Installs the global subscriber. `quiet` commands (one-shot tools such as
-/// `pki` or `client`) log warnings only unless `RUST_LOG` says otherwise.
-/// Keep the returned guard alive until exit: it flushes the log file.
-pub fn init(quiet: bool, args: &LogArgs) -> anyhow::Result<Option<WorkerGuard>> {
-    let default = if quiet { "warn" } else { "info" };
+/// Installs the global subscriber, logging at `default` (`info`, `warn`,
+/// ...) unless `RUST_LOG` says otherwise. Keep the returned guard alive
+/// until exit: it flushes the log file.
+pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<Option<WorkerGuard>> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let terminal = format_layer(
         args.log_format,

@@ -8,16 +8,10 @@ mod logging;
 
 use clap::Parser as _;
 
-/// mimalloc instead of the system allocator: the proxy path allocates and
-/// frees small buffers on every call (h2 frames, headers, futures), and
-/// glibc's malloc cost 9% of the coordinator's CPU under load.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
     // Held until exit: it flushes the log file.
-    let _log_guard = match logging::init(cli.command.is_quiet(), &cli.log) {
+    let _log_guard = match logging::init(cli.command.default_log_level(), &cli.log) {
         Ok(guard) => guard,
         Err(error) => {
             eprintln!("securemesh: cannot set up logging: {error:#}");
