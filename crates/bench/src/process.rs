@@ -128,18 +128,7 @@ pub struct Usage {
 impl Usage {
     fn of(pid: u32) -> Self {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let rss_kib = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| {
-                value
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0);
+        let rss_kib = kib_field(&status, "VmRSS:").unwrap_or(0);
         Self {
             rss_bytes: rss_kib * 1024,
             cpu_seconds: cpu_seconds(pid),
@@ -154,6 +143,14 @@ impl std::iter::Sum for Usage {
             cpu_seconds: total.cpu_seconds + usage.cpu_seconds,
         })
     }
+}
+
+/// The value of a `NAME: N kB` line of a `/proc` file (`status`,
+/// `meminfo`), in KiB.
+pub fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// The fields of `/proc/<pid>/stat` after the command name, which may

@@ -21,6 +21,10 @@ pub struct Ratio {
 
 impl std::fmt::Display for Ratio {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.target == "-" {
+            // A figure for comparison, not a target.
+            return write!(f, "{}: {}", self.name, self.value);
+        }
         let verdict = match self.met {
             Some(true) => "met",
             Some(false) => "MISSED",
@@ -116,7 +120,7 @@ pub fn ratios(results: &Results) -> Vec<Ratio> {
             |value| value == 0.0,
         ),
         ratio(
-            "nginx failed calls through a SIGKILL (context)",
+            "for comparison, nginx failed calls through a SIGKILL",
             timeline(Route::Nginx, Fault::Kill).map(|t| t.summary.failed as f64),
             "count",
             "-",
@@ -137,7 +141,7 @@ pub fn ratios(results: &Results) -> Vec<Ratio> {
             |value| value <= 150.0,
         ),
         ratio(
-            "nginx added p50 at concurrency 1 (context)",
+            "for comparison, nginx added p50 at concurrency 1",
             added(Route::Nginx),
             "us",
             "-",
@@ -191,18 +195,7 @@ impl Machine {
             .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
             .map_or_else(|| "unknown".to_owned(), |(_, name)| name.trim().to_owned());
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let memory_kib = meminfo
-            .lines()
-            .find_map(|line| line.strip_prefix("MemTotal:"))
-            .and_then(|value| {
-                value
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap_or(0.0);
+        let memory_kib = crate::process::kib_field(&meminfo, "MemTotal:").unwrap_or(0) as f64;
         Self {
             cpu,
             cores: std::thread::available_parallelism().map_or(1, usize::from),

@@ -177,22 +177,14 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let token_ttl = Some(args.token_ttl).filter(|ttl| !ttl.is_zero());
     let handler = DataHandler::new(keys, server_id, !args.hide_plaintext).with_token_ttl(token_ttl);
     if let Some(admin) = &args.serve.metrics_listen {
-        let stats = handler.stats().clone();
-        let listen = address.to_string();
         let discovery = args.register.as_ref().map(ToString::to_string);
-        let started = std::time::Instant::now();
         start_admin(
             admin,
-            Arc::new(move || StatusReport {
-                role: "server".into(),
-                listen: listen.clone(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                uptime_seconds: started.elapsed().as_secs(),
-                in_flight: stats.in_flight(),
-                recent: stats.recent(),
-                discovery: discovery.clone(),
-                backends: Vec::new(),
-            }),
+            "server",
+            address,
+            discovery,
+            handler.stats().clone(),
+            Vec::new,
         )
         .await?;
     }
@@ -317,22 +309,16 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
     if let Some(admin) = &args.serve.metrics_listen {
-        let (stats, pool) = (coordinator.stats().clone(), coordinator.pool().clone());
-        let listen = address.to_string();
+        let pool = coordinator.pool().clone();
         let discovery = args.discovery.as_ref().map(ToString::to_string);
-        let started = std::time::Instant::now();
         start_admin(
             admin,
-            Arc::new(move || StatusReport {
-                role: "coordinator".into(),
-                listen: listen.clone(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                uptime_seconds: started.elapsed().as_secs(),
-                in_flight: stats.in_flight(),
-                recent: stats.recent(),
-                discovery: discovery.clone(),
-                backends: pool
-                    .snapshot()
+            "coordinator",
+            address,
+            discovery,
+            coordinator.stats().clone(),
+            move || {
+                pool.snapshot()
                     .into_iter()
                     .map(|backend| BackendStatus {
                         state: BackendStatus::state_of(backend.in_rotation, backend.ejected).into(),
@@ -343,8 +329,8 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
                         recent: backend.recent,
                         last_failure: backend.last_failure,
                     })
-                    .collect(),
-            }),
+                    .collect()
+            },
         )
         .await?;
     }
@@ -462,7 +448,28 @@ fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
 
 /// Binds the admin listener at `address` and serves it in the background
 /// until the process exits.
-async fn start_admin(address: &str, status: securemesh_admin::StatusSource) -> anyhow::Result<()> {
+/// Starts the admin listener at `address` for a process of `role`
+/// listening on `listen`: its calls are `stats`, its backends (none for a
+/// server) come from `backends`.
+async fn start_admin(
+    address: &str,
+    role: &'static str,
+    listen: std::net::SocketAddr,
+    discovery: Option<String>,
+    stats: securemesh_telemetry::CallStats,
+    backends: impl Fn() -> Vec<BackendStatus> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let status: securemesh_admin::StatusSource = Arc::new(move || StatusReport {
+        role: role.into(),
+        listen: listen.to_string(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_seconds: started.elapsed().as_secs(),
+        in_flight: stats.in_flight(),
+        recent: stats.recent(),
+        discovery: discovery.clone(),
+        backends: backends(),
+    });
     let address = securemesh_admin::parse_listen_address(address)?;
     let listener = tokio::net::TcpListener::bind(address)
         .await
