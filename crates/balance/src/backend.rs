@@ -17,7 +17,7 @@ use futures_util::task::AtomicWaker;
 pub use securemesh::status::{describe, is_unavailable as is_backend_failure};
 use securemesh::v1::data_service_client::DataServiceClient;
 use securemesh::v1::SubmitReply;
-use securemesh_telemetry::{metrics, Window, WindowSnapshot};
+use securemesh_telemetry::{metrics, BackendSeries, Window, WindowSnapshot};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::Status;
@@ -81,13 +81,16 @@ pub struct BackendState {
     in_flight: AtomicU64,
     /// Recent attempts: rate and latency, for the status page.
     recent: Window,
+    /// The exported series each attempt moves.
+    series: BackendSeries,
 }
 
 impl BackendState {
     pub(crate) fn new(url: String, policy: EjectionPolicy, rotation: Arc<Rotation>) -> Arc<Self> {
         *lock(&rotation.in_rotation) += 1;
-        metrics().track_backend(&url);
+        let series = metrics().track_backend(&url);
         Arc::new(Self {
+            series,
             url,
             policy,
             in_rotation: AtomicBool::new(true),
@@ -407,9 +410,8 @@ struct InFlight {
 impl InFlight {
     fn start(state: &Arc<BackendState>) -> Self {
         state.in_flight.fetch_add(1, Ordering::Relaxed);
-        let url = [state.url.as_str()];
-        metrics().backend_in_flight.with_label_values(&url).inc();
-        metrics().backend_requests.with_label_values(&url).inc();
+        state.series.in_flight.inc();
+        state.series.requests.inc();
         Self {
             state: state.clone(),
             started: std::time::Instant::now(),
@@ -425,13 +427,11 @@ impl InFlight {
         self.finished = true;
         let state = &self.state;
         state.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let url = [state.url.as_str()];
-        // A retired backend's series are gone; do not bring them back.
-        if !state.retired.load(Ordering::Acquire) {
-            metrics().backend_in_flight.with_label_values(&url).dec();
-        }
+        // Resolved handles: a retired backend's exported series, once
+        // forgotten, are not brought back by a late attempt.
+        state.series.in_flight.dec();
         if failed {
-            metrics().backend_failures.with_label_values(&url).inc();
+            state.series.failures.inc();
         }
         state.recent.record(self.started.elapsed(), !failed);
     }

@@ -49,11 +49,11 @@ pub struct Attempt {
     /// The original caller's identity, passed to the endpoint in
     /// `x-securemesh-caller` (which servers believe only from a
     /// coordinator).
-    pub caller: Option<String>,
+    pub caller: Option<Arc<str>>,
     /// `authorization` metadata for the endpoint (a client's credentials).
-    pub authorization: Option<String>,
+    pub authorization: Option<Arc<str>>,
     /// The call's request id, sent as `x-request-id`.
-    pub request_id: Option<String>,
+    pub request_id: Option<Arc<str>>,
     /// Filled in as attempts are made: how many, and the last endpoint.
     pub trace: Arc<CallTrace>,
 }

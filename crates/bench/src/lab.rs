@@ -267,7 +267,9 @@ impl Lab {
                 async move {
                     let channel = endpoint.connect().await?;
                     DataServiceClient::new(channel.clone())
-                        .submit(SubmitRequest { token })
+                        .submit(SubmitRequest {
+                            token: token.into(),
+                        })
                         .await
                         .map_err(|status| BenchError::Setup(status.to_string()))?;
                     Ok::<_, BenchError>(channel)

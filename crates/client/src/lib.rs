@@ -80,7 +80,7 @@ pub struct Client {
     balancer: Balancer,
     keys: KeyRing,
     call_timeout: Duration,
-    authorization: Option<String>,
+    authorization: Option<std::sync::Arc<str>>,
 }
 
 impl Client {
@@ -135,7 +135,7 @@ impl Client {
     /// Sends `authorization` metadata (see `securemesh_credentials::
     /// basic_header` and `bearer_header`) with every call.
     pub fn with_authorization(mut self, authorization: Option<String>) -> Self {
-        self.authorization = authorization;
+        self.authorization = authorization.map(std::sync::Arc::from);
         self
     }
 
@@ -172,11 +172,13 @@ impl Client {
         let deadline = tokio::time::Instant::now() + self.call_timeout;
         self.balancer
             .submit(Attempt {
-                message: SubmitRequest { token },
+                message: SubmitRequest {
+                    token: token.into(),
+                },
                 deadline: Some(deadline),
                 caller: None,
                 authorization: self.authorization.clone(),
-                request_id: Some(request_id.to_owned()),
+                request_id: Some(std::sync::Arc::from(request_id)),
                 trace: Default::default(),
             })
             .await

@@ -84,9 +84,9 @@ impl DataService for Coordinator {
             .submit(Attempt {
                 message,
                 deadline: Some(deadline),
-                caller: Some(caller.clone()),
+                caller: Some(Arc::from(caller.as_str())),
                 authorization: None,
-                request_id: Some(request_id.clone()),
+                request_id: Some(Arc::from(request_id.as_str())),
                 trace: trace.clone(),
             })
             .await;

@@ -157,7 +157,9 @@ mod tests {
         let (handler, keys) = handler();
         let token = keys.encrypt(b"hello");
         let reply = handler
-            .submit(Request::new(SubmitRequest { token }))
+            .submit(Request::new(SubmitRequest {
+                token: token.into(),
+            }))
             .await
             .unwrap()
             .into_inner();
@@ -176,7 +178,9 @@ mod tests {
             other_keys.encrypt(b"under another key"),
         ] {
             let status = handler
-                .submit(Request::new(SubmitRequest { token }))
+                .submit(Request::new(SubmitRequest {
+                    token: token.into(),
+                }))
                 .await
                 .unwrap_err();
             assert_eq!(status.code(), tonic::Code::InvalidArgument);

@@ -7,14 +7,14 @@
 
 mod window;
 
+pub use prometheus::{Histogram, IntCounter, IntGauge};
 pub use window::{Window, WindowSnapshot};
 
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every series a securemesh process exports, registered in one registry.
@@ -250,8 +250,9 @@ impl Metrics {
     }
 
     /// Exports every per-backend series of `url`, counters at 0, as the
-    /// backend joins the pool.
-    pub fn track_backend(&self, url: &str) {
+    /// backend joins the pool; returns the handles that change on every
+    /// attempt, so that attempts need no label lookup.
+    pub fn track_backend(&self, url: &str) -> BackendSeries {
         for counters in [
             &self.backend_requests,
             &self.backend_failures,
@@ -260,7 +261,11 @@ impl Metrics {
         ] {
             let _ = counters.with_label_values(&[url]);
         }
-        let _ = self.backend_in_flight.with_label_values(&[url]);
+        BackendSeries {
+            in_flight: self.backend_in_flight.with_label_values(&[url]),
+            requests: self.backend_requests.with_label_values(&[url]),
+            failures: self.backend_failures.with_label_values(&[url]),
+        }
     }
 
     /// Stops exporting a backend's gauges (it left the pool).
@@ -276,12 +281,48 @@ impl Metrics {
     }
 }
 
+/// One backend's per-attempt series, resolved once. After
+/// [`Metrics::forget_backend`] they still count, unexported.
+#[derive(Debug, Clone)]
+pub struct BackendSeries {
+    /// `securemesh_backend_in_flight{backend}`.
+    pub in_flight: IntGauge,
+    /// `securemesh_backend_requests_total{backend}`.
+    pub requests: IntCounter,
+    /// `securemesh_backend_failures_total{backend}`.
+    pub failures: IntCounter,
+}
+
 /// The calls a process serves: exported series plus an in-process
 /// [`Window`] for its status. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct CallStats {
     window: Arc<Window>,
     in_flight: Arc<std::sync::atomic::AtomicI64>,
+    /// The series of the first method timed, resolved once: a service has
+    /// one hot method, and label lookups cost on every call.
+    method: Arc<std::sync::OnceLock<MethodSeries>>,
+}
+
+/// One method's series that every call moves.
+#[derive(Debug)]
+struct MethodSeries {
+    method: &'static str,
+    in_flight: IntGauge,
+    duration: Histogram,
+    ok: IntCounter,
+}
+
+impl MethodSeries {
+    fn of(method: &'static str) -> Self {
+        let metrics = metrics();
+        Self {
+            method,
+            in_flight: metrics.in_flight.with_label_values(&[method]),
+            duration: metrics.request_duration.with_label_values(&[method]),
+            ok: metrics.requests.with_label_values(&[method, "OK"]),
+        }
+    }
 }
 
 impl CallStats {
@@ -289,7 +330,10 @@ impl CallStats {
     /// [`CallTimer::finish`]. A timer dropped unfinished (the caller went
     /// away) counts as `CANCELLED`.
     pub fn start(&self, method: &'static str) -> CallTimer {
-        metrics().in_flight.with_label_values(&[method]).inc();
+        match self.cached(method) {
+            Some(series) => series.in_flight.inc(),
+            None => metrics().in_flight.with_label_values(&[method]).inc(),
+        }
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         CallTimer {
@@ -298,6 +342,11 @@ impl CallStats {
             started: Instant::now(),
             finished: false,
         }
+    }
+
+    fn cached(&self, method: &'static str) -> Option<&MethodSeries> {
+        Some(self.method.get_or_init(|| MethodSeries::of(method)))
+            .filter(|series| series.method == method)
     }
 
     /// Calls in flight now.
@@ -330,16 +379,32 @@ impl CallTimer {
     fn record(&mut self, status: &'static str) -> std::time::Duration {
         self.finished = true;
         let latency = self.started.elapsed();
-        let metrics = metrics();
-        metrics
-            .requests
-            .with_label_values(&[self.method, status])
-            .inc();
-        metrics
-            .request_duration
-            .with_label_values(&[self.method])
-            .observe(latency.as_secs_f64());
-        metrics.in_flight.with_label_values(&[self.method]).dec();
+        match self.stats.cached(self.method) {
+            Some(series) => {
+                if status == "OK" {
+                    series.ok.inc();
+                } else {
+                    metrics()
+                        .requests
+                        .with_label_values(&[self.method, status])
+                        .inc();
+                }
+                series.duration.observe(latency.as_secs_f64());
+                series.in_flight.dec();
+            }
+            None => {
+                let metrics = metrics();
+                metrics
+                    .requests
+                    .with_label_values(&[self.method, status])
+                    .inc();
+                metrics
+                    .request_duration
+                    .with_label_values(&[self.method])
+                    .observe(latency.as_secs_f64());
+                metrics.in_flight.with_label_values(&[self.method]).dec();
+            }
+        }
         self.stats
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
