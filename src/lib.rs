@@ -10,6 +10,10 @@ pub mod v1 {
 
     /// Fully qualified name of the data service, as health checks name it.
     pub const DATA_SERVICE_NAME: &str = "securemesh.v1.DataService";
+
+    /// The path of `Submit`, as gRPC routes it and metrics and audit lines
+    /// name it.
+    pub const SUBMIT_METHOD: &str = "/securemesh.v1.DataService/Submit";
 }
 
 /// The encoded `FileDescriptorSet` of every securemesh proto file.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use securemesh::v1::data_service_server::DataService;
-use securemesh::v1::{SubmitReply, SubmitRequest};
+use securemesh::v1::{SubmitReply, SubmitRequest, SUBMIT_METHOD};
 use std::sync::Arc;
 
 use securemesh_balance::{Attempt, BackendOptions, BalanceOptions, Balancer, CallTrace};
@@ -20,9 +20,6 @@ pub struct Coordinator {
     request_timeout: Duration,
     stats: CallStats,
 }
-
-/// The one method of the service, as metrics label it.
-const SUBMIT: &str = "/securemesh.v1.DataService/Submit";
 
 impl Coordinator {
     /// A coordinator over an empty pool; add backends through
@@ -58,7 +55,7 @@ impl DataService for Coordinator {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
-        let timer = self.stats.start(SUBMIT);
+        let timer = self.stats.start(SUBMIT_METHOD);
         let started = tokio::time::Instant::now();
         let deadline = call_deadline(
             request
@@ -95,7 +92,7 @@ impl DataService for Coordinator {
         tracing::info!(
             %request_id,
             %caller,
-            method = SUBMIT,
+            method = SUBMIT_METHOD,
             status,
             latency_ms = latency.as_micros() as f64 / 1000.0,
             bytes,

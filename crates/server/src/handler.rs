@@ -4,7 +4,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use securemesh::v1::data_service_server::DataService;
-use securemesh::v1::{SubmitReply, SubmitRequest};
+use securemesh::v1::{SubmitReply, SubmitRequest, SUBMIT_METHOD};
 use securemesh_crypto::{KeyRing, TokenError};
 use securemesh_telemetry::{metrics, CallStats, Metrics};
 use tonic::{Request, Response, Status};
@@ -25,9 +25,6 @@ pub struct DataHandler {
     token_ttl: Option<Duration>,
     stats: CallStats,
 }
-
-/// The one method of the service, as metrics label it.
-const SUBMIT: &str = "/securemesh.v1.DataService/Submit";
 
 impl DataHandler {
     /// A handler answering as `server_id` (e.g. `127.0.0.1:5001`).
@@ -71,7 +68,7 @@ impl DataService for DataHandler {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
-        let timer = self.stats.start(SUBMIT);
+        let timer = self.stats.start(SUBMIT_METHOD);
         let request_id = securemesh::request_id::of(request.metadata());
         let (caller, via) = match request.extensions().get::<securemesh_tls::Caller>() {
             Some(caller) => (
@@ -90,7 +87,7 @@ impl DataService for DataHandler {
             %request_id,
             %caller,
             %via,
-            method = SUBMIT,
+            method = SUBMIT_METHOD,
             status,
             latency_ms = latency.as_micros() as f64 / 1000.0,
             bytes = token.len(),

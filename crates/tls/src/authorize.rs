@@ -193,12 +193,12 @@ fn hashing_allowed_to_block<T>(verify: impl FnOnce() -> T) -> T {
 fn audit_refusal(request: &Request<()>, peer: &str, status: &'static str) {
     securemesh_telemetry::metrics()
         .requests
-        .with_label_values(&["/securemesh.v1.DataService/Submit", status])
+        .with_label_values(&[securemesh::v1::SUBMIT_METHOD, status])
         .inc();
     tracing::info!(
         request_id = %securemesh::request_id::of(request.metadata()),
         caller = %peer,
-        method = "/securemesh.v1.DataService/Submit",
+        method = securemesh::v1::SUBMIT_METHOD,
         status,
         latency_ms = 0.0,
         bytes = 0,
