@@ -114,24 +114,10 @@ impl BackendState {
     }
 
     fn publish_gauges(&self) {
-        if self.retired.load(Ordering::Acquire) {
-            return;
-        }
-        let metrics = metrics();
-        let url = [self.url.as_str()];
-        let flag = |on: bool| i64::from(on);
-        metrics
-            .backend_up
-            .with_label_values(&url)
-            .set(flag(self.is_in_rotation()));
-        metrics
-            .backend_healthy
-            .with_label_values(&url)
-            .set(flag(self.is_healthy()));
-        metrics
-            .backend_ejected
-            .with_label_values(&url)
-            .set(flag(self.is_ejected()));
+        let series = &self.series;
+        series.up.set(i64::from(self.is_in_rotation()));
+        series.healthy.set(i64::from(self.is_healthy()));
+        series.ejected.set(i64::from(self.is_ejected()));
     }
 
     /// Attempts in flight on this backend now.
@@ -204,10 +190,7 @@ impl BackendState {
         self.in_rotation.store(false, Ordering::Release);
         self.rotation.leave(&mut count);
         drop(count);
-        metrics()
-            .backend_ejections
-            .with_label_values(&[self.url.as_str()])
-            .inc();
+        self.series.ejections.inc();
         self.publish_gauges();
         tracing::warn!(
             backend = %self.url,
@@ -427,8 +410,6 @@ impl InFlight {
         self.finished = true;
         let state = &self.state;
         state.in_flight.fetch_sub(1, Ordering::Relaxed);
-        // Resolved handles: a retired backend's exported series, once
-        // forgotten, are not brought back by a late attempt.
         state.series.in_flight.dec();
         if failed {
             state.series.failures.inc();
@@ -465,6 +446,14 @@ mod tests {
         state.settle();
         assert_eq!(rotation.count(), 0);
         assert!(!state.is_in_rotation());
+        // Nor exported again: its series left with it.
+        state.call_failed("late failure");
+        let exposition = metrics().render();
+        assert!(
+            !exposition.contains("backend_up{backend=\"https://127.0.0.1:1\"}"),
+            "{exposition}"
+        );
+        assert!(!exposition.contains("backend_in_flight{backend=\"https://127.0.0.1:1\"}"));
     }
 
     #[test]

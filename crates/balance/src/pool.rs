@@ -118,7 +118,8 @@ pub struct BackendSnapshot {
 
 struct Member {
     state: Arc<BackendState>,
-    prober: JoinHandle<()>,
+    /// Its health checks, unless they are off.
+    prober: Option<JoinHandle<()>>,
     /// How many sources (the static list, discovery keys) named this URL;
     /// the backend leaves when the last of them removes it.
     sources: usize,
@@ -192,16 +193,14 @@ impl BackendPool {
         self.changes
             .send(Change::Insert(url.to_owned(), balanced))
             .map_err(|_| PoolError::BalancerGone)?;
-        let prober = if self.options.health_checks {
+        let prober = self.options.health_checks.then(|| {
             tokio::spawn(crate::health::probe(
                 state.clone(),
                 channel,
                 self.options.health_interval,
                 self.options.health_timeout,
             ))
-        } else {
-            tokio::spawn(async {})
-        };
+        });
         Ok(Member {
             state,
             prober,
@@ -227,7 +226,9 @@ impl BackendPool {
     }
 
     fn disconnect(&self, url: &str, member: &Member) {
-        member.prober.abort();
+        if let Some(prober) = &member.prober {
+            prober.abort();
+        }
         member.state.retire();
         let _ = self.changes.send(Change::Remove(url.to_owned()));
     }
@@ -288,7 +289,9 @@ impl BackendPool {
 impl Drop for BackendPool {
     fn drop(&mut self) {
         for member in self.members().values() {
-            member.prober.abort();
+            if let Some(prober) = &member.prober {
+                prober.abort();
+            }
         }
     }
 }

@@ -250,21 +250,20 @@ impl Metrics {
     }
 
     /// Exports every per-backend series of `url`, counters at 0, as the
-    /// backend joins the pool; returns the handles that change on every
-    /// attempt, so that attempts need no label lookup.
+    /// backend joins the pool; returns the handles the backend moves, so
+    /// that it needs no label lookup.
     pub fn track_backend(&self, url: &str) -> BackendSeries {
-        for counters in [
-            &self.backend_requests,
-            &self.backend_failures,
-            &self.backend_ejections,
-            &self.backend_retries,
-        ] {
-            let _ = counters.with_label_values(&[url]);
-        }
+        // Retries are counted by the endpoint a failed attempt was on,
+        // from the retry policy, which has no backend to hold a handle.
+        let _ = self.backend_retries.with_label_values(&[url]);
         BackendSeries {
+            up: self.backend_up.with_label_values(&[url]),
+            healthy: self.backend_healthy.with_label_values(&[url]),
+            ejected: self.backend_ejected.with_label_values(&[url]),
             in_flight: self.backend_in_flight.with_label_values(&[url]),
             requests: self.backend_requests.with_label_values(&[url]),
             failures: self.backend_failures.with_label_values(&[url]),
+            ejections: self.backend_ejections.with_label_values(&[url]),
         }
     }
 
@@ -281,16 +280,25 @@ impl Metrics {
     }
 }
 
-/// One backend's per-attempt series, resolved once. After
-/// [`Metrics::forget_backend`] they still count, unexported.
+/// One backend's series, resolved once. After [`Metrics::forget_backend`]
+/// they still count, unexported: a backend that left cannot bring its
+/// series back.
 #[derive(Debug, Clone)]
 pub struct BackendSeries {
+    /// `securemesh_backend_up{backend}`.
+    pub up: IntGauge,
+    /// `securemesh_backend_healthy{backend}`.
+    pub healthy: IntGauge,
+    /// `securemesh_backend_ejected{backend}`.
+    pub ejected: IntGauge,
     /// `securemesh_backend_in_flight{backend}`.
     pub in_flight: IntGauge,
     /// `securemesh_backend_requests_total{backend}`.
     pub requests: IntCounter,
     /// `securemesh_backend_failures_total{backend}`.
     pub failures: IntCounter,
+    /// `securemesh_backend_ejections_total{backend}`.
+    pub ejections: IntCounter,
 }
 
 /// The calls a process serves: exported series plus an in-process
