@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use securemesh_crypto::KeyRing;
 use serde::Serialize;
 
-use crate::BenchError;
+use crate::{median, BenchError};
 
 /// One token size measured.
 #[derive(Debug, Clone, Serialize)]
@@ -93,20 +93,6 @@ fn median_ns_per_op(budget: Duration, mut operation: impl FnMut()) -> f64 {
     median(&mut samples)
 }
 
-/// The median of `values` (0 when empty).
-pub fn median(values: &mut [f64]) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    let middle = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        (values[middle - 1] + values[middle]) / 2.0
-    } else {
-        values[middle]
-    }
-}
-
 /// The same measurement in Python: one line of ns per token per size, or
 /// `None` if Python cannot run it.
 fn python_times(key: &str, tokens: &[(usize, Vec<u8>)], budget: Duration) -> Option<Vec<f64>> {
@@ -172,13 +158,6 @@ for token in job["tokens"]:
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_median_is_the_middle() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median(&mut []), 0.0);
-    }
 
     #[test]
     fn ours_decrypts_every_size_in_a_short_run() {

@@ -32,7 +32,7 @@ use nix::sys::signal::Signal;
 use securemesh_client::load::{self, LoadOptions, LoadSummary};
 use serde::Serialize;
 
-use crate::fernet::{median, FernetResult};
+use crate::fernet::FernetResult;
 use crate::lab::{Lab, Route};
 
 /// Why a benchmark could not run.
@@ -318,6 +318,20 @@ impl Results {
     }
 }
 
+/// The median of `values` (0 when empty).
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
+}
+
 /// Lets go of the CPU between measurements, so that one's tail does not
 /// run into the next.
 async fn settle() {
@@ -586,6 +600,13 @@ mod tests {
             bucket_s: 0.1,
             summary,
         }
+    }
+
+    #[test]
+    fn the_median_is_the_middle() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut []), 0.0);
     }
 
     #[test]
