@@ -637,7 +637,7 @@ pub struct ClientArgs {
     /// Load mode, open loop: start this many submissions a second on a
     /// fixed schedule; latency counts from when each was due, so stalls
     /// are not hidden (coordinated omission).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_rate)]
     pub rate: Option<f64>,
     /// Print the load summary as one JSON object.
     #[arg(long)]
@@ -692,4 +692,31 @@ pub struct DemoArgs {
     /// Port of the coordinator.
     #[arg(long, default_value_t = 8000)]
     pub coordinator_port: u16,
+}
+
+/// A rate of submissions a second: a finite number above zero.
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a positive number of submissions a second"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_must_be_a_positive_finite_number() {
+        assert_eq!(positive_rate("2500"), Ok(2500.0));
+        assert_eq!(positive_rate("0.5"), Ok(0.5));
+        for refused in ["0", "-3", "inf", "NaN", "fast", ""] {
+            assert!(positive_rate(refused).is_err(), "{refused} was accepted");
+        }
+        let refused =
+            Cli::try_parse_from(["securemesh", "client", "--duration", "1s", "--rate", "0"]);
+        assert!(refused.is_err());
+    }
 }

@@ -371,12 +371,6 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         .message
         .unwrap_or_else(|| format!("Sensitive data from {}", args.name));
 
-    if args
-        .rate
-        .is_some_and(|rate| !(rate > 0.0 && rate.is_finite()))
-    {
-        anyhow::bail!("--rate must be a positive number of submissions a second");
-    }
     let requests = match (args.requests, args.duration) {
         (Some(requests), _) => requests,
         (None, Some(_)) => usize::MAX,
@@ -447,10 +441,9 @@ fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
 }
 
 /// Binds the admin listener at `address` and serves it in the background
-/// until the process exits.
-/// Starts the admin listener at `address` for a process of `role`
-/// listening on `listen`: its calls are `stats`, its backends (none for a
-/// server) come from `backends`.
+/// until the process exits, for a process of `role` listening on `listen`:
+/// its calls are `stats`, its backends (none for a server) come from
+/// `backends`.
 async fn start_admin(
     address: &str,
     role: &'static str,
