@@ -15,15 +15,14 @@ use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 pub use securemesh::status::{describe, is_unavailable as is_backend_failure};
-use securemesh::v1::data_service_client::DataServiceClient;
-use securemesh::v1::SubmitReply;
+use securemesh::v1::{SubmitReply, SUBMIT_METHOD};
 use securemesh_telemetry::{metrics, BackendSeries, Window, WindowSnapshot};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::Status;
 
 use securemesh_tls::CALLER_HEADER;
 
+use crate::channel::Http2Channel;
 use crate::outlier::{EjectionPolicy, Verdicts};
 
 use crate::Attempt;
@@ -265,22 +264,22 @@ impl BackendState {
     }
 }
 
-/// The data path to one backend: a tonic channel and the backend's state.
+/// The data path to one backend: its HTTP/2 channel and its state.
 pub struct Backend {
     state: Arc<BackendState>,
-    client: DataServiceClient<Channel>,
+    channel: Http2Channel,
     attempt_timeout: Duration,
 }
 
 impl Backend {
     pub(crate) fn new(
         state: Arc<BackendState>,
-        channel: Channel,
+        channel: Http2Channel,
         attempt_timeout: Duration,
     ) -> Self {
         Self {
             state,
-            client: DataServiceClient::new(channel),
+            channel,
             attempt_timeout,
         }
     }
@@ -306,7 +305,7 @@ impl tower::Service<Attempt> for Backend {
     }
 
     fn call(&mut self, attempt: Attempt) -> Self::Future {
-        let mut client = self.client.clone();
+        let channel = self.channel.clone();
         let state = self.state.clone();
         let per_try = self.attempt_timeout;
         Box::pin(async move {
@@ -320,8 +319,7 @@ impl tower::Service<Attempt> for Backend {
             if limit.is_zero() {
                 return Err(Status::deadline_exceeded("deadline exceeded"));
             }
-            let mut request = tonic::Request::new(attempt.message);
-            request.set_timeout(limit);
+            let mut metadata = http::HeaderMap::with_capacity(8);
             attempt.trace.attempted(&state.url);
             let in_flight = InFlight::start(&state);
             for (name, value) in [
@@ -333,20 +331,17 @@ impl tower::Service<Attempt> for Backend {
                 ),
             ] {
                 if let Some(mut value) =
-                    value.and_then(|value| tonic::metadata::MetadataValue::try_from(value).ok())
+                    value.and_then(|value| http::HeaderValue::try_from(value).ok())
                 {
                     // A request id is new on every call: indexing it in
                     // HPACK's dynamic table would only evict entries worth
                     // keeping, at a cost on both ends.
                     value.set_sensitive(name == securemesh::request_id::HEADER);
-                    request.metadata_mut().insert(name, value);
+                    metadata.insert(name, value);
                 }
             }
-            // The same for the time left, which differs on every call.
-            if let Some(timeout) = request.metadata_mut().get_mut("grpc-timeout") {
-                timeout.set_sensitive(true);
-            }
-            let result = match tokio::time::timeout(limit, client.submit(request)).await {
+            let call = channel.unary(SUBMIT_METHOD, &attempt.message, metadata, limit);
+            let result = match tokio::time::timeout(limit, call).await {
                 // A tonic backend answers CANCELLED when the grpc-timeout we
                 // sent expires: that is the caller's deadline passing. (A
                 // CANCELLED raised by our own transport is a failed
@@ -361,7 +356,7 @@ impl tower::Service<Attempt> for Backend {
                 {
                     return Err(Status::deadline_exceeded("deadline exceeded"));
                 }
-                Ok(result) => result.map(tonic::Response::into_inner),
+                Ok(result) => result,
                 Err(_) if limited_by_deadline => {
                     return Err(Status::deadline_exceeded("deadline exceeded"));
                 }

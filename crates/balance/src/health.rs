@@ -7,21 +7,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use securemesh::v1::DATA_SERVICE_NAME;
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use crate::backend::{describe, BackendState};
+use crate::channel::Http2Channel;
+
+/// The gRPC path of `grpc.health.v1.Health/Check`.
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
 /// Probes one backend until the task is aborted.
 pub(crate) async fn probe(
     state: Arc<BackendState>,
-    channel: Channel,
+    channel: Http2Channel,
     interval: Duration,
     timeout: Duration,
 ) {
-    let mut client = HealthClient::new(channel);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -40,10 +41,16 @@ pub(crate) async fn probe(
         let request = HealthCheckRequest {
             service: DATA_SERVICE_NAME.to_owned(),
         };
-        let outcome = match tokio::time::timeout(timeout, client.check(request)).await {
-            Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
+        let check = channel.unary::<_, HealthCheckResponse>(
+            HEALTH_CHECK,
+            &request,
+            http::HeaderMap::new(),
+            timeout,
+        );
+        let outcome = match tokio::time::timeout(timeout, check).await {
+            Ok(Ok(reply)) if reply.status == ServingStatus::Serving as i32 => Ok(()),
             Ok(Ok(reply)) => {
-                let status = ServingStatus::try_from(reply.get_ref().status)
+                let status = ServingStatus::try_from(reply.status)
                     .map(|status| status.as_str_name())
                     .unwrap_or("UNKNOWN");
                 Err(format!("health check answered {status}"))

@@ -19,6 +19,7 @@
 //!    its active [`health`] checks.
 
 pub mod backend;
+pub mod channel;
 pub mod fail_fast;
 pub mod health;
 pub mod outlier;

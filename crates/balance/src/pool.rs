@@ -16,11 +16,11 @@ use securemesh_tls::ClientTls;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Endpoint;
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
 
 use crate::backend::{Backend, BackendState, Rotation};
+use crate::channel::{ChannelError, ChannelOptions, Http2Channel};
 use crate::outlier::EjectionPolicy;
 
 /// A backend as the balancer holds it: its service, weighed by the calls
@@ -84,14 +84,9 @@ impl BackendOptions {
 /// Why a backend could not be added.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    /// The URL is not a valid endpoint, or TLS could not be applied to it.
-    #[error("backend {url}: {source}")]
-    Endpoint {
-        /// The URL given.
-        url: String,
-        /// What tonic said.
-        source: tonic::transport::Error,
-    },
+    /// The URL is not a valid endpoint.
+    #[error("backend: {0}")]
+    Endpoint(#[from] ChannelError),
     /// The balancer has stopped (the coordinator is shutting down).
     #[error("the balancer is gone")]
     BalancerGone,
@@ -168,24 +163,20 @@ impl BackendPool {
 
     /// A backend for `url`, published to the balancer, with its prober.
     fn connect(&self, url: &str) -> Result<Member, PoolError> {
-        let endpoint_error = |source| PoolError::Endpoint {
-            url: url.to_owned(),
-            source,
-        };
         let tls = self
             .tls
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
-            .clone();
-        let channel = tls
-            .apply(Endpoint::from_shared(url.to_owned()).map_err(endpoint_error)?)
-            .map_err(endpoint_error)?
-            .connect_timeout(self.options.connect_timeout)
-            .http2_keep_alive_interval(self.options.keepalive_interval)
-            .keep_alive_timeout(self.options.keepalive_timeout)
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .rustls_config();
+        let channel = Http2Channel::new(
+            url,
+            tls,
+            ChannelOptions {
+                connect_timeout: self.options.connect_timeout,
+                keepalive_interval: self.options.keepalive_interval,
+                keepalive_timeout: self.options.keepalive_timeout,
+            },
+        )?;
 
         let state = BackendState::new(url.to_owned(), self.options.ejection, self.rotation.clone());
         let backend = Backend::new(state.clone(), channel.clone(), self.options.attempt_timeout);

@@ -335,10 +335,12 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .await?;
     }
     tracing::info!(%address, static_backends = ?backends, "Coordinator listening on {address} (mutual TLS)");
-    securemesh_tls::serve_mtls(
+    securemesh_coordinator::serve(
         listener,
         server_tls,
-        securemesh_tls::authorized_data_service(coordinator, authorization, args.max_message_size),
+        coordinator,
+        authorization,
+        args.max_message_size,
         args.serve.options(),
         shutdown_signal(),
     )

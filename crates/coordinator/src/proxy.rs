@@ -1,19 +1,19 @@
-//! The coordinator's own `DataService`: every call goes to the balancer,
-//! within the caller's deadline.
+//! What the coordinator does with a `Submit`: relay it through the
+//! balancer within the caller's deadline, tell the backend who the caller
+//! was, count it and write its audit line.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use securemesh::v1::data_service_server::DataService;
 use securemesh::v1::{SubmitReply, SubmitRequest, SUBMIT_METHOD};
-use std::sync::Arc;
 
 use securemesh_balance::{Attempt, BackendOptions, BalanceOptions, Balancer, CallTrace};
 use securemesh_telemetry::CallStats;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use crate::deadline::call_deadline;
 
-/// The proxying `DataService`.
+/// The proxying `DataService`; [`crate::serve`] serves it.
 #[derive(Clone)]
 pub struct Coordinator {
     balancer: Balancer,
@@ -49,29 +49,50 @@ impl Coordinator {
     }
 }
 
-#[tonic::async_trait]
-impl DataService for Coordinator {
-    async fn submit(
+/// What the coordinator needs to know of a call besides its message.
+pub(crate) struct CallContext {
+    grpc_timeout: Option<String>,
+    request_id: String,
+    caller: String,
+}
+
+impl CallContext {
+    /// Reads the caller's deadline and request id from `metadata`; the
+    /// caller is the one [`securemesh_tls::Authorization`] established.
+    pub(crate) fn new(
+        metadata: &tonic::metadata::MetadataMap,
+        caller: Option<&securemesh_tls::Caller>,
+    ) -> Self {
+        Self {
+            grpc_timeout: metadata
+                .get("grpc-timeout")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned),
+            request_id: securemesh::request_id::of(metadata),
+            caller: caller
+                .map_or_else(|| "unknown".to_owned(), |caller| caller.origin().to_owned()),
+        }
+    }
+}
+
+impl Coordinator {
+    /// Relays one `Submit` through the balancer within the caller's
+    /// deadline, and writes its audit line.
+    pub(crate) async fn relay(
         &self,
-        request: Request<SubmitRequest>,
-    ) -> Result<Response<SubmitReply>, Status> {
+        message: SubmitRequest,
+        context: CallContext,
+    ) -> Result<SubmitReply, Status> {
         let timer = self.stats.start(SUBMIT_METHOD);
         let started = tokio::time::Instant::now();
         let deadline = call_deadline(
-            request
-                .metadata()
-                .get("grpc-timeout")
-                .and_then(|value| value.to_str().ok()),
+            context.grpc_timeout.as_deref(),
             self.request_timeout,
             started,
         );
-        let request_id = securemesh::request_id::of(request.metadata());
-        let caller = request
-            .extensions()
-            .get::<securemesh_tls::Caller>()
-            .map(|caller| caller.origin().to_owned())
-            .unwrap_or_else(|| securemesh_tls::request_identity(&request));
-        let message = request.into_inner();
+        let CallContext {
+            request_id, caller, ..
+        } = context;
         let bytes = message.token.len();
         let trace = Arc::new(CallTrace::default());
         // The caller's own credentials stay here: servers trust the
@@ -100,6 +121,6 @@ impl DataService for Coordinator {
             attempts = trace.attempts(),
             "audit"
         );
-        outcome.map(Response::new)
+        outcome
     }
 }

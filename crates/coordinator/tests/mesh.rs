@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use prost::Message as _;
 use securemesh::v1::data_service_server::DataService;
 use securemesh::v1::{SubmitReply, SubmitRequest};
 use securemesh_client::Client;
@@ -164,10 +166,12 @@ impl TestCoordinator {
         let url = format!("https://{}", listener.local_addr().unwrap());
         let tls = securemesh_tls::server_config(&material.files("coordinator"), None).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(securemesh_tls::serve_mtls(
+        tokio::spawn(securemesh_coordinator::serve(
             listener,
             tls,
-            securemesh_tls::authorized_data_service(coordinator, authorization, 64 * 1024),
+            coordinator,
+            authorization,
+            64 * 1024,
             ServeOptions::default(),
             async move {
                 let _ = stopped.await;
@@ -1055,4 +1059,204 @@ async fn idle_connections_time_out_and_connections_are_limited() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// An HTTP/2 connection to the coordinator at `address` as `client`, made
+/// with the `h2` crate, so that a test can send what no gRPC library
+/// would.
+async fn h2_session(material: &Material, address: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tls = securemesh_tls::client_tls_config(&material.files("client"))
+        .unwrap()
+        .rustls_config();
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (session, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    session
+}
+
+/// What the coordinator answered to one raw request: the HTTP status and
+/// the gRPC status (from the headers of a trailers-only answer, or the
+/// trailers).
+async fn raw_h2_call(
+    session: &h2::client::SendRequest<Bytes>,
+    method: http::Method,
+    content_type: &str,
+    body: &[u8],
+    end_stream: bool,
+) -> (http::StatusCode, Option<Code>) {
+    let request = http::Request::builder()
+        .method(method)
+        .uri("https://localhost/securemesh.v1.DataService/Submit")
+        .header("content-type", content_type)
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut session = session.clone().ready().await.unwrap();
+    let (response, mut stream) = session.send_request(request, false).unwrap();
+    stream
+        .send_data(Bytes::copy_from_slice(body), end_stream)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("no answer within 5 s")
+        .unwrap();
+    let status = response.status();
+    let headers_status = tonic::Status::from_header_map(response.headers());
+    let mut body = response.into_body();
+    while let Some(Ok(_)) = body.data().await {}
+    let trailers_status = body
+        .trailers()
+        .await
+        .ok()
+        .flatten()
+        .and_then(|trailers| tonic::Status::from_header_map(&trailers));
+    (
+        status,
+        headers_status
+            .or(trailers_status)
+            .map(|status| status.code()),
+    )
+}
+
+/// A gRPC frame: compression flag, declared length, then `message`.
+fn frame(compressed: bool, declared: u32, message: &[u8]) -> Vec<u8> {
+    let mut frame = vec![u8::from(compressed)];
+    frame.extend_from_slice(&declared.to_be_bytes());
+    frame.extend_from_slice(message);
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_refuses_what_is_not_exactly_one_grpc_message() {
+    let Mesh {
+        material,
+        servers: [a],
+        coordinator,
+        client,
+    } = Mesh::<1>::start().await;
+    let address: SocketAddr = coordinator.url["https://".len()..].parse().unwrap();
+    let session = h2_session(&material, address).await;
+    let grpc = "application/grpc";
+    let token = material.keys.encrypt(b"raw");
+    let message = SubmitRequest {
+        token: token.clone().into(),
+    }
+    .encode_to_vec();
+    let whole = frame(false, message.len() as u32, &message);
+
+    // What works, so that the refusals below are not an accident.
+    let accepted = raw_h2_call(&session, http::Method::POST, grpc, &whole, true).await;
+    assert_eq!(accepted, (http::StatusCode::OK, Some(Code::Ok)));
+
+    // Not gRPC at all: refused at the HTTP level.
+    let get = raw_h2_call(&session, http::Method::GET, grpc, &whole, true).await;
+    assert_eq!(get.0, http::StatusCode::METHOD_NOT_ALLOWED);
+    let text = raw_h2_call(&session, http::Method::POST, "text/plain", &whole, true).await;
+    assert_eq!(text.0, http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    for (what, body, expected) in [
+        (
+            "compressed",
+            frame(true, message.len() as u32, &message),
+            Code::Unimplemented,
+        ),
+        ("empty", vec![], Code::Internal),
+        ("a partial header", vec![0, 0], Code::Internal),
+        (
+            "a short message",
+            frame(false, message.len() as u32 + 10, &message),
+            Code::Internal,
+        ),
+        (
+            "two messages",
+            [whole.clone(), whole.clone()].concat(),
+            Code::Unimplemented,
+        ),
+        (
+            "garbage",
+            frame(false, 3, &[0x0a, 0xff, 0xff]),
+            Code::Internal,
+        ),
+    ] {
+        let answer = raw_h2_call(&session, http::Method::POST, grpc, &body, true).await;
+        assert_eq!(
+            answer,
+            (http::StatusCode::OK, Some(expected)),
+            "{what}: {answer:?}"
+        );
+    }
+
+    // A message declared over the limit is refused from its header alone,
+    // while the caller is still sending.
+    let huge = raw_h2_call(
+        &session,
+        http::Method::POST,
+        grpc,
+        &frame(false, 1 << 20, b""),
+        false,
+    )
+    .await;
+    assert_eq!(huge, (http::StatusCode::OK, Some(Code::OutOfRange)));
+
+    // The same connection, and the mesh, still serve.
+    let again = raw_h2_call(&session, http::Method::POST, grpc, &whole, true).await;
+    assert_eq!(again, (http::StatusCode::OK, Some(Code::Ok)));
+    assert_eq!(client.submit(b"after").await.unwrap().server_id, a.id());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_coordinator_reports_not_serving_then_goes_away() {
+    let material = Material::new();
+    let server = TestServer::start(&material, any_port());
+    let client_tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
+    let coordinator = Coordinator::new(
+        BackendOptions::new(client_tls),
+        BalanceOptions::default(),
+        Duration::from_secs(10),
+    );
+    coordinator.pool().add(&server.url()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let url = format!("https://{address}");
+    let tls = securemesh_tls::server_config(&material.files("coordinator"), None).unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(securemesh_coordinator::serve(
+        listener,
+        tls,
+        coordinator,
+        Authorization::any_identity(),
+        64 * 1024,
+        ServeOptions {
+            drain_delay: Duration::from_millis(800),
+            drain_grace: Duration::from_secs(2),
+            ..ServeOptions::default()
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    ready(&material, &url).await;
+    let client = material.client(&url, "client");
+    client.submit(b"before").await.unwrap();
+
+    stop.send(()).unwrap();
+    // Health turns NOT_SERVING at once, and calls are still answered.
+    let tls = securemesh_tls::client_tls_config(&material.files("client")).unwrap();
+    let not_ready =
+        securemesh_client::wait_until_serving(&url, tls, Duration::from_millis(300)).await;
+    assert!(not_ready.is_err(), "still SERVING while draining");
+    client.submit(b"during the drain").await.unwrap();
+
+    // After the delay the coordinator stops, and the port is closed.
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("the coordinator did not stop")
+        .unwrap()
+        .unwrap();
+    assert!(tokio::net::TcpStream::connect(address).await.is_err());
 }

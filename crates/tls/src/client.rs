@@ -17,6 +17,9 @@ use crate::material::{TlsError, TlsFiles};
 pub struct ClientTls {
     identity: ClientTlsConfig,
     verifier: Arc<dyn ServerCertVerifier>,
+    /// The same identity and verifier for a connection made without tonic
+    /// (the balancer's own HTTP/2 channel); ALPN offers `h2`.
+    rustls: Arc<rustls::ClientConfig>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -31,6 +34,12 @@ impl ClientTls {
     pub fn apply(&self, endpoint: Endpoint) -> Result<Endpoint, tonic::transport::Error> {
         endpoint.tls_config_with_verifier(self.identity.clone(), self.verifier.clone())
     }
+
+    /// The rustls configuration of this TLS, for connections made without
+    /// tonic.
+    pub fn rustls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.rustls.clone()
+    }
 }
 
 /// Presents `files.cert` and trusts servers whose certificate chains to
@@ -44,7 +53,7 @@ pub fn client_tls_config(files: &TlsFiles) -> Result<ClientTls, TlsError> {
 pub fn client_tls(files: &TlsFiles, crl: Option<&Path>) -> Result<ClientTls, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut verifier =
-        WebPkiServerVerifier::builder_with_provider(TlsFiles::roots(&files.ca)?, provider);
+        WebPkiServerVerifier::builder_with_provider(TlsFiles::roots(&files.ca)?, provider.clone());
     if let Some(crl) = crl {
         verifier = verifier.with_crls(TlsFiles::crls(crl)?);
     }
@@ -52,13 +61,22 @@ pub fn client_tls(files: &TlsFiles, crl: Option<&Path>) -> Result<ClientTls, Tls
         path: files.ca.clone(),
         what: format!("cannot verify servers with it: {error}"),
     })?;
-    // Parse now so that a bad file is reported at start-up with its path,
-    // not at the first connection attempt.
-    TlsFiles::certificates(&files.cert)?;
-    TlsFiles::private_key(&files.key)?;
+    let mut rustls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_client_auth_cert(
+            TlsFiles::certificates(&files.cert)?,
+            TlsFiles::private_key(&files.key)?,
+        )?;
+    rustls.alpn_protocols = vec![b"h2".to_vec()];
     let identity = ClientTlsConfig::new().identity(Identity::from_pem(
         TlsFiles::read(&files.cert)?,
         TlsFiles::read(&files.key)?,
     ));
-    Ok(ClientTls { identity, verifier })
+    Ok(ClientTls {
+        identity,
+        verifier,
+        rustls: Arc::new(rustls),
+    })
 }

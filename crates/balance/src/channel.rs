@@ -1,0 +1,633 @@
+//! One HTTP/2 connection to one endpoint, for unary gRPC calls, on the
+//! `h2` crate directly.
+//!
+//! The balancer already does what tonic's `Channel` adds around a
+//! connection (a request queue in its own task, reconnection), and on a
+//! proxied call that machinery cost more CPU than the call: a hand-off to
+//! the channel's task, another to hyper's connection task, and a task per
+//! request body. Here a call writes its frames into the connection from the
+//! caller's own task and reads the answer there; only the connection's I/O
+//! runs in a task of its own.
+//!
+//! The connection is made on first use and again after it fails, with a
+//! connect timeout, our mutual TLS (ALPN `h2` required) and HTTP/2
+//! keepalive pings, so that a hung endpoint is noticed (a ping unanswered
+//! within the keepalive timeout closes the connection). Failures of the
+//! transport come back as a `Status` that carries the error as its source,
+//! which is how [`securemesh::status::is_transport_failure`] tells them
+//! from answers of the endpoint.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use h2::client::SendRequest;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
+use prost::Message;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::{Code, Status};
+
+/// The gRPC length-prefixed message header: a compression flag and a
+/// big-endian length.
+const FRAME_HEADER: usize = 5;
+
+/// Largest reply accepted (tonic's default decoding limit).
+const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Flow-control windows (hyper's defaults, which tonic's channel used).
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+
+/// How a channel connects and notices a dead connection.
+#[derive(Debug, Clone)]
+pub struct ChannelOptions {
+    /// Bound on TCP connect and TLS handshake together.
+    pub connect_timeout: Duration,
+    /// Interval of keepalive pings (sent while idle too).
+    pub keepalive_interval: Duration,
+    /// A ping unanswered for this long closes the connection.
+    pub keepalive_timeout: Duration,
+}
+
+/// Why a channel could not be made for a URL.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// Not an `https://host[:port]` URL.
+    #[error("{0}: expected https://host[:port]")]
+    Url(String),
+}
+
+/// A failure of the transport (connecting, TLS, the HTTP/2 connection):
+/// the source of the `Status` a failed call gets.
+#[derive(Debug, thiserror::Error)]
+enum TransportError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Http2(#[from] h2::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A lazily connected HTTP/2 channel to one endpoint. Cheap to clone;
+/// clones share the connection, which closes when the last clone is
+/// dropped.
+#[derive(Clone)]
+pub struct Http2Channel {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Http2Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http2Channel")
+            .field("address", &self.inner.address)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    authority: Authority,
+    address: String,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+    options: ChannelOptions,
+    /// The open connection's handle, with its generation, if any.
+    current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    /// Held while connecting, so that concurrent calls share one attempt.
+    connecting: tokio::sync::Mutex<u64>,
+}
+
+impl Http2Channel {
+    /// A channel to `url` (`https://host[:port]`); nothing is connected yet.
+    pub fn new(
+        url: &str,
+        tls: Arc<rustls::ClientConfig>,
+        options: ChannelOptions,
+    ) -> Result<Self, ChannelError> {
+        let invalid = || ChannelError::Url(url.to_owned());
+        let uri: Uri = url.parse().map_err(|_| invalid())?;
+        if uri.scheme() != Some(&Scheme::HTTPS) {
+            return Err(invalid());
+        }
+        let authority = uri.authority().cloned().ok_or_else(invalid)?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let server_name = ServerName::try_from(host.to_owned()).map_err(|_| invalid())?;
+        let address = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(443)
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                authority,
+                address,
+                server_name,
+                tls: TlsConnector::from(tls),
+                options,
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(0),
+            }),
+        })
+    }
+
+    /// Calls the unary method `path` with `message` and `metadata`; the
+    /// endpoint is told it has `timeout` (`grpc-timeout`). The caller bounds
+    /// the wait itself.
+    pub async fn unary<Q: Message, A: Message + Default>(
+        &self,
+        path: &'static str,
+        message: &Q,
+        mut metadata: HeaderMap,
+        timeout: Duration,
+    ) -> Result<A, Status> {
+        let mut frame = BytesMut::with_capacity(FRAME_HEADER + message.encoded_len());
+        frame.put_u8(0);
+        frame.put_u32(message.encoded_len() as u32);
+        message.encode_raw(&mut frame);
+
+        let uri = Uri::from_parts({
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTPS);
+            parts.authority = Some(self.inner.authority.clone());
+            parts.path_and_query = Some(PathAndQuery::from_static(path));
+            parts
+        })
+        .map_err(|error| Status::internal(format!("request URI: {error}")))?;
+        metadata.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        metadata.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        if let Ok(mut value) = HeaderValue::try_from(grpc_timeout(timeout)) {
+            // Different on every call: indexing it in HPACK's dynamic table
+            // would only evict entries worth keeping.
+            value.set_sensitive(true);
+            metadata.insert("grpc-timeout", value);
+        }
+        let mut request = Request::post(uri)
+            .body(())
+            .map_err(|error| Status::internal(format!("request: {error}")))?;
+        *request.headers_mut() = metadata;
+
+        let sender = self.inner.sender().await?;
+        let mut sender = sender.ready().await.map_err(|error| self.failed(error))?;
+        let (response, mut body) = sender
+            .send_request(request, false)
+            .map_err(|error| self.failed(error))?;
+        body.send_data(frame.freeze(), true)
+            .map_err(|error| self.failed(error))?;
+        let response = response.await.map_err(|error| self.failed(error))?;
+        read_reply(response).await
+    }
+
+    /// The status of a call that failed in the transport; a connection that
+    /// failed is not used again.
+    fn failed(&self, error: h2::Error) -> Status {
+        if !error.is_reset() {
+            self.inner.forget_if_closed();
+        }
+        transport_status(error)
+    }
+}
+
+impl Inner {
+    /// The open connection's handle, connecting first if there is none.
+    async fn sender(self: &Arc<Self>) -> Result<SendRequest<Bytes>, Status> {
+        if let Some(sender) = self.open() {
+            return Ok(sender);
+        }
+        let mut generation = self.connecting.lock().await;
+        if let Some(sender) = self.open() {
+            return Ok(sender);
+        }
+        let connected = tokio::time::timeout(self.options.connect_timeout, self.connect()).await;
+        let sender = match connected {
+            Ok(Ok(sender)) => sender,
+            Ok(Err(error)) => return Err(unavailable("cannot connect", error)),
+            Err(_) => {
+                return Err(unavailable(
+                    "cannot connect",
+                    TransportError::Other(format!(
+                        "timed out after {} ms",
+                        self.options.connect_timeout.as_millis()
+                    )),
+                ))
+            }
+        };
+        *generation += 1;
+        *self.lock() = Some((*generation, sender.0.clone()));
+        tokio::spawn(drive(sender.1, Arc::downgrade(self), *generation));
+        Ok(sender.0)
+    }
+
+    /// The handle of the open connection, if any. (A connection that
+    /// closed is forgotten by its driver, or by the first call that finds
+    /// it closed.)
+    fn open(&self) -> Option<SendRequest<Bytes>> {
+        self.lock().as_ref().map(|(_, sender)| sender.clone())
+    }
+
+    fn forget_if_closed(&self) {
+        let mut current = self.lock();
+        let closed = current.as_mut().is_some_and(|(_, sender)| {
+            let waker = futures_util::task::noop_waker();
+            let mut context = std::task::Context::from_waker(&waker);
+            matches!(
+                sender.poll_ready(&mut context),
+                std::task::Poll::Ready(Err(_))
+            )
+        });
+        if closed {
+            *current = None;
+        }
+    }
+
+    fn forget(&self, generation: u64) {
+        let mut current = self.lock();
+        if current
+            .as_ref()
+            .is_some_and(|(open, _)| *open == generation)
+        {
+            *current = None;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, SendRequest<Bytes>)>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    async fn connect(&self) -> Result<(SendRequest<Bytes>, Driver), TransportError> {
+        let tcp = TcpStream::connect(&self.address).await?;
+        tcp.set_nodelay(true)?;
+        let tls = self.tls.connect(self.server_name.clone(), tcp).await?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(TransportError::Other(
+                "the endpoint did not negotiate HTTP/2 (ALPN h2)".into(),
+            ));
+        }
+        let (sender, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        let pings = connection.ping_pong();
+        Ok((
+            sender,
+            Driver {
+                connection,
+                pings,
+                interval: self.options.keepalive_interval,
+                timeout: self.options.keepalive_timeout,
+                address: self.address.clone(),
+            },
+        ))
+    }
+}
+
+/// What runs a connection: its I/O, and the keepalive pings.
+struct Driver {
+    connection: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    pings: Option<h2::PingPong>,
+    interval: Duration,
+    timeout: Duration,
+    address: String,
+}
+
+/// Runs the connection until it closes (the last handle dropped, the peer
+/// went away, or a ping went unanswered), then lets the channel connect
+/// again.
+async fn drive(driver: Driver, channel: Weak<Inner>, generation: u64) {
+    let Driver {
+        connection,
+        pings,
+        interval,
+        timeout,
+        address,
+    } = driver;
+    let keepalive = async {
+        let Some(mut pings) = pings else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(interval).await;
+            match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return error.to_string(),
+                Err(_) => return format!("no keepalive answer within {} ms", timeout.as_millis()),
+            }
+        }
+    };
+    tokio::select! {
+        closed = connection => {
+            if let Err(error) = closed {
+                tracing::debug!(%address, %error, "connection closed");
+            }
+        }
+        reason = keepalive => tracing::debug!(%address, %reason, "closing the connection"),
+    }
+    if let Some(channel) = channel.upgrade() {
+        channel.forget(generation);
+    }
+}
+
+/// Reads a unary answer: one message and an OK status, or the status the
+/// endpoint sent.
+async fn read_reply<A: Message + Default>(
+    response: http::Response<h2::RecvStream>,
+) -> Result<A, Status> {
+    let (parts, mut body) = response.into_parts();
+    if parts.status != StatusCode::OK {
+        return Err(from_http_status(parts.status));
+    }
+    // A trailers-only answer: the status is in the headers.
+    if let Some(status) = Status::from_header_map(&parts.headers) {
+        if status.code() != Code::Ok {
+            return Err(status);
+        }
+    }
+    let mut received = BytesMut::new();
+    let mut single: Option<Bytes> = None;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(transport_status)?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        match single.take() {
+            None if received.is_empty() => single = Some(chunk),
+            None => received.put(chunk),
+            Some(first) => {
+                received.put(first);
+                received.put(chunk);
+            }
+        }
+        let length = single.as_ref().map_or(received.len(), Bytes::len);
+        if length > FRAME_HEADER + MAX_REPLY_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "reply over {MAX_REPLY_BYTES} bytes"
+            )));
+        }
+    }
+    let trailers = body.trailers().await.map_err(transport_status)?;
+    match trailers.as_ref().and_then(Status::from_header_map) {
+        Some(status) if status.code() == Code::Ok => {}
+        Some(status) => return Err(status),
+        None => return Err(Status::unknown("the answer ended without a grpc-status")),
+    }
+    let mut frame = single.unwrap_or_else(|| received.freeze());
+    if frame.len() < FRAME_HEADER || frame[0] != 0 {
+        return Err(Status::internal("malformed or compressed reply"));
+    }
+    let length = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
+    if frame.len() != FRAME_HEADER + length {
+        return Err(Status::internal("the reply is not exactly one message"));
+    }
+    frame.advance(FRAME_HEADER);
+    A::decode(frame).map_err(|error| Status::internal(format!("malformed reply: {error}")))
+}
+
+/// The gRPC code of an HTTP status other than 200, as the gRPC
+/// specification maps it.
+fn from_http_status(status: StatusCode) -> Status {
+    let code = match status {
+        StatusCode::BAD_REQUEST => Code::Internal,
+        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        StatusCode::FORBIDDEN => Code::PermissionDenied,
+        StatusCode::NOT_FOUND => Code::Unimplemented,
+        StatusCode::TOO_MANY_REQUESTS
+        | StatusCode::BAD_GATEWAY
+        | StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::GATEWAY_TIMEOUT => Code::Unavailable,
+        _ => Code::Unknown,
+    };
+    Status::new(code, format!("HTTP status {status}"))
+}
+
+/// The status of a transport failure, with the error as its source. A
+/// stream the endpoint reset keeps the code the gRPC specification gives
+/// its reason; anything else is `UNAVAILABLE`.
+fn transport_status(error: h2::Error) -> Status {
+    let code = match error.reason() {
+        Some(h2::Reason::CANCEL) if error.is_reset() => Code::Cancelled,
+        Some(h2::Reason::ENHANCE_YOUR_CALM) if error.is_reset() => Code::ResourceExhausted,
+        Some(h2::Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
+        _ => Code::Unavailable,
+    };
+    let mut status = Status::new(code, format!("HTTP/2: {error}"));
+    status.set_source(Arc::new(TransportError::Http2(error)));
+    status
+}
+
+fn unavailable(what: &str, error: TransportError) -> Status {
+    let mut status = Status::unavailable(format!("{what}: {error}"));
+    status.set_source(Arc::new(error));
+    status
+}
+
+/// A `grpc-timeout` value for `timeout`: at most eight digits, in the
+/// finest unit that fits.
+fn grpc_timeout(timeout: Duration) -> String {
+    const MAX: u128 = 99_999_999;
+    let micros = timeout.as_micros();
+    if micros <= MAX {
+        format!("{micros}u")
+    } else if timeout.as_millis() <= MAX {
+        format!("{}m", timeout.as_millis())
+    } else {
+        format!("{}S", timeout.as_secs().min(MAX as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_use_the_finest_unit_that_fits_eight_digits() {
+        assert_eq!(grpc_timeout(Duration::from_millis(980)), "980000u");
+        assert_eq!(grpc_timeout(Duration::from_secs(99)), "99000000u");
+        assert_eq!(grpc_timeout(Duration::from_secs(100)), "100000m");
+        assert_eq!(grpc_timeout(Duration::from_secs(200_000)), "200000S");
+    }
+
+    /// A PKI in a temporary directory and the coordinator's client TLS.
+    fn pki() -> (tempfile::TempDir, Arc<rustls::ClientConfig>) {
+        let dir = tempfile::tempdir().unwrap();
+        securemesh_pki::init(&securemesh_pki::InitOptions {
+            dir: dir.path().to_owned(),
+            days: 1,
+            extra_clients: Vec::new(),
+            sans: Vec::new(),
+            force: false,
+        })
+        .unwrap();
+        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "coordinator");
+        let tls = securemesh_tls::client_tls_config(&files).unwrap();
+        (dir, tls.rustls_config())
+    }
+
+    fn quick() -> ChannelOptions {
+        ChannelOptions {
+            connect_timeout: Duration::from_millis(500),
+            keepalive_interval: Duration::from_millis(200),
+            keepalive_timeout: Duration::from_millis(200),
+        }
+    }
+
+    async fn health_check(
+        channel: &Http2Channel,
+    ) -> Result<tonic_health::pb::HealthCheckResponse, Status> {
+        channel
+            .unary(
+                "/grpc.health.v1.Health/Check",
+                &tonic_health::pb::HealthCheckRequest::default(),
+                HeaderMap::new(),
+                Duration::from_secs(1),
+            )
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_transport_failure() {
+        let (_dir, tls) = pki();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let channel =
+            Http2Channel::new(&format!("https://127.0.0.1:{port}"), tls, quick()).unwrap();
+        let status = health_check(&channel).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(securemesh::status::is_transport_failure(&status));
+        assert!(securemesh::status::is_unavailable(&status));
+    }
+
+    #[tokio::test]
+    async fn endpoints_that_are_not_http2_over_our_tls_are_refused() {
+        let (dir, tls) = pki();
+        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "server");
+        let server = securemesh_tls::server_config(&files, None).unwrap();
+        // The same certificate, but no ALPN: HTTP/2 is not negotiated.
+        let mut without_alpn = (*server).clone();
+        without_alpn.alpn_protocols.clear();
+        for (config, name, expected) in [
+            (without_alpn, "127.0.0.1", "ALPN"),
+            // Our server, dialled by a name its certificate does not have.
+            (
+                (*server).clone(),
+                "not-this-server.example",
+                "not valid for name",
+            ),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            let serving = tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let _ = acceptor.accept(tcp).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            });
+            let url = format!("https://{name}:{port}");
+            let channel = Http2Channel::new(&url, tls.clone(), quick()).unwrap();
+            // The name is only a name: connect to loopback whatever it says.
+            let channel = Http2Channel {
+                inner: Arc::new(Inner {
+                    address: format!("127.0.0.1:{port}"),
+                    ..Arc::into_inner(channel.inner).unwrap()
+                }),
+            };
+            let status = health_check(&channel).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unavailable, "{url}: {status:?}");
+            assert!(securemesh::status::is_transport_failure(&status));
+            assert!(status.message().contains(expected), "{url}: {status:?}");
+            serving.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_endpoint_is_dropped_by_keepalive() {
+        let (dir, tls) = pki();
+        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "server");
+        let server = securemesh_tls::server_config(&files, None).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stalled, stall) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(server)
+                .accept(tcp)
+                .await
+                .unwrap();
+            let mut connection = h2::server::handshake(tls).await.unwrap();
+            // Answers nothing from now on, as a stopped process would.
+            let _ = connection.accept().await;
+            let _ = stalled.send(());
+            std::future::pending::<()>().await;
+        });
+        let channel =
+            Http2Channel::new(&format!("https://127.0.0.1:{port}"), tls, quick()).unwrap();
+        let call = tokio::spawn({
+            let channel = channel.clone();
+            async move { health_check(&channel).await }
+        });
+        stall.await.unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(3), call)
+            .await
+            .expect("a hung connection was kept")
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            securemesh::status::is_transport_failure(&status),
+            "{status:?}"
+        );
+        assert!(
+            channel.inner.open().is_none(),
+            "the dead connection is still offered"
+        );
+    }
+
+    #[test]
+    fn only_https_urls_with_a_host_make_a_channel() {
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        );
+        let options = ChannelOptions {
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(1),
+        };
+        for good in [
+            "https://127.0.0.1:5001",
+            "https://localhost",
+            "https://[::1]:7",
+        ] {
+            assert!(
+                Http2Channel::new(good, tls.clone(), options.clone()).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "http://127.0.0.1:5001",
+            "127.0.0.1:5001",
+            "https://",
+            "not a url",
+        ] {
+            assert!(
+                Http2Channel::new(bad, tls.clone(), options.clone()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! The coordinator's HTTP/2 front end: it serves its callers' connections
+//! on the `h2` crate directly.
+//!
+//! A proxied `Submit` is the coordinator's whole job, and on the tonic
+//! server path most of its CPU went into machinery around the call, not
+//! into the call: a task spawned per stream (and woken across threads by
+//! the connection's task), hyper's request and response types, tonic's
+//! streaming codec. Here each connection is one task that reads its
+//! streams and answers them itself. `Submit` is read as one gRPC frame,
+//! authorized, relayed by the balancer and answered with one frame and its
+//! trailers; everything else (health, reflection, unknown methods) goes to
+//! tonic's router unchanged, behind an adapter.
+//!
+//! What the tonic path enforced still holds: the same [`Authorization`]
+//! check and audit line for refusals, the message size limit
+//! (`OUT_OF_RANGE`), the concurrent stream limit, the TLS acceptor with its
+//! handshake deadline and connection limit, and the drain on shutdown
+//! (health `NOT_SERVING`, then `GOAWAY` and a grace period for calls in
+//! flight).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use prost::Message as _;
+use securemesh::v1::{SubmitReply, SubmitRequest, DATA_SERVICE_NAME, SUBMIT_METHOD};
+use securemesh_tls::{
+    Authorization, Caller, Connection, ReloadableConfig, ServeError, ServeOptions, TlsIncoming,
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic::transport::server::Connected as _;
+use tonic::Status;
+use tonic_health::ServingStatus;
+use tower::ServiceExt as _;
+
+use crate::proxy::{CallContext, Coordinator};
+
+/// The gRPC length-prefixed message header: a compression flag and a
+/// big-endian length.
+const FRAME_HEADER: usize = 5;
+
+/// Flow-control windows offered to callers (the same as hyper's defaults,
+/// which the tonic path used).
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+
+/// Largest header block a caller may send.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// What every connection of one front end shares.
+struct Front {
+    coordinator: Coordinator,
+    authorization: Authorization,
+    max_message_bytes: usize,
+    /// Health, reflection, and the gRPC "unimplemented" answer for
+    /// anything else.
+    others: Routes,
+    max_concurrent_streams: u32,
+}
+
+/// Serves `coordinator` (behind `authorization`, messages limited to
+/// `max_message_bytes`), health and reflection on `listener` with mutual
+/// TLS `tls`, until `shutdown` completes; then drains as
+/// [`securemesh_tls::serve_mtls`] does.
+pub async fn serve(
+    listener: TcpListener,
+    tls: impl Into<ReloadableConfig>,
+    coordinator: Coordinator,
+    authorization: Authorization,
+    max_message_bytes: usize,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(DATA_SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    let mut routes = RoutesBuilder::default();
+    routes.add_service(health_service);
+    securemesh::add_reflection(&mut routes)?;
+    let front = Arc::new(Front {
+        coordinator,
+        authorization,
+        max_message_bytes,
+        others: routes.routes(),
+        max_concurrent_streams: options.max_concurrent_streams,
+    });
+
+    let mut incoming = TlsIncoming::new(
+        listener,
+        tls.into(),
+        options.handshake_timeout,
+        options.max_connections,
+    );
+    let (closing, closing_seen) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let drain = async {
+        shutdown.await;
+        health
+            .set_service_status(DATA_SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+        if !options.drain_delay.is_zero() {
+            tracing::info!(
+                delay_ms = options.drain_delay.as_millis() as u64,
+                "draining: NOT_SERVING"
+            );
+            tokio::time::sleep(options.drain_delay).await;
+        }
+    };
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            () = &mut drain => break,
+            next = incoming.next() => match next {
+                Some(Ok(connection)) => {
+                    connections.spawn(front.clone().serve_connection(connection, closing_seen.clone()));
+                }
+                Some(Err(error)) => tracing::warn!(%error, "accepting a connection failed"),
+                None => break,
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    // New connections are refused from here on (the port is released).
+    drop(incoming);
+    tracing::info!("shutting down: finishing in-flight calls");
+    let _ = closing.send(true);
+    let finished = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(options.drain_grace, finished)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = options.drain_grace.as_millis() as u64,
+            "grace period over: stopping with calls still in flight"
+        );
+        connections.abort_all();
+    }
+    Ok(())
+}
+
+impl Front {
+    /// Serves one caller's connection: its streams are answered within
+    /// this task. When `closing` turns true, the connection is told to go
+    /// away (`GOAWAY`) and ends once its calls are answered.
+    async fn serve_connection(
+        self: Arc<Self>,
+        connection: Connection,
+        mut closing: watch::Receiver<bool>,
+    ) {
+        let peer = connection.connect_info();
+        let handshake = h2::server::Builder::new()
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(connection)
+            .await;
+        let mut http2 = match handshake {
+            Ok(http2) => http2,
+            Err(error) => {
+                tracing::debug!(%error, "HTTP/2 connection preface failed");
+                return;
+            }
+        };
+        let mut calls = FuturesUnordered::new();
+        let mut going_away = *closing.borrow();
+        if going_away {
+            http2.graceful_shutdown();
+        }
+        loop {
+            tokio::select! {
+                accepted = http2.accept() => match accepted {
+                    Some(Ok((request, respond))) => {
+                        calls.push(self.answer(request, respond, peer.clone()));
+                    }
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "HTTP/2 connection failed");
+                        break;
+                    }
+                    None => break,
+                },
+                Some(()) = calls.next(), if !calls.is_empty() => {}
+                changed = closing.changed(), if !going_away => {
+                    if changed.is_err() || *closing.borrow() {
+                        going_away = true;
+                        http2.graceful_shutdown();
+                    }
+                }
+            }
+        }
+        // The connection is gone: what is left of its calls cannot be
+        // answered, but they still finish (and are accounted for).
+        while calls.next().await.is_some() {}
+    }
+
+    /// Answers one stream.
+    async fn answer(
+        &self,
+        request: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+        peer: securemesh_tls::PeerInfo,
+    ) {
+        if request.uri().path() == SUBMIT_METHOD {
+            self.submit(request, respond, peer).await;
+        } else {
+            self.delegate(request, respond, peer).await;
+        }
+    }
+
+    /// `Submit`: authorize, read the one message, relay it, answer.
+    async fn submit(
+        &self,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: securemesh_tls::PeerInfo,
+    ) {
+        if let Some(refusal) = refuse_as_http(request.method(), request.headers()) {
+            let _ = respond.send_response(refusal, true);
+            return;
+        }
+        let (parts, body) = request.into_parts();
+        let mut extensions = http::Extensions::new();
+        extensions.insert(peer);
+        let checked = self.authorization.check(tonic::Request::from_parts(
+            tonic::metadata::MetadataMap::from_headers(parts.headers),
+            extensions,
+            (),
+        ));
+        let outcome = match checked {
+            Err(status) => Err(status),
+            Ok(request) => match read_message(body, self.max_message_bytes).await {
+                Err(status) => Err(status),
+                Ok(message) => {
+                    let (metadata, extensions, ()) = request.into_parts();
+                    let context = CallContext::new(&metadata, extensions.get::<Caller>());
+                    self.coordinator.relay(message, context).await
+                }
+            },
+        };
+        let _ = send_outcome(&mut respond, outcome);
+    }
+
+    /// Anything but `Submit`: tonic's router answers it.
+    async fn delegate(
+        &self,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: securemesh_tls::PeerInfo,
+    ) {
+        let (parts, body) = request.into_parts();
+        let mut request = Request::from_parts(parts, tonic::body::Body::new(IncomingBody(body)));
+        request.extensions_mut().insert(peer);
+        let Ok(response) = self.others.clone().oneshot(request).await;
+        let (parts, mut body) = response.into_parts();
+        let end = http_body::Body::is_end_stream(&body);
+        let Ok(mut sending) = respond.send_response(Response::from_parts(parts, ()), end) else {
+            return;
+        };
+        if end {
+            return;
+        }
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            let sent = match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => sending.send_data(data, false),
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => return drop(sending.send_trailers(trailers)),
+                        Err(_) => Ok(()),
+                    },
+                },
+                Err(error) => {
+                    tracing::debug!(%error, "response body failed");
+                    sending.send_reset(h2::Reason::INTERNAL_ERROR);
+                    return;
+                }
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+        let _ = sending.send_data(Bytes::new(), true);
+    }
+}
+
+/// An HTTP-level refusal of a request that is not a gRPC call at all
+/// (the gRPC specification answers a wrong content type with 415).
+fn refuse_as_http(method: &http::Method, headers: &HeaderMap) -> Option<Response<()>> {
+    let is_grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/grpc"));
+    let status = if method != http::Method::POST {
+        StatusCode::METHOD_NOT_ALLOWED
+    } else if !is_grpc {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    } else {
+        return None;
+    };
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    Some(response)
+}
+
+/// Reads a unary call's one message: at most `limit` bytes, not
+/// compressed (we announce no compression), exactly one frame.
+async fn read_message(mut body: RecvStream, limit: usize) -> Result<SubmitRequest, Status> {
+    let mut buffer = BytesMut::new();
+    let mut single: Option<Bytes> = None;
+    let mut expected: Option<usize> = None;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|error| Status::cancelled(format!("request stream: {error}")))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        // Most messages arrive in one DATA frame: keep it without copying.
+        match single.take() {
+            None if buffer.is_empty() => single = Some(chunk),
+            None => buffer.put(chunk),
+            Some(first) => {
+                buffer.put(first);
+                buffer.put(chunk);
+            }
+        }
+        let received = single.as_ref().map_or(buffer.len(), Bytes::len);
+        if expected.is_none() && received >= FRAME_HEADER {
+            let header = single.as_deref().unwrap_or(&buffer[..]);
+            if header[0] != 0 {
+                return Err(Status::unimplemented(
+                    "compressed messages are not accepted (grpc-accept-encoding: identity)",
+                ));
+            }
+            let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            if length > limit {
+                return Err(Status::out_of_range(format!(
+                    "message of {length} bytes is over the limit of {limit} bytes"
+                )));
+            }
+            expected = Some(length);
+        }
+        if let Some(length) = expected {
+            if received > FRAME_HEADER + length {
+                return Err(Status::unimplemented(
+                    "Submit is unary: a second message was sent",
+                ));
+            }
+        }
+    }
+    let mut frame = single.unwrap_or_else(|| buffer.freeze());
+    match expected {
+        Some(length) if frame.len() == FRAME_HEADER + length => {
+            frame.advance(FRAME_HEADER);
+            SubmitRequest::decode(frame)
+                .map_err(|error| Status::internal(format!("malformed SubmitRequest: {error}")))
+        }
+        _ => Err(Status::internal("the request ended before its message did")),
+    }
+}
+
+/// Sends a call's answer: a reply as one message and an OK status in the
+/// trailers; a failure as a trailers-only response.
+fn send_outcome(
+    respond: &mut SendResponse<Bytes>,
+    outcome: Result<SubmitReply, Status>,
+) -> Result<(), h2::Error> {
+    let headers = || {
+        let mut response = Response::new(());
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        response
+    };
+    match outcome {
+        Ok(reply) => {
+            let mut frame = BytesMut::with_capacity(FRAME_HEADER + reply.encoded_len());
+            frame.put_u8(0);
+            frame.put_u32(reply.encoded_len() as u32);
+            reply.encode_raw(&mut frame);
+            let mut sending = respond.send_response(headers(), false)?;
+            sending.send_data(frame.freeze(), false)?;
+            let mut trailers = HeaderMap::with_capacity(1);
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            sending.send_trailers(trailers)
+        }
+        Err(status) => {
+            let mut response = headers();
+            if let Err(unencodable) = status.add_header(response.headers_mut()) {
+                tracing::warn!(status = ?unencodable, "a status could not be encoded");
+                response
+                    .headers_mut()
+                    .insert("grpc-status", HeaderValue::from_static("13"));
+            }
+            respond.send_response(response, true).map(drop)
+        }
+    }
+}
+
+/// A caller's request body as tonic's router reads it.
+struct IncomingBody(RecvStream);
+
+impl http_body::Body for IncomingBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
+        let stream = &mut self.0;
+        match stream.poll_data(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                let _ = stream.flow_control().release_capacity(data.len());
+                Poll::Ready(Some(Ok(http_body::Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error))),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => match stream.poll_trailers(cx) {
+                Poll::Ready(Ok(Some(trailers))) => {
+                    Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+                }
+                Poll::Ready(Ok(None)) => Poll::Ready(None),
+                Poll::Ready(Err(error)) => Poll::Ready(Some(Err(error))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+}
