@@ -12,11 +12,12 @@
 //!    with `UNAVAILABLE` instead of waiting in the balancer;
 //! 4. `tower::balance::p2c::Balance` over a [`pool::BackendPool`] discovery
 //!    stream, comparing endpoints by their calls in flight;
-//! 5. [`backend::Backend`]: one endpoint's channel. It bounds each attempt
-//!    by the per-try timeout and the call's deadline, passes the remaining
-//!    time on as `grpc-timeout`, and reports itself not ready while out of
-//!    rotation: ejected after consecutive failures ([`outlier`]), or failing
-//!    its active [`health`] checks.
+//! 5. [`backend::Backend`]: one endpoint's [`channel::Http2Channel`] (an
+//!    HTTP/2 connection of our own, not tonic's `Channel`). It bounds each
+//!    attempt by the per-try timeout and the call's deadline, passes the
+//!    remaining time on as `grpc-timeout`, and reports itself not ready
+//!    while out of rotation: ejected after consecutive failures
+//!    ([`outlier`]), or failing its active [`health`] checks.
 
 pub mod backend;
 pub mod channel;

@@ -75,11 +75,18 @@ impl Process {
         }
     }
 
-    /// SIGKILL, and reaps it.
+    /// SIGKILL, and reaps it; its own children (nginx's workers, which
+    /// outlive a killed master and keep its port) are killed too.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let workers = children_of(child.id());
             let _ = child.kill();
             let _ = child.wait();
+            for worker in workers {
+                if let Ok(worker) = i32::try_from(worker) {
+                    let _ = kill(Pid::from_raw(worker), Signal::SIGKILL);
+                }
+            }
         }
     }
 
@@ -199,6 +206,38 @@ fn children_of(parent: u32) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_killed_process_takes_its_children_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let process = Process::start(
+            dir.path(),
+            "parent",
+            Path::new("/bin/sh"),
+            vec!["-c".into(), "sleep 30 & sleep 30 & wait".into()],
+        )
+        .unwrap();
+        let pid = process.pid().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let children = loop {
+            let children = children_of(pid);
+            if children.len() == 2 || std::time::Instant::now() > deadline {
+                break children;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(children.len(), 2, "{children:?}");
+        drop(process);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        for child in children {
+            // Gone, or a zombie waiting for init to reap it.
+            let state = stat_fields(child).first().cloned();
+            assert!(
+                state.is_none() || state.as_deref() == Some("Z"),
+                "child {child} still {state:?}"
+            );
+        }
+    }
 
     #[test]
     fn usage_of_this_process_is_plausible() {
