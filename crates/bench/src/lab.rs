@@ -124,6 +124,8 @@ impl Lab {
         }
         let coordinator_port = free_port()?;
         let mut coordinator_args = vec![
+            "--threads".into(),
+            crate::PROXY_WORKERS.to_string(),
             "coordinator".into(),
             "--listen".into(),
             format!("127.0.0.1:{coordinator_port}"),

@@ -33,6 +33,12 @@ use securemesh_client::load::{self, LoadOptions, LoadSummary};
 use serde::Serialize;
 
 use crate::fernet::FernetResult;
+
+/// Worker threads of the coordinator (`--threads`) and worker processes of
+/// nginx (`worker_processes`). The machine's cores are shared with the two
+/// servers and the load generator; with one worker each proxy handles a
+/// call on one thread, without hand-offs between threads.
+pub const PROXY_WORKERS: usize = 1;
 use crate::lab::{Lab, Route};
 
 /// Why a benchmark could not run.

@@ -84,7 +84,7 @@ pub fn config(setup: &NginxSetup<'_>) -> String {
         .collect();
     format!(
         "# Written by `securemesh bench`.
-worker_processes auto;
+worker_processes {workers};
 worker_rlimit_nofile 16384;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
@@ -127,6 +127,7 @@ http {{
 }}
 ",
         port = setup.port,
+        workers = crate::PROXY_WORKERS,
     )
 }
 

@@ -246,14 +246,19 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
          (`ssl_verify_client on`, `grpc_pass grpcs://`, `grpc_ssl_certificate` with the \
          coordinator's certificate, `grpc_ssl_verify on`), upstream `keepalive 512`, \
          `grpc_next_upstream error timeout`, 1 s connect/send/read timeouts (as the \
-         coordinator's per-try timeout), `worker_processes auto`, no access log.\n\
+         coordinator's per-try timeout), no access log.\n\
+         - Each proxy runs {} worker(s) (`securemesh --threads`, nginx `worker_processes`): \
+         the machine's cores are shared with both servers and the load generator, and with one \
+         worker a proxy handles each call on one thread.\n\
          - The load generator (`securemesh_client::load`, in the bench process) spreads its \
          calls over {} HTTP/2 connections (fewer at concurrency 1), encrypts every payload \
          with Fernet, checks every reply's digest and never retries: what a route fails, the \
          benchmark counts.\n\
          - Servers and coordinator run with `RUST_LOG=warn` (no per-call audit line), as \
          nginx runs without an access log.\n",
-        results.nginx_version, results.connections
+        results.nginx_version,
+        crate::PROXY_WORKERS,
+        results.connections
     );
 
     let _ = writeln!(md, "## Closed loop\n");

@@ -19,6 +19,11 @@ pub struct Cli {
     pub command: Command,
     #[command(flatten)]
     pub log: LogArgs,
+    /// Worker threads of the async runtime [default: one per CPU core]. A
+    /// coordinator sharing a small machine with its servers answers single
+    /// calls faster with one: each call then stays on one thread.
+    #[arg(long, global = true, env = "SECUREMESH_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
 }
 
 /// Where and how logs are written; valid for every command.
@@ -707,6 +712,16 @@ fn positive_rate(text: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_are_a_global_option_of_at_least_one() {
+        let cli = Cli::try_parse_from(["securemesh", "coordinator", "--threads", "1"]).unwrap();
+        assert_eq!(cli.threads, Some(1));
+        let cli = Cli::try_parse_from(["securemesh", "--threads", "3", "status"]).unwrap();
+        assert_eq!(cli.threads, Some(3));
+        assert!(Cli::try_parse_from(["securemesh", "--threads", "0", "status"]).is_err());
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
 
     #[test]
     fn a_rate_must_be_a_positive_finite_number() {
