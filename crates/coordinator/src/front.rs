@@ -42,7 +42,7 @@ use tonic::Status;
 use tonic_health::ServingStatus;
 use tower::ServiceExt as _;
 
-use crate::proxy::{CallContext, Coordinator};
+use crate::proxy::Coordinator;
 
 /// The gRPC length-prefixed message header: a compression flag and a
 /// big-endian length.
@@ -238,14 +238,22 @@ impl Front {
         ));
         let outcome = match checked {
             Err(status) => Err(status),
-            Ok(request) => match read_message(body, self.max_message_bytes).await {
-                Err(status) => Err(status),
-                Ok(message) => {
-                    let (metadata, extensions, ()) = request.into_parts();
-                    let context = CallContext::new(&metadata, extensions.get::<Caller>());
-                    self.coordinator.relay(message, context).await
+            Ok(request) => {
+                let (metadata, extensions, ()) = request.into_parts();
+                let context = self
+                    .coordinator
+                    .context(&metadata, extensions.get::<Caller>());
+                // The deadline holds from the call's arrival: a message that
+                // never finishes arriving does not hold the stream forever.
+                let reading = read_message(body, self.max_message_bytes);
+                match tokio::time::timeout_at(context.deadline(), reading).await {
+                    Err(_) => Err(Status::deadline_exceeded(
+                        "the request's message did not arrive within its deadline",
+                    )),
+                    Ok(Err(status)) => Err(status),
+                    Ok(Ok(message)) => self.coordinator.relay(message, context).await,
                 }
-            },
+            }
         };
         let _ = send_outcome(&mut respond, outcome);
     }

@@ -51,31 +51,41 @@ impl Coordinator {
 
 /// What the coordinator needs to know of a call besides its message.
 pub(crate) struct CallContext {
-    grpc_timeout: Option<String>,
+    deadline: tokio::time::Instant,
     request_id: String,
     caller: String,
 }
 
 impl CallContext {
-    /// Reads the caller's deadline and request id from `metadata`; the
+    /// When the caller stops waiting: its `grpc-timeout` from now (less a
+    /// margin), at most the coordinator's request timeout.
+    pub(crate) fn deadline(&self) -> tokio::time::Instant {
+        self.deadline
+    }
+}
+
+impl Coordinator {
+    /// The context of a call that arrived just now with `metadata`; the
     /// caller is the one [`securemesh_tls::Authorization`] established.
-    pub(crate) fn new(
+    pub(crate) fn context(
+        &self,
         metadata: &tonic::metadata::MetadataMap,
         caller: Option<&securemesh_tls::Caller>,
-    ) -> Self {
-        Self {
-            grpc_timeout: metadata
-                .get("grpc-timeout")
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_owned),
+    ) -> CallContext {
+        CallContext {
+            deadline: call_deadline(
+                metadata
+                    .get("grpc-timeout")
+                    .and_then(|value| value.to_str().ok()),
+                self.request_timeout,
+                tokio::time::Instant::now(),
+            ),
             request_id: securemesh::request_id::of(metadata),
             caller: caller
                 .map_or_else(|| "unknown".to_owned(), |caller| caller.origin().to_owned()),
         }
     }
-}
 
-impl Coordinator {
     /// Relays one `Submit` through the balancer within the caller's
     /// deadline, and writes its audit line.
     pub(crate) async fn relay(
@@ -84,14 +94,10 @@ impl Coordinator {
         context: CallContext,
     ) -> Result<SubmitReply, Status> {
         let timer = self.stats.start(SUBMIT_METHOD);
-        let started = tokio::time::Instant::now();
-        let deadline = call_deadline(
-            context.grpc_timeout.as_deref(),
-            self.request_timeout,
-            started,
-        );
         let CallContext {
-            request_id, caller, ..
+            deadline,
+            request_id,
+            caller,
         } = context;
         let bytes = message.token.len();
         let trace = Arc::new(CallTrace::default());

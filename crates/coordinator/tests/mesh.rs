@@ -1089,13 +1089,27 @@ async fn raw_h2_call(
     body: &[u8],
     end_stream: bool,
 ) -> (http::StatusCode, Option<Code>) {
-    let request = http::Request::builder()
+    raw_h2_call_with(session, method, content_type, &[], body, end_stream).await
+}
+
+/// [`raw_h2_call`] with more headers.
+async fn raw_h2_call_with(
+    session: &h2::client::SendRequest<Bytes>,
+    method: http::Method,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    end_stream: bool,
+) -> (http::StatusCode, Option<Code>) {
+    let mut request = http::Request::builder()
         .method(method)
         .uri("https://localhost/securemesh.v1.DataService/Submit")
         .header("content-type", content_type)
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(()).unwrap();
     let mut session = session.clone().ready().await.unwrap();
     let (response, mut stream) = session.send_request(request, false).unwrap();
     stream
@@ -1202,6 +1216,28 @@ async fn the_coordinator_refuses_what_is_not_exactly_one_grpc_message() {
     )
     .await;
     assert_eq!(huge, (http::StatusCode::OK, Some(Code::OutOfRange)));
+
+    // A message that never finishes arriving is given up at the caller's
+    // deadline.
+    let started = Instant::now();
+    let stalled = raw_h2_call_with(
+        &session,
+        http::Method::POST,
+        grpc,
+        &[("grpc-timeout", "300m")],
+        &whole[..whole.len() - 1],
+        false,
+    )
+    .await;
+    assert_eq!(
+        stalled,
+        (http::StatusCode::OK, Some(Code::DeadlineExceeded))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 
     // The same connection, and the mesh, still serve.
     let again = raw_h2_call(&session, http::Method::POST, grpc, &whole, true).await;
