@@ -65,6 +65,8 @@ struct Front {
     /// anything else.
     others: Routes,
     max_concurrent_streams: u32,
+    /// Bound on the HTTP/2 preface and settings exchange after TLS.
+    handshake_timeout: std::time::Duration,
 }
 
 /// Serves `coordinator` (behind `authorization`, messages limited to
@@ -93,6 +95,7 @@ pub async fn serve(
         max_message_bytes,
         others: routes.routes(),
         max_concurrent_streams: options.max_concurrent_streams,
+        handshake_timeout: options.handshake_timeout,
     });
 
     let mut incoming = TlsIncoming::new(
@@ -163,12 +166,17 @@ impl Front {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(MAX_HEADER_LIST)
-            .handshake::<_, Bytes>(connection)
-            .await;
-        let mut http2 = match handshake {
-            Ok(http2) => http2,
-            Err(error) => {
+            .handshake::<_, Bytes>(connection);
+        // A peer that finishes TLS and then says nothing gives its
+        // connection slot back.
+        let mut http2 = match tokio::time::timeout(self.handshake_timeout, handshake).await {
+            Ok(Ok(http2)) => http2,
+            Ok(Err(error)) => {
                 tracing::debug!(%error, "HTTP/2 connection preface failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("no HTTP/2 connection preface within the handshake timeout");
                 return;
             }
         };

@@ -1296,3 +1296,59 @@ async fn a_draining_coordinator_reports_not_serving_then_goes_away() {
         .unwrap();
     assert!(tokio::net::TcpStream::connect(address).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_speaks_http2_is_closed() {
+    let material = Material::new();
+    let client_tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
+    let coordinator = Coordinator::new(
+        BackendOptions::new(client_tls),
+        BalanceOptions::default(),
+        Duration::from_secs(10),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let tls = securemesh_tls::server_config(&material.files("coordinator"), None).unwrap();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(securemesh_coordinator::serve(
+        listener,
+        tls,
+        coordinator,
+        Authorization::any_identity(),
+        64 * 1024,
+        ServeOptions {
+            handshake_timeout: Duration::from_millis(300),
+            ..ServeOptions::default()
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // TLS completes, then nothing: no HTTP/2 preface.
+    let tls = securemesh_tls::client_tls_config(&material.files("client"))
+        .unwrap()
+        .rustls_config();
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut silent = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buffer = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match silent.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent connection was kept");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
