@@ -238,8 +238,9 @@ async fn case_4_etcd_killed_under_load_costs_nothing_and_everyone_catches_up() {
             Duration::from_secs(5),
         )
         .await;
-        // A server and a coordinator that start while etcd is away serve
-        // (the coordinator with no backends yet) and catch up later.
+        // A server and a coordinator that start while etcd is away come
+        // up (the coordinator NOT_SERVING: no backends yet) and catch up
+        // later.
         cluster_ref.start_server(third).await;
         cluster_ref
             .add_coordinator(&discovery_args(etcd_ref, &[]))

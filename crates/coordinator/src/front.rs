@@ -11,6 +11,10 @@
 //! trailers; everything else (health, reflection, unknown methods) goes to
 //! tonic's router unchanged, behind an adapter.
 //!
+//! Health reports the DataService `NOT_SERVING` while no backend is in
+//! rotation, so that clients balancing over several coordinators avoid one
+//! that cannot serve.
+//!
 //! What the tonic path enforced still holds: the same [`Authorization`]
 //! check and audit line for refusals, the message size limit
 //! (`OUT_OF_RANGE`), the concurrent stream limit, the TLS acceptor with its
@@ -83,9 +87,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    let serving = coordinator.pool().in_rotation() > 0;
     health
-        .set_service_status(DATA_SERVICE_NAME, ServingStatus::Serving)
+        .set_service_status(DATA_SERVICE_NAME, serving_status(serving))
         .await;
+    let following = tokio::spawn(follow_rotation(
+        health.clone(),
+        coordinator.pool().clone(),
+        serving,
+    ));
     let mut routes = RoutesBuilder::default();
     routes.add_service(health_service);
     securemesh::add_reflection(&mut routes)?;
@@ -108,6 +118,7 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     let drain = async {
         shutdown.await;
+        following.abort();
         health
             .set_service_status(DATA_SERVICE_NAME, ServingStatus::NotServing)
             .await;
@@ -149,6 +160,47 @@ pub async fn serve(
         connections.abort_all();
     }
     Ok(())
+}
+
+/// How often the health status is brought in line with the rotation.
+const ROTATION_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Reports the DataService `SERVING` while at least one backend is in
+/// rotation and `NOT_SERVING` while none is, so that a client balancing
+/// over several coordinators moves away from one that cannot serve. (The
+/// overall status, the empty service name, stays `SERVING`: the process
+/// itself is fine.)
+async fn follow_rotation(
+    health: tonic_health::server::HealthReporter,
+    pool: Arc<securemesh_balance::BackendPool>,
+    mut reported: bool,
+) {
+    let mut ticker = tokio::time::interval(ROTATION_CHECK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let serving = pool.in_rotation() > 0;
+        if serving == reported {
+            continue;
+        }
+        if serving {
+            tracing::info!("a backend is in rotation again: reporting SERVING");
+        } else {
+            tracing::warn!("no backend in rotation: reporting NOT_SERVING");
+        }
+        health
+            .set_service_status(DATA_SERVICE_NAME, serving_status(serving))
+            .await;
+        reported = serving;
+    }
+}
+
+fn serving_status(serving: bool) -> ServingStatus {
+    if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
 }
 
 impl Front {

@@ -1352,3 +1352,51 @@ async fn a_connection_that_never_speaks_http2_is_closed() {
         started.elapsed()
     );
 }
+
+/// The coordinator's DataService health as a client sees it within 300 ms:
+/// `None` while `SERVING`, else the last answer.
+async fn not_serving_reason(material: &Material, url: &str) -> Option<String> {
+    let tls = securemesh_tls::client_tls_config(&material.files("client")).unwrap();
+    match securemesh_client::wait_until_serving(url, tls, Duration::from_millis(300)).await {
+        Ok(()) => None,
+        Err(securemesh_client::ClientError::NotReady { last, .. }) => Some(last),
+        Err(other) => Some(other.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_reports_not_serving_while_no_backend_can_serve() {
+    let Mesh {
+        material,
+        servers: [mut a],
+        coordinator,
+        client: _client,
+    } = Mesh::<1>::start().await;
+    assert_eq!(not_serving_reason(&material, &coordinator.url).await, None);
+
+    let address = a.address;
+    a.kill();
+    // Health checks every 200 ms take the backend out; the coordinator
+    // follows within 100 ms.
+    let started = Instant::now();
+    loop {
+        // NOT_SERVING is status 2 in grpc.health.v1.
+        if not_serving_reason(&material, &coordinator.url)
+            .await
+            .as_deref()
+            == Some("status 2")
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still SERVING with no backend"
+        );
+    }
+
+    let _a = TestServer::start(&material, address);
+    let tls = securemesh_tls::client_tls_config(&material.files("client")).unwrap();
+    securemesh_client::wait_until_serving(&coordinator.url, tls, Duration::from_secs(5))
+        .await
+        .expect("SERVING again once the backend is back");
+}

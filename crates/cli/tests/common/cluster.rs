@@ -133,7 +133,9 @@ impl Cluster {
     }
 
     /// Starts coordinator `coordinator-<n>` on a free port with `extra`
-    /// arguments and waits until it serves. Returns its index.
+    /// arguments and waits until it answers health checks (`SERVING`, or
+    /// `NOT_SERVING` while it has no backend in rotation, as a coordinator
+    /// following an unreachable etcd). Returns its index.
     pub async fn add_coordinator(&mut self, extra: &[String]) -> usize {
         let port = super::free_port();
         let mut args = vec![
@@ -149,7 +151,7 @@ impl Cluster {
             child: None,
         };
         node.start(self.work.path());
-        self.ready(&node.url()).await;
+        self.answering(&node.url()).await;
         self.coordinators.push(node);
         self.coordinators.len() - 1
     }
@@ -157,6 +159,32 @@ impl Cluster {
     /// The directory holding the PKI.
     pub fn certs(&self) -> std::path::PathBuf {
         self.work.path().join("certs")
+    }
+
+    /// Waits until `url` answers its health check, whatever the status.
+    pub async fn answering(&self, url: &str) {
+        let started = std::time::Instant::now();
+        loop {
+            let answer = securemesh_client::wait_until_serving(
+                url,
+                self.tls.clone(),
+                Duration::from_millis(300),
+            )
+            .await;
+            match answer {
+                Ok(()) => return,
+                // NOT_SERVING (grpc.health.v1 status 2): up, but no backend.
+                Err(securemesh_client::ClientError::NotReady { last, .. })
+                    if last == "status 2" =>
+                {
+                    return
+                }
+                Err(error) => assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "{url} does not answer: {error}"
+                ),
+            }
+        }
     }
 
     pub async fn ready(&self, url: &str) {
