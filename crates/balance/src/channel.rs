@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use futures_util::future::{BoxFuture, FutureExt as _, Shared};
 use h2::client::SendRequest;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
@@ -96,9 +97,18 @@ struct Inner {
     options: ChannelOptions,
     /// The open connection's handle, with its generation, if any.
     current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
-    /// Held while connecting, so that concurrent calls share one attempt.
-    connecting: tokio::sync::Mutex<u64>,
+    /// The connection attempt in progress, which every caller that needs a
+    /// connection meanwhile awaits.
+    connecting: Mutex<Option<Attempt>>,
+    /// Generations of connections made so far.
+    generations: std::sync::atomic::AtomicU64,
 }
+
+/// A connection attempt, shared by its callers. It runs in a task of its
+/// own, so that a caller that stops waiting (its per-try timeout) does not
+/// cancel it for the others: a slow handshake still completes, within the
+/// connect timeout.
+type Attempt = Shared<BoxFuture<'static, Result<SendRequest<Bytes>, String>>>;
 
 impl Http2Channel {
     /// A channel to `url` (`https://host[:port]`); nothing is connected yet.
@@ -131,7 +141,8 @@ impl Http2Channel {
                 tls: TlsConnector::from(tls),
                 options,
                 current: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(0),
+                connecting: Mutex::new(None),
+                generations: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -202,28 +213,59 @@ impl Inner {
         if let Some(sender) = self.open() {
             return Ok(sender);
         }
-        let mut generation = self.connecting.lock().await;
-        if let Some(sender) = self.open() {
-            return Ok(sender);
-        }
-        let connected = tokio::time::timeout(self.options.connect_timeout, self.connect()).await;
-        let sender = match connected {
-            Ok(Ok(sender)) => sender,
-            Ok(Err(error)) => return Err(unavailable("cannot connect", error)),
-            Err(_) => {
-                return Err(unavailable(
-                    "cannot connect",
-                    TransportError::Other(format!(
-                        "timed out after {} ms",
-                        self.options.connect_timeout.as_millis()
-                    )),
-                ))
+        let attempt = {
+            let mut connecting = self
+                .connecting
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            if let Some(sender) = self.open() {
+                return Ok(sender);
+            }
+            match &*connecting {
+                Some(attempt) => attempt.clone(),
+                None => {
+                    let task = tokio::spawn(self.clone().establish());
+                    let attempt = async move {
+                        task.await
+                            .unwrap_or_else(|error| Err(format!("connecting failed: {error}")))
+                    }
+                    .boxed()
+                    .shared();
+                    *connecting = Some(attempt.clone());
+                    attempt
+                }
             }
         };
-        *generation += 1;
-        *self.lock() = Some((*generation, sender.0.clone()));
-        tokio::spawn(drive(sender.1, Arc::downgrade(self), *generation));
-        Ok(sender.0)
+        attempt
+            .await
+            .map_err(|reason| unavailable("cannot connect", TransportError::Other(reason)))
+    }
+
+    /// Connects, within the connect timeout, and makes the connection the
+    /// channel's; then no attempt is in progress any more.
+    async fn establish(self: Arc<Self>) -> Result<SendRequest<Bytes>, String> {
+        let connected = tokio::time::timeout(self.options.connect_timeout, self.connect()).await;
+        let outcome = match connected {
+            Ok(Ok((sender, driver))) => {
+                let generation = self
+                    .generations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                *self.lock() = Some((generation, sender.clone()));
+                tokio::spawn(drive(driver, Arc::downgrade(&self), generation));
+                Ok(sender)
+            }
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!(
+                "timed out after {} ms",
+                self.options.connect_timeout.as_millis()
+            )),
+        };
+        *self
+            .connecting
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = None;
+        outcome
     }
 
     /// The handle of the open connection, if any. (A connection that
@@ -590,6 +632,75 @@ mod tests {
             channel.inner.open().is_none(),
             "the dead connection is still offered"
         );
+    }
+
+    /// A health endpoint on h2 that answers `SERVING` to everything, after
+    /// holding each new connection for `handshake_delay` before its TLS
+    /// handshake; returns its port and how many connections it accepted.
+    async fn slow_endpoint(
+        dir: &std::path::Path,
+        handshake_delay: Duration,
+    ) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let files = securemesh_tls::TlsFiles::in_dir(dir, "server");
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(securemesh_tls::server_config(&files, None).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(handshake_delay).await;
+                    let tls = acceptor.accept(tcp).await.unwrap();
+                    let mut connection = h2::server::handshake(tls).await.unwrap();
+                    while let Some(Ok((_, mut respond))) = connection.accept().await {
+                        let reply = tonic_health::pb::HealthCheckResponse { status: 1 };
+                        let mut frame = vec![0u8];
+                        frame.extend_from_slice(&(reply.encoded_len() as u32).to_be_bytes());
+                        frame.extend_from_slice(&reply.encode_to_vec());
+                        // A caller that gave up has reset its stream.
+                        let Ok(mut sending) = respond.send_response(http::Response::new(()), false)
+                        else {
+                            continue;
+                        };
+                        let mut trailers = HeaderMap::new();
+                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                        let _ = sending.send_data(Bytes::from(frame), false);
+                        let _ = sending.send_trailers(trailers);
+                    }
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_attempt_outlives_callers_that_give_up() {
+        let (dir, tls) = pki();
+        let (port, accepted) = slow_endpoint(dir.path(), Duration::from_millis(600)).await;
+        let options = ChannelOptions {
+            connect_timeout: Duration::from_secs(2),
+            ..quick()
+        };
+        let channel =
+            Http2Channel::new(&format!("https://127.0.0.1:{port}"), tls, options).unwrap();
+        // Callers more impatient than the handshake: each gives up...
+        for _ in 0..3 {
+            let impatient =
+                tokio::time::timeout(Duration::from_millis(100), health_check(&channel)).await;
+            assert!(impatient.is_err());
+        }
+        // ...but the attempt they started goes on, and is the only one.
+        let answer = tokio::time::timeout(Duration::from_secs(2), health_check(&channel))
+            .await
+            .expect("the connection was never made")
+            .unwrap();
+        assert_eq!(answer.status, 1);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
