@@ -296,23 +296,34 @@ impl Front {
             extensions,
             (),
         ));
-        let outcome = match checked {
-            Err(status) => Err(status),
-            Ok(request) => {
-                let (metadata, extensions, ()) = request.into_parts();
-                let context = self
-                    .coordinator
-                    .context(&metadata, extensions.get::<Caller>());
-                // The deadline holds from the call's arrival: a message that
-                // never finishes arriving does not hold the stream forever.
-                let reading = read_message(body, self.max_message_bytes);
-                match tokio::time::timeout_at(context.deadline(), reading).await {
-                    Err(_) => Err(Status::deadline_exceeded(
-                        "the request's message did not arrive within its deadline",
-                    )),
-                    Ok(Err(status)) => Err(status),
-                    Ok(Ok(message)) => self.coordinator.relay(message, context).await,
+        let work = async {
+            match checked {
+                Err(status) => Err(status),
+                Ok(request) => {
+                    let (metadata, extensions, ()) = request.into_parts();
+                    let context = self
+                        .coordinator
+                        .context(&metadata, extensions.get::<Caller>());
+                    // The deadline holds from the call's arrival: a message that
+                    // never finishes arriving does not hold the stream forever.
+                    let reading = read_message(body, self.max_message_bytes);
+                    match tokio::time::timeout_at(context.deadline(), reading).await {
+                        Err(_) => Err(Status::deadline_exceeded(
+                            "the request's message did not arrive within its deadline",
+                        )),
+                        Ok(Err(status)) => Err(status),
+                        Ok(Ok(message)) => self.coordinator.relay(message, context).await,
+                    }
                 }
+            }
+        };
+        // A caller that resets its stream (it gave up) stops the relay too:
+        // no more attempts are spent on an answer nobody will read.
+        let outcome = tokio::select! {
+            outcome = work => outcome,
+            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+                tracing::debug!("the caller reset its call: relay abandoned");
+                return;
             }
         };
         let _ = send_outcome(&mut respond, outcome);

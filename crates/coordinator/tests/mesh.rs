@@ -1400,3 +1400,74 @@ async fn the_coordinator_reports_not_serving_while_no_backend_can_serve() {
         .await
         .expect("SERVING again once the backend is back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_caller_resets_is_abandoned_by_the_coordinator() {
+    let material = Material::new();
+    let slow = SlowBackend {
+        delay: Duration::from_secs(5),
+        seen_timeouts: Arc::default(),
+    };
+    let backend = TestServer::start_with(&material, any_port(), |_| slow);
+    let client_tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
+    let coordinator = Coordinator::new(
+        BackendOptions::new(client_tls),
+        BalanceOptions::default(),
+        Duration::from_secs(10),
+    );
+    coordinator.pool().add(&backend.url()).unwrap();
+    let stats = coordinator.stats().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let tls = securemesh_tls::server_config(&material.files("coordinator"), None).unwrap();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(securemesh_coordinator::serve(
+        listener,
+        tls,
+        coordinator,
+        Authorization::any_identity(),
+        64 * 1024,
+        ServeOptions::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let session = h2_session(&material, address).await;
+    let message = SubmitRequest {
+        token: material.keys.encrypt(b"never mind").into(),
+    }
+    .encode_to_vec();
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri("https://localhost/securemesh.v1.DataService/Submit")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let mut session = session.ready().await.unwrap();
+    let (_response, mut stream) = session.send_request(request, false).unwrap();
+    stream
+        .send_data(
+            Bytes::from(frame(false, message.len() as u32, &message)),
+            true,
+        )
+        .unwrap();
+    let started = Instant::now();
+    while stats.in_flight() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the call never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stream.send_reset(h2::Reason::CANCEL);
+    // Long before the backend would have answered, the call is over.
+    let reset = Instant::now();
+    while stats.in_flight() != 0 {
+        assert!(
+            reset.elapsed() < Duration::from_secs(1),
+            "the coordinator kept relaying a call nobody waits for"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
