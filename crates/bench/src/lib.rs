@@ -95,13 +95,13 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
-    /// The full benchmark (about five minutes).
+    /// The full benchmark (about three and a half minutes).
     pub fn full(binary: PathBuf, dir: PathBuf) -> Self {
         Self {
             binary,
             dir,
             run_time: Duration::from_secs(3),
-            rounds: 3,
+            rounds: 5,
             concurrencies: vec![1, 32, 128],
             connections: 4,
             held_connections: 1000,

@@ -151,8 +151,11 @@ impl Cluster {
             child: None,
         };
         node.start(self.work.path());
-        self.answering(&node.url()).await;
+        let url = node.url();
+        // Held by the cluster before waiting, so that it is killed even if
+        // the wait fails.
         self.coordinators.push(node);
+        self.answering(&url).await;
         self.coordinators.len() - 1
     }
 
