@@ -12,10 +12,12 @@
 //! The connection is made on first use and again after it fails, with a
 //! connect timeout, our mutual TLS (ALPN `h2` required) and HTTP/2
 //! keepalive pings, so that a hung endpoint is noticed (a ping unanswered
-//! within the keepalive timeout closes the connection). Failures of the
-//! transport come back as a `Status` that carries the error as its source,
-//! which is how [`securemesh::status::is_transport_failure`] tells them
-//! from answers of the endpoint.
+//! within the keepalive timeout closes the connection). A connection
+//! attempt runs in a task of its own and is shared by every call waiting
+//! for it, so a call that gives up does not cancel it for the others.
+//! Failures of the transport come back as a `Status` that carries the error
+//! as its source, which is how [`securemesh::status::is_transport_failure`]
+//! tells them from answers of the endpoint.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;

@@ -20,7 +20,11 @@
 //! (`OUT_OF_RANGE`), the concurrent stream limit, the TLS acceptor with its
 //! handshake deadline and connection limit, and the drain on shutdown
 //! (health `NOT_SERVING`, then `GOAWAY` and a grace period for calls in
-//! flight).
+//! flight). Added here: the message limit is applied from the frame header,
+//! before the body arrives; the caller's deadline counts from the call's
+//! arrival and bounds reading the message too; a connection that sends no
+//! HTTP/2 preface within the handshake timeout is closed; and a call whose
+//! caller resets its stream is abandoned at once.
 
 use std::future::Future;
 use std::pin::Pin;
