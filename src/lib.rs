@@ -16,6 +16,8 @@ pub mod v1 {
     pub const SUBMIT_METHOD: &str = "/securemesh.v1.DataService/Submit";
 }
 
+pub mod frame;
+
 /// The encoded `FileDescriptorSet` of every securemesh proto file.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/securemesh_descriptor.bin"));

@@ -22,20 +22,17 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt as _, Shared};
 use h2::client::SendRequest;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use prost::Message;
 use rustls::pki_types::ServerName;
+use securemesh::frame::{self, Gathered};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::{Code, Status};
-
-/// The gRPC length-prefixed message header: a compression flag and a
-/// big-endian length.
-const FRAME_HEADER: usize = 5;
 
 /// Largest reply accepted (tonic's default decoding limit).
 const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
@@ -159,10 +156,7 @@ impl Http2Channel {
         mut metadata: HeaderMap,
         timeout: Duration,
     ) -> Result<A, Status> {
-        let mut frame = BytesMut::with_capacity(FRAME_HEADER + message.encoded_len());
-        frame.put_u8(0);
-        frame.put_u32(message.encoded_len() as u32);
-        message.encode_raw(&mut frame);
+        let frame = frame::encode(message);
 
         let uri = Uri::from_parts({
             let mut parts = http::uri::Parts::default();
@@ -193,7 +187,7 @@ impl Http2Channel {
         let (response, mut body) = sender
             .send_request(request, false)
             .map_err(|error| self.failed(error))?;
-        body.send_data(frame.freeze(), true)
+        body.send_data(frame, true)
             .map_err(|error| self.failed(error))?;
         let response = response.await.map_err(|error| self.failed(error))?;
         read_reply(response).await
@@ -397,21 +391,12 @@ async fn read_reply<A: Message + Default>(
             return Err(status);
         }
     }
-    let mut received = BytesMut::new();
-    let mut single: Option<Bytes> = None;
+    let mut gathered = Gathered::default();
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(transport_status)?;
         let _ = body.flow_control().release_capacity(chunk.len());
-        match single.take() {
-            None if received.is_empty() => single = Some(chunk),
-            None => received.put(chunk),
-            Some(first) => {
-                received.put(first);
-                received.put(chunk);
-            }
-        }
-        let length = single.as_ref().map_or(received.len(), Bytes::len);
-        if length > FRAME_HEADER + MAX_REPLY_BYTES {
+        gathered.push(chunk);
+        if gathered.len() > frame::HEADER_BYTES + MAX_REPLY_BYTES {
             return Err(Status::resource_exhausted(format!(
                 "reply over {MAX_REPLY_BYTES} bytes"
             )));
@@ -423,16 +408,10 @@ async fn read_reply<A: Message + Default>(
         Some(status) => return Err(status),
         None => return Err(Status::unknown("the answer ended without a grpc-status")),
     }
-    let mut frame = single.unwrap_or_else(|| received.freeze());
-    if frame.len() < FRAME_HEADER || frame[0] != 0 {
-        return Err(Status::internal("malformed or compressed reply"));
-    }
-    let length = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
-    if frame.len() != FRAME_HEADER + length {
-        return Err(Status::internal("the reply is not exactly one message"));
-    }
-    frame.advance(FRAME_HEADER);
-    A::decode(frame).map_err(|error| Status::internal(format!("malformed reply: {error}")))
+    let message = gathered
+        .into_message()
+        .map_err(|error| Status::internal(format!("reply: {error}")))?;
+    A::decode(message).map_err(|error| Status::internal(format!("malformed reply: {error}")))
 }
 
 /// The gRPC code of an HTTP status other than 200, as the gRPC
@@ -501,17 +480,7 @@ mod tests {
 
     /// A PKI in a temporary directory and the coordinator's client TLS.
     fn pki() -> (tempfile::TempDir, Arc<rustls::ClientConfig>) {
-        let dir = tempfile::tempdir().unwrap();
-        securemesh_pki::init(&securemesh_pki::InitOptions {
-            dir: dir.path().to_owned(),
-            days: 1,
-            extra_clients: Vec::new(),
-            sans: Vec::new(),
-            force: false,
-        })
-        .unwrap();
-        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "coordinator");
-        let tls = securemesh_tls::client_tls_config(&files).unwrap();
+        let (dir, tls) = crate::testing::coordinator_tls();
         (dir, tls.rustls_config())
     }
 
@@ -661,9 +630,6 @@ mod tests {
                     let mut connection = h2::server::handshake(tls).await.unwrap();
                     while let Some(Ok((_, mut respond))) = connection.accept().await {
                         let reply = tonic_health::pb::HealthCheckResponse { status: 1 };
-                        let mut frame = vec![0u8];
-                        frame.extend_from_slice(&(reply.encoded_len() as u32).to_be_bytes());
-                        frame.extend_from_slice(&reply.encode_to_vec());
                         // A caller that gave up has reset its stream.
                         let Ok(mut sending) = respond.send_response(http::Response::new(()), false)
                         else {
@@ -671,7 +637,7 @@ mod tests {
                         };
                         let mut trailers = HeaderMap::new();
                         trailers.insert("grpc-status", HeaderValue::from_static("0"));
-                        let _ = sending.send_data(Bytes::from(frame), false);
+                        let _ = sending.send_data(frame::encode(&reply), false);
                         let _ = sending.send_trailers(trailers);
                     }
                 });
@@ -721,25 +687,19 @@ mod tests {
             keepalive_interval: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(1),
         };
-        for good in [
-            "https://127.0.0.1:5001",
-            "https://localhost",
-            "https://[::1]:7",
+        for (url, valid) in [
+            ("https://127.0.0.1:5001", true),
+            ("https://localhost", true),
+            ("https://[::1]:7", true),
+            ("http://127.0.0.1:5001", false),
+            ("127.0.0.1:5001", false),
+            ("https://", false),
+            ("not a url", false),
         ] {
-            assert!(
-                Http2Channel::new(good, tls.clone(), options.clone()).is_ok(),
-                "{good}"
-            );
-        }
-        for bad in [
-            "http://127.0.0.1:5001",
-            "127.0.0.1:5001",
-            "https://",
-            "not a url",
-        ] {
-            assert!(
-                Http2Channel::new(bad, tls.clone(), options.clone()).is_err(),
-                "{bad}"
+            assert_eq!(
+                Http2Channel::new(url, tls.clone(), options.clone()).is_ok(),
+                valid,
+                "{url}"
             );
         }
     }

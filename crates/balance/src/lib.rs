@@ -196,6 +196,27 @@ fn into_status(error: BoxError, reached_endpoints: bool) -> Status {
     }
 }
 
+/// What the unit tests of several modules share.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A fresh PKI in a temporary directory (kept alive by the returned
+    /// handle) and the coordinator's client TLS from it.
+    pub(crate) fn coordinator_tls() -> (tempfile::TempDir, securemesh_tls::ClientTls) {
+        let dir = tempfile::tempdir().unwrap();
+        securemesh_pki::init(&securemesh_pki::InitOptions {
+            dir: dir.path().to_owned(),
+            days: 1,
+            extra_clients: Vec::new(),
+            sans: Vec::new(),
+            force: false,
+        })
+        .unwrap();
+        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "coordinator");
+        let tls = securemesh_tls::client_tls_config(&files).unwrap();
+        (dir, tls)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -292,17 +292,7 @@ mod tests {
     use super::*;
 
     fn pool() -> (tempfile::TempDir, Arc<BackendPool>, Discovery) {
-        let dir = tempfile::tempdir().unwrap();
-        securemesh_pki::init(&securemesh_pki::InitOptions {
-            dir: dir.path().to_owned(),
-            days: 1,
-            extra_clients: Vec::new(),
-            sans: Vec::new(),
-            force: false,
-        })
-        .unwrap();
-        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "coordinator");
-        let tls = securemesh_tls::client_tls_config(&files).unwrap();
+        let (dir, tls) = crate::testing::coordinator_tls();
         let (pool, discovery) = BackendPool::new(BackendOptions::new(tls));
         (dir, pool, discovery)
     }

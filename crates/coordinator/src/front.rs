@@ -31,12 +31,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use prost::Message as _;
+use securemesh::frame::{self, Gathered};
 use securemesh::v1::{SubmitReply, SubmitRequest, DATA_SERVICE_NAME, SUBMIT_METHOD};
 use securemesh_tls::{
     Authorization, Caller, Connection, ReloadableConfig, ServeError, ServeOptions, TlsIncoming,
@@ -51,10 +52,6 @@ use tonic_health::ServingStatus;
 use tower::ServiceExt as _;
 
 use crate::proxy::Coordinator;
-
-/// The gRPC length-prefixed message header: a compression flag and a
-/// big-endian length.
-const FRAME_HEADER: usize = 5;
 
 /// Flow-control windows offered to callers (the same as hyper's defaults,
 /// which the tonic path used).
@@ -397,54 +394,40 @@ fn refuse_as_http(method: &http::Method, headers: &HeaderMap) -> Option<Response
 /// Reads a unary call's one message: at most `limit` bytes, not
 /// compressed (we announce no compression), exactly one frame.
 async fn read_message(mut body: RecvStream, limit: usize) -> Result<SubmitRequest, Status> {
-    let mut buffer = BytesMut::new();
-    let mut single: Option<Bytes> = None;
+    let mut gathered = Gathered::default();
     let mut expected: Option<usize> = None;
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(|error| Status::cancelled(format!("request stream: {error}")))?;
         let _ = body.flow_control().release_capacity(chunk.len());
-        // Most messages arrive in one DATA frame: keep it without copying.
-        match single.take() {
-            None if buffer.is_empty() => single = Some(chunk),
-            None => buffer.put(chunk),
-            Some(first) => {
-                buffer.put(first);
-                buffer.put(chunk);
+        gathered.push(chunk);
+        if expected.is_none() {
+            if let Some((compressed, length)) = gathered.header() {
+                if compressed {
+                    return Err(Status::unimplemented(
+                        "compressed messages are not accepted (grpc-accept-encoding: identity)",
+                    ));
+                }
+                if length > limit {
+                    return Err(Status::out_of_range(format!(
+                        "message of {length} bytes is over the limit of {limit} bytes"
+                    )));
+                }
+                expected = Some(length);
             }
-        }
-        let received = single.as_ref().map_or(buffer.len(), Bytes::len);
-        if expected.is_none() && received >= FRAME_HEADER {
-            let header = single.as_deref().unwrap_or(&buffer[..]);
-            if header[0] != 0 {
-                return Err(Status::unimplemented(
-                    "compressed messages are not accepted (grpc-accept-encoding: identity)",
-                ));
-            }
-            let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-            if length > limit {
-                return Err(Status::out_of_range(format!(
-                    "message of {length} bytes is over the limit of {limit} bytes"
-                )));
-            }
-            expected = Some(length);
         }
         if let Some(length) = expected {
-            if received > FRAME_HEADER + length {
+            if gathered.len() > frame::HEADER_BYTES + length {
                 return Err(Status::unimplemented(
                     "Submit is unary: a second message was sent",
                 ));
             }
         }
     }
-    let mut frame = single.unwrap_or_else(|| buffer.freeze());
-    match expected {
-        Some(length) if frame.len() == FRAME_HEADER + length => {
-            frame.advance(FRAME_HEADER);
-            SubmitRequest::decode(frame)
-                .map_err(|error| Status::internal(format!("malformed SubmitRequest: {error}")))
-        }
-        _ => Err(Status::internal("the request ended before its message did")),
-    }
+    let message = gathered
+        .into_message()
+        .map_err(|_| Status::internal("the request ended before its message did"))?;
+    SubmitRequest::decode(message)
+        .map_err(|error| Status::internal(format!("malformed SubmitRequest: {error}")))
 }
 
 /// Sends a call's answer: a reply as one message and an OK status in the
@@ -463,12 +446,8 @@ fn send_outcome(
     };
     match outcome {
         Ok(reply) => {
-            let mut frame = BytesMut::with_capacity(FRAME_HEADER + reply.encoded_len());
-            frame.put_u8(0);
-            frame.put_u32(reply.encoded_len() as u32);
-            reply.encode_raw(&mut frame);
             let mut sending = respond.send_response(headers(), false)?;
-            sending.send_data(frame.freeze(), false)?;
+            sending.send_data(frame::encode(&reply), false)?;
             let mut trailers = HeaderMap::with_capacity(1);
             trailers.insert("grpc-status", HeaderValue::from_static("0"));
             sending.send_trailers(trailers)
