@@ -139,7 +139,9 @@ impl Drop for TestServer {
 /// A coordinator in the test's runtime, stopped when dropped.
 struct TestCoordinator {
     url: String,
+    address: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<Result<(), securemesh_tls::ServeError>>>,
 }
 
 impl TestCoordinator {
@@ -162,33 +164,75 @@ impl TestCoordinator {
         for url in backends {
             coordinator.pool().add(url).unwrap();
         }
+        Self::serve(
+            material,
+            coordinator,
+            authorization,
+            ServeOptions::default(),
+        )
+        .await
+    }
+
+    /// Serves `coordinator` on a free port of 127.0.0.1 with `options`.
+    async fn serve(
+        material: &Material,
+        coordinator: Coordinator,
+        authorization: Authorization,
+        options: ServeOptions,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("https://{}", listener.local_addr().unwrap());
+        let address = listener.local_addr().unwrap();
         let tls = securemesh_tls::server_config(&material.files("coordinator"), None).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(securemesh_coordinator::serve(
+        let served = tokio::spawn(securemesh_coordinator::serve(
             listener,
             tls,
             coordinator,
             authorization,
             64 * 1024,
-            ServeOptions::default(),
+            options,
             async move {
                 let _ = stopped.await;
             },
         ));
         Self {
-            url,
+            url: format!("https://{address}"),
+            address,
             stop: Some(stop),
+            served: Some(served),
         }
     }
+
+    /// Sends the shutdown signal: the coordinator starts draining.
+    fn shut_down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits until serving has ended, at most `limit`.
+    async fn stopped(&mut self, limit: Duration) -> Result<(), securemesh_tls::ServeError> {
+        let served = self.served.take().expect("waited for twice");
+        tokio::time::timeout(limit, served)
+            .await
+            .expect("the coordinator did not stop")
+            .unwrap()
+    }
+}
+
+/// A coordinator with default options and no backend yet.
+fn bare_coordinator(material: &Material) -> Coordinator {
+    let client_tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
+    Coordinator::new(
+        BackendOptions::new(client_tls),
+        BalanceOptions::default(),
+        Duration::from_secs(10),
+    )
 }
 
 impl Drop for TestCoordinator {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.shut_down();
     }
 }
 
@@ -539,7 +583,7 @@ async fn handshakes_without_a_valid_client_certificate_are_refused() {
         client,
     } = Mesh::<1>::start().await;
     let stranger = Material::new(); // another CA, unknown to the mesh
-    let coordinator_address: SocketAddr = coordinator.url["https://".len()..].parse().unwrap();
+    let coordinator_address = coordinator.address;
     let ca = material.dir.path().join("ca_cert.pem");
 
     for address in [a.address, coordinator_address] {
@@ -918,7 +962,7 @@ async fn the_refusal_matrix_holds_at_server_and_coordinator() {
         coordinator,
         client,
     } = Mesh::<1>::start().await;
-    let coordinator_address: SocketAddr = coordinator.url["https://".len()..].parse().unwrap();
+    let coordinator_address = coordinator.address;
     let ca = material.dir.path().join("ca_cert.pem");
 
     // Client certificates outside their validity, from our own CA.
@@ -1153,7 +1197,7 @@ async fn the_coordinator_refuses_what_is_not_exactly_one_grpc_message() {
         coordinator,
         client,
     } = Mesh::<1>::start().await;
-    let address: SocketAddr = coordinator.url["https://".len()..].parse().unwrap();
+    let address = coordinator.address;
     let session = h2_session(&material, address).await;
     let grpc = "application/grpc";
     let token = material.keys.encrypt(b"raw");
@@ -1249,38 +1293,25 @@ async fn the_coordinator_refuses_what_is_not_exactly_one_grpc_message() {
 async fn a_draining_coordinator_reports_not_serving_then_goes_away() {
     let material = Material::new();
     let server = TestServer::start(&material, any_port());
-    let client_tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
-    let coordinator = Coordinator::new(
-        BackendOptions::new(client_tls),
-        BalanceOptions::default(),
-        Duration::from_secs(10),
-    );
+    let coordinator = bare_coordinator(&material);
     coordinator.pool().add(&server.url()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let url = format!("https://{address}");
-    let tls = securemesh_tls::server_config(&material.files("coordinator"), None).unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(securemesh_coordinator::serve(
-        listener,
-        tls,
+    let mut coordinator = TestCoordinator::serve(
+        &material,
         coordinator,
         Authorization::any_identity(),
-        64 * 1024,
         ServeOptions {
             drain_delay: Duration::from_millis(800),
             drain_grace: Duration::from_secs(2),
             ..ServeOptions::default()
         },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    )
+    .await;
+    let (url, address) = (coordinator.url.clone(), coordinator.address);
     ready(&material, &url).await;
     let client = material.client(&url, "client");
     client.submit(b"before").await.unwrap();
 
-    stop.send(()).unwrap();
+    coordinator.shut_down();
     // Health turns NOT_SERVING at once, and calls are still answered.
     let tls = securemesh_tls::client_tls_config(&material.files("client")).unwrap();
     let not_ready =
@@ -1289,41 +1320,24 @@ async fn a_draining_coordinator_reports_not_serving_then_goes_away() {
     client.submit(b"during the drain").await.unwrap();
 
     // After the delay the coordinator stops, and the port is closed.
-    tokio::time::timeout(Duration::from_secs(5), served)
-        .await
-        .expect("the coordinator did not stop")
-        .unwrap()
-        .unwrap();
+    coordinator.stopped(Duration::from_secs(5)).await.unwrap();
     assert!(tokio::net::TcpStream::connect(address).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_speaks_http2_is_closed() {
     let material = Material::new();
-    let client_tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
-    let coordinator = Coordinator::new(
-        BackendOptions::new(client_tls),
-        BalanceOptions::default(),
-        Duration::from_secs(10),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let tls = securemesh_tls::server_config(&material.files("coordinator"), None).unwrap();
-    let (_stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(securemesh_coordinator::serve(
-        listener,
-        tls,
-        coordinator,
+    let coordinator = TestCoordinator::serve(
+        &material,
+        bare_coordinator(&material),
         Authorization::any_identity(),
-        64 * 1024,
         ServeOptions {
             handshake_timeout: Duration::from_millis(300),
             ..ServeOptions::default()
         },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    )
+    .await;
+    let address = coordinator.address;
     // TLS completes, then nothing: no HTTP/2 preface.
     let tls = securemesh_tls::client_tls_config(&material.files("client"))
         .unwrap()
@@ -1409,29 +1423,17 @@ async fn a_call_the_caller_resets_is_abandoned_by_the_coordinator() {
         seen_timeouts: Arc::default(),
     };
     let backend = TestServer::start_with(&material, any_port(), |_| slow);
-    let client_tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
-    let coordinator = Coordinator::new(
-        BackendOptions::new(client_tls),
-        BalanceOptions::default(),
-        Duration::from_secs(10),
-    );
+    let coordinator = bare_coordinator(&material);
     coordinator.pool().add(&backend.url()).unwrap();
     let stats = coordinator.stats().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let tls = securemesh_tls::server_config(&material.files("coordinator"), None).unwrap();
-    let (_stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(securemesh_coordinator::serve(
-        listener,
-        tls,
+    let coordinator = TestCoordinator::serve(
+        &material,
         coordinator,
         Authorization::any_identity(),
-        64 * 1024,
         ServeOptions::default(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    )
+    .await;
+    let address = coordinator.address;
 
     let session = h2_session(&material, address).await;
     let message = SubmitRequest {
