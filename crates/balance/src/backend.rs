@@ -78,6 +78,8 @@ pub struct BackendState {
     pub(crate) ejected: tokio::sync::Notify,
     /// Attempts in flight on this backend.
     in_flight: AtomicU64,
+    /// Of those, attempts that were hedged because they were slow.
+    slow_attempts: AtomicU64,
     /// Recent attempts: rate and latency, for the status page.
     recent: Window,
     /// The exported series each attempt moves.
@@ -101,6 +103,7 @@ impl BackendState {
             retired: AtomicBool::new(false),
             ejected: tokio::sync::Notify::new(),
             in_flight: AtomicU64::new(0),
+            slow_attempts: AtomicU64::new(0),
             recent: Window::default(),
         })
         .published()
@@ -122,6 +125,30 @@ impl BackendState {
     /// Attempts in flight on this backend now.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// What the balancer compares (lower is better): attempts in flight,
+    /// and far above any count of those, attempts hedged for being slow.
+    ///
+    /// Not PeakEWMA: with two backends p2c always compares both, so one
+    /// slow reply (a connection set-up, a busy CPU) made a backend look
+    /// expensive for seconds and it got no traffic at all. Calls in flight
+    /// carry no such memory: idle backends tie and are picked at random,
+    /// and a slow backend is avoided as its calls pile up. A hedged attempt
+    /// marks its backend slow until it ends, so that the hedge (and every
+    /// call meanwhile) goes to a backend without one whenever p2c sees one.
+    pub fn load(&self) -> u64 {
+        const SLOW_WEIGHT: u64 = 1 << 32;
+        self.in_flight()
+            .saturating_add(self.slow_attempts.load(Ordering::Relaxed) * SLOW_WEIGHT)
+    }
+
+    /// Marks an attempt in flight here as slow until the mark is dropped.
+    pub(crate) fn slow_attempt(self: &Arc<Self>) -> SlowAttempt {
+        self.slow_attempts.fetch_add(1, Ordering::Relaxed);
+        SlowAttempt {
+            state: self.clone(),
+        }
     }
 
     /// Rate and latency of its recent attempts.
@@ -264,6 +291,25 @@ impl BackendState {
     }
 }
 
+impl tower::load::Load for Backend {
+    type Metric = u64;
+
+    fn load(&self) -> u64 {
+        self.state.load()
+    }
+}
+
+/// An attempt marked slow (see [`BackendState::load`]), unmarked on drop.
+pub(crate) struct SlowAttempt {
+    state: Arc<BackendState>,
+}
+
+impl Drop for SlowAttempt {
+    fn drop(&mut self) {
+        self.state.slow_attempts.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The data path to one backend: its HTTP/2 channel and its state.
 pub struct Backend {
     state: Arc<BackendState>,
@@ -305,23 +351,28 @@ impl tower::Service<Attempt> for Backend {
     }
 
     fn call(&mut self, attempt: Attempt) -> Self::Future {
+        let per_try = self.attempt_timeout;
+        // The attempt ends at the per-try timeout or the call's deadline,
+        // whichever comes first; the backend learns the time it has.
+        let remaining = attempt
+            .deadline
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()));
+        let limited_by_deadline = remaining.is_some_and(|remaining| remaining <= per_try);
+        let limit = remaining.map_or(per_try, |remaining| remaining.min(per_try));
+        if limit.is_zero() {
+            return Box::pin(std::future::ready(Err(Status::deadline_exceeded(
+                "deadline exceeded",
+            ))));
+        }
+        // Counted from now, not from the first poll: the balancer may hand
+        // out several attempts before any of them runs, and weighs backends
+        // by these counts.
         let channel = self.channel.clone();
         let state = self.state.clone();
-        let per_try = self.attempt_timeout;
+        attempt.trace.attempted(&state);
+        let in_flight = InFlight::start(&state);
         Box::pin(async move {
-            // The attempt ends at the per-try timeout or the call's deadline,
-            // whichever comes first; the backend learns the time it has.
-            let remaining = attempt
-                .deadline
-                .map(|deadline| deadline.saturating_duration_since(Instant::now()));
-            let limited_by_deadline = remaining.is_some_and(|remaining| remaining <= per_try);
-            let limit = remaining.map_or(per_try, |remaining| remaining.min(per_try));
-            if limit.is_zero() {
-                return Err(Status::deadline_exceeded("deadline exceeded"));
-            }
             let mut metadata = http::HeaderMap::with_capacity(8);
-            attempt.trace.attempted(&state.url);
-            let in_flight = InFlight::start(&state);
             for (name, value) in [
                 (CALLER_HEADER, attempt.caller.as_deref()),
                 ("authorization", attempt.authorization.as_deref()),

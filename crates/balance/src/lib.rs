@@ -7,12 +7,15 @@
 //! 1. [`retry`]: a failed attempt that is safe to repeat (`UNAVAILABLE`,
 //!    connection failures, an attempt timeout) is sent again, bounded per
 //!    call and by a retry budget shared by all calls;
-//! 2. a `tower::buffer::Buffer`, so that many calls share one balancer;
-//! 3. [`fail_fast`]: with no endpoint in rotation the call fails at once
+//! 2. [`hedge`] (when enabled): an attempt that has not answered within a
+//!    delay gets a second one on another backend, paid for from the same
+//!    budget; the first answer wins;
+//! 3. a `tower::buffer::Buffer`, so that many calls share one balancer;
+//! 4. [`fail_fast`]: with no endpoint in rotation the call fails at once
 //!    with `UNAVAILABLE` instead of waiting in the balancer;
-//! 4. `tower::balance::p2c::Balance` over a [`pool::BackendPool`] discovery
+//! 5. `tower::balance::p2c::Balance` over a [`pool::BackendPool`] discovery
 //!    stream, comparing endpoints by their calls in flight;
-//! 5. [`backend::Backend`]: one endpoint's [`channel::Http2Channel`] (an
+//! 6. [`backend::Backend`]: one endpoint's [`channel::Http2Channel`] (an
 //!    HTTP/2 connection of our own, not tonic's `Channel`). It bounds each
 //!    attempt by the per-try timeout and the call's deadline, passes the
 //!    remaining time on as `grpc-timeout`, and reports itself not ready
@@ -23,6 +26,7 @@ pub mod backend;
 pub mod channel;
 pub mod fail_fast;
 pub mod health;
+pub mod hedge;
 pub mod outlier;
 pub mod pool;
 pub mod retry;
@@ -64,7 +68,7 @@ pub struct Attempt {
 #[derive(Debug, Default)]
 pub struct CallTrace {
     attempts: std::sync::atomic::AtomicU32,
-    last_endpoint: std::sync::Mutex<Option<String>>,
+    last_backend: std::sync::Mutex<Option<Arc<backend::BackendState>>>,
 }
 
 impl CallTrace {
@@ -75,19 +79,24 @@ impl CallTrace {
 
     /// The endpoint of the last attempt.
     pub fn last_endpoint(&self) -> Option<String> {
-        self.last_endpoint
+        self.last_backend().map(|backend| backend.url().to_owned())
+    }
+
+    /// The backend of the last attempt.
+    pub(crate) fn last_backend(&self) -> Option<Arc<backend::BackendState>> {
+        self.last_backend
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
             .clone()
     }
 
-    pub(crate) fn attempted(&self, endpoint: &str) {
+    pub(crate) fn attempted(&self, backend: &Arc<backend::BackendState>) {
         self.attempts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *self
-            .last_endpoint
+            .last_backend
             .lock()
-            .unwrap_or_else(|poison| poison.into_inner()) = Some(endpoint.to_owned());
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(backend.clone());
     }
 }
 
@@ -102,6 +111,9 @@ pub struct BalanceOptions {
     pub retry_ratio: f32,
     /// Calls that may wait for the balancer at once.
     pub queue_capacity: usize,
+    /// Hedge an attempt that has not answered within this long (see
+    /// [`hedge`]); `None` never hedges.
+    pub hedge_after: Option<std::time::Duration>,
 }
 
 impl Default for BalanceOptions {
@@ -111,6 +123,7 @@ impl Default for BalanceOptions {
             min_retries_per_sec: 10,
             retry_ratio: 0.2,
             queue_capacity: 1024,
+            hedge_after: None,
         }
     }
 }
@@ -134,13 +147,16 @@ impl Balancer {
         let balance = Balance::new(discovery);
         let fail_fast = fail_fast::FailFast::new(balance, pool.rotation());
         let buffer = Buffer::new(fail_fast, options.queue_capacity);
+        let budget = retry::budget(options.min_retries_per_sec, options.retry_ratio);
+        let attempts: Stack = match options.hedge_after {
+            Some(delay) => {
+                BoxCloneSyncService::new(hedge::Hedge::new(buffer, delay, budget.clone()))
+            }
+            None => BoxCloneSyncService::new(buffer),
+        };
         let retry = Retry::new(
-            retry::RetryPolicy::new(
-                options.max_retries,
-                options.min_retries_per_sec,
-                options.retry_ratio,
-            ),
-            buffer,
+            retry::RetryPolicy::new(options.max_retries, budget),
+            attempts,
         );
         Self {
             stack: BoxCloneSyncService::new(retry),

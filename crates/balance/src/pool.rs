@@ -17,21 +17,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tower::discover::Change;
-use tower::load::{CompleteOnResponse, PendingRequests};
 
 use crate::backend::{Backend, BackendState, Rotation};
 use crate::channel::{ChannelError, ChannelOptions, Http2Channel};
 use crate::outlier::EjectionPolicy;
 
-/// A backend as the balancer holds it: its service, weighed by the calls
-/// it has in flight.
-///
-/// Not PeakEWMA: with two backends p2c always compares both, so one slow
-/// reply (a connection set-up, a busy CPU) made a backend look expensive for
-/// seconds and it got no traffic at all. Calls in flight carry no such
-/// memory: idle backends tie and are picked at random, and a slow or hung
-/// backend is avoided as its calls pile up.
-pub type BalancedBackend = PendingRequests<Backend, CompleteOnResponse>;
+/// A backend as the balancer holds it: its service, weighed by its
+/// attempts in flight (see [`BackendState::load`]).
+pub type BalancedBackend = Backend;
 
 /// The discovery stream a pool feeds and the balancer reads.
 pub type Discovery = futures_util::stream::Map<
@@ -180,9 +173,8 @@ impl BackendPool {
 
         let state = BackendState::new(url.to_owned(), self.options.ejection, self.rotation.clone());
         let backend = Backend::new(state.clone(), channel.clone(), self.options.attempt_timeout);
-        let balanced = PendingRequests::new(backend, CompleteOnResponse::default());
         self.changes
-            .send(Change::Insert(url.to_owned(), balanced))
+            .send(Change::Insert(url.to_owned(), backend))
             .map_err(|_| PoolError::BalancerGone)?;
         let prober = self.options.health_checks.then(|| {
             tokio::spawn(crate::health::probe(

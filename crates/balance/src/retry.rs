@@ -28,20 +28,26 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// At most `max_retries` retries per call, and retries at most
-    /// `retry_ratio` of calls over ten seconds beyond a floor of
-    /// `min_retries_per_sec`.
-    pub fn new(max_retries: usize, min_retries_per_sec: u32, retry_ratio: f32) -> Self {
+    /// At most `max_retries` retries per call, each paid for from
+    /// `budget` (see [`budget`]).
+    pub fn new(max_retries: usize, budget: Arc<TpsBudget>) -> Self {
         Self {
-            budget: Arc::new(TpsBudget::new(
-                Duration::from_secs(10),
-                min_retries_per_sec,
-                retry_ratio,
-            )),
+            budget,
             retries_left: max_retries,
             deposited: false,
         }
     }
+}
+
+/// A budget that allows `retry_ratio` of calls over ten seconds to be
+/// repeated (retried or hedged), beyond a floor of `min_retries_per_sec`.
+/// Every call pays into it once.
+pub fn budget(min_retries_per_sec: u32, retry_ratio: f32) -> Arc<TpsBudget> {
+    Arc::new(TpsBudget::new(
+        Duration::from_secs(10),
+        min_retries_per_sec,
+        retry_ratio,
+    ))
 }
 
 impl tower::retry::Policy<Attempt, SubmitReply, BoxError> for RetryPolicy {
@@ -120,7 +126,7 @@ mod tests {
 
     #[test]
     fn retries_unavailable_but_not_application_errors() {
-        let mut policy = RetryPolicy::new(2, 10, 0.2);
+        let mut policy = RetryPolicy::new(2, budget(10, 0.2));
         let mut request = attempt();
         policy.clone_request(&request);
         assert!(policy
@@ -148,7 +154,7 @@ mod tests {
         status.set_source(std::sync::Arc::new(std::io::Error::other(
             "connection closed",
         )));
-        let mut policy = RetryPolicy::new(2, 10, 0.2);
+        let mut policy = RetryPolicy::new(2, budget(10, 0.2));
         assert!(policy.retry(&mut attempt(), &mut failed(status)).is_some());
         // A cancellation that a peer sent (no local source) is an answer.
         assert!(policy
@@ -161,7 +167,7 @@ mod tests {
 
     #[test]
     fn honours_a_peer_that_asks_not_to_be_retried() {
-        let mut policy = RetryPolicy::new(2, 10, 0.2);
+        let mut policy = RetryPolicy::new(2, budget(10, 0.2));
         let exhausted = securemesh::status::with_no_retry(tonic::Status::unavailable(
             "no backend could serve the call",
         ));
@@ -178,7 +184,7 @@ mod tests {
 
     #[test]
     fn attempts_are_bounded_per_call() {
-        let mut policy = RetryPolicy::new(2, 10, 0.2);
+        let mut policy = RetryPolicy::new(2, budget(10, 0.2));
         let mut request = attempt();
         let mut outcome = failed(tonic::Status::unavailable("down"));
         assert!(policy.retry(&mut request, &mut outcome).is_some());
@@ -190,7 +196,7 @@ mod tests {
     fn the_shared_budget_stops_a_retry_storm() {
         // No floor, 10% of calls: after the initial reserve is spent, calls
         // that all fail cannot each be retried.
-        let template = RetryPolicy::new(1, 1, 0.1);
+        let template = RetryPolicy::new(1, budget(1, 0.1));
         let mut retried = 0;
         for _ in 0..1_000 {
             let mut policy = template.clone();

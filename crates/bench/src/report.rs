@@ -241,7 +241,9 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
     let _ = writeln!(
         md,
         "- **direct**: the load generator calls one server.\n\
-         - **coordinator**: `securemesh coordinator` over both servers (mutual TLS both ways).\n\
+         - **coordinator**: `securemesh coordinator` over both servers (mutual TLS both ways), \
+         default flags: 1 s per-try timeout, up to 2 retries, a hedge after 50 ms without an \
+         answer (nginx has no hedging: a call on a stopped server waits for its timeout).\n\
          - **nginx**: {} as a gRPC proxy over the same two servers: mutual TLS both ways \
          (`ssl_verify_client on`, `grpc_pass grpcs://`, `grpc_ssl_certificate` with the \
          coordinator's certificate, `grpc_ssl_verify on`), upstream `keepalive 512`, \

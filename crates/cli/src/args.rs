@@ -550,6 +550,11 @@ pub struct CoordinatorArgs {
     /// budget of 20% of calls).
     #[arg(long, default_value_t = 2)]
     pub max_retries: usize,
+    /// An attempt that has not answered within this long gets a second one
+    /// on another backend, from the same budget; the first answer wins
+    /// (`off`: never).
+    #[arg(long, value_name = "DURATION|off", value_parser = hedging_delay, default_value = "50ms")]
+    pub hedge_after: HedgingDelay,
     /// Interval of HTTP/2 keepalive pings to backends.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub keepalive_interval: Duration,
@@ -699,6 +704,22 @@ pub struct DemoArgs {
     pub coordinator_port: u16,
 }
 
+/// How long an attempt may take before it is hedged; `None`: never.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HedgingDelay(pub Option<Duration>);
+
+/// `off`, or a duration above zero (zero would send every call twice).
+fn hedging_delay(text: &str) -> Result<HedgingDelay, String> {
+    if text == "off" {
+        return Ok(HedgingDelay(None));
+    }
+    match humantime::parse_duration(text) {
+        Ok(delay) if !delay.is_zero() => Ok(HedgingDelay(Some(delay))),
+        Ok(_) => Err("a zero delay would send every call twice; say `off` to never hedge".into()),
+        Err(error) => Err(format!("{error} (a duration such as 50ms, or `off`)")),
+    }
+}
+
 /// A rate of submissions a second: a finite number above zero.
 fn positive_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -721,6 +742,28 @@ mod tests {
         assert_eq!(cli.threads, Some(3));
         assert!(Cli::try_parse_from(["securemesh", "--threads", "0", "status"]).is_err());
         <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn the_hedging_delay_is_a_duration_above_zero_or_off() {
+        let delay = |args: &[&str]| {
+            let mut argv = vec!["securemesh", "coordinator"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_from(argv).map(|cli| cli.command) {
+                Ok(Command::Coordinator(args)) => Ok(args.hedge_after.0),
+                Ok(_) => unreachable!("parsed another command"),
+                Err(error) => Err(error.to_string()),
+            }
+        };
+        assert_eq!(delay(&[]), Ok(Some(Duration::from_millis(50))));
+        assert_eq!(
+            delay(&["--hedge-after", "20ms"]),
+            Ok(Some(Duration::from_millis(20)))
+        );
+        assert_eq!(delay(&["--hedge-after", "off"]), Ok(None));
+        for refused in ["0s", "0ms", "soon", "-5ms"] {
+            assert!(delay(&["--hedge-after", refused]).is_err(), "{refused}");
+        }
     }
 
     #[test]

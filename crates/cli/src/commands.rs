@@ -247,6 +247,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         backends,
         BalanceOptions {
             max_retries: args.max_retries,
+            hedge_after: args.hedge_after.0,
             ..BalanceOptions::default()
         },
         args.request_timeout,

@@ -21,6 +21,11 @@ use nix::sys::signal::Signal;
 
 /// The coordinator's per-try timeout (its default).
 const PER_TRY: Duration = Duration::from_secs(1);
+/// How long a call may take when one server hangs: the coordinator hedges
+/// after 50 ms (its default), so the slowest call stays far below the
+/// per-try timeout it would otherwise wait for; the rest is slack for a
+/// busy test machine.
+const HUNG_SERVER_SLOWEST: Duration = Duration::from_millis(500);
 const REQUESTS: usize = 2_000;
 
 /// One case at a time.
@@ -51,7 +56,7 @@ async fn case_1_a_server_killed_mid_run_costs_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn case_2_a_hung_server_delays_calls_by_one_per_try_timeout_at_most() {
+async fn case_2_a_hung_server_delays_calls_by_a_hedging_delay_not_a_per_try_timeout() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start(2, 1).await;
     let client = cluster.client(&cluster.coordinator_urls());
@@ -69,11 +74,15 @@ async fn case_2_a_hung_server_delays_calls_by_one_per_try_timeout_at_most() {
     .await;
     report.print("case 2, SIGSTOP of one server for 3 s");
     assert_clean(&report, REQUESTS);
-    let margin = Duration::from_millis(750);
     assert!(
-        report.slowest <= PER_TRY + margin,
-        "slowest call {:?} exceeds the per-try timeout {PER_TRY:?} + {margin:?}",
+        report.slowest <= HUNG_SERVER_SLOWEST,
+        "slowest call {:?} exceeds {HUNG_SERVER_SLOWEST:?}",
         report.slowest
+    );
+    let log = cluster.log("coordinator-1");
+    assert!(
+        log.contains("no reply within the per-try timeout"),
+        "the stuck attempts ran on to their per-try timeout:\n{log}"
     );
 }
 
@@ -253,8 +262,8 @@ async fn case_7_a_server_cut_off_by_the_network_costs_nothing() {
     report.print("case 7, packets to one server dropped for 3 s");
     assert_clean(&report, REQUESTS);
     assert!(
-        report.slowest <= PER_TRY + Duration::from_millis(750),
-        "{:?}",
+        report.slowest <= HUNG_SERVER_SLOWEST,
+        "slowest call {:?} exceeds {HUNG_SERVER_SLOWEST:?}",
         report.slowest
     );
 }

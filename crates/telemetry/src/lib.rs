@@ -52,8 +52,13 @@ pub struct Metrics {
     pub backend_ejections: IntCounterVec,
     /// Retries made after an attempt on a backend failed.
     pub backend_retries: IntCounterVec,
-    /// Retries the retry budget refused.
+    /// Retries and hedges the retry budget refused.
     pub retry_budget_refusals: IntCounter,
+    /// Second attempts of calls whose first attempt was slower than the
+    /// hedging delay.
+    pub hedges: IntCounter,
+    /// Hedges that answered the call.
+    pub hedges_won: IntCounter,
     /// 1 while the retry budget is exhausted (its last withdrawal failed).
     pub retry_budget_exhausted: IntGauge,
     /// 1 while the process follows (coordinator) or holds (server) its
@@ -215,7 +220,17 @@ impl Metrics {
             retry_budget_refusals: counter(
                 r,
                 "securemesh_retry_budget_refusals_total",
-                "Retries refused because the retry budget was exhausted.",
+                "Retries and hedges refused because the retry budget was exhausted.",
+            ),
+            hedges: counter(
+                r,
+                "securemesh_hedges_total",
+                "Second attempts sent because a call's first attempt was slower than the hedging delay.",
+            ),
+            hedges_won: counter(
+                r,
+                "securemesh_hedges_won_total",
+                "Hedges that answered the call.",
             ),
             retry_budget_exhausted: gauge(
                 r,

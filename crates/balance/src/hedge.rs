@@ -1,0 +1,398 @@
+//! Hedged calls: when an attempt has not answered within a delay, a second
+//! attempt of the same call goes through the balancer, and the first answer
+//! wins.
+//!
+//! A hung backend (stopped, or cut off by the network) holds every call
+//! already sent to it until the per-try timeout; retries only start then.
+//! A hedge starts after `delay` instead, as in gRPC's hedging policy
+//! (gRFC A6, `hedgingDelay`), with these rules:
+//!
+//! - the second attempt lands elsewhere: until the slow attempt ends, its
+//!   backend counts as loaded beyond any other (see
+//!   [`BackendState::load`](crate::backend::BackendState::load)), so the
+//!   balancer picks it only when it compares nothing better;
+//! - a hedge is made only for an attempt that reached a backend (not one
+//!   still waiting for the balancer), at most one per attempt, and only when
+//!   the retry budget shared with retries allows it;
+//! - the first success wins, and so does an answer of the application
+//!   (such as `INVALID_ARGUMENT`); a failure that another backend might not
+//!   have (`UNAVAILABLE`, a reset, a timeout) waits for the other attempt;
+//! - the attempt that lost is not cancelled: it runs on in its own task
+//!   until it answers or its per-try timeout ends it, so that a hung
+//!   backend keeps counting it in flight (the balancer keeps away from it)
+//!   and its timeout still ejects the backend. Its answer is dropped.
+//!
+//! `DataService.Submit` may be sent twice: a server only decrypts the token
+//! and answers its digest.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::{self, Either};
+use securemesh::v1::SubmitReply;
+use securemesh_telemetry::metrics;
+use tower::retry::budget::{Budget as _, TpsBudget};
+use tower::{BoxError, Service, ServiceExt as _};
+
+use crate::retry::is_retryable;
+use crate::Attempt;
+
+type Outcome = Result<SubmitReply, BoxError>;
+
+/// Sends a second attempt of a call whose first has not answered within
+/// `delay`. Wraps the balancer (a `tower::buffer::Buffer`, cheap to clone).
+#[derive(Clone)]
+pub struct Hedge<S> {
+    inner: S,
+    delay: Duration,
+    budget: Arc<TpsBudget>,
+}
+
+impl<S> Hedge<S> {
+    /// Hedges after `delay`, paying for each hedge from `budget`.
+    pub fn new(inner: S, delay: Duration, budget: Arc<TpsBudget>) -> Self {
+        Self {
+            inner,
+            delay,
+            budget,
+        }
+    }
+}
+
+impl<S> Service<Attempt> for Hedge<S>
+where
+    S: Service<Attempt, Response = SubmitReply, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = SubmitReply;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, attempt: Attempt) -> Self::Future {
+        // The service made ready takes the first attempt; a clone waits for
+        // a hedge.
+        let spare = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, spare.clone());
+        let reached_before = attempt.trace.attempts();
+        let first = Box::pin(ready.call(attempt.clone()));
+        let delay = self.delay;
+        let budget = self.budget.clone();
+        Box::pin(async move {
+            let mut first = first;
+            loop {
+                tokio::select! {
+                    biased;
+                    outcome = &mut first => return outcome,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                // Waiting for the balancer is not slowness of a backend.
+                if attempt.trace.attempts() > reached_before {
+                    break;
+                }
+            }
+            if !budget.withdraw() {
+                metrics().retry_budget_refusals.inc();
+                return first.await;
+            }
+            metrics().hedges.inc();
+            // Until the slow attempt ends, its backend is the last choice of
+            // the balancer, for the hedge and for every other call.
+            let slow = attempt
+                .trace
+                .last_backend()
+                .map(|backend| backend.slow_attempt());
+            let first = Box::pin(async move {
+                let _slow = slow;
+                first.await
+            });
+            let second = Box::pin(spare.oneshot(attempt));
+            match future::select(first, second).await {
+                Either::Left((outcome, hedge)) => settle(outcome, hedge, true).await,
+                Either::Right((outcome, first)) => {
+                    let won = outcome.is_ok();
+                    let outcome = settle(outcome, first, false).await;
+                    if won {
+                        metrics().hedges_won.inc();
+                    }
+                    outcome
+                }
+            }
+        })
+    }
+}
+
+/// The call's outcome once one attempt has ended with `outcome`: an answer
+/// stands (the other attempt runs on, unheard); a failure another backend
+/// might not have waits for the other attempt.
+async fn settle<F>(outcome: Outcome, other: F, other_is_hedge: bool) -> Outcome
+where
+    F: Future<Output = Outcome> + Send + 'static,
+{
+    match outcome {
+        Err(error) if is_retryable(error.as_ref()) => {
+            let other_outcome = other.await;
+            if other_is_hedge && other_outcome.is_ok() {
+                metrics().hedges_won.inc();
+            }
+            other_outcome
+        }
+        answer => {
+            tokio::spawn(other);
+            answer
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use securemesh::v1::SubmitRequest;
+    use tonic::Status;
+
+    use crate::backend::{BackendState, Rotation};
+    use crate::EjectionPolicy;
+
+    /// How each attempt of a scripted service behaves, in call order.
+    #[derive(Clone, Copy)]
+    enum Script {
+        /// Answers after this long with a reply naming the attempt.
+        Answer(Duration),
+        /// Fails after this long with this status.
+        Fail(Duration, tonic::Code),
+    }
+
+    /// A service whose attempts follow a script, recording which were
+    /// started and which ran to their end.
+    #[derive(Clone)]
+    struct Scripted {
+        script: Arc<Vec<Script>>,
+        /// The backend of each attempt.
+        backends: Arc<Vec<Arc<BackendState>>>,
+        started: Arc<AtomicUsize>,
+        finished: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl Scripted {
+        fn new(script: Vec<Script>) -> Self {
+            let rotation = Arc::new(Rotation::default());
+            let backends = (0..script.len())
+                .map(|index| {
+                    BackendState::new(
+                        format!("https://backend-{index}.test"),
+                        EjectionPolicy::default(),
+                        rotation.clone(),
+                    )
+                })
+                .collect();
+            Self {
+                script: Arc::new(script),
+                backends: Arc::new(backends),
+                started: Arc::default(),
+                finished: Arc::default(),
+            }
+        }
+    }
+
+    impl Service<Attempt> for Scripted {
+        type Response = SubmitReply;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, attempt: Attempt) -> Self::Future {
+            let index = self.started.fetch_add(1, Ordering::SeqCst);
+            let step = self.script[index];
+            let finished = self.finished.clone();
+            attempt.trace.attempted(&self.backends[index]);
+            Box::pin(async move {
+                let outcome = match step {
+                    Script::Answer(after) => {
+                        tokio::time::sleep(after).await;
+                        Ok(SubmitReply {
+                            server_id: format!("backend-{index}"),
+                            ..SubmitReply::default()
+                        })
+                    }
+                    Script::Fail(after, code) => {
+                        tokio::time::sleep(after).await;
+                        Err(Box::new(Status::new(code, "scripted")) as BoxError)
+                    }
+                };
+                finished.lock().unwrap().push(index);
+                outcome
+            })
+        }
+    }
+
+    fn attempt() -> Attempt {
+        Attempt {
+            message: SubmitRequest::default(),
+            deadline: None,
+            caller: None,
+            authorization: None,
+            request_id: None,
+            trace: Default::default(),
+        }
+    }
+
+    fn ms(millis: u64) -> Duration {
+        Duration::from_millis(millis)
+    }
+
+    const DELAY: Duration = Duration::from_millis(50);
+
+    fn budget() -> Arc<TpsBudget> {
+        Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2))
+    }
+
+    async fn run(service: &Scripted, budget: Arc<TpsBudget>) -> Outcome {
+        Hedge::new(service.clone(), DELAY, budget)
+            .oneshot(attempt())
+            .await
+    }
+
+    fn answered_by(outcome: &Outcome) -> &str {
+        &outcome.as_ref().expect("an answer").server_id
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_answer_is_never_hedged() {
+        let service = Scripted::new(vec![Script::Answer(ms(40))]);
+        let outcome = run(&service, budget()).await;
+        assert_eq!(answered_by(&outcome), "backend-0");
+        assert_eq!(service.started.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_attempt_is_hedged_and_the_first_answer_wins() {
+        let service = Scripted::new(vec![Script::Answer(ms(1_000)), Script::Answer(ms(5))]);
+        let started = tokio::time::Instant::now();
+        let outcome = run(&service, budget()).await;
+        assert_eq!(answered_by(&outcome), "backend-1");
+        assert_eq!(started.elapsed(), DELAY + ms(5));
+        // The slow attempt was not cancelled: it runs on to its end, and
+        // its backend is the balancer's last choice until then.
+        assert_eq!(*service.finished.lock().unwrap(), vec![1]);
+        let slow = &service.backends[0];
+        let other = &service.backends[1];
+        assert!(slow.load() > other.load() + 1_000_000);
+        tokio::time::sleep(ms(1_000)).await;
+        assert_eq!(*service.finished.lock().unwrap(), vec![1, 0]);
+        assert_eq!(slow.load(), other.load());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_first_answer_still_wins_over_a_slower_hedge() {
+        let service = Scripted::new(vec![Script::Answer(ms(60)), Script::Answer(ms(500))]);
+        let outcome = run(&service, budget()).await;
+        assert_eq!(answered_by(&outcome), "backend-0");
+        assert_eq!(service.started.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_another_backend_might_not_have_waits_for_the_other_attempt() {
+        let service = Scripted::new(vec![
+            Script::Answer(ms(300)),
+            Script::Fail(ms(1), tonic::Code::Unavailable),
+        ]);
+        let outcome = run(&service, budget()).await;
+        assert_eq!(answered_by(&outcome), "backend-0");
+
+        let service = Scripted::new(vec![
+            Script::Fail(ms(80), tonic::Code::Unavailable),
+            Script::Answer(ms(200)),
+        ]);
+        let outcome = run(&service, budget()).await;
+        assert_eq!(answered_by(&outcome), "backend-1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_of_the_application_is_final() {
+        let service = Scripted::new(vec![
+            Script::Answer(ms(300)),
+            Script::Fail(ms(1), tonic::Code::InvalidArgument),
+        ]);
+        let outcome = run(&service, budget()).await;
+        let status = outcome.unwrap_err().downcast::<Status>().unwrap();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_both_attempts_fail_the_call_fails_for_the_retry_layer_to_judge() {
+        let service = Scripted::new(vec![
+            Script::Fail(ms(100), tonic::Code::Unavailable),
+            Script::Fail(ms(100), tonic::Code::Unavailable),
+        ]);
+        let outcome = run(&service, budget()).await;
+        let error = outcome.unwrap_err();
+        assert!(is_retryable(error.as_ref()));
+        assert_eq!(service.started.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_hedge_without_budget() {
+        let empty = Arc::new(TpsBudget::new(Duration::from_secs(1), 1, 0.0));
+        while empty.withdraw() {}
+        let service = Scripted::new(vec![Script::Answer(ms(300)), Script::Answer(ms(1))]);
+        let outcome = run(&service, empty).await;
+        assert_eq!(answered_by(&outcome), "backend-0");
+        assert_eq!(service.started.load(Ordering::SeqCst), 1);
+    }
+
+    /// A service whose first attempt waits for the balancer (no backend has
+    /// it yet) for a while before it reaches one.
+    #[derive(Clone)]
+    struct Queued {
+        started: Arc<AtomicUsize>,
+    }
+
+    impl Service<Attempt> for Queued {
+        type Response = SubmitReply;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, attempt: Attempt) -> Self::Future {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            let backend = BackendState::new(
+                "https://queued.test".into(),
+                EjectionPolicy::default(),
+                Arc::default(),
+            );
+            Box::pin(async move {
+                tokio::time::sleep(ms(120)).await;
+                attempt.trace.attempted(&backend);
+                tokio::time::sleep(ms(20)).await;
+                Ok(SubmitReply::default())
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_spent_waiting_for_the_balancer_does_not_count() {
+        let service = Queued {
+            started: Arc::default(),
+        };
+        let outcome = Hedge::new(service.clone(), DELAY, budget())
+            .oneshot(attempt())
+            .await;
+        assert!(outcome.is_ok());
+        assert_eq!(service.started.load(Ordering::SeqCst), 1);
+    }
+}
