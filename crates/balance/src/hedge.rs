@@ -37,6 +37,7 @@ use securemesh_telemetry::metrics;
 use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::{BoxError, Service, ServiceExt as _};
 
+use crate::backend::Rotation;
 use crate::retry::is_retryable;
 use crate::Attempt;
 
@@ -49,15 +50,19 @@ pub struct Hedge<S> {
     inner: S,
     delay: Duration,
     budget: Arc<TpsBudget>,
+    rotation: Arc<Rotation>,
 }
 
 impl<S> Hedge<S> {
-    /// Hedges after `delay`, paying for each hedge from `budget`.
-    pub fn new(inner: S, delay: Duration, budget: Arc<TpsBudget>) -> Self {
+    /// Hedges after `delay`, paying for each hedge from `budget`, while
+    /// `rotation` counts more than one backend (a hedge on the backend that
+    /// is already slow would only add to its load).
+    pub fn new(inner: S, delay: Duration, budget: Arc<TpsBudget>, rotation: Arc<Rotation>) -> Self {
         Self {
             inner,
             delay,
             budget,
+            rotation,
         }
     }
 }
@@ -84,6 +89,7 @@ where
         let first = Box::pin(ready.call(attempt.clone()));
         let delay = self.delay;
         let budget = self.budget.clone();
+        let rotation = self.rotation.clone();
         Box::pin(async move {
             let mut first = first;
             loop {
@@ -96,6 +102,9 @@ where
                 if attempt.trace.attempts() > reached_before {
                     break;
                 }
+            }
+            if rotation.count() < 2 {
+                return first.await;
             }
             if !budget.withdraw() {
                 metrics().retry_budget_refusals.inc();
@@ -112,9 +121,16 @@ where
                 let _slow = slow;
                 first.await
             });
+            let trace = attempt.trace.clone();
             let second = Box::pin(spare.oneshot(attempt));
             match future::select(first, second).await {
-                Either::Left((outcome, hedge)) => settle(outcome, hedge, true).await,
+                Either::Left((outcome, hedge)) => {
+                    // A hedge still waiting for the balancer is not sent.
+                    if trace.attempts() < reached_before + 2 && !is_failure(&outcome) {
+                        return outcome;
+                    }
+                    settle(outcome, hedge, true).await
+                }
                 Either::Right((outcome, first)) => {
                     let won = outcome.is_ok();
                     let outcome = settle(outcome, first, false).await;
@@ -128,6 +144,11 @@ where
     }
 }
 
+/// Whether an attempt failed where another backend might have answered.
+fn is_failure(outcome: &Outcome) -> bool {
+    matches!(outcome, Err(error) if is_retryable(error.as_ref()))
+}
+
 /// The call's outcome once one attempt has ended with `outcome`: an answer
 /// stands (the other attempt runs on, unheard); a failure another backend
 /// might not have waits for the other attempt.
@@ -136,7 +157,7 @@ where
     F: Future<Output = Outcome> + Send + 'static,
 {
     match outcome {
-        Err(error) if is_retryable(error.as_ref()) => {
+        failure if is_failure(&failure) => {
             let other_outcome = other.await;
             if other_is_hedge && other_outcome.is_ok() {
                 metrics().hedges_won.inc();
@@ -178,6 +199,8 @@ mod tests {
         script: Arc<Vec<Script>>,
         /// The backend of each attempt.
         backends: Arc<Vec<Arc<BackendState>>>,
+        /// Counts them all in rotation.
+        rotation: Arc<Rotation>,
         started: Arc<AtomicUsize>,
         finished: Arc<Mutex<Vec<usize>>>,
     }
@@ -197,6 +220,7 @@ mod tests {
             Self {
                 script: Arc::new(script),
                 backends: Arc::new(backends),
+                rotation,
                 started: Arc::default(),
                 finished: Arc::default(),
             }
@@ -259,7 +283,7 @@ mod tests {
     }
 
     async fn run(service: &Scripted, budget: Arc<TpsBudget>) -> Outcome {
-        Hedge::new(service.clone(), DELAY, budget)
+        Hedge::new(service.clone(), DELAY, budget, service.rotation.clone())
             .oneshot(attempt())
             .await
     }
@@ -352,6 +376,15 @@ mod tests {
         assert_eq!(service.started.load(Ordering::SeqCst), 1);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn with_one_backend_in_rotation_there_is_nowhere_else_to_go() {
+        let service = Scripted::new(vec![Script::Answer(ms(300)), Script::Answer(ms(1))]);
+        service.backends[1].retire();
+        let outcome = run(&service, budget()).await;
+        assert_eq!(answered_by(&outcome), "backend-0");
+        assert_eq!(service.started.load(Ordering::SeqCst), 1);
+    }
+
     /// A service whose first attempt waits for the balancer (no backend has
     /// it yet) for a while before it reaches one.
     #[derive(Clone)]
@@ -389,7 +422,15 @@ mod tests {
         let service = Queued {
             started: Arc::default(),
         };
-        let outcome = Hedge::new(service.clone(), DELAY, budget())
+        let rotation = Arc::new(Rotation::default());
+        let _two_backends = [(), ()].map(|()| {
+            BackendState::new(
+                "https://in-rotation.test".into(),
+                EjectionPolicy::default(),
+                rotation.clone(),
+            )
+        });
+        let outcome = Hedge::new(service.clone(), DELAY, budget(), rotation)
             .oneshot(attempt())
             .await;
         assert!(outcome.is_ok());

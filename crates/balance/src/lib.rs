@@ -149,9 +149,12 @@ impl Balancer {
         let buffer = Buffer::new(fail_fast, options.queue_capacity);
         let budget = retry::budget(options.min_retries_per_sec, options.retry_ratio);
         let attempts: Stack = match options.hedge_after {
-            Some(delay) => {
-                BoxCloneSyncService::new(hedge::Hedge::new(buffer, delay, budget.clone()))
-            }
+            Some(delay) => BoxCloneSyncService::new(hedge::Hedge::new(
+                buffer,
+                delay,
+                budget.clone(),
+                pool.rotation(),
+            )),
             None => BoxCloneSyncService::new(buffer),
         };
         let retry = Retry::new(
