@@ -81,10 +81,10 @@ where
     }
 
     fn call(&mut self, attempt: Attempt) -> Self::Future {
-        // The service made ready takes the first attempt; a clone waits for
-        // a hedge.
+        // The service made ready takes the first attempt, and a hedge after
+        // it has been made ready again; a clone stays for the next call.
         let spare = self.inner.clone();
-        let mut ready = std::mem::replace(&mut self.inner, spare.clone());
+        let mut ready = std::mem::replace(&mut self.inner, spare);
         let reached_before = attempt.trace.attempts();
         let first = Box::pin(ready.call(attempt.clone()));
         let delay = self.delay;
@@ -122,7 +122,7 @@ where
                 first.await
             });
             let trace = attempt.trace.clone();
-            let second = Box::pin(spare.oneshot(attempt));
+            let second = Box::pin(ready.oneshot(attempt));
             match future::select(first, second).await {
                 Either::Left((outcome, hedge)) => {
                     // A hedge still waiting for the balancer is not sent.
