@@ -158,6 +158,27 @@ impl Mesh {
         common::log(self.work.path(), label)
     }
 
+    /// `label`'s log once it has a line with every one of `needles`. A
+    /// refused handshake is logged by the handshake's own task, possibly
+    /// after the peer has already given up.
+    fn until_logged(&self, label: &str, needles: &[&str]) -> String {
+        let started = Instant::now();
+        loop {
+            let log = self.log(label);
+            if log
+                .lines()
+                .any(|line| needles.iter().all(|needle| line.contains(needle)))
+            {
+                return log;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no line with {needles:?} in {label}'s log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn certs(&self) -> PathBuf {
         self.work.path().join("certs")
     }
@@ -611,17 +632,7 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     let refused = mesh.client(&as_client2);
     assert!(!refused.status.success());
     assert!(text(&refused).contains("UNAVAILABLE"), "{}", text(&refused));
-    // The refused handshake is logged by the coordinator's handshake task,
-    // possibly after the client has already given up.
-    let started = Instant::now();
-    while !mesh.log("coordinator").contains("Revoked") {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{}",
-            mesh.log("coordinator")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    mesh.until_logged("coordinator", &["TLS handshake refused", "Revoked"]);
     assert!(mesh.client(&["--name", "Client1"]).status.success());
     // A server refuses the revoked certificate at the handshake too (before
     // the reload it got as far as PERMISSION_DENIED: it may not call
@@ -654,9 +665,10 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
         "{}",
         text(&refused)
     );
-    assert!(mesh
-        .log(&format!("server-{server_port}"))
-        .contains("Revoked"));
+    mesh.until_logged(
+        &format!("server-{server_port}"),
+        &["TLS handshake refused", "Revoked"],
+    );
 
     // Renewed: new handshakes present the new certificate.
     let cert = mesh.certs().join("coordinator_cert.pem");
@@ -841,14 +853,12 @@ openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
             .unwrap();
         assert!(presented.status.success(), "{}", text(&presented));
     }
-    let coordinator_log = mesh.log("coordinator");
-    assert!(
-        coordinator_log.contains("TLS handshake refused")
-            && coordinator_log.contains("UnknownIssuer"),
-        "{coordinator_log}"
-    );
-    let server_log = mesh.log(&format!("server-{}", mesh.servers[0].0));
-    assert!(server_log.contains("UnknownIssuer"), "{server_log}");
+    for label in [
+        "coordinator".to_owned(),
+        format!("server-{}", mesh.servers[0].0),
+    ] {
+        mesh.until_logged(&label, &["TLS handshake refused", "UnknownIssuer"]);
+    }
     assert!(mesh.client(&["--name", "Client1"]).status.success());
 }
 
