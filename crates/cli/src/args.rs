@@ -617,6 +617,11 @@ pub struct ClientArgs {
     /// Time a call may take, retries included (sent as its deadline).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub timeout: Duration,
+    /// With several targets: a call one target has not answered within
+    /// this long is sent to another too, and the first answer wins (`off`:
+    /// never).
+    #[arg(long, value_name = "DURATION|off", value_parser = hedging_delay, default_value = "250ms")]
+    pub hedge_after: HedgingDelay,
     /// Name shown in output.
     #[arg(long, default_value = "Client1")]
     pub name: String,
@@ -764,6 +769,14 @@ mod tests {
         for refused in ["0s", "0ms", "soon", "-5ms"] {
             assert!(delay(&["--hedge-after", refused]).is_err(), "{refused}");
         }
+        let client = Cli::try_parse_from(["securemesh", "client"]).map(|cli| cli.command);
+        assert!(matches!(
+            client,
+            Ok(Command::Client(ClientArgs {
+                hedge_after: HedgingDelay(Some(delay)),
+                ..
+            })) if delay == Duration::from_millis(250)
+        ));
     }
 
     #[test]

@@ -361,12 +361,21 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         (_, _, Some(token)) => Some(securemesh_credentials::bearer_header(token)),
         _ => None,
     };
+    let balance = BalanceOptions {
+        hedge_after: args.hedge_after.0,
+        ..BalanceOptions::default()
+    };
     let clients = (0..args.connections)
         .map(|_| {
-            Ok(
-                Client::new(&args.targets, tls.clone(), keys.clone(), args.timeout)?
-                    .with_authorization(authorization.clone()),
-            )
+            Ok(Client::with_balance(
+                &args.targets,
+                tls.clone(),
+                keys.clone(),
+                args.timeout,
+                balance.clone(),
+                true,
+            )?
+            .with_authorization(authorization.clone()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let client = &clients[0];

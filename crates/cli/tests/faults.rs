@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{assert_clean, under_load, Cluster};
 use nix::sys::signal::Signal;
+use securemesh_client::BalanceOptions;
 
 /// The coordinator's per-try timeout (its default).
 const PER_TRY: Duration = Duration::from_secs(1);
@@ -215,6 +216,40 @@ async fn case_6_a_coordinator_killed_mid_run_costs_nothing() {
     .await;
     report.print("case 6, SIGKILL of one of two coordinators");
     assert_clean(&report, REQUESTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_8_a_hung_coordinator_costs_the_clients_hedging_delay() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start(2, 2).await;
+    // As `securemesh client` does by default with several targets.
+    let client = cluster.client_with(
+        &cluster.coordinator_urls(),
+        BalanceOptions {
+            hedge_after: Some(Duration::from_millis(250)),
+            ..BalanceOptions::default()
+        },
+    );
+    let report = under_load(&client, REQUESTS, |progress| {
+        let coordinator = &cluster.coordinators[0];
+        async move {
+            progress.reached(REQUESTS / 4).await;
+            coordinator.signal(Signal::SIGSTOP);
+            tokio::time::sleep(PER_TRY * 3).await;
+            coordinator.signal(Signal::SIGCONT);
+        }
+    })
+    .await;
+    report.print("case 8, SIGSTOP of one of two coordinators for 3 s");
+    assert_clean(&report, REQUESTS);
+    // Without hedging, the calls on the stopped coordinator wait for it to
+    // go on (3 s here) or for keepalive to give its connection up.
+    let slowest = Duration::from_secs(1);
+    assert!(
+        report.slowest <= slowest,
+        "slowest call {:?} exceeds {slowest:?}",
+        report.slowest
+    );
 }
 
 /// Drops every packet to a port while it lives.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use securemesh_client::Client;
+use securemesh_client::{BalanceOptions, Client};
 use securemesh_crypto::KeyRing;
 use securemesh_tls::{ClientTls, TlsFiles};
 use tempfile::TempDir;
@@ -197,11 +197,18 @@ impl Cluster {
     }
 
     pub fn client(&self, targets: &[String]) -> Client {
-        Client::new(
+        self.client_with(targets, BalanceOptions::default())
+    }
+
+    /// A client of `targets` with its own balancing options.
+    pub fn client_with(&self, targets: &[String], balance: BalanceOptions) -> Client {
+        Client::with_balance(
             targets,
             self.tls.clone(),
             self.keys.clone(),
             Duration::from_secs(10),
+            balance,
+            true,
         )
         .unwrap()
     }
