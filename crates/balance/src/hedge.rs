@@ -17,10 +17,12 @@
 //! - the first success wins, and so does an answer of the application
 //!   (such as `INVALID_ARGUMENT`); a failure that another backend might not
 //!   have (`UNAVAILABLE`, a reset, a timeout) waits for the other attempt;
-//! - the attempt that lost is not cancelled: it runs on in its own task
+//! - a slow attempt that lost is not cancelled: it runs on in its own task
 //!   until it answers or its per-try timeout ends it, so that a hung
-//!   backend keeps counting it in flight (the balancer keeps away from it)
-//!   and its timeout still ejects the backend. Its answer is dropped.
+//!   backend stays the balancer's last choice meanwhile and its timeout
+//!   still ejects it. Its answer is dropped. A hedge that lost is
+//!   cancelled (its backend was not the slow one), as gRPC cancels the
+//!   attempts it does not commit to.
 //!
 //! `DataService.Submit` may be sent twice: a server only decrypts the token
 //! and answers its digest.
@@ -121,22 +123,26 @@ where
                 let _slow = slow;
                 first.await
             });
-            let trace = attempt.trace.clone();
             let second = Box::pin(ready.oneshot(attempt));
             match future::select(first, second).await {
-                Either::Left((outcome, hedge)) => {
-                    // A hedge still waiting for the balancer is not sent.
-                    if trace.attempts() < reached_before + 2 && !is_failure(&outcome) {
-                        return outcome;
-                    }
-                    settle(outcome, hedge, true).await
-                }
-                Either::Right((outcome, first)) => {
-                    let won = outcome.is_ok();
-                    let outcome = settle(outcome, first, false).await;
-                    if won {
+                // A failure another backend might not have waits for the
+                // other attempt; an answer stands.
+                Either::Left((outcome, hedge)) if is_failure(&outcome) => {
+                    let outcome = hedge.await;
+                    if outcome.is_ok() {
                         metrics().hedges_won.inc();
                     }
+                    outcome
+                }
+                // The hedge is cancelled (its backend was never the slow one).
+                Either::Left((outcome, _hedge)) => outcome,
+                Either::Right((outcome, first)) if is_failure(&outcome) => first.await,
+                // The slow attempt runs on, unheard (see the module docs).
+                Either::Right((outcome, first)) => {
+                    if outcome.is_ok() {
+                        metrics().hedges_won.inc();
+                    }
+                    tokio::spawn(first);
                     outcome
                 }
             }
@@ -147,28 +153,6 @@ where
 /// Whether an attempt failed where another backend might have answered.
 fn is_failure(outcome: &Outcome) -> bool {
     matches!(outcome, Err(error) if is_retryable(error.as_ref()))
-}
-
-/// The call's outcome once one attempt has ended with `outcome`: an answer
-/// stands (the other attempt runs on, unheard); a failure another backend
-/// might not have waits for the other attempt.
-async fn settle<F>(outcome: Outcome, other: F, other_is_hedge: bool) -> Outcome
-where
-    F: Future<Output = Outcome> + Send + 'static,
-{
-    match outcome {
-        failure if is_failure(&failure) => {
-            let other_outcome = other.await;
-            if other_is_hedge && other_outcome.is_ok() {
-                metrics().hedges_won.inc();
-            }
-            other_outcome
-        }
-        answer => {
-            tokio::spawn(other);
-            answer
-        }
-    }
 }
 
 #[cfg(test)]
@@ -324,6 +308,9 @@ mod tests {
         let outcome = run(&service, budget()).await;
         assert_eq!(answered_by(&outcome), "backend-0");
         assert_eq!(service.started.load(Ordering::SeqCst), 2);
+        // The hedge was cancelled: it never ran to its end.
+        tokio::time::sleep(ms(1_000)).await;
+        assert_eq!(*service.finished.lock().unwrap(), vec![0]);
     }
 
     #[tokio::test(start_paused = true)]
