@@ -139,8 +139,11 @@ impl BackendState {
     /// call meanwhile) goes to a backend without one whenever p2c sees one.
     pub fn load(&self) -> u64 {
         const SLOW_WEIGHT: u64 = 1 << 32;
-        self.in_flight()
-            .saturating_add(self.slow_attempts.load(Ordering::Relaxed) * SLOW_WEIGHT)
+        self.in_flight().saturating_add(
+            self.slow_attempts
+                .load(Ordering::Relaxed)
+                .saturating_mul(SLOW_WEIGHT),
+        )
     }
 
     /// Marks an attempt in flight here as slow until the mark is dropped.

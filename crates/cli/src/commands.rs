@@ -243,6 +243,17 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         base_time: args.ejection_time,
         max_time: args.max_ejection_time,
     };
+    if let Some(delay) = args
+        .hedge_after
+        .0
+        .filter(|delay| *delay >= args.attempt_timeout)
+    {
+        tracing::warn!(
+            hedge_after_ms = delay.as_millis() as u64,
+            attempt_timeout_ms = args.attempt_timeout.as_millis() as u64,
+            "--hedge-after is not shorter than --attempt-timeout: a slow attempt times out before it is hedged"
+        );
+    }
     let coordinator = Coordinator::new(
         backends,
         BalanceOptions {
