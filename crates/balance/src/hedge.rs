@@ -161,10 +161,10 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
-    use securemesh::v1::SubmitRequest;
     use tonic::Status;
 
     use crate::backend::{BackendState, Rotation};
+    use crate::testing::attempt;
     use crate::EjectionPolicy;
 
     /// How each attempt of a scripted service behaves, in call order.
@@ -174,6 +174,9 @@ mod tests {
         Answer(Duration),
         /// Fails after this long with this status.
         Fail(Duration, tonic::Code),
+        /// Waits this long for the balancer before it reaches its backend,
+        /// then answers after the second duration.
+        Queued(Duration, Duration),
     }
 
     /// A service whose attempts follow a script, recording which were
@@ -224,9 +227,21 @@ mod tests {
             let index = self.started.fetch_add(1, Ordering::SeqCst);
             let step = self.script[index];
             let finished = self.finished.clone();
-            attempt.trace.attempted(&self.backends[index]);
+            let backend = self.backends[index].clone();
+            if !matches!(step, Script::Queued(..)) {
+                attempt.trace.attempted(&backend);
+            }
             Box::pin(async move {
                 let outcome = match step {
+                    Script::Queued(queued, after) => {
+                        tokio::time::sleep(queued).await;
+                        attempt.trace.attempted(&backend);
+                        tokio::time::sleep(after).await;
+                        Ok(SubmitReply {
+                            server_id: format!("backend-{index}"),
+                            ..SubmitReply::default()
+                        })
+                    }
                     Script::Answer(after) => {
                         tokio::time::sleep(after).await;
                         Ok(SubmitReply {
@@ -242,17 +257,6 @@ mod tests {
                 finished.lock().unwrap().push(index);
                 outcome
             })
-        }
-    }
-
-    fn attempt() -> Attempt {
-        Attempt {
-            message: SubmitRequest::default(),
-            deadline: None,
-            caller: None,
-            authorization: None,
-            request_id: None,
-            trace: Default::default(),
         }
     }
 
@@ -372,55 +376,11 @@ mod tests {
         assert_eq!(service.started.load(Ordering::SeqCst), 1);
     }
 
-    /// A service whose first attempt waits for the balancer (no backend has
-    /// it yet) for a while before it reaches one.
-    #[derive(Clone)]
-    struct Queued {
-        started: Arc<AtomicUsize>,
-    }
-
-    impl Service<Attempt> for Queued {
-        type Response = SubmitReply;
-        type Error = BoxError;
-        type Future = Pin<Box<dyn Future<Output = Outcome> + Send>>;
-
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, attempt: Attempt) -> Self::Future {
-            self.started.fetch_add(1, Ordering::SeqCst);
-            let backend = BackendState::new(
-                "https://queued.test".into(),
-                EjectionPolicy::default(),
-                Arc::default(),
-            );
-            Box::pin(async move {
-                tokio::time::sleep(ms(120)).await;
-                attempt.trace.attempted(&backend);
-                tokio::time::sleep(ms(20)).await;
-                Ok(SubmitReply::default())
-            })
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn time_spent_waiting_for_the_balancer_does_not_count() {
-        let service = Queued {
-            started: Arc::default(),
-        };
-        let rotation = Arc::new(Rotation::default());
-        let _two_backends = [(), ()].map(|()| {
-            BackendState::new(
-                "https://in-rotation.test".into(),
-                EjectionPolicy::default(),
-                rotation.clone(),
-            )
-        });
-        let outcome = Hedge::new(service.clone(), DELAY, budget(), rotation)
-            .oneshot(attempt())
-            .await;
-        assert!(outcome.is_ok());
+        let service = Scripted::new(vec![Script::Queued(ms(120), ms(20)), Script::Answer(ms(1))]);
+        let outcome = run(&service, budget()).await;
+        assert_eq!(answered_by(&outcome), "backend-0");
         assert_eq!(service.started.load(Ordering::SeqCst), 1);
     }
 }

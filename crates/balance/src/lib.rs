@@ -218,6 +218,18 @@ fn into_status(error: BoxError, reached_endpoints: bool) -> Status {
 /// What the unit tests of several modules share.
 #[cfg(test)]
 pub(crate) mod testing {
+    /// An attempt of an empty message, without deadline or metadata.
+    pub(crate) fn attempt() -> super::Attempt {
+        super::Attempt {
+            message: securemesh::v1::SubmitRequest::default(),
+            deadline: None,
+            caller: None,
+            authorization: None,
+            request_id: None,
+            trace: Default::default(),
+        }
+    }
+
     /// A fresh PKI in a temporary directory (kept alive by the returned
     /// handle) and the coordinator's client TLS from it.
     pub(crate) fn coordinator_tls() -> (tempfile::TempDir, securemesh_tls::ClientTls) {

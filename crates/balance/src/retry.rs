@@ -106,19 +106,8 @@ pub fn is_retryable(error: &(dyn std::error::Error + Send + Sync + 'static)) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use securemesh::v1::SubmitRequest;
+    use crate::testing::attempt;
     use tower::retry::Policy as _;
-
-    fn attempt() -> Attempt {
-        Attempt {
-            message: SubmitRequest::default(),
-            deadline: None,
-            caller: None,
-            authorization: None,
-            request_id: None,
-            trace: Default::default(),
-        }
-    }
 
     fn failed(status: tonic::Status) -> Result<SubmitReply, BoxError> {
         Err(Box::new(status))
