@@ -27,7 +27,7 @@ fn the_quick_benchmark_measures_every_route_and_writes_its_report() {
     for target in [
         "coordinator / direct throughput, concurrency 32: ",
         "coordinator / nginx p99, concurrency 32: ",
-        "coordinator failed calls through a SIGKILL: ",
+        "coordinator failed calls through a SIGKILL (all runs): ",
         "coordinator added p50 at concurrency 1: ",
         "coordinator RSS idle: ",
         "Fernet decrypt, ours / Python cryptography (slowest size): ",
@@ -65,6 +65,11 @@ fn the_quick_benchmark_measures_every_route_and_writes_its_report() {
         if timeline["route"] == "Coordinator" {
             assert_eq!(timeline["summary"]["failed"], 0, "{timeline}");
         }
+        assert_eq!(
+            timeline["runs"].as_array().unwrap().len(),
+            1,
+            "a quick run makes each fault once: {timeline}"
+        );
     }
 
     let report = std::fs::read_to_string(work.path().join("BENCHMARKS.md")).unwrap();
