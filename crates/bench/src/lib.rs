@@ -211,6 +211,9 @@ pub enum Fault {
     Kill,
     /// The server is stopped (and continued after the run).
     Stop,
+    /// Nothing happens: a control run, to see what "back to 90%" reads
+    /// from the machine's own noise.
+    Nothing,
 }
 
 impl Fault {
@@ -219,6 +222,7 @@ impl Fault {
         match self {
             Fault::Kill => "SIGKILL",
             Fault::Stop => "SIGSTOP",
+            Fault::Nothing => "none (control)",
         }
     }
 }
@@ -518,13 +522,13 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
     }
 
     let mut timelines = Vec::new();
-    for fault in [Fault::Kill, Fault::Stop] {
+    for fault in [Fault::Kill, Fault::Stop, Fault::Nothing] {
         for route in [Route::Coordinator, Route::Nginx] {
             let repeats = options.fault_repeats.max(1);
             let mut runs = Vec::with_capacity(repeats);
             for run in 1..=repeats {
                 eprintln!(
-                    "bench: {} of a server through {} (run {run} of {repeats})",
+                    "bench: failover timeline, fault {}, through {} (run {run} of {repeats})",
                     fault.name(),
                     route.name()
                 );
@@ -613,6 +617,7 @@ async fn failover(
     match fault {
         Fault::Kill => lab.servers[victim].1.kill(),
         Fault::Stop => lab.servers[victim].1.signal(Signal::SIGSTOP),
+        Fault::Nothing => {}
     }
     let mut summary = running
         .await
@@ -624,11 +629,14 @@ async fn failover(
     match fault {
         Fault::Kill => lab.servers[victim].1.restart()?,
         Fault::Stop => lab.servers[victim].1.signal(Signal::SIGCONT),
+        Fault::Nothing => {}
     }
-    lab.server_ready(victim).await?;
-    // Both proxies take a failed server back within about a second
-    // (health checks; nginx's fail_timeout).
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    if fault != Fault::Nothing {
+        lab.server_ready(victim).await?;
+        // Both proxies take a failed server back within about a second
+        // (health checks; nginx's fail_timeout).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
     Ok(Timeline {
         route,
         fault,

@@ -134,6 +134,14 @@ pub fn ratios(results: &Results) -> Vec<Ratio> {
             |value| value <= 100.0,
         ),
         ratio(
+            "for comparison, coordinator \"back to 90%\" without a fault (median control run)",
+            timeline(Route::Coordinator, Fault::Nothing)
+                .and_then(crate::Timeline::median_recovery_ms),
+            "ms",
+            "-",
+            |_| true,
+        ),
+        ratio(
             "coordinator added p50 at concurrency 1",
             added(Route::Coordinator),
             "us",
@@ -357,7 +365,9 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
          way in, one of the two servers is SIGKILLed, or SIGSTOPped (continued after the \
          run). Each fault ran {} time(s) through each proxy; the picture and the table \
          show the run with the median recovery, and the table lists every run's failed \
-         calls and recovery. Throughput and p99 per 100 ms:\n",
+         calls and recovery. The control runs (\"none\") inject nothing: what they read as \
+         \"back to 90%\" is the machine's own bucket-to-bucket noise. Throughput and p99 \
+         per 100 ms:\n",
         results.fault_repeats
     );
     let _ = writeln!(md, "![failover timelines]({})\n", provenance.picture);

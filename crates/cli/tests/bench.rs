@@ -56,7 +56,11 @@ fn the_quick_benchmark_measures_every_route_and_writes_its_report() {
         assert_eq!(proxy["connections"], 50);
     }
     let timelines = results["timelines"].as_array().unwrap();
-    assert_eq!(timelines.len(), 4, "SIGKILL and SIGSTOP through each proxy");
+    assert_eq!(
+        timelines.len(),
+        6,
+        "SIGKILL, SIGSTOP and a control run through each proxy"
+    );
     for timeline in timelines {
         assert!(
             timeline["summary"]["timeline"].as_array().unwrap().len() >= 10,
