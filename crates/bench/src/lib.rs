@@ -13,7 +13,9 @@
 //!    from when each call was due;
 //! 5. each proxy's memory while it holds many client TLS connections;
 //! 6. failover timelines: steady load while one server is SIGKILLed, and
-//!    separately SIGSTOPped, through each proxy.
+//!    separately SIGSTOPped, through each proxy, each fault three times;
+//!    and as often without a fault, as a control of what the machine's
+//!    own noise reads as a recovery.
 //!
 //! [`report`] turns the results into the Markdown report, the ratio lines
 //! and the picture.
@@ -98,7 +100,7 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
-    /// The full benchmark (about four minutes).
+    /// The full benchmark (about four and a half minutes).
     pub fn full(binary: PathBuf, dir: PathBuf) -> Self {
         Self {
             binary,
