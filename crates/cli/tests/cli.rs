@@ -165,10 +165,7 @@ impl Mesh {
         let started = Instant::now();
         loop {
             let log = self.log(label);
-            if log
-                .lines()
-                .any(|line| needles.iter().all(|needle| line.contains(needle)))
-            {
+            if common::has_line_with(&log, needles) {
                 return log;
             }
             assert!(
@@ -732,9 +729,7 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     assert!(!refused.status.success(), "{}", text(&refused));
     let coordinator_log = mesh.log("coordinator");
     assert!(
-        coordinator_log
-            .lines()
-            .any(|line| line.contains("Server https://127.0.0.1:") && line.contains("Revoked")),
+        common::has_line_with(&coordinator_log, &["Server https://127.0.0.1:", "Revoked"]),
         "{coordinator_log}"
     );
     let renewed = securemesh(&["pki", "renew", "server"], work);

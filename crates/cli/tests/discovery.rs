@@ -77,10 +77,7 @@ async fn until_logged(
     let started = Instant::now();
     loop {
         let log = cluster.log(label);
-        if log
-            .lines()
-            .any(|line| needles.iter().all(|needle| line.contains(needle)))
-        {
+        if common::has_line_with(&log, needles) {
             return started.elapsed();
         }
         assert!(

@@ -43,6 +43,12 @@ pub fn log(dir: &Path, label: &str) -> String {
     std::fs::read_to_string(dir.join(format!("{label}.log"))).unwrap_or_default()
 }
 
+/// Whether one line of `log` holds every one of `needles`.
+pub fn has_line_with(log: &str, needles: &[&str]) -> bool {
+    log.lines()
+        .any(|line| needles.iter().all(|needle| line.contains(needle)))
+}
+
 /// Standard output then standard error, as text.
 pub fn text(output: &Output) -> String {
     format!(
