@@ -30,10 +30,22 @@ use crate::Attempt;
 /// How many backends of a pool are in rotation, shared by its backends so
 /// that passive ejection never takes out the last one. Transitions lock it
 /// first, then the backend's verdicts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Rotation {
     in_rotation: Mutex<usize>,
     emptied: AtomicWaker,
+    /// Whether any backend is in rotation, for whoever follows that.
+    serving: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self {
+            in_rotation: Mutex::new(0),
+            emptied: AtomicWaker::new(),
+            serving: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl Rotation {
@@ -47,10 +59,24 @@ impl Rotation {
         self.emptied.register(waker);
     }
 
+    /// Follows whether any backend is in rotation: `true` from the first
+    /// one in, `false` once the last one has left.
+    pub fn serving(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.serving.subscribe()
+    }
+
+    fn enter(&self, count: &mut usize) {
+        *count += 1;
+        self.serving
+            .send_if_modified(|serving| !std::mem::replace(serving, true));
+    }
+
     fn leave(&self, count: &mut usize) {
         *count = count.saturating_sub(1);
         if *count == 0 {
             self.emptied.wake();
+            self.serving
+                .send_if_modified(|serving| std::mem::replace(serving, false));
         }
     }
 }
@@ -88,7 +114,7 @@ pub struct BackendState {
 
 impl BackendState {
     pub(crate) fn new(url: String, policy: EjectionPolicy, rotation: Arc<Rotation>) -> Arc<Self> {
-        *lock(&rotation.in_rotation) += 1;
+        rotation.enter(&mut lock(&rotation.in_rotation));
         let series = metrics().track_backend(&url);
         Arc::new(Self {
             series,
@@ -263,7 +289,7 @@ impl BackendState {
             verdicts.returned(now);
             self.consecutive_failures.store(0, Ordering::Relaxed);
             self.in_rotation.store(true, Ordering::Release);
-            *count += 1;
+            self.rotation.enter(&mut count);
             tracing::info!(backend = %self.url, "Server {} is back in rotation", self.url);
             self.waker.wake();
             drop(verdicts);
@@ -478,6 +504,28 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_serving_signal_follows_the_first_backend_in_and_the_last_out() {
+        let rotation = Arc::new(Rotation::default());
+        let mut serving = rotation.serving();
+        assert!(!*serving.borrow_and_update());
+        let backend = |port: u16| {
+            BackendState::new(
+                format!("https://127.0.0.1:{port}"),
+                EjectionPolicy::default(),
+                rotation.clone(),
+            )
+        };
+        let first = backend(2);
+        assert!(serving.has_changed().unwrap() && *serving.borrow_and_update());
+        let second = backend(3);
+        assert!(!serving.has_changed().unwrap(), "still serving: no news");
+        first.retire();
+        assert!(!serving.has_changed().unwrap(), "one backend is left");
+        second.retire();
+        assert!(serving.has_changed().unwrap() && !*serving.borrow_and_update());
+    }
 
     #[test]
     fn a_retired_backend_is_never_counted_again() {

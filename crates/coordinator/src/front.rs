@@ -88,15 +88,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let serving = coordinator.pool().in_rotation() > 0;
+    let mut serving = coordinator.pool().rotation().serving();
+    let serving_now = *serving.borrow_and_update();
     health
-        .set_service_status(DATA_SERVICE_NAME, serving_status(serving))
+        .set_service_status(DATA_SERVICE_NAME, serving_status(serving_now))
         .await;
-    let following = tokio::spawn(follow_rotation(
-        health.clone(),
-        coordinator.pool().clone(),
-        serving,
-    ));
+    let following = tokio::spawn(follow_rotation(health.clone(), serving));
     let mut routes = RoutesBuilder::default();
     routes.add_service(health_service);
     securemesh::add_reflection(&mut routes)?;
@@ -163,9 +160,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// How often the health status is brought in line with the rotation.
-const ROTATION_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
-
 /// Reports the DataService `SERVING` while at least one backend is in
 /// rotation and `NOT_SERVING` while none is, so that a client balancing
 /// over several coordinators moves away from one that cannot serve. (The
@@ -173,26 +167,18 @@ const ROTATION_CHECK: std::time::Duration = std::time::Duration::from_millis(100
 /// itself is fine.)
 async fn follow_rotation(
     health: tonic_health::server::HealthReporter,
-    pool: Arc<securemesh_balance::BackendPool>,
-    mut reported: bool,
+    mut serving: watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(ROTATION_CHECK);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let serving = pool.in_rotation() > 0;
-        if serving == reported {
-            continue;
-        }
-        if serving {
+    while serving.changed().await.is_ok() {
+        let now = *serving.borrow_and_update();
+        if now {
             tracing::info!("a backend is in rotation again: reporting SERVING");
         } else {
             tracing::warn!("no backend in rotation: reporting NOT_SERVING");
         }
         health
-            .set_service_status(DATA_SERVICE_NAME, serving_status(serving))
+            .set_service_status(DATA_SERVICE_NAME, serving_status(now))
             .await;
-        reported = serving;
     }
 }
 
