@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use securemesh_tls::CALLER_HEADER;
 use crate::channel::Http2Channel;
 use crate::outlier::{EjectionPolicy, Verdicts};
 
-use crate::Attempt;
+use crate::{lock, Attempt};
 
 /// How many backends of a pool are in rotation, shared by its backends so
 /// that passive ejection never takes out the last one. Transitions lock it
@@ -79,10 +79,6 @@ impl Rotation {
                 .send_if_modified(|serving| std::mem::replace(serving, false));
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 /// Rotation state of one backend, shared by its service, its prober and

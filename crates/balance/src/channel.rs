@@ -30,6 +30,8 @@ use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use prost::Message;
 use rustls::pki_types::ServerName;
 use securemesh::frame::{self, Gathered};
+
+use crate::lock;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::{Code, Status};
@@ -210,10 +212,7 @@ impl Inner {
             return Ok(sender);
         }
         let attempt = {
-            let mut connecting = self
-                .connecting
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner());
+            let mut connecting = lock(&self.connecting);
             if let Some(sender) = self.open() {
                 return Ok(sender);
             }
@@ -247,7 +246,7 @@ impl Inner {
                     .generations
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                     + 1;
-                *self.lock() = Some((generation, sender.clone()));
+                *self.current() = Some((generation, sender.clone()));
                 tokio::spawn(drive(driver, Arc::downgrade(&self), generation));
                 Ok(sender)
             }
@@ -257,10 +256,7 @@ impl Inner {
                 self.options.connect_timeout.as_millis()
             )),
         };
-        *self
-            .connecting
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner()) = None;
+        *lock(&self.connecting) = None;
         outcome
     }
 
@@ -268,11 +264,11 @@ impl Inner {
     /// closed is forgotten by its driver, or by the first call that finds
     /// it closed.)
     fn open(&self) -> Option<SendRequest<Bytes>> {
-        self.lock().as_ref().map(|(_, sender)| sender.clone())
+        self.current().as_ref().map(|(_, sender)| sender.clone())
     }
 
     fn forget_if_closed(&self) {
-        let mut current = self.lock();
+        let mut current = self.current();
         let closed = current.as_mut().is_some_and(|(_, sender)| {
             let waker = futures_util::task::noop_waker();
             let mut context = std::task::Context::from_waker(&waker);
@@ -287,7 +283,7 @@ impl Inner {
     }
 
     fn forget(&self, generation: u64) {
-        let mut current = self.lock();
+        let mut current = self.current();
         if current
             .as_ref()
             .is_some_and(|(open, _)| *open == generation)
@@ -296,10 +292,8 @@ impl Inner {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, SendRequest<Bytes>)>> {
-        self.current
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+    fn current(&self) -> std::sync::MutexGuard<'_, Option<(u64, SendRequest<Bytes>)>> {
+        lock(&self.current)
     }
 
     async fn connect(&self) -> Result<(SendRequest<Bytes>, Driver), TransportError> {

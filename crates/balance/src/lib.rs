@@ -84,19 +84,13 @@ impl CallTrace {
 
     /// The backend of the last attempt.
     pub(crate) fn last_backend(&self) -> Option<Arc<backend::BackendState>> {
-        self.last_backend
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .clone()
+        lock(&self.last_backend).clone()
     }
 
     pub(crate) fn attempted(&self, backend: &Arc<backend::BackendState>) {
         self.attempts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        *self
-            .last_backend
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner()) = Some(backend.clone());
+        *lock(&self.last_backend) = Some(backend.clone());
     }
 }
 
@@ -213,6 +207,12 @@ fn into_status(error: BoxError, reached_endpoints: bool) -> Status {
     } else {
         status
     }
+}
+
+/// Locks `mutex`; one poisoned by a panic while it was held is used as it
+/// is, as every lock of this crate always did.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 /// What the unit tests of several modules share.

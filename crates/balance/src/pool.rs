@@ -20,6 +20,7 @@ use tower::discover::Change;
 
 use crate::backend::{Backend, BackendState, Rotation};
 use crate::channel::{ChannelError, ChannelOptions, Http2Channel};
+use crate::lock;
 use crate::outlier::EjectionPolicy;
 
 /// A backend as the balancer holds it: its service, weighed by its
@@ -156,11 +157,7 @@ impl BackendPool {
 
     /// A backend for `url`, published to the balancer, with its prober.
     fn connect(&self, url: &str) -> Result<Member, PoolError> {
-        let tls = self
-            .tls
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .rustls_config();
+        let tls = lock(&self.tls).rustls_config();
         let channel = Http2Channel::new(
             url,
             tls,
@@ -220,7 +217,7 @@ impl BackendPool {
     /// each backend is replaced in the balancer by a fresh one; calls in
     /// flight finish on the old connections.
     pub fn replace_tls(&self, tls: ClientTls) -> Result<(), PoolError> {
-        *self.tls.lock().unwrap_or_else(|poison| poison.into_inner()) = tls;
+        *lock(&self.tls) = tls;
         let mut members = self.members();
         let urls: Vec<String> = members.keys().cloned().collect();
         for url in urls {
@@ -263,9 +260,7 @@ impl BackendPool {
     }
 
     fn members(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Member>> {
-        self.members
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        lock(&self.members)
     }
 }
 
