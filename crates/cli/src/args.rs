@@ -654,6 +654,10 @@ pub struct ClientArgs {
     /// are not hidden (coordinated omission).
     #[arg(long, value_parser = positive_rate)]
     pub rate: Option<f64>,
+    /// Load mode: also count answers per time bucket of this width (e.g.
+    /// 100ms), to watch a failover; printed as `timeline` with --json.
+    #[arg(long, value_parser = positive_duration)]
+    pub timeline: Option<Duration>,
     /// Print the load summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -725,6 +729,15 @@ fn hedging_delay(text: &str) -> Result<HedgingDelay, String> {
     }
 }
 
+/// A duration above zero (e.g. `100ms`).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        Ok(_) => Err("must be more than zero".to_owned()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
 /// A rate of submissions a second: a finite number above zero.
 fn positive_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -747,6 +760,28 @@ mod tests {
         assert_eq!(cli.threads, Some(3));
         assert!(Cli::try_parse_from(["securemesh", "--threads", "0", "status"]).is_err());
         <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn the_timeline_bucket_is_a_duration_above_zero() {
+        let timeline = |value: &str| {
+            let argv = [
+                "securemesh",
+                "client",
+                "--duration",
+                "1s",
+                "--timeline",
+                value,
+            ];
+            match Cli::try_parse_from(argv).map(|cli| cli.command) {
+                Ok(Command::Client(args)) => Ok(args.timeline),
+                Ok(_) => unreachable!("parsed another command"),
+                Err(error) => Err(error.to_string()),
+            }
+        };
+        assert_eq!(timeline("100ms"), Ok(Some(Duration::from_millis(100))));
+        assert!(timeline("0s").is_err_and(|error| error.contains("more than zero")));
+        assert!(timeline("soon").is_err());
     }
 
     #[test]

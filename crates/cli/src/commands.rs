@@ -422,7 +422,7 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         concurrency: args.concurrency,
         duration: args.duration,
         rate: args.rate,
-        timeline: None,
+        timeline: args.timeline,
         message,
         progress: args.requests.is_some() && !args.json && std::io::stderr().is_terminal(),
     };

@@ -314,7 +314,15 @@ fn separate_processes_serve_fail_over_and_stop_cleanly() {
     ]);
     assert!(two.status.success(), "{}", text(&two));
 
-    let load = mesh.client(&["--requests", "200", "--concurrency", "8", "--json"]);
+    let load = mesh.client(&[
+        "--requests",
+        "200",
+        "--concurrency",
+        "8",
+        "--timeline",
+        "50ms",
+        "--json",
+    ]);
     assert!(load.status.success(), "{}", text(&load));
     let summary: serde_json::Value = serde_json::from_slice(&load.stdout).unwrap();
     for key in [
@@ -336,6 +344,13 @@ fn separate_processes_serve_fail_over_and_stop_cleanly() {
     assert_eq!(summary["failed"], 0);
     let servers = summary["servers"].as_object().unwrap();
     assert_eq!(servers.len(), 2, "{summary}");
+    let answered_per_bucket: u64 = summary["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|bucket| bucket["ok"].as_u64().unwrap() + bucket["failed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(answered_per_bucket, 200, "{summary}");
 
     let server_logs = format!(
         "{}{}",

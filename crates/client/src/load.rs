@@ -457,6 +457,16 @@ impl fmt::Display for LoadSummary {
         for (kind, count) in &self.errors {
             writeln!(f, "error {kind}: {count}")?;
         }
+        if !self.timeline.is_empty() {
+            write!(f, "answered per bucket (failed in parentheses):")?;
+            for bucket in &self.timeline {
+                write!(f, " {}", bucket.ok + bucket.failed)?;
+                if bucket.failed > 0 {
+                    write!(f, "({})", bucket.failed)?;
+                }
+            }
+            writeln!(f)?;
+        }
         Ok(())
     }
 }
