@@ -367,7 +367,9 @@ pub struct ServerArgs {
     /// Full listen address; overrides PORT.
     #[arg(long, env = "SECUREMESH_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Name reported in replies [default: the listen address].
+    /// Name reported in replies and registered in etcd; two servers on
+    /// one prefix need two names [default: the host:port of --advertise,
+    /// else the listen address].
     #[arg(long, env = "SECUREMESH_SERVER_ID")]
     pub server_id: Option<String>,
     /// Fernet key file [default: <certs>/encryption_key.txt].

@@ -149,7 +149,12 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
     let address = listener.local_addr()?;
-    let server_id = args.server_id.unwrap_or_else(|| address.to_string());
+    let server_id = args.server_id.clone().unwrap_or_else(|| {
+        args.advertise
+            .as_deref()
+            .and_then(authority_of)
+            .unwrap_or_else(|| address.to_string())
+    });
     tracing::info!(%address, %server_id, "Server listening on {address} (mutual TLS)");
     let registration = match &args.register {
         Some(etcd) => {
@@ -442,6 +447,15 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The `host:port` of a URL such as `https://10.0.0.5:5001/`: the one
+/// name of a server that is unique across hosts (a listen address such as
+/// `0.0.0.0:5001` is the same on every host).
+fn authority_of(url: &str) -> Option<String> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    (!authority.is_empty()).then(|| authority.to_owned())
+}
+
 fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
     let keys = KeyRing::from_file(&key_file(&args.encryption_key, &args.certs))?;
     let token = keys.encrypt(args.message.as_bytes());
@@ -613,4 +627,27 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
     }
     println!("wrote {} and {}", args.out.display(), picture.display());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_servers_default_name_is_the_host_and_port_it_advertises() {
+        assert_eq!(
+            authority_of("https://10.0.0.5:5001").as_deref(),
+            Some("10.0.0.5:5001")
+        );
+        assert_eq!(
+            authority_of("https://data-1.example:5001/").as_deref(),
+            Some("data-1.example:5001")
+        );
+        assert_eq!(
+            authority_of("https://[::1]:5001?x").as_deref(),
+            Some("[::1]:5001")
+        );
+        assert_eq!(authority_of("https:///path"), None);
+        assert_eq!(authority_of("10.0.0.5:5001"), None);
+    }
 }

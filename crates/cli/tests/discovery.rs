@@ -389,3 +389,128 @@ async fn case_6_etcd_over_mutual_tls_with_the_projects_certificates() {
     assert!(log.contains("lost etcd"), "{log}");
     assert!(!log.contains("backend registered in etcd"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_7_one_server_id_is_held_by_one_live_server_at_a_time() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let etcd = Etcd::launch(cluster.work.path(), None);
+    let same_id = ["--server-id", "data-1"];
+    let first = cluster.add_server(&register_args(&etcd, &same_id));
+    cluster.start_server(first).await;
+    until_logged(
+        &cluster,
+        "server-1",
+        &["registered in etcd key="],
+        Duration::from_secs(5),
+    )
+    .await;
+    let second = cluster.add_server(&register_args(&etcd, &same_id));
+    cluster.start_server(second).await;
+    let (first_url, second_url) = (cluster.servers[first].url(), cluster.servers[second].url());
+
+    // The second claim is refused, with the holder named; the first keeps
+    // its key and its place in the coordinator.
+    until_logged(
+        &cluster,
+        "server-2",
+        &[
+            "not registered in etcd",
+            "held by another registration",
+            &first_url,
+        ],
+        Duration::from_secs(5),
+    )
+    .await;
+    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &["data-1".to_owned()]).await;
+    let log = cluster.log("coordinator-1");
+    assert!(log.contains(&first_url), "{log}");
+    assert!(!log.contains(&second_url), "{log}");
+
+    // Killed and started again at once, the first server takes its own
+    // record back without waiting for its old lease to expire.
+    cluster.servers[first].kill();
+    cluster.start_server(first).await;
+    until_logged(
+        &cluster,
+        "server-1",
+        &["registered in etcd key="],
+        Duration::from_secs(1),
+    )
+    .await;
+    let log = cluster.log("server-1");
+    assert!(!log.contains("held by another registration"), "{log}");
+
+    // Once the first leaves, the second takes the name over (on its next
+    // try: at most 5 s of backoff) and gets the traffic.
+    let status = cluster.servers[first].terminate();
+    assert!(status.success(), "the server exited with {status}");
+    until_logged(
+        &cluster,
+        "coordinator-1",
+        &["backend registered in etcd", &second_url],
+        Duration::from_secs(8),
+    )
+    .await;
+    for _ in 0..20 {
+        let reply = client.submit(b"who answers?").await.unwrap();
+        assert_eq!(reply.server_id, "data-1");
+    }
+    let log = cluster.log("coordinator-1");
+    assert!(
+        common::has_line_with(&log, &["backend deregistered from etcd", &first_url]),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_8_a_registration_deleted_by_hand_is_written_again() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let etcd = Etcd::launch(cluster.work.path(), None);
+    start_registered(&mut cluster, &etcd, 2, &[]).await;
+    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &server_ids(&cluster)).await;
+
+    let url = cluster.servers[0].url();
+    let mut operator =
+        etcd_client::Client::connect([format!("127.0.0.1:{}", etcd.client_port)], None)
+            .await
+            .unwrap();
+    let deleted = operator
+        .delete(format!("{PREFIX}/{}", cluster.servers[0].id()), None)
+        .await
+        .unwrap();
+    assert_eq!(deleted.deleted(), 1);
+    until_logged(
+        &cluster,
+        "server-1",
+        &["registration was displaced", "deleted"],
+        Duration::from_secs(5),
+    )
+    .await;
+    let registered_again = Instant::now();
+    loop {
+        let log = cluster.log("coordinator-1");
+        let registered = log
+            .lines()
+            .filter(|line| line.contains("backend registered in etcd") && line.contains(&url))
+            .count();
+        if registered == 2 {
+            break;
+        }
+        assert!(
+            registered_again.elapsed() < Duration::from_secs(5),
+            "the deleted registration was not written again:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(common::has_line_with(
+        &cluster.log("coordinator-1"),
+        &["backend deregistered from etcd", &url]
+    ));
+    until_answered_by(&client, &server_ids(&cluster)).await;
+}

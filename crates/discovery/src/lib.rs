@@ -40,6 +40,20 @@ pub enum DiscoveryError {
     /// The lease was lost (etcd expired it, or stopped answering).
     #[error("the registration's lease was lost: {0}")]
     LeaseLost(&'static str),
+    /// Another registration holds the key (two servers with one
+    /// `server_id`): it is not taken from it.
+    #[error(
+        "{key} is held by another registration ({holder}): give each server its own --server-id"
+    )]
+    Taken {
+        /// The key.
+        key: String,
+        /// Its value, the other registration's record.
+        holder: String,
+    },
+    /// The key was deleted or rewritten while the registration held it.
+    #[error("the registration was displaced: {0}")]
+    Displaced(String),
     /// A watch or keep-alive stream ended or was cancelled by etcd.
     #[error("etcd ended the stream: {0}")]
     StreamEnded(String),

@@ -1,9 +1,14 @@
 //! A server's registration: one key under a lease that the server keeps
-//! alive while it runs, and revokes when it stops.
+//! alive while it runs, and revokes when it stops. The key is claimed,
+//! never taken from another registration (one `server_id`, one live
+//! server), and written again if it disappears while the lease lives.
 
 use std::time::Duration;
 
-use etcd_client::PutOptions;
+use etcd_client::{
+    Client, Compare, CompareOp, Event, EventType, PutOptions, Txn, TxnOp, TxnOpResponse,
+    TxnResponse, WatchOptions,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -114,11 +119,15 @@ async fn hold(
     let ttl_seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
     let lease = within(client.lease_grant(ttl_seconds, None)).await?.id();
     let registered = async {
-        let put = PutOptions::new().with_lease(lease);
-        within(client.put(key, value, Some(put))).await?;
-        within(client.lease_keep_alive(lease)).await
+        let revision = claim(&mut client, key, value, lease).await?;
+        // Watching the key from just after our write tells us if it is
+        // deleted (by hand) or taken over while the lease lives on.
+        let changes = WatchOptions::new().with_start_revision(revision + 1);
+        let changes = within(client.watch(key, Some(changes))).await?;
+        let (keeper, acknowledgements) = within(client.lease_keep_alive(lease)).await?;
+        Ok::<_, DiscoveryError>((changes, keeper, acknowledgements))
     };
-    let (mut keeper, mut acknowledgements) = match registered.await {
+    let (mut changes, mut keeper, mut acknowledgements) = match registered.await {
         Ok(streams) => streams,
         Err(error) => {
             let _ = within(client.lease_revoke(lease)).await;
@@ -132,7 +141,7 @@ async fn hold(
     let mut renew = tokio::time::interval(ttl / 3);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_acknowledged = Instant::now();
-    loop {
+    let outcome = loop {
         tokio::select! {
             _ = stop.changed() => {
                 // Revoking deletes every key bound to the lease, atomically,
@@ -146,7 +155,7 @@ async fn hold(
             }
             _ = renew.tick() => {
                 if last_acknowledged.elapsed() > ttl {
-                    return Err(DiscoveryError::LeaseLost("etcd stopped answering keep-alives"));
+                    break Err(DiscoveryError::LeaseLost("etcd stopped answering keep-alives"));
                 }
                 keeper.keep_alive().await?;
             }
@@ -157,6 +166,88 @@ async fn hold(
                 Some(_) => return Err(DiscoveryError::LeaseLost("etcd expired it")),
                 None => return Err(DiscoveryError::StreamEnded("lease keep-alive".into())),
             },
+            change = changes.message() => match change? {
+                Some(response) if response.canceled() => {
+                    break Err(DiscoveryError::StreamEnded(format!("watch of {key} cancelled")));
+                }
+                Some(response) => {
+                    if let Some(lost) = response.events().iter().find_map(|event| displaced(event, lease, value)) {
+                        break Err(lost);
+                    }
+                }
+                None => break Err(DiscoveryError::StreamEnded("watch".into())),
+            },
         }
+    };
+    // The key is gone or someone else's: our lease holds nothing useful,
+    // and the next registration takes a new one.
+    let _ = within(client.lease_revoke(lease)).await;
+    outcome
+}
+
+/// Writes `value` at `key` under `lease`, if no one holds the key, or if
+/// its holder wrote the very same record: this server's own registration
+/// from before a restart, whose lease has not expired yet. Another server
+/// that claims the same `server_id` is refused, instead of silently taking
+/// its key (and, with it, its place in every coordinator). Returns the
+/// revision of the write.
+async fn claim(
+    client: &mut Client,
+    key: &str,
+    value: &str,
+    lease: i64,
+) -> Result<i64, DiscoveryError> {
+    let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
+    let if_free = Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then([put.clone()])
+        .or_else([TxnOp::get(key, None)]);
+    let response = within(client.txn(if_free)).await?;
+    if response.succeeded() {
+        return Ok(revision_of(&response));
+    }
+    let holder = response
+        .op_responses()
+        .into_iter()
+        .find_map(|operation| match operation {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    if holder == value.as_bytes() {
+        let if_ours = Txn::new()
+            .when([Compare::value(key, CompareOp::Equal, value)])
+            .and_then([put]);
+        let response = within(client.txn(if_ours)).await?;
+        if response.succeeded() {
+            return Ok(revision_of(&response));
+        }
+    }
+    Err(DiscoveryError::Taken {
+        key: key.to_owned(),
+        holder: String::from_utf8_lossy(&holder).into_owned(),
+    })
+}
+
+fn revision_of(response: &TxnResponse) -> i64 {
+    response.header().map_or(0, |header| header.revision())
+}
+
+/// Whether `event` on our key means the registration is lost: the key was
+/// deleted (by hand: our lease still lives), or written by another
+/// registration with another record. The same record written under
+/// another lease (a restart of this very server that took over) is not a
+/// loss: when that one leaves, the key's deletion is.
+fn displaced(event: &Event, lease: i64, value: &str) -> Option<DiscoveryError> {
+    let kv = event.kv()?;
+    match event.event_type() {
+        EventType::Delete => Some(DiscoveryError::Displaced(
+            "the key was deleted while its lease lived".into(),
+        )),
+        EventType::Put if kv.lease() == lease || kv.value() == value.as_bytes() => None,
+        EventType::Put => Some(DiscoveryError::Displaced(format!(
+            "another registration wrote the key: {}",
+            String::from_utf8_lossy(kv.value())
+        ))),
     }
 }
