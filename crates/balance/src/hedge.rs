@@ -12,8 +12,10 @@
 //!   [`BackendState::load`](crate::backend::BackendState::load)), so the
 //!   balancer picks it only when it compares nothing better;
 //! - a hedge is made only for an attempt that reached a backend (not one
-//!   still waiting for the balancer), at most one per attempt, and only when
-//!   the retry budget shared with retries allows it;
+//!   still waiting for the balancer), at most one per attempt, only when
+//!   the retry budget shared with retries allows it, and only while the
+//!   call has attempts left: a hedge spends one of its retries (gRPC's
+//!   `maxAttempts` counts both);
 //! - the first success wins, and so does an answer of the application
 //!   (such as `INVALID_ARGUMENT`); a failure that another backend might not
 //!   have (`UNAVAILABLE`, a reset, a timeout) waits for the other attempt;
@@ -53,18 +55,27 @@ pub struct Hedge<S> {
     delay: Duration,
     budget: Arc<TpsBudget>,
     rotation: Arc<Rotation>,
+    max_attempts: u32,
 }
 
 impl<S> Hedge<S> {
     /// Hedges after `delay`, paying for each hedge from `budget`, while
     /// `rotation` counts more than one backend (a hedge on the backend that
-    /// is already slow would only add to its load).
-    pub fn new(inner: S, delay: Duration, budget: Arc<TpsBudget>, rotation: Arc<Rotation>) -> Self {
+    /// is already slow would only add to its load) and the call has made
+    /// fewer than `max_attempts` attempts.
+    pub fn new(
+        inner: S,
+        delay: Duration,
+        budget: Arc<TpsBudget>,
+        rotation: Arc<Rotation>,
+        max_attempts: u32,
+    ) -> Self {
         Self {
             inner,
             delay,
             budget,
             rotation,
+            max_attempts,
         }
     }
 }
@@ -92,6 +103,7 @@ where
         let delay = self.delay;
         let budget = self.budget.clone();
         let rotation = self.rotation.clone();
+        let max_attempts = self.max_attempts;
         Box::pin(async move {
             let mut first = first;
             loop {
@@ -105,7 +117,7 @@ where
                     break;
                 }
             }
-            if rotation.count() < 2 {
+            if rotation.count() < 2 || attempt.trace.attempts() >= max_attempts {
                 return first.await;
             }
             if !budget.withdraw() {
@@ -270,9 +282,17 @@ mod tests {
         Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2))
     }
 
+    /// Two retries' worth, as the coordinator's default.
+    const MAX_ATTEMPTS: u32 = 3;
+
     async fn run(service: &Scripted, budget: Arc<TpsBudget>) -> Outcome {
-        Hedge::new(service.clone(), DELAY, budget, service.rotation.clone())
-            .oneshot(attempt())
+        run_attempt(service, budget, attempt()).await
+    }
+
+    async fn run_attempt(service: &Scripted, budget: Arc<TpsBudget>, attempt: Attempt) -> Outcome {
+        let rotation = service.rotation.clone();
+        Hedge::new(service.clone(), DELAY, budget, rotation, MAX_ATTEMPTS)
+            .oneshot(attempt)
             .await
     }
 
@@ -365,6 +385,30 @@ mod tests {
         let outcome = run(&service, empty).await;
         assert_eq!(answered_by(&outcome), "backend-0");
         assert_eq!(service.started.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_attempt_a_call_may_make_is_not_hedged() {
+        let service = Scripted::new(vec![Script::Answer(ms(300)), Script::Answer(ms(1))]);
+        // Two attempts before this one (a first try and its hedge, which
+        // both failed): this retry is the third and last.
+        let last = attempt();
+        let earlier = crate::testing::backend_state();
+        last.trace.attempted(&earlier);
+        last.trace.attempted(&earlier);
+        let outcome = run_attempt(&service, budget(), last).await;
+        assert_eq!(answered_by(&outcome), "backend-0");
+        assert_eq!(service.started.load(Ordering::SeqCst), 1);
+
+        let service = Scripted::new(vec![Script::Answer(ms(300)), Script::Answer(ms(1))]);
+        let second = attempt();
+        second.trace.attempted(&earlier);
+        let outcome = run_attempt(&service, budget(), second).await;
+        assert_eq!(
+            answered_by(&outcome),
+            "backend-1",
+            "a retry with one attempt left is hedged"
+        );
     }
 
     #[tokio::test(start_paused = true)]

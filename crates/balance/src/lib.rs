@@ -148,6 +148,7 @@ impl Balancer {
                 delay,
                 budget.clone(),
                 pool.rotation(),
+                retry::max_attempts(options.max_retries),
             )),
             None => BoxCloneSyncService::new(buffer),
         };
@@ -228,6 +229,15 @@ pub(crate) mod testing {
             request_id: None,
             trace: Default::default(),
         }
+    }
+
+    /// A backend of its own rotation, for traces.
+    pub(crate) fn backend_state() -> std::sync::Arc<crate::backend::BackendState> {
+        crate::backend::BackendState::new(
+            "https://backend.test".into(),
+            crate::EjectionPolicy::default(),
+            std::sync::Arc::default(),
+        )
     }
 
     /// A fresh PKI in a temporary directory (kept alive by the returned

@@ -24,19 +24,31 @@ use crate::Attempt;
 pub struct RetryPolicy {
     budget: Arc<TpsBudget>,
     retries_left: usize,
+    max_attempts: u32,
     deposited: bool,
 }
 
 impl RetryPolicy {
     /// At most `max_retries` retries per call, each paid for from
-    /// `budget` (see [`budget`]).
+    /// `budget` (see [`budget`]), and no retry once the call has made
+    /// [`max_attempts`]`(max_retries)` attempts, hedges included.
     pub fn new(max_retries: usize, budget: Arc<TpsBudget>) -> Self {
         Self {
             budget,
             retries_left: max_retries,
+            max_attempts: max_attempts(max_retries),
             deposited: false,
         }
     }
+}
+
+/// The most attempts a call makes with `max_retries`, counting the first,
+/// its retries and its hedges alike (gRPC's `maxAttempts`): a hedge spends
+/// a retry.
+pub fn max_attempts(max_retries: usize) -> u32 {
+    u32::try_from(max_retries)
+        .unwrap_or(u32::MAX)
+        .saturating_add(1)
 }
 
 /// A budget that allows `retry_ratio` of calls over ten seconds to be
@@ -61,7 +73,10 @@ impl tower::retry::Policy<Attempt, SubmitReply, BoxError> for RetryPolicy {
         let Err(error) = result else {
             return None;
         };
-        if !is_retryable(error.as_ref()) || self.retries_left == 0 {
+        if !is_retryable(error.as_ref())
+            || self.retries_left == 0
+            || request.trace.attempts() >= self.max_attempts
+        {
             return None;
         }
         if !self.budget.withdraw() {
@@ -178,6 +193,20 @@ mod tests {
         let mut outcome = failed(tonic::Status::unavailable("down"));
         assert!(policy.retry(&mut request, &mut outcome).is_some());
         assert!(policy.retry(&mut request, &mut outcome).is_some());
+        assert!(policy.retry(&mut request, &mut outcome).is_none());
+    }
+
+    #[test]
+    fn hedges_count_against_the_attempts_of_a_call() {
+        let mut policy = RetryPolicy::new(2, budget(10, 0.2));
+        let mut request = attempt();
+        let backend = crate::testing::backend_state();
+        let mut outcome = failed(tonic::Status::unavailable("down"));
+        // The first attempt and its hedge both failed: one retry is left.
+        request.trace.attempted(&backend);
+        request.trace.attempted(&backend);
+        assert!(policy.retry(&mut request, &mut outcome).is_some());
+        request.trace.attempted(&backend);
         assert!(policy.retry(&mut request, &mut outcome).is_none());
     }
 

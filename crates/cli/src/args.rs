@@ -548,8 +548,8 @@ pub struct CoordinatorArgs {
     /// Bound on a whole call, retries included.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub request_timeout: Duration,
-    /// Retries of a call after its first attempt (also bounded by a retry
-    /// budget of 20% of calls).
+    /// Retries of a call after its first attempt; a hedge spends one too
+    /// (also bounded by a retry budget of 20% of calls).
     #[arg(long, default_value_t = 2)]
     pub max_retries: usize,
     /// An attempt that has not answered within this long gets a second one
