@@ -454,7 +454,9 @@ impl tower::Service<Attempt> for Backend {
 }
 
 /// One attempt on a backend, counted while it runs. An attempt dropped
-/// before it finished (its call was abandoned) still leaves the count.
+/// before it finished (its caller gave up, or it was a hedge that lost)
+/// still leaves the count, but is not an outcome of the backend: the
+/// recent window records answers and failures only.
 struct InFlight {
     state: Arc<BackendState>,
     started: std::time::Instant,
@@ -474,25 +476,24 @@ impl InFlight {
     }
 
     fn finish(mut self, failed: bool) {
-        self.end(failed);
+        self.leave();
+        if failed {
+            self.state.series.failures.inc();
+        }
+        self.state.recent.record(self.started.elapsed(), !failed);
     }
 
-    fn end(&mut self, failed: bool) {
+    fn leave(&mut self) {
         self.finished = true;
-        let state = &self.state;
-        state.in_flight.fetch_sub(1, Ordering::Relaxed);
-        state.series.in_flight.dec();
-        if failed {
-            state.series.failures.inc();
-        }
-        state.recent.record(self.started.elapsed(), !failed);
+        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.state.series.in_flight.dec();
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.finished {
-            self.end(false);
+            self.leave();
         }
     }
 }
@@ -521,6 +522,26 @@ mod tests {
         assert!(!serving.has_changed().unwrap(), "one backend is left");
         second.retire();
         assert!(serving.has_changed().unwrap() && !*serving.borrow_and_update());
+    }
+
+    #[test]
+    fn an_abandoned_attempt_leaves_the_count_but_is_no_outcome() {
+        let state = crate::testing::backend_state();
+        let abandoned = InFlight::start(&state);
+        assert_eq!(state.in_flight.load(Ordering::Relaxed), 1);
+        drop(abandoned);
+        assert_eq!(state.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            state.recent().calls,
+            0,
+            "a cancelled attempt is not a success"
+        );
+
+        InFlight::start(&state).finish(false);
+        InFlight::start(&state).finish(true);
+        assert_eq!(state.in_flight.load(Ordering::Relaxed), 0);
+        let recent = state.recent();
+        assert_eq!((recent.calls, recent.failures), (2, 1));
     }
 
     #[test]
