@@ -422,6 +422,19 @@ pub struct EtcdArgs {
     /// Key of --etcd-cert.
     #[arg(long, env = "SECUREMESH_ETCD_KEY", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+    /// etcd user to authenticate as, when etcd runs with `auth enable`
+    /// (a server needs read and write on the prefix, a coordinator read).
+    #[arg(long, env = "SECUREMESH_ETCD_USER", requires = "etcd_password")]
+    pub etcd_user: Option<String>,
+    /// Password of --etcd-user (prefer the environment variable: a command
+    /// line is visible to every local user).
+    #[arg(
+        long,
+        env = "SECUREMESH_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_user"
+    )]
+    pub etcd_password: Option<String>,
 }
 
 impl EtcdArgs {
@@ -437,7 +450,12 @@ impl EtcdArgs {
                 ca,
                 identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
             });
-        let config = config.with_tls(tls);
+        let auth = self
+            .etcd_user
+            .clone()
+            .zip(self.etcd_password.clone())
+            .map(|(user, password)| securemesh_discovery::EtcdAuth { user, password });
+        let config = config.with_tls(tls).with_auth(auth);
         config.check()?;
         Ok(config)
     }

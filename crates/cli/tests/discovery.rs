@@ -514,3 +514,103 @@ async fn case_8_a_registration_deleted_by_hand_is_written_again() {
     ));
     until_answered_by(&client, &server_ids(&cluster)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_9_etcd_with_users_and_roles() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let etcd = Etcd::launch(cluster.work.path(), None);
+
+    // A registrar may write the prefix, an observer only read it.
+    let mut admin = etcd_client::Client::connect([format!("127.0.0.1:{}", etcd.client_port)], None)
+        .await
+        .unwrap();
+    let range = format!("{PREFIX}/");
+    admin.role_add("root").await.unwrap();
+    admin.user_add("root", "root-secret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    for (user, permission) in [
+        (
+            "registrar",
+            etcd_client::Permission::read_write(range.as_str()),
+        ),
+        ("observer", etcd_client::Permission::read(range.as_str())),
+    ] {
+        admin.role_add(user).await.unwrap();
+        admin
+            .role_grant_permission(user, permission.with_prefix())
+            .await
+            .unwrap();
+        admin
+            .user_add(user, format!("{user}-secret"), None)
+            .await
+            .unwrap();
+        admin.user_grant_role(user, user).await.unwrap();
+    }
+    admin.auth_enable().await.unwrap();
+
+    let as_user = |user: &'static str, password: &'static str| {
+        ["--etcd-user", user, "--etcd-password", password]
+    };
+    start_registered(
+        &mut cluster,
+        &etcd,
+        2,
+        &as_user("registrar", "registrar-secret"),
+    )
+    .await;
+    cluster
+        .add_coordinator(&discovery_args(
+            &etcd,
+            &as_user("observer", "observer-secret"),
+        ))
+        .await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &server_ids(&cluster)).await;
+
+    // Refused by etcd: a wrong password, and a user that may only read.
+    start_registered(&mut cluster, &etcd, 1, &as_user("registrar", "wrong")).await;
+    start_registered(
+        &mut cluster,
+        &etcd,
+        1,
+        &as_user("observer", "observer-secret"),
+    )
+    .await;
+    // Nor does a coordinator without a user learn anything.
+    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    for (refused_server, reason) in [
+        ("server-3", "authentication failed"),
+        ("server-4", "permission denied"),
+    ] {
+        until_logged(
+            &cluster,
+            refused_server,
+            &["not registered in etcd", reason],
+            Duration::from_secs(5),
+        )
+        .await;
+        let log = cluster.log(refused_server);
+        assert!(!log.contains("registered in etcd key="), "{log}");
+    }
+    until_logged(
+        &cluster,
+        "coordinator-2",
+        &["lost etcd"],
+        Duration::from_secs(5),
+    )
+    .await;
+    let log = cluster.log("coordinator-2");
+    assert!(!log.contains("backend registered in etcd"), "{log}");
+    let log = cluster.log("coordinator-1");
+    for server in &cluster.servers[2..] {
+        assert!(!log.contains(&server.url()), "{log}");
+    }
+    for label in ["server-1", "server-3", "server-4", "coordinator-1"] {
+        let log = cluster.log(label);
+        assert!(
+            !log.contains("-secret"),
+            "{label} logged a password:\n{log}"
+        );
+    }
+}

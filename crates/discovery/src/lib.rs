@@ -16,7 +16,7 @@ mod config;
 mod follow;
 mod register;
 
-pub use config::{EtcdConfig, EtcdTls, EtcdUrlError, DEFAULT_PREFIX};
+pub use config::{EtcdAuth, EtcdConfig, EtcdTls, EtcdUrlError, DEFAULT_PREFIX};
 pub use follow::{follow, Membership};
 pub use register::{register, Registration, ServerRecord};
 
