@@ -353,6 +353,19 @@ impl TlsArgs {
         })
     }
 
+    /// The CRL a connection made later should check if it exists by then:
+    /// `--crl`, else `<certs>/ca_crl.pem`; none with `--no-crl`.
+    pub fn crl_to_follow(&self) -> Option<PathBuf> {
+        if self.no_crl {
+            return None;
+        }
+        Some(
+            self.crl
+                .clone()
+                .unwrap_or_else(|| self.certs.join(securemesh_pki::CRL_FILE)),
+        )
+    }
+
     /// The Fernet key file: `explicit`, or `<certs>/encryption_key.txt`.
     pub fn encryption_key(&self, explicit: &Option<PathBuf>) -> PathBuf {
         key_file(explicit, &self.certs)
@@ -438,10 +451,13 @@ pub struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    /// `config` with the TLS these flags ask for, checked.
+    /// `config` with the TLS and user these flags ask for, checked; `crl`
+    /// (our CA's) is checked against etcd's certificate at every connection
+    /// if it exists by then.
     pub fn apply(
         &self,
         config: securemesh_discovery::EtcdConfig,
+        crl: Option<PathBuf>,
     ) -> anyhow::Result<securemesh_discovery::EtcdConfig> {
         let tls = self
             .etcd_ca
@@ -449,6 +465,7 @@ impl EtcdArgs {
             .map(|ca| securemesh_discovery::EtcdTls {
                 ca,
                 identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+                crl,
             });
         let auth = self
             .etcd_user

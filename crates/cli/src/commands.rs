@@ -158,7 +158,7 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(%address, %server_id, "Server listening on {address} (mutual TLS)");
     let registration = match &args.register {
         Some(etcd) => {
-            let etcd = args.etcd.apply(etcd.clone())?;
+            let etcd = args.etcd.apply(etcd.clone(), args.tls.crl_to_follow())?;
             let url = match &args.advertise {
                 Some(url) => url.clone(),
                 None if address.ip().is_unspecified() => anyhow::bail!(
@@ -279,7 +279,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     // Held until the coordinator stops.
     let _discovery = match &args.discovery {
         Some(etcd) => {
-            let etcd = args.etcd.apply(etcd.clone())?;
+            let etcd = args.etcd.apply(etcd.clone(), args.tls.crl_to_follow())?;
             tracing::info!(endpoints = ?etcd.endpoints, prefix = %etcd.prefix, "following the servers registered in etcd");
             Some(securemesh_discovery::follow(
                 etcd,

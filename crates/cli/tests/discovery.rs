@@ -614,3 +614,69 @@ async fn case_9_etcd_with_users_and_roles() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_10_an_etcd_certificate_our_ca_revoked_is_refused() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let certs = cluster.certs();
+    for (name, role) in [("etcd", "both"), ("registrar", "client")] {
+        let issued =
+            common::securemesh(&["pki", "issue", name, "--role", role], cluster.work.path());
+        assert!(issued.status.success(), "{}", common::text(&issued));
+    }
+    let etcd = Etcd::launch(
+        cluster.work.path(),
+        Some(EtcdTlsFiles {
+            cert: certs.join("etcd_cert.pem"),
+            key: certs.join("etcd_key.pem"),
+            ca: certs.join("ca_cert.pem"),
+        }),
+    );
+    let registrar = [
+        "--etcd-ca",
+        "certs/ca_cert.pem",
+        "--etcd-cert",
+        "certs/registrar_cert.pem",
+        "--etcd-key",
+        "certs/registrar_key.pem",
+    ];
+    start_registered(&mut cluster, &etcd, 1, &registrar).await;
+    until_logged(
+        &cluster,
+        "server-1",
+        &["registered in etcd key="],
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // etcd still serves the certificate our CA has now revoked.
+    let revoked = common::securemesh(&["pki", "revoke", "etcd"], cluster.work.path());
+    assert!(revoked.status.success(), "{}", common::text(&revoked));
+    start_registered(&mut cluster, &etcd, 1, &registrar).await;
+    until_logged(
+        &cluster,
+        "server-2",
+        &["not registered in etcd", "Revoked"],
+        Duration::from_secs(5),
+    )
+    .await;
+    let log = cluster.log("server-2");
+    assert!(!log.contains("registered in etcd key="), "{log}");
+
+    // With --no-crl the same server registers: the refusal was the CRL's.
+    start_registered(
+        &mut cluster,
+        &etcd,
+        1,
+        &[&registrar[..], &["--no-crl"]].concat(),
+    )
+    .await;
+    until_logged(
+        &cluster,
+        "server-3",
+        &["registered in etcd key="],
+        Duration::from_secs(5),
+    )
+    .await;
+}

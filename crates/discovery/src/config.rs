@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use etcd_client::{Client, ConnectOptions};
+use securemesh_tls::ClientTls;
+use tonic::transport::Endpoint;
 
 use crate::DiscoveryError;
 
@@ -26,29 +28,29 @@ pub enum EtcdUrlError {
     Endpoint(String),
 }
 
-/// TLS toward etcd: the CA that signed etcd's certificate and, when etcd
-/// requires client certificates, ours.
+/// TLS toward etcd: the CA that signed etcd's certificate, when etcd
+/// requires client certificates ours, and the revocation list of our CA.
 #[derive(Debug, Clone)]
 pub struct EtcdTls {
     /// CA certificate (PEM) that etcd's serving certificate chains to.
     pub ca: PathBuf,
     /// Our certificate and key (PEM), for etcd's `--client-cert-auth`.
     pub identity: Option<(PathBuf, PathBuf)>,
+    /// Our CA's CRL (PEM), read at every connection if the file exists: an
+    /// etcd certificate it revokes is refused (one from another CA is
+    /// judged by its own CA alone).
+    pub crl: Option<PathBuf>,
 }
 
 impl EtcdTls {
-    fn options(&self) -> Result<TlsOptions, DiscoveryError> {
-        let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|source| DiscoveryError::TlsFile {
-                path: path.clone(),
-                source,
-            })
-        };
-        let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&self.ca)?));
-        if let Some((cert, key)) = &self.identity {
-            options = options.identity(Identity::from_pem(read(cert)?, read(key)?));
-        }
-        Ok(options)
+    /// The rustls verifier and identity for a connection made now.
+    fn client_tls(&self) -> Result<ClientTls, DiscoveryError> {
+        let identity = self
+            .identity
+            .as_ref()
+            .map(|(cert, key)| (cert.as_path(), key.as_path()));
+        let crl = self.crl.as_deref().filter(|crl| crl.exists());
+        Ok(securemesh_tls::foreign_server_tls(&self.ca, identity, crl)?)
     }
 }
 
@@ -161,26 +163,31 @@ impl EtcdConfig {
     /// Checks that the TLS files can be read, so that a typo is reported at
     /// start-up rather than on every reconnection.
     pub fn check(&self) -> Result<(), DiscoveryError> {
-        self.tls.as_ref().map(EtcdTls::options).transpose()?;
+        self.tls.as_ref().map(EtcdTls::client_tls).transpose()?;
         Ok(())
     }
 
-    /// A client for the cluster. Connections are made lazily; a dead
-    /// connection is noticed within a few seconds by HTTP/2 keep-alive.
+    /// A client for the cluster, balanced over its members. Connections are
+    /// made lazily, with our rustls verifier when TLS is on (so that our
+    /// CRL applies to etcd too); a dead connection is noticed within a few
+    /// seconds by HTTP/2 keep-alive.
     pub(crate) async fn connect(&self) -> Result<Client, DiscoveryError> {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let endpoints: Vec<String> = self
-            .endpoints
-            .iter()
-            .map(|endpoint| format!("{scheme}://{endpoint}"))
-            .collect();
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
-        if let Some(tls) = &self.tls {
-            options = options.with_tls(tls.options()?);
+        let tls = self.tls.as_ref().map(EtcdTls::client_tls).transpose()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut members = Vec::with_capacity(self.endpoints.len());
+        for endpoint in &self.endpoints {
+            let mut member = Endpoint::from_shared(format!("{scheme}://{endpoint}"))?
+                .connect_timeout(Duration::from_secs(2))
+                .http2_keep_alive_interval(Duration::from_secs(2))
+                .keep_alive_timeout(Duration::from_secs(2))
+                .keep_alive_while_idle(true);
+            if let Some(tls) = &tls {
+                member = tls.apply(member)?;
+            }
+            members.push(member);
         }
+        let channel = tonic::transport::Channel::balance_list(members.into_iter());
+        let mut options = ConnectOptions::new();
         if let Some(auth) = &self.auth {
             // etcd's tokens expire (5 minutes by default): a request that
             // meets an expired one authenticates again and is repeated.
@@ -188,7 +195,11 @@ impl EtcdConfig {
                 .with_user(auth.user.as_str(), auth.password.as_str())
                 .with_auto_token_refresh(true);
         }
-        within(Client::connect(endpoints, Some(options))).await
+        within(Client::from_channel(
+            etcd_client::Channel::Tonic(channel),
+            Some(options),
+        ))
+        .await
     }
 }
 
@@ -275,6 +286,7 @@ mod tests {
             .with_tls(Some(EtcdTls {
                 ca: PathBuf::from("/nonexistent/ca_cert.pem"),
                 identity: None,
+                crl: None,
             }));
         let error = config.check().unwrap_err().to_string();
         assert!(error.contains("/nonexistent/ca_cert.pem"), "{error}");

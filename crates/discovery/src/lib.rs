@@ -29,14 +29,12 @@ pub enum DiscoveryError {
     /// etcd did not answer in time.
     #[error("etcd did not answer within {0:?}")]
     Timeout(std::time::Duration),
-    /// A TLS file for etcd could not be read.
-    #[error("cannot read {path}: {source}")]
-    TlsFile {
-        /// The file.
-        path: std::path::PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    /// TLS toward etcd could not be set up (a file missing or unusable).
+    #[error("TLS toward etcd: {0}")]
+    Tls(#[from] securemesh_tls::TlsError),
+    /// An etcd member's address is not a usable URL.
+    #[error("etcd endpoint: {0}")]
+    Endpoint(#[from] tonic::transport::Error),
     /// The lease was lost (etcd expired it, or stopped answering).
     #[error("the registration's lease was lost: {0}")]
     LeaseLost(&'static str),

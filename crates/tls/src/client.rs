@@ -51,32 +51,142 @@ pub fn client_tls_config(files: &TlsFiles) -> Result<ClientTls, TlsError> {
 /// [`client_tls_config`], also refusing servers whose certificate is
 /// revoked by the CRL at `crl`.
 pub fn client_tls(files: &TlsFiles, crl: Option<&Path>) -> Result<ClientTls, TlsError> {
+    build(
+        &files.ca,
+        Some((&files.cert, &files.key)),
+        crl,
+        Revocation::Required,
+    )
+}
+
+/// TLS toward a server that is not part of the mesh and may hold a
+/// certificate from another CA (etcd): verified against `ca`; refused if
+/// the CRL at `crl` (our CA's) revokes its certificate, but not for being
+/// absent from that CRL, which only speaks for our CA. `identity`
+/// (certificate and key) is presented when the server asks for one.
+pub fn foreign_server_tls(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    crl: Option<&Path>,
+) -> Result<ClientTls, TlsError> {
+    build(ca, identity, crl, Revocation::WhereKnown)
+}
+
+/// What a CRL means for a certificate it does not cover.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Revocation {
+    /// Refused: the CRL is our CA's and so is every certificate checked.
+    Required,
+    /// Accepted: the certificate comes from another CA.
+    WhereKnown,
+}
+
+fn build(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    crl: Option<&Path>,
+    revocation: Revocation,
+) -> Result<ClientTls, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut verifier =
-        WebPkiServerVerifier::builder_with_provider(TlsFiles::roots(&files.ca)?, provider.clone());
+        WebPkiServerVerifier::builder_with_provider(TlsFiles::roots(ca)?, provider.clone());
     if let Some(crl) = crl {
         verifier = verifier.with_crls(TlsFiles::crls(crl)?);
+        if revocation == Revocation::WhereKnown {
+            verifier = verifier.allow_unknown_revocation_status();
+        }
     }
     let verifier = verifier.build().map_err(|error| TlsError::Pem {
-        path: files.ca.clone(),
+        path: ca.to_owned(),
         what: format!("cannot verify servers with it: {error}"),
     })?;
-    let mut rustls = rustls::ClientConfig::builder_with_provider(provider)
+    let rustls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_client_auth_cert(
-            TlsFiles::certificates(&files.cert)?,
-            TlsFiles::private_key(&files.key)?,
-        )?;
+        .with_custom_certificate_verifier(verifier.clone());
+    let (mut rustls, identity) = match identity {
+        Some((cert, key)) => (
+            rustls.with_client_auth_cert(
+                TlsFiles::certificates(cert)?,
+                TlsFiles::private_key(key)?,
+            )?,
+            ClientTlsConfig::new().identity(Identity::from_pem(
+                TlsFiles::read(cert)?,
+                TlsFiles::read(key)?,
+            )),
+        ),
+        None => (rustls.with_no_client_auth(), ClientTlsConfig::new()),
+    };
     rustls.alpn_protocols = vec![b"h2".to_vec()];
-    let identity = ClientTlsConfig::new().identity(Identity::from_pem(
-        TlsFiles::read(&files.cert)?,
-        TlsFiles::read(&files.key)?,
-    ));
     Ok(ClientTls {
         identity,
         verifier,
         rustls: Arc::new(rustls),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    fn pki() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        securemesh_pki::init(&securemesh_pki::InitOptions {
+            dir: dir.path().to_owned(),
+            days: 1,
+            extra_clients: Vec::new(),
+            sans: Vec::new(),
+            force: false,
+        })
+        .unwrap();
+        dir
+    }
+
+    fn server_certificate(pki: &tempfile::TempDir) -> CertificateDer<'static> {
+        TlsFiles::certificates(&pki.path().join("server_cert.pem"))
+            .unwrap()
+            .remove(0)
+    }
+
+    fn verdict(tls: &ClientTls, certificate: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let name = ServerName::try_from("localhost").unwrap();
+        tls.verifier
+            .verify_server_cert(certificate, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    #[test]
+    fn our_crl_refuses_what_it_revokes_and_says_nothing_of_another_ca() {
+        let ours = pki();
+        let theirs = pki();
+        let crl = securemesh_pki::revoke(ours.path(), "server").unwrap();
+        let our_ca = ours.path().join("ca_cert.pem");
+        let their_ca = theirs.path().join("ca_cert.pem");
+
+        let toward_ours = foreign_server_tls(&our_ca, None, Some(&crl)).unwrap();
+        assert!(
+            matches!(
+                verdict(&toward_ours, &server_certificate(&ours)),
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Revoked
+                ))
+            ),
+            "a server certificate our CA revoked was accepted"
+        );
+        let without_crl = foreign_server_tls(&our_ca, None, None).unwrap();
+        assert!(verdict(&without_crl, &server_certificate(&ours)).is_ok());
+
+        // etcd with a certificate of its own CA: our CRL does not speak for it.
+        let toward_theirs = foreign_server_tls(&their_ca, None, Some(&crl)).unwrap();
+        assert!(verdict(&toward_theirs, &server_certificate(&theirs)).is_ok());
+        // Nor does trusting their CA make our revoked certificate good.
+        assert!(verdict(&toward_theirs, &server_certificate(&ours)).is_err());
+
+        // Inside the mesh every certificate is our CA's, and one the CRL
+        // cannot vouch for is refused.
+        let files = TlsFiles::in_dir(theirs.path(), "coordinator");
+        let mesh = client_tls(&files, Some(&crl)).unwrap();
+        assert!(verdict(&mesh, &server_certificate(&theirs)).is_err());
+    }
 }

@@ -20,7 +20,7 @@ pub use acceptor::{Connection, PeerInfo, TlsIncoming};
 pub use authorize::{
     authorized_data_service, Authorization, Caller, CALLER_HEADER, COORDINATOR_IDENTITY,
 };
-pub use client::{client_tls, client_tls_config, ClientTls};
+pub use client::{client_tls, client_tls_config, foreign_server_tls, ClientTls};
 pub use identity::{caller_identity, peer_identity, request_identity};
 pub use material::{TlsError, TlsFiles};
 pub use serve::{serve_mtls, ServeError, ServeOptions};
