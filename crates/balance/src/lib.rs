@@ -245,11 +245,8 @@ pub(crate) mod testing {
     pub(crate) fn coordinator_tls() -> (tempfile::TempDir, securemesh_tls::ClientTls) {
         let dir = tempfile::tempdir().unwrap();
         securemesh_pki::init(&securemesh_pki::InitOptions {
-            dir: dir.path().to_owned(),
             days: 1,
-            extra_clients: Vec::new(),
-            sans: Vec::new(),
-            force: false,
+            ..securemesh_pki::InitOptions::new(dir.path().to_owned())
         })
         .unwrap();
         let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "coordinator");

@@ -81,11 +81,9 @@ impl Lab {
     pub async fn start(binary: &Path, dir: &Path) -> Result<Self, BenchError> {
         let certs = dir.join("certs");
         securemesh_pki::init(&securemesh_pki::InitOptions {
-            dir: certs.clone(),
             days: 1,
-            extra_clients: vec![],
-            sans: vec![],
             force: true,
+            ..securemesh_pki::InitOptions::new(certs.clone())
         })
         .map_err(|error| BenchError::Setup(format!("PKI: {error}")))?;
         let key_file = certs.join("encryption_key.txt");

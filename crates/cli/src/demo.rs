@@ -179,13 +179,7 @@ fn prepare_material(certs: &Path) -> anyhow::Result<()> {
     if certs.join(securemesh_pki::CA_CERT_FILE).exists() {
         println!("using the certificates in {}", certs.display());
     } else {
-        let written = securemesh_pki::init(&securemesh_pki::InitOptions {
-            dir: certs.to_path_buf(),
-            days: 365,
-            extra_clients: Vec::new(),
-            sans: Vec::new(),
-            force: false,
-        })?;
+        let written = securemesh_pki::init(&securemesh_pki::InitOptions::new(certs))?;
         println!("created {} files in {}", written.len(), certs.display());
     }
     let key = certs.join("encryption_key.txt");

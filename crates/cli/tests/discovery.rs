@@ -88,6 +88,46 @@ async fn until_logged(
     }
 }
 
+/// Server flags to reach [`etcd_with_our_certificates`] as `registrar`.
+const REGISTRAR: [&str; 6] = [
+    "--etcd-ca",
+    "certs/ca_cert.pem",
+    "--etcd-cert",
+    "certs/registrar_cert.pem",
+    "--etcd-key",
+    "certs/registrar_key.pem",
+];
+
+/// etcd serving a certificate of the cluster's CA (`etcd`) and requiring
+/// client certificates of it; `registrar` is issued for the servers.
+fn etcd_with_our_certificates(cluster: &Cluster) -> Etcd {
+    let certs = cluster.certs();
+    for (name, role) in [("etcd", "both"), ("registrar", "client")] {
+        let issued =
+            common::securemesh(&["pki", "issue", name, "--role", role], cluster.work.path());
+        assert!(issued.status.success(), "{}", common::text(&issued));
+    }
+    Etcd::launch(
+        cluster.work.path(),
+        Some(EtcdTlsFiles {
+            cert: certs.join("etcd_cert.pem"),
+            key: certs.join("etcd_key.pem"),
+            ca: certs.join("ca_cert.pem"),
+        }),
+    )
+}
+
+/// etcd, two servers registered in it and a coordinator following it, and
+/// a client of the coordinator once both servers have answered it.
+async fn two_registered_servers_and_a_coordinator(cluster: &mut Cluster) -> (Etcd, Client) {
+    let etcd = Etcd::launch(cluster.work.path(), None);
+    start_registered(cluster, &etcd, 2, &[]).await;
+    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &server_ids(cluster)).await;
+    (etcd, client)
+}
+
 fn server_ids(cluster: &Cluster) -> Vec<String> {
     cluster.servers.iter().map(|server| server.id()).collect()
 }
@@ -96,11 +136,7 @@ fn server_ids(cluster: &Cluster) -> Vec<String> {
 async fn case_1_a_server_registered_later_gets_traffic_within_two_seconds() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::new();
-    let etcd = Etcd::launch(cluster.work.path(), None);
-    start_registered(&mut cluster, &etcd, 2, &[]).await;
-    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
-    let client = cluster.client(&cluster.coordinator_urls());
-    until_answered_by(&client, &server_ids(&cluster)).await;
+    let (etcd, client) = two_registered_servers_and_a_coordinator(&mut cluster).await;
 
     let third = cluster.add_server(&register_args(&etcd, &[]));
     let third_id = cluster.servers[third].id();
@@ -137,11 +173,7 @@ async fn case_1_a_server_registered_later_gets_traffic_within_two_seconds() {
 async fn case_2_a_server_stopped_with_sigterm_leaves_at_once() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::new();
-    let etcd = Etcd::launch(cluster.work.path(), None);
-    start_registered(&mut cluster, &etcd, 2, &[]).await;
-    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
-    let client = cluster.client(&cluster.coordinator_urls());
-    until_answered_by(&client, &server_ids(&cluster)).await;
+    let (_etcd, client) = two_registered_servers_and_a_coordinator(&mut cluster).await;
 
     let stopped_url = cluster.servers[0].url();
     let stopped_id = cluster.servers[0].id();
@@ -179,11 +211,7 @@ async fn case_2_a_server_stopped_with_sigterm_leaves_at_once() {
 async fn case_3_a_killed_server_is_ejected_then_forgotten_when_its_lease_expires() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::new();
-    let etcd = Etcd::launch(cluster.work.path(), None);
-    start_registered(&mut cluster, &etcd, 2, &[]).await;
-    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
-    let client = cluster.client(&cluster.coordinator_urls());
-    until_answered_by(&client, &server_ids(&cluster)).await;
+    let (_etcd, client) = two_registered_servers_and_a_coordinator(&mut cluster).await;
 
     let killed_url = cluster.servers[0].url();
     let forgotten = Arc::new(Mutex::new(Duration::ZERO));
@@ -312,30 +340,9 @@ async fn case_5_two_coordinators_on_one_prefix_converge() {
 async fn case_6_etcd_over_mutual_tls_with_the_projects_certificates() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::new();
-    let certs = cluster.certs();
-    for (name, role) in [("etcd", "both"), ("registrar", "client")] {
-        let issued =
-            common::securemesh(&["pki", "issue", name, "--role", role], cluster.work.path());
-        assert!(issued.status.success(), "{}", common::text(&issued));
-    }
-    let etcd = Etcd::launch(
-        cluster.work.path(),
-        Some(EtcdTlsFiles {
-            cert: certs.join("etcd_cert.pem"),
-            key: certs.join("etcd_key.pem"),
-            ca: certs.join("ca_cert.pem"),
-        }),
-    );
+    let etcd = etcd_with_our_certificates(&cluster);
     let ca = "certs/ca_cert.pem";
-    let registrar = [
-        "--etcd-ca",
-        ca,
-        "--etcd-cert",
-        "certs/registrar_cert.pem",
-        "--etcd-key",
-        "certs/registrar_key.pem",
-    ];
-    start_registered(&mut cluster, &etcd, 2, &registrar).await;
+    start_registered(&mut cluster, &etcd, 2, &REGISTRAR).await;
     let coordinator_identity = [
         "--etcd-ca",
         ca,
@@ -469,11 +476,7 @@ async fn case_7_one_server_id_is_held_by_one_live_server_at_a_time() {
 async fn case_8_a_registration_deleted_by_hand_is_written_again() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::new();
-    let etcd = Etcd::launch(cluster.work.path(), None);
-    start_registered(&mut cluster, &etcd, 2, &[]).await;
-    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
-    let client = cluster.client(&cluster.coordinator_urls());
-    until_answered_by(&client, &server_ids(&cluster)).await;
+    let (etcd, client) = two_registered_servers_and_a_coordinator(&mut cluster).await;
 
     let url = cluster.servers[0].url();
     let mut operator =
@@ -619,29 +622,8 @@ async fn case_9_etcd_with_users_and_roles() {
 async fn case_10_an_etcd_certificate_our_ca_revoked_is_refused() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::new();
-    let certs = cluster.certs();
-    for (name, role) in [("etcd", "both"), ("registrar", "client")] {
-        let issued =
-            common::securemesh(&["pki", "issue", name, "--role", role], cluster.work.path());
-        assert!(issued.status.success(), "{}", common::text(&issued));
-    }
-    let etcd = Etcd::launch(
-        cluster.work.path(),
-        Some(EtcdTlsFiles {
-            cert: certs.join("etcd_cert.pem"),
-            key: certs.join("etcd_key.pem"),
-            ca: certs.join("ca_cert.pem"),
-        }),
-    );
-    let registrar = [
-        "--etcd-ca",
-        "certs/ca_cert.pem",
-        "--etcd-cert",
-        "certs/registrar_cert.pem",
-        "--etcd-key",
-        "certs/registrar_key.pem",
-    ];
-    start_registered(&mut cluster, &etcd, 1, &registrar).await;
+    let etcd = etcd_with_our_certificates(&cluster);
+    start_registered(&mut cluster, &etcd, 1, &REGISTRAR).await;
     until_logged(
         &cluster,
         "server-1",
@@ -653,7 +635,7 @@ async fn case_10_an_etcd_certificate_our_ca_revoked_is_refused() {
     // etcd still serves the certificate our CA has now revoked.
     let revoked = common::securemesh(&["pki", "revoke", "etcd"], cluster.work.path());
     assert!(revoked.status.success(), "{}", common::text(&revoked));
-    start_registered(&mut cluster, &etcd, 1, &registrar).await;
+    start_registered(&mut cluster, &etcd, 1, &REGISTRAR).await;
     until_logged(
         &cluster,
         "server-2",
@@ -669,7 +651,7 @@ async fn case_10_an_etcd_certificate_our_ca_revoked_is_refused() {
         &mut cluster,
         &etcd,
         1,
-        &[&registrar[..], &["--no-crl"]].concat(),
+        &[&REGISTRAR[..], &["--no-crl"]].concat(),
     )
     .await;
     until_logged(

@@ -220,11 +220,8 @@ async fn metrics_pass_promtool_and_follow_calls_refusals_and_a_failover() {
     // A refused handshake: a client certificate of another CA.
     let other = tempfile::tempdir().unwrap();
     securemesh_pki::init(&securemesh_pki::InitOptions {
-        dir: other.path().to_owned(),
         days: 1,
-        extra_clients: vec![],
-        sans: vec![],
-        force: false,
+        ..securemesh_pki::InitOptions::new(other.path().to_owned())
     })
     .unwrap();
     let stranger = securemesh_tls::client_tls_config(&TlsFiles {

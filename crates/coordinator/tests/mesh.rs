@@ -35,11 +35,8 @@ impl Material {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         securemesh_pki::init(&securemesh_pki::InitOptions {
-            dir: dir.path().to_path_buf(),
             days: 1,
-            extra_clients: vec![],
-            sans: vec![],
-            force: false,
+            ..securemesh_pki::InitOptions::new(dir.path().to_path_buf())
         })
         .unwrap();
         let keys = KeyRing::from_key_strings(&[securemesh_crypto::generate_key()]).unwrap();

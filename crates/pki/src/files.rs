@@ -68,6 +68,20 @@ pub struct InitOptions {
     pub force: bool,
 }
 
+impl InitOptions {
+    /// A PKI in `dir` valid for a year, with the standard certificates only
+    /// and without overwriting anything.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            days: 365,
+            extra_clients: Vec::new(),
+            sans: Vec::new(),
+            force: false,
+        }
+    }
+}
+
 /// Options of [`issue`].
 #[derive(Debug, Clone)]
 pub struct IssueOptions {
@@ -293,14 +307,7 @@ mod tests {
             assert_eq!(mode("ca_cert.pem"), 0o644);
         }
         let before = std::fs::read(dir.path().join("ca_key.pem")).unwrap();
-        let refused = init(&InitOptions {
-            dir: dir.path().to_path_buf(),
-            days: 30,
-            extra_clients: vec![],
-            sans: vec![],
-            force: false,
-        })
-        .unwrap_err();
+        let refused = init(&InitOptions::new(dir.path())).unwrap_err();
         assert!(refused.to_string().contains("ca_cert.pem"), "{refused}");
         assert_eq!(
             std::fs::read(dir.path().join("ca_key.pem")).unwrap(),

@@ -133,11 +133,8 @@ mod tests {
     fn pki() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         securemesh_pki::init(&securemesh_pki::InitOptions {
-            dir: dir.path().to_owned(),
             days: 1,
-            extra_clients: Vec::new(),
-            sans: Vec::new(),
-            force: false,
+            ..securemesh_pki::InitOptions::new(dir.path().to_owned())
         })
         .unwrap();
         dir

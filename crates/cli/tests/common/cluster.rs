@@ -75,11 +75,8 @@ impl Cluster {
         let work = tempfile::tempdir().unwrap();
         let certs = work.path().join("certs");
         securemesh_pki::init(&securemesh_pki::InitOptions {
-            dir: certs.clone(),
             days: 1,
-            extra_clients: vec![],
-            sans: vec![],
-            force: false,
+            ..securemesh_pki::InitOptions::new(certs.clone())
         })
         .unwrap();
         securemesh_crypto::write_new_key_file(&certs.join("encryption_key.txt"), false).unwrap();
