@@ -497,6 +497,13 @@ pub struct ServeArgs {
     /// Connections allowed at once; more are closed on arrival.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
+    /// Ping each caller's HTTP/2 connection this often (`0s`: never), so
+    /// that one whose peer vanished without closing it is noticed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub caller_keepalive_interval: Duration,
+    /// A caller that leaves a ping unanswered this long is disconnected.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub caller_keepalive_timeout: Duration,
     /// Serve Prometheus metrics (/metrics), a status document (/status) and
     /// a status page (/) over plain HTTP on this address: PORT or :PORT for
     /// loopback, IP:PORT otherwise [default: off].
@@ -543,6 +550,9 @@ impl ServeArgs {
             drain_grace: self.drain_grace,
             max_concurrent_streams: self.max_concurrent_streams,
             max_connections: self.max_connections,
+            keepalive_interval: Some(self.caller_keepalive_interval)
+                .filter(|interval| !interval.is_zero()),
+            keepalive_timeout: self.caller_keepalive_timeout,
         }
     }
 }

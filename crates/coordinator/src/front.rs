@@ -23,8 +23,10 @@
 //! flight). Added here: the message limit is applied from the frame header,
 //! before the body arrives; the caller's deadline counts from the call's
 //! arrival and bounds reading the message too; a connection that sends no
-//! HTTP/2 preface within the handshake timeout is closed; and a call whose
-//! caller resets its stream is abandoned at once.
+//! HTTP/2 preface within the handshake timeout is closed; a call whose
+//! caller resets its stream is abandoned at once; and a caller that leaves
+//! a keepalive ping unanswered is disconnected (as tonic's servers do with
+//! the same setting).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,6 +34,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use h2::server::SendResponse;
 use h2::RecvStream;
@@ -72,6 +75,9 @@ struct Front {
     max_concurrent_streams: u32,
     /// Bound on the HTTP/2 preface and settings exchange after TLS.
     handshake_timeout: std::time::Duration,
+    /// Pings to callers, and how long one may go unanswered.
+    keepalive_interval: Option<std::time::Duration>,
+    keepalive_timeout: std::time::Duration,
 }
 
 /// Serves `coordinator` (behind `authorization`, messages limited to
@@ -104,6 +110,8 @@ pub async fn serve(
         others: routes.routes(),
         max_concurrent_streams: options.max_concurrent_streams,
         handshake_timeout: options.handshake_timeout,
+        keepalive_interval: options.keepalive_interval,
+        keepalive_timeout: options.keepalive_timeout,
     });
 
     let mut incoming = TlsIncoming::new(
@@ -182,6 +190,28 @@ async fn follow_rotation(
     }
 }
 
+/// Pings the caller every `interval`, and returns once a ping has gone
+/// unanswered for `timeout`: the caller is gone, though its TCP connection
+/// may never say so (a crashed host, a cut network). The pings need the
+/// connection to be driven, which the connection's own task does.
+async fn caller_gone(
+    mut ping_pong: h2::PingPong,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            // The connection failed: accepting streams reports it.
+            Ok(Err(_)) => std::future::pending::<()>().await,
+            Err(_) => return,
+        }
+    }
+}
+
 fn serving_status(serving: bool) -> ServingStatus {
     if serving {
         ServingStatus::Serving
@@ -219,6 +249,13 @@ impl Front {
                 return;
             }
         };
+        let keepalive = match (self.keepalive_interval, http2.ping_pong()) {
+            (Some(interval), Some(ping_pong)) => {
+                Either::Left(caller_gone(ping_pong, interval, self.keepalive_timeout))
+            }
+            _ => Either::Right(std::future::pending()),
+        };
+        tokio::pin!(keepalive);
         let mut calls = FuturesUnordered::new();
         let mut going_away = *closing.borrow();
         if going_away {
@@ -237,6 +274,13 @@ impl Front {
                     None => break,
                 },
                 Some(()) = calls.next(), if !calls.is_empty() => {}
+                () = &mut keepalive => {
+                    tracing::debug!(
+                        peer = ?peer.remote_addr(),
+                        "a caller left a keepalive ping unanswered: closing its connection"
+                    );
+                    break;
+                }
                 changed = closing.changed(), if !going_away => {
                     if changed.is_err() || *closing.borrow() {
                         going_away = true;

@@ -1346,22 +1346,115 @@ async fn a_connection_that_never_speaks_http2_is_closed() {
         .await
         .unwrap();
     let started = Instant::now();
-    let mut buffer = [0u8; 256];
-    let closed = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            match silent.read(&mut buffer).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "a silent connection was kept");
+    let closed = closed_within(&mut silent, Duration::from_secs(3)).await;
+    assert!(closed, "a silent connection was kept");
     assert!(
         started.elapsed() >= Duration::from_millis(200),
         "closed after {:?}",
         started.elapsed()
     );
+}
+
+/// Whether the peer closes `stream` within `limit`; what it sends is read
+/// and ignored.
+async fn closed_within(stream: &mut (impl tokio::io::AsyncRead + Unpin), limit: Duration) -> bool {
+    let mut buffer = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// A caller that completes TLS and the HTTP/2 preface (with empty
+/// SETTINGS) at `address`, then answers nothing, not even a ping, as a
+/// peer whose host vanished: whether it is disconnected within `limit`.
+async fn silent_caller_is_dropped(
+    material: &Material,
+    address: SocketAddr,
+    limit: Duration,
+) -> bool {
+    let tls = securemesh_tls::client_tls_config(&material.files("client"))
+        .unwrap()
+        .rustls_config();
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut silent = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let preface_and_settings = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    silent.write_all(preface_and_settings).await.unwrap();
+    closed_within(&mut silent, limit).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_answer_no_ping_are_disconnected_and_the_others_kept() {
+    let material = Material::new();
+    let keepalive = ServeOptions {
+        keepalive_interval: Some(Duration::from_millis(200)),
+        keepalive_timeout: Duration::from_millis(200),
+        ..ServeOptions::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_address = listener.local_addr().unwrap();
+    let tls = securemesh_tls::server_config(&material.files("server"), None).unwrap();
+    let handler = DataHandler::new(material.keys.clone(), "pinging", false);
+    let (_stop_server, server_stopped) = oneshot::channel::<()>();
+    tokio::spawn(securemesh_tls::serve_mtls(
+        listener,
+        tls,
+        securemesh_tls::authorized_data_service(handler, Authorization::any_identity(), 64 * 1024),
+        keepalive.clone(),
+        async move {
+            let _ = server_stopped.await;
+        },
+    ));
+    let coordinator = bare_coordinator(&material);
+    coordinator
+        .pool()
+        .add(&format!("https://{server_address}"))
+        .unwrap();
+    let coordinator = TestCoordinator::serve(
+        &material,
+        coordinator,
+        Authorization::any_identity(),
+        keepalive,
+    )
+    .await;
+    ready(&material, &coordinator.url).await;
+    let message = SubmitRequest {
+        token: material.keys.encrypt(b"after a quiet while").into(),
+    }
+    .encode_to_vec();
+    let call = frame(false, message.len() as u32, &message);
+
+    for (what, address) in [
+        ("the server", server_address),
+        ("the coordinator", coordinator.address),
+    ] {
+        // This caller's connection is driven: it answers every ping.
+        let live = h2_session(&material, address).await;
+        let started = Instant::now();
+        assert!(
+            silent_caller_is_dropped(&material, address, Duration::from_secs(3)).await,
+            "{what} kept a caller that answers no ping"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(350),
+            "{what} dropped the silent caller after {waited:?}, before a ping could time out"
+        );
+        // Idle as long, the caller that answered is still connected.
+        let answered =
+            raw_h2_call(&live, http::Method::POST, "application/grpc", &call, true).await;
+        assert_eq!(answered, (http::StatusCode::OK, Some(Code::Ok)), "{what}");
+    }
 }
 
 /// The coordinator's DataService health as a client sees it within 300 ms:

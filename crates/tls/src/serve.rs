@@ -42,6 +42,13 @@ pub struct ServeOptions {
     pub max_concurrent_streams: u32,
     /// Connections (handshaking or open) allowed at once.
     pub max_connections: usize,
+    /// HTTP/2 pings to each caller at this interval (`None`: never); a
+    /// caller that does not answer one within `keepalive_timeout` is gone
+    /// (a crashed host, a cut network leave the TCP connection half open)
+    /// and its connection is closed, giving its slot back.
+    pub keepalive_interval: Option<Duration>,
+    /// See `keepalive_interval`.
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -52,6 +59,8 @@ impl Default for ServeOptions {
             drain_grace: Duration::from_secs(10),
             max_concurrent_streams: 256,
             max_connections: 4096,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -113,6 +122,8 @@ where
     };
     let server = Server::builder()
         .max_concurrent_streams(Some(options.max_concurrent_streams))
+        .http2_keepalive_interval(options.keepalive_interval)
+        .http2_keepalive_timeout(Some(options.keepalive_timeout))
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, drain);
     let grace_over = async {
