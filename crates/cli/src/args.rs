@@ -810,6 +810,38 @@ mod tests {
     }
 
     #[test]
+    fn an_etcd_user_comes_with_a_password_and_the_password_is_not_shown() {
+        let register = [
+            "securemesh",
+            "server",
+            "--register",
+            "etcd://127.0.0.1:2379",
+        ];
+        let with = |extra: &[&str]| Cli::try_parse_from(register.iter().chain(extra));
+        assert!(with(&["--etcd-user", "registrar"]).is_err());
+        assert!(with(&["--etcd-password", "secret"]).is_err());
+        let cli = with(&[
+            "--etcd-user",
+            "registrar",
+            "--etcd-password",
+            "hunter2-secret",
+        ])
+        .unwrap();
+        let Command::Server(args) = cli.command else {
+            unreachable!("parsed another command")
+        };
+        let etcd = args
+            .etcd
+            .apply(args.register.clone().unwrap(), None)
+            .unwrap();
+        assert_eq!(
+            etcd.auth.as_ref().map(|auth| auth.user.as_str()),
+            Some("registrar")
+        );
+        assert!(!format!("{etcd:?} {etcd}").contains("hunter2-secret"));
+    }
+
+    #[test]
     fn the_timeline_bucket_is_a_duration_above_zero() {
         let timeline = |value: &str| {
             let argv = [
