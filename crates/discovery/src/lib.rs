@@ -32,9 +32,10 @@ pub enum DiscoveryError {
     /// TLS toward etcd could not be set up (a file missing or unusable).
     #[error("TLS toward etcd: {0}")]
     Tls(#[from] securemesh_tls::TlsError),
-    /// An etcd member's address is not a usable URL.
-    #[error("etcd endpoint: {0}")]
-    Endpoint(#[from] tonic::transport::Error),
+    /// A channel to etcd could not be set up (a member's address that is
+    /// not a URL, or TLS the transport refused).
+    #[error("channel to etcd: {0}")]
+    Channel(#[from] tonic::transport::Error),
     /// The lease was lost (etcd expired it, or stopped answering).
     #[error("the registration's lease was lost: {0}")]
     LeaseLost(&'static str),
