@@ -128,6 +128,38 @@ async fn two_registered_servers_and_a_coordinator(cluster: &mut Cluster) -> (Etc
     (etcd, client)
 }
 
+/// Turns etcd's authentication on, with two users besides root:
+/// `registrar` (password `registrar-secret`) may read and write the
+/// prefix, `observer` (`observer-secret`) only read it.
+async fn enable_auth(etcd: &Etcd) {
+    let mut admin = etcd_client::Client::connect([format!("127.0.0.1:{}", etcd.client_port)], None)
+        .await
+        .unwrap();
+    let range = format!("{PREFIX}/");
+    admin.role_add("root").await.unwrap();
+    admin.user_add("root", "root-secret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    for (user, permission) in [
+        (
+            "registrar",
+            etcd_client::Permission::read_write(range.as_str()),
+        ),
+        ("observer", etcd_client::Permission::read(range.as_str())),
+    ] {
+        admin.role_add(user).await.unwrap();
+        admin
+            .role_grant_permission(user, permission.with_prefix())
+            .await
+            .unwrap();
+        admin
+            .user_add(user, format!("{user}-secret"), None)
+            .await
+            .unwrap();
+        admin.user_grant_role(user, user).await.unwrap();
+    }
+    admin.auth_enable().await.unwrap();
+}
+
 fn server_ids(cluster: &Cluster) -> Vec<String> {
     cluster.servers.iter().map(|server| server.id()).collect()
 }
@@ -524,33 +556,7 @@ async fn case_9_etcd_with_users_and_roles() {
     let mut cluster = Cluster::new();
     let etcd = Etcd::launch(cluster.work.path(), None);
 
-    // A registrar may write the prefix, an observer only read it.
-    let mut admin = etcd_client::Client::connect([format!("127.0.0.1:{}", etcd.client_port)], None)
-        .await
-        .unwrap();
-    let range = format!("{PREFIX}/");
-    admin.role_add("root").await.unwrap();
-    admin.user_add("root", "root-secret", None).await.unwrap();
-    admin.user_grant_role("root", "root").await.unwrap();
-    for (user, permission) in [
-        (
-            "registrar",
-            etcd_client::Permission::read_write(range.as_str()),
-        ),
-        ("observer", etcd_client::Permission::read(range.as_str())),
-    ] {
-        admin.role_add(user).await.unwrap();
-        admin
-            .role_grant_permission(user, permission.with_prefix())
-            .await
-            .unwrap();
-        admin
-            .user_add(user, format!("{user}-secret"), None)
-            .await
-            .unwrap();
-        admin.user_grant_role(user, user).await.unwrap();
-    }
-    admin.auth_enable().await.unwrap();
+    enable_auth(&etcd).await;
 
     let as_user = |user: &'static str, password: &'static str| {
         ["--etcd-user", user, "--etcd-password", password]
@@ -661,4 +667,35 @@ async fn case_10_an_etcd_certificate_our_ca_revoked_is_refused() {
         Duration::from_secs(5),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_11_an_expired_etcd_token_is_renewed() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    // Tokens expire after a second without use.
+    let etcd = Etcd::launch_with(cluster.work.path(), None, &["--auth-token-ttl", "1"]);
+    enable_auth(&etcd).await;
+    let registrar = [
+        "--etcd-user",
+        "registrar",
+        "--etcd-password",
+        "registrar-secret",
+    ];
+    start_registered(&mut cluster, &etcd, 1, &registrar).await;
+    until_logged(
+        &cluster,
+        "server-1",
+        &["registered in etcd key="],
+        Duration::from_secs(5),
+    )
+    .await;
+    // Long after the token expired, leaving needs a request of its own
+    // (the lease's revocation): it authenticates again and succeeds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = cluster.servers[0].terminate();
+    assert!(status.success(), "the server exited with {status}");
+    let log = cluster.log("server-1");
+    assert!(log.contains("deregistered from etcd"), "{log}");
+    assert!(!log.contains("cannot deregister"), "{log}");
 }

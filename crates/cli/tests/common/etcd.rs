@@ -19,6 +19,8 @@ pub struct Etcd {
     peer_port: u16,
     dir: PathBuf,
     tls: Option<EtcdTlsFiles>,
+    /// More etcd flags, on every start.
+    flags: Vec<String>,
     child: Option<Child>,
     starts: usize,
 }
@@ -26,11 +28,17 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd in `<work>/etcd` and waits until it serves.
     pub fn launch(work: &Path, tls: Option<EtcdTlsFiles>) -> Self {
+        Self::launch_with(work, tls, &[])
+    }
+
+    /// [`Etcd::launch`] with more etcd `flags`.
+    pub fn launch_with(work: &Path, tls: Option<EtcdTlsFiles>, flags: &[&str]) -> Self {
         let mut etcd = Self {
             client_port: super::free_port(),
             peer_port: super::free_port(),
             dir: work.join("etcd"),
             tls,
+            flags: flags.iter().map(|flag| (*flag).to_owned()).collect(),
             child: None,
             starts: 0,
         };
@@ -61,6 +69,7 @@ impl Etcd {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
