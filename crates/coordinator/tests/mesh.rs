@@ -1102,19 +1102,28 @@ async fn idle_connections_time_out_and_connections_are_limited() {
     }
 }
 
-/// An HTTP/2 connection to the coordinator at `address` as `client`, made
-/// with the `h2` crate, so that a test can send what no gRPC library
-/// would.
-async fn h2_session(material: &Material, address: SocketAddr) -> h2::client::SendRequest<Bytes> {
+/// A TLS connection to `address` (name `localhost`) as `client`, before
+/// any HTTP/2.
+async fn tls_as_client(
+    material: &Material,
+    address: SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let tls = securemesh_tls::client_tls_config(&material.files("client"))
         .unwrap()
         .rustls_config();
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(tls)
+    tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// An HTTP/2 connection to the coordinator at `address` as `client`, made
+/// with the `h2` crate, so that a test can send what no gRPC library
+/// would.
+async fn h2_session(material: &Material, address: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tls = tls_as_client(material, address).await;
     let (session, connection) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(connection);
     session
@@ -1336,15 +1345,7 @@ async fn a_connection_that_never_speaks_http2_is_closed() {
     .await;
     let address = coordinator.address;
     // TLS completes, then nothing: no HTTP/2 preface.
-    let tls = securemesh_tls::client_tls_config(&material.files("client"))
-        .unwrap()
-        .rustls_config();
-    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut silent = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut silent = tls_as_client(&material, address).await;
     let started = Instant::now();
     let closed = closed_within(&mut silent, Duration::from_secs(3)).await;
     assert!(closed, "a silent connection was kept");
@@ -1379,15 +1380,7 @@ async fn silent_caller_is_dropped(
     address: SocketAddr,
     limit: Duration,
 ) -> bool {
-    let tls = securemesh_tls::client_tls_config(&material.files("client"))
-        .unwrap()
-        .rustls_config();
-    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut silent = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut silent = tls_as_client(material, address).await;
     let preface_and_settings = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
     silent.write_all(preface_and_settings).await.unwrap();
     closed_within(&mut silent, limit).await
