@@ -1045,27 +1045,51 @@ async fn the_refusal_matrix_holds_at_server_and_coordinator() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_connections_time_out_and_connections_are_limited() {
-    let material = Material::new();
+/// A server answering as `server_id` (messages up to `max_message_bytes`,
+/// any identity allowed) with `options`, in this runtime, on a free port;
+/// it stops when the returned sender is dropped.
+async fn serve_with_options(
+    material: &Material,
+    server_id: &str,
+    max_message_bytes: usize,
+    options: ServeOptions,
+) -> (SocketAddr, oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let tls = securemesh_tls::server_config(&material.files("server"), None).unwrap();
-    let handler = DataHandler::new(material.keys.clone(), "limited", false);
-    let (_stop, stopped) = oneshot::channel::<()>();
+    let handler = DataHandler::new(material.keys.clone(), server_id, false);
+    let service = securemesh_tls::authorized_data_service(
+        handler,
+        Authorization::any_identity(),
+        max_message_bytes,
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(securemesh_tls::serve_mtls(
         listener,
         tls,
-        securemesh_tls::authorized_data_service(handler, Authorization::any_identity(), 1024),
+        service,
+        options,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (address, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_time_out_and_connections_are_limited() {
+    let material = Material::new();
+    let (address, _stop) = serve_with_options(
+        &material,
+        "limited",
+        1024,
         ServeOptions {
             handshake_timeout: Duration::from_millis(300),
             max_connections: 2,
             ..ServeOptions::default()
         },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    )
+    .await;
     let ca = material.dir.path().join("ca_cert.pem");
     let client = material.files("client");
 
@@ -1394,20 +1418,8 @@ async fn callers_that_answer_no_ping_are_disconnected_and_the_others_kept() {
         keepalive_timeout: Duration::from_millis(200),
         ..ServeOptions::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server_address = listener.local_addr().unwrap();
-    let tls = securemesh_tls::server_config(&material.files("server"), None).unwrap();
-    let handler = DataHandler::new(material.keys.clone(), "pinging", false);
-    let (_stop_server, server_stopped) = oneshot::channel::<()>();
-    tokio::spawn(securemesh_tls::serve_mtls(
-        listener,
-        tls,
-        securemesh_tls::authorized_data_service(handler, Authorization::any_identity(), 64 * 1024),
-        keepalive.clone(),
-        async move {
-            let _ = server_stopped.await;
-        },
-    ));
+    let (server_address, _stop_server) =
+        serve_with_options(&material, "pinging", 64 * 1024, keepalive.clone()).await;
     let coordinator = bare_coordinator(&material);
     coordinator
         .pool()
