@@ -35,6 +35,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::future::Either;
+use futures_util::future::FutureExt as _;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use h2::server::SendResponse;
 use h2::RecvStream;
@@ -273,7 +274,12 @@ impl Front {
                     }
                     None => break,
                 },
-                Some(()) = calls.next(), if !calls.is_empty() => {}
+                Some(()) = calls.next(), if !calls.is_empty() => {
+                    // Every other call that is ready finishes too before
+                    // the connection is polled again: their answers then
+                    // leave in one write instead of one write each.
+                    while let Some(Some(())) = calls.next().now_or_never() {}
+                }
                 () = &mut keepalive => {
                     tracing::debug!(
                         peer = ?peer.remote_addr(),
