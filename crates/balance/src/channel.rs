@@ -358,7 +358,7 @@ async fn drive(driver: Driver, channel: Weak<Inner>, generation: u64) {
         }
     };
     tokio::select! {
-        closed = connection => {
+        closed = WritesAfterWakers::new(connection) => {
             if let Err(error) = closed {
                 tracing::debug!(%address, %error, "connection closed");
             }
@@ -367,6 +367,43 @@ async fn drive(driver: Driver, channel: Weak<Inner>, generation: u64) {
     }
     if let Some(channel) = channel.upgrade() {
         channel.forget(generation);
+    }
+}
+
+/// Polls a connection only after the tasks that were ready when it was
+/// woken have run: a connection woken by one call's frames would otherwise
+/// run next (tokio runs the task a task wakes first) and write that call
+/// alone, then again for each other call woken by the same batch of
+/// answers. Yielding once lets them queue their frames, which then leave in
+/// one write.
+struct WritesAfterWakers<F> {
+    inner: F,
+    yielded: bool,
+}
+
+impl<F> WritesAfterWakers<F> {
+    fn new(inner: F) -> Self {
+        Self {
+            inner,
+            yielded: false,
+        }
+    }
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for WritesAfterWakers<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if !self.yielded {
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        self.yielded = false;
+        self.inner.poll_unpin(cx)
     }
 }
 
@@ -470,6 +507,47 @@ mod tests {
         assert_eq!(grpc_timeout(Duration::from_secs(99)), "99000000u");
         assert_eq!(grpc_timeout(Duration::from_secs(100)), "100000m");
         assert_eq!(grpc_timeout(Duration::from_secs(200_000)), "200000S");
+    }
+
+    /// A waker that counts its wakes.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_woken_connection_yields_once_before_it_is_polled() {
+        use std::future::Future as _;
+        let counting = Arc::new(CountingWaker(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(counting.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut polls = 0;
+        let inner = std::future::poll_fn(|_| {
+            polls += 1;
+            if polls < 2 {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(polls)
+            }
+        });
+        let mut wrapped = std::pin::pin!(WritesAfterWakers::new(inner));
+        let wakes = || counting.0.load(std::sync::atomic::Ordering::SeqCst);
+
+        // Each wake-up first yields (waking itself, to run again after the
+        // tasks already queued), and only the next poll reaches the inner future.
+        assert!(wrapped.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(wakes(), 1);
+        assert!(wrapped.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(wakes(), 1);
+        assert!(wrapped.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(wakes(), 2);
+        assert_eq!(wrapped.as_mut().poll(&mut cx), std::task::Poll::Ready(2));
     }
 
     /// A PKI in a temporary directory and the coordinator's client TLS.
