@@ -174,6 +174,11 @@ impl Lab {
         })
     }
 
+    /// The servers' memory and CPU, summed.
+    pub fn servers_usage(&self) -> crate::process::Usage {
+        self.servers.iter().map(|(_, server)| server.usage()).sum()
+    }
+
     /// The proxy process of `route` (none for the direct route).
     pub fn proxy(&self, route: Route) -> Option<&Process> {
         match route {

@@ -142,6 +142,11 @@ pub struct ClosedLoop {
     pub rounds: Vec<LoadSummary>,
     /// The proxy's CPU time per call in each round, µs (none direct).
     pub cpu_us_per_call: Vec<f64>,
+    /// Both servers' CPU time per call in each round, µs.
+    pub servers_cpu_us_per_call: Vec<f64>,
+    /// The load generator's CPU time per call in each round, µs (this
+    /// process's own, which runs little else while it measures).
+    pub load_generator_cpu_us_per_call: Vec<f64>,
 }
 
 impl ClosedLoop {
@@ -176,7 +181,17 @@ impl ClosedLoop {
 
     /// Median CPU time per call of the proxy, µs.
     pub fn cpu_us(&self) -> Option<f64> {
-        (!self.cpu_us_per_call.is_empty()).then(|| median(&mut self.cpu_us_per_call.clone()))
+        median_of_any(&self.cpu_us_per_call)
+    }
+
+    /// Median CPU time per call of both servers together, µs.
+    pub fn servers_cpu_us(&self) -> Option<f64> {
+        median_of_any(&self.servers_cpu_us_per_call)
+    }
+
+    /// Median CPU time per call of the load generator, µs.
+    pub fn load_generator_cpu_us(&self) -> Option<f64> {
+        median_of_any(&self.load_generator_cpu_us_per_call)
     }
 }
 
@@ -403,6 +418,11 @@ pub fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// The median of `values`, or `None` when there are none.
+fn median_of_any(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| median(&mut values.to_vec()))
+}
+
 /// Lets go of the CPU between measurements, so that one's tail does not
 /// run into the next.
 async fn settle() {
@@ -447,6 +467,8 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
                 concurrency,
                 rounds: Vec::new(),
                 cpu_us_per_call: Vec::new(),
+                servers_cpu_us_per_call: Vec::new(),
+                load_generator_cpu_us_per_call: Vec::new(),
             })
             .collect();
         for round in 0..options.rounds {
@@ -459,6 +481,8 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
                 );
                 let connections = options.connections.min(concurrency);
                 let before = lab.proxy(run.route).map(process::Process::usage);
+                let servers_before = lab.servers_usage();
+                let load_generator_before = process::Usage::own();
                 let summary = drive(
                     &lab,
                     run.route,
@@ -468,12 +492,18 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
                     None,
                 )
                 .await?;
-                if let (Some(before), Some(proxy)) = (before, lab.proxy(run.route)) {
-                    let spent = proxy.usage().cpu_seconds - before.cpu_seconds;
-                    if summary.requests > 0 {
+                let per_call = |spent_seconds: f64| spent_seconds * 1e6 / summary.requests as f64;
+                if summary.requests > 0 {
+                    if let (Some(before), Some(proxy)) = (before, lab.proxy(run.route)) {
                         run.cpu_us_per_call
-                            .push(spent * 1e6 / summary.requests as f64);
+                            .push(per_call(proxy.usage().cpu_seconds - before.cpu_seconds));
                     }
+                    run.servers_cpu_us_per_call.push(per_call(
+                        lab.servers_usage().cpu_seconds - servers_before.cpu_seconds,
+                    ));
+                    run.load_generator_cpu_us_per_call.push(per_call(
+                        process::Usage::own().cpu_seconds - load_generator_before.cpu_seconds,
+                    ));
                 }
                 run.rounds.push(summary);
                 settle().await;

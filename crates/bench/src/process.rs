@@ -133,6 +133,11 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// This process's own.
+    pub fn own() -> Self {
+        Self::of(std::process::id())
+    }
+
     fn of(pid: u32) -> Self {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let rss_kib = kib_field(&status, "VmRSS:").unwrap_or(0);

@@ -26,6 +26,7 @@ fn the_quick_benchmark_measures_every_route_and_writes_its_report() {
     assert!(output.status.success(), "{printed}");
     for target in [
         "coordinator / direct throughput, concurrency 32: ",
+        "for comparison, the same with the coordinator's own CPU left out",
         "coordinator / nginx p99, concurrency 32: ",
         "coordinator failed calls through a SIGKILL (all runs): ",
         "coordinator added p50 at concurrency 1: ",
@@ -46,6 +47,17 @@ fn the_quick_benchmark_measures_every_route_and_writes_its_report() {
             let summary = &run["rounds"][0];
             assert!(summary["ok"].as_u64().unwrap() > 0, "{route}: {summary}");
             assert_eq!(summary["failed"], 0, "{route}: {summary}");
+            // Every process's CPU per call is measured (the servers and
+            // the load generator on every route, the proxy behind one).
+            for process in ["servers", "load_generator"] {
+                let spent = &run[format!("{process}_cpu_us_per_call")][0];
+                assert!(spent.as_f64().unwrap() > 0.0, "{route}: {process} {run}");
+            }
+            assert_eq!(
+                run["cpu_us_per_call"].as_array().unwrap().is_empty(),
+                route == "Direct",
+                "{route}: {run}"
+            );
         }
     }
     assert_eq!(results["open"].as_array().unwrap().len(), 3);
