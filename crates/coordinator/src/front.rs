@@ -277,7 +277,9 @@ impl Front {
                 Some(()) = calls.next(), if !calls.is_empty() => {
                     // Every other call that is ready finishes too before
                     // the connection is polled again: their answers then
-                    // leave in one write instead of one write each.
+                    // leave in one write instead of one write each. (These
+                    // polls carry no waker; the loop polls `calls` with
+                    // the task's own before the task sleeps.)
                     while let Some(Some(())) = calls.next().now_or_never() {}
                 }
                 () = &mut keepalive => {
