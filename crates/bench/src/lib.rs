@@ -100,7 +100,7 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
-    /// The full benchmark (about four and a half minutes).
+    /// The full benchmark (about five and a half minutes).
     pub fn full(binary: PathBuf, dir: PathBuf) -> Self {
         Self {
             binary,
@@ -111,7 +111,7 @@ impl BenchOptions {
             connections: 4,
             held_connections: 1000,
             timeline: Duration::from_secs(4),
-            fault_repeats: 3,
+            fault_repeats: 5,
             fernet_budget: Duration::from_millis(500),
         }
     }
