@@ -7,13 +7,16 @@
 //! 1. the Fernet decrypt path against Python `cryptography` ([`fernet`]);
 //! 2. starts the [`lab`]: two servers, the coordinator and nginx, and
 //!    measures the proxies' idle memory;
-//! 3. closed loop at concurrency 1, 32 and 128, the three routes
-//!    alternating round after round, with each proxy's CPU time per call;
+//! 3. closed loop at concurrency 1, 32 and 128 over several caller
+//!    connections, and at 32 once more over one, the three routes
+//!    alternating round after round, with every process's CPU time per
+//!    call;
 //! 4. open loop at half of each route's best throughput, latency counted
 //!    from when each call was due;
 //! 5. each proxy's memory while it holds many client TLS connections;
 //! 6. failover timelines: steady load while one server is SIGKILLed, and
-//!    separately SIGSTOPped, through each proxy, each fault three times;
+//!    separately SIGSTOPped, through each proxy, each fault several times
+//!    ([`BenchOptions::fault_repeats`]);
 //!    and as often without a fault, as a control of what the machine's
 //!    own noise reads as a recovery.
 //!
@@ -88,6 +91,10 @@ pub struct BenchOptions {
     pub concurrencies: Vec<usize>,
     /// Connections the closed and open loops spread their calls over.
     pub connections: usize,
+    /// Also a closed loop at this concurrency over one caller connection,
+    /// on every route: how the callers connect moves what a proxy costs
+    /// per call, and the report shows by how much.
+    pub one_connection_at: Option<usize>,
     /// Client TLS connections held for the memory measurement.
     pub held_connections: usize,
     /// Each failover timeline's length; the fault comes at a third.
@@ -109,6 +116,7 @@ impl BenchOptions {
             rounds: 5,
             concurrencies: vec![1, 32, 128],
             connections: 4,
+            one_connection_at: Some(32),
             held_connections: 1000,
             timeline: Duration::from_secs(4),
             fault_repeats: 5,
@@ -131,13 +139,35 @@ impl BenchOptions {
     }
 }
 
-/// One route at one concurrency: every round, and medians.
+impl BenchOptions {
+    /// The closed loops to run, as (concurrency, caller connections): each
+    /// concurrency over [`BenchOptions::connections`] (fewer when there
+    /// are fewer calls in flight), then [`BenchOptions::one_connection_at`].
+    pub fn closed_loops(&self) -> Vec<(usize, usize)> {
+        let mut loops: Vec<(usize, usize)> = self
+            .concurrencies
+            .iter()
+            .map(|&concurrency| (concurrency, self.connections.min(concurrency).max(1)))
+            .collect();
+        if let Some(concurrency) = self.one_connection_at {
+            if !loops.contains(&(concurrency, 1)) {
+                loops.push((concurrency, 1));
+            }
+        }
+        loops
+    }
+}
+
+/// One route at one concurrency over some connections: every round, and
+/// medians.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClosedLoop {
     /// The route.
     pub route: Route,
     /// Calls in flight.
     pub concurrency: usize,
+    /// HTTP/2 connections the calls were spread over.
+    pub connections: usize,
     /// Each round's summary.
     pub rounds: Vec<LoadSummary>,
     /// The proxy's CPU time per call in each round, µs (none direct).
@@ -396,11 +426,22 @@ pub struct Results {
 }
 
 impl Results {
-    /// The closed-loop result of `route` at `concurrency`.
+    /// The closed-loop result of `route` at `concurrency`, over the
+    /// benchmark's usual number of connections.
     pub fn closed(&self, route: Route, concurrency: usize) -> Option<&ClosedLoop> {
-        self.closed
-            .iter()
-            .find(|run| run.route == route && run.concurrency == concurrency)
+        self.closed_over(route, concurrency, self.connections.min(concurrency).max(1))
+    }
+
+    /// The closed-loop result of `route` at `concurrency` over `connections`.
+    pub fn closed_over(
+        &self,
+        route: Route,
+        concurrency: usize,
+        connections: usize,
+    ) -> Option<&ClosedLoop> {
+        self.closed.iter().find(|run| {
+            run.route == route && run.concurrency == concurrency && run.connections == connections
+        })
     }
 }
 
@@ -459,12 +500,13 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
     }
 
     let mut closed: Vec<ClosedLoop> = Vec::new();
-    for &concurrency in &options.concurrencies {
+    for (concurrency, connections) in options.closed_loops() {
         let mut runs: Vec<ClosedLoop> = Route::ALL
             .iter()
             .map(|&route| ClosedLoop {
                 route,
                 concurrency,
+                connections,
                 rounds: Vec::new(),
                 cpu_us_per_call: Vec::new(),
                 servers_cpu_us_per_call: Vec::new(),
@@ -474,12 +516,12 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
         for round in 0..options.rounds {
             for run in &mut runs {
                 eprintln!(
-                    "bench: closed loop, concurrency {concurrency}, {} (round {} of {})",
+                    "bench: closed loop, concurrency {concurrency} over {connections} \
+                     connection(s), {} (round {} of {})",
                     run.route.name(),
                     round + 1,
                     options.rounds
                 );
-                let connections = options.connections.min(concurrency);
                 let before = lab.proxy(run.route).map(process::Process::usage);
                 let servers_before = lab.servers_usage();
                 let load_generator_before = process::Usage::own();
@@ -514,9 +556,14 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
 
     let mut open = Vec::new();
     for route in Route::ALL {
+        // The open loop spreads its calls as the usual closed loops do:
+        // half of their best.
         let best = closed
             .iter()
-            .filter(|run| run.route == route)
+            .filter(|run| {
+                run.route == route
+                    && run.connections == options.connections.min(run.concurrency).max(1)
+            })
             .map(ClosedLoop::rps)
             .fold(0.0, f64::max);
         let rate = (best / 2.0).max(1.0);
@@ -692,6 +739,23 @@ fn raise_open_file_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn closed_loops_run_each_concurrency_over_the_usual_connections_then_one_over_one() {
+        let full = BenchOptions::full("securemesh".into(), "lab".into());
+        assert_eq!(full.closed_loops(), [(1, 1), (32, 4), (128, 4), (32, 1)]);
+        // Already over one connection: not run twice.
+        let single = BenchOptions {
+            connections: 1,
+            ..full.clone()
+        };
+        assert_eq!(single.closed_loops(), [(1, 1), (32, 1), (128, 1)]);
+        let without = BenchOptions {
+            one_connection_at: None,
+            ..full
+        };
+        assert_eq!(without.closed_loops(), [(1, 1), (32, 4), (128, 4)]);
+    }
 
     fn timeline(rates: &[u64], fault_at_s: f64) -> Timeline {
         let summary = LoadSummary {

@@ -114,6 +114,21 @@ pub fn ratios(results: &Results) -> Vec<Ratio> {
             |_| true,
         ),
         ratio(
+            "for comparison, coordinator / direct throughput, concurrency 32 over one \
+             caller connection",
+            divide(
+                results
+                    .closed_over(Route::Coordinator, 32, 1)
+                    .map(crate::ClosedLoop::rps),
+                results
+                    .closed_over(Route::Direct, 32, 1)
+                    .map(crate::ClosedLoop::rps),
+            ),
+            "x",
+            "-",
+            |_| true,
+        ),
+        ratio(
             "coordinator / nginx throughput, concurrency 32",
             divide(rps(Route::Coordinator, 32), rps(Route::Nginx, 32)),
             "x",
@@ -241,6 +256,28 @@ pub struct Provenance<'a> {
     pub machine: &'a Machine,
 }
 
+/// Which closed loops ran once more over one connection, for the setup.
+fn one_connection_loops(results: &Results) -> String {
+    let concurrencies: Vec<String> = results
+        .closed
+        .iter()
+        .filter(|run| {
+            run.route == Route::Direct
+                && run.connections == 1
+                && results.connections.min(run.concurrency) > 1
+        })
+        .map(|run| run.concurrency.to_string())
+        .collect();
+    if concurrencies.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; and once more over one connection at concurrency {}",
+            concurrencies.join(", ")
+        )
+    }
+}
+
 /// `BENCHMARKS.md`.
 pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -> String {
     let mut md = String::new();
@@ -276,29 +313,30 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
          the machine's cores are shared with both servers and the load generator, and with one \
          worker a proxy handles each call on one thread.\n\
          - The load generator (`securemesh_client::load`, in the bench process) spreads its \
-         calls over {} HTTP/2 connections (fewer at concurrency 1), encrypts every payload \
+         calls over {} HTTP/2 connections (fewer at concurrency 1){}, encrypts every payload \
          with Fernet, checks every reply's digest and never retries: what a route fails, the \
          benchmark counts.\n\
          - Servers and coordinator run with `RUST_LOG=warn` (no per-call audit line), as \
          nginx runs without an access log.\n",
         results.nginx_version,
         crate::PROXY_WORKERS,
-        results.connections
+        results.connections,
+        one_connection_loops(results)
     );
 
     let _ = writeln!(md, "## Closed loop\n");
     let _ = writeln!(
         md,
-        "| concurrency | route | calls/s | p50 ms | p99 ms | p99.9 ms | failed | load generator CPU µs/call | servers CPU µs/call | proxy CPU µs/call | vs direct |"
+        "| concurrency | connections | route | calls/s | p50 ms | p99 ms | p99.9 ms | failed | load generator CPU µs/call | servers CPU µs/call | proxy CPU µs/call | vs direct |"
     );
     let _ = writeln!(
         md,
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let microseconds = |cpu: Option<f64>| cpu.map_or_else(|| "-".into(), |cpu| format!("{cpu:.0}"));
     for run in &results.closed {
         let direct = results
-            .closed(Route::Direct, run.concurrency)
+            .closed_over(Route::Direct, run.concurrency, run.connections)
             .map_or(0.0, crate::ClosedLoop::rps);
         let versus = if direct > 0.0 {
             format!("{:.2}", run.rps() / direct)
@@ -307,8 +345,9 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {versus} |",
+            "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {versus} |",
             run.concurrency,
+            run.connections,
             run.route.name(),
             run.rps(),
             run.p50_ms(),
@@ -328,7 +367,13 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
          and workers together. The machine's cores are shared by all of them, so what \
          the load generator and the servers spend per call behind a proxy bounds the \
          proxy's ratio to direct even if the proxy cost nothing: that bound is the \
-         target list's \"with the coordinator's own CPU left out\" line.\n"
+         target list's \"with the coordinator's own CPU left out\" line.\n\n\
+         The rows over one connection are the same load from one caller connection \
+         instead of several: every process on a proxy's route then reads and writes \
+         fewer sockets, with more calls per system call, while a direct call keeps to \
+         the one server thread that owns its connection. The targets are read over \
+         several connections; the one-connection figure is in the target list for \
+         comparison.\n"
     );
 
     let _ = writeln!(md, "## Open loop\n");

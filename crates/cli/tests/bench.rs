@@ -27,6 +27,7 @@ fn the_quick_benchmark_measures_every_route_and_writes_its_report() {
     for target in [
         "coordinator / direct throughput, concurrency 32: ",
         "for comparison, the same with the coordinator's own CPU left out",
+        "for comparison, coordinator / direct throughput, concurrency 32 over one caller connection: ",
         "coordinator / nginx p99, concurrency 32: ",
         "coordinator failed calls through a SIGKILL (all runs): ",
         "coordinator added p50 at concurrency 1: ",
@@ -36,13 +37,28 @@ fn the_quick_benchmark_measures_every_route_and_writes_its_report() {
         assert!(printed.contains(target), "{target} missing:\n{printed}");
     }
     assert!(!printed.contains("(target 0) not measured"), "{printed}");
+    assert!(
+        !printed.contains("over one caller connection: -"),
+        "{printed}"
+    );
 
     let results: Value =
         serde_json::from_slice(&std::fs::read(work.path().join("results.json")).unwrap()).unwrap();
     let closed = results["closed"].as_array().unwrap();
     for route in ["Direct", "Coordinator", "Nginx"] {
         let runs: Vec<&Value> = closed.iter().filter(|run| run["route"] == route).collect();
-        assert_eq!(runs.len(), 2, "{route}: concurrency 1 and 32");
+        let loops: Vec<(u64, u64)> = runs
+            .iter()
+            .map(|run| {
+                let number = |field: &str| run[field].as_u64().unwrap();
+                (number("concurrency"), number("connections"))
+            })
+            .collect();
+        assert_eq!(
+            loops,
+            [(1, 1), (32, 4), (32, 1)],
+            "{route}: concurrency 1, 32 over four connections, 32 over one"
+        );
         for run in runs {
             let summary = &run["rounds"][0];
             assert!(summary["ok"].as_u64().unwrap() > 0, "{route}: {summary}");
