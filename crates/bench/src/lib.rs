@@ -107,7 +107,7 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
-    /// The full benchmark (about five and a half minutes).
+    /// The full benchmark (about six minutes).
     pub fn full(binary: PathBuf, dir: PathBuf) -> Self {
         Self {
             binary,

@@ -369,11 +369,11 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
          proxy's ratio to direct even if the proxy cost nothing: that bound is the \
          target list's \"with the coordinator's own CPU left out\" line.\n\n\
          The rows over one connection are the same load from one caller connection \
-         instead of several: every process on a proxy's route then reads and writes \
-         fewer sockets, with more calls per system call, while a direct call keeps to \
-         the one server thread that owns its connection. The targets are read over \
-         several connections; the one-connection figure is in the target list for \
-         comparison.\n"
+         instead of several: a proxy then reads and writes one caller socket instead \
+         of several, with more calls per system call, while a server called directly \
+         reads and writes its one connection in one task, on one thread at a time. \
+         The targets are read over several connections; the one-connection ratio is \
+         in the target list for comparison.\n"
     );
 
     let _ = writeln!(md, "## Open loop\n");
