@@ -474,7 +474,7 @@ async fn settle() {
 pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
     raise_open_file_limit();
     eprintln!("bench: Fernet decrypt, ours and Python's");
-    let fernet = fernet::measure(options.fernet_budget)?;
+    let fernet = fernet::measure(options.fernet_budget, &options.dir.join("criterion"))?;
 
     eprintln!("bench: starting two servers, the coordinator and nginx");
     let mut lab = Lab::start(&options.binary, &options.dir).await?;
