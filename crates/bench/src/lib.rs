@@ -137,9 +137,7 @@ impl BenchOptions {
             ..Self::full(binary, dir)
         }
     }
-}
 
-impl BenchOptions {
     /// The closed loops to run, as (concurrency, caller connections): each
     /// concurrency over [`BenchOptions::connections`] (fewer when there
     /// are fewer calls in flight), then [`BenchOptions::one_connection_at`].
@@ -147,7 +145,12 @@ impl BenchOptions {
         let mut loops: Vec<(usize, usize)> = self
             .concurrencies
             .iter()
-            .map(|&concurrency| (concurrency, self.connections.min(concurrency).max(1)))
+            .map(|&concurrency| {
+                (
+                    concurrency,
+                    usual_connections(self.connections, concurrency),
+                )
+            })
             .collect();
         if let Some(concurrency) = self.one_connection_at {
             if !loops.contains(&(concurrency, 1)) {
@@ -429,7 +432,11 @@ impl Results {
     /// The closed-loop result of `route` at `concurrency`, over the
     /// benchmark's usual number of connections.
     pub fn closed(&self, route: Route, concurrency: usize) -> Option<&ClosedLoop> {
-        self.closed_over(route, concurrency, self.connections.min(concurrency).max(1))
+        self.closed_over(
+            route,
+            concurrency,
+            usual_connections(self.connections, concurrency),
+        )
     }
 
     /// The closed-loop result of `route` at `concurrency` over `connections`.
@@ -443,6 +450,13 @@ impl Results {
             run.route == route && run.concurrency == concurrency && run.connections == connections
         })
     }
+}
+
+/// How many connections `concurrency` calls are spread over when the
+/// benchmark spreads them over `connections`: never more connections than
+/// calls.
+pub(crate) fn usual_connections(connections: usize, concurrency: usize) -> usize {
+    connections.min(concurrency).max(1)
 }
 
 /// The median of `values` (0 when empty).
@@ -562,7 +576,7 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
             .iter()
             .filter(|run| {
                 run.route == route
-                    && run.connections == options.connections.min(run.concurrency).max(1)
+                    && run.connections == usual_connections(options.connections, run.concurrency)
             })
             .map(ClosedLoop::rps)
             .fold(0.0, f64::max);

@@ -264,7 +264,7 @@ fn one_connection_loops(results: &Results) -> String {
         .filter(|run| {
             run.route == Route::Direct
                 && run.connections == 1
-                && results.connections.min(run.concurrency) > 1
+                && crate::usual_connections(results.connections, run.concurrency) > 1
         })
         .map(|run| run.concurrency.to_string())
         .collect();

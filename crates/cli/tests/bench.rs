@@ -41,6 +41,14 @@ fn the_quick_benchmark_measures_every_route_and_writes_its_report() {
         !printed.contains("over one caller connection: -"),
         "{printed}"
     );
+    // Our Fernet decrypt ran under criterion, which reports each size.
+    for size in ["64", "1024", "16384"] {
+        let benchmark = format!("fernet_decrypt/{size}");
+        assert!(
+            printed.contains(&benchmark),
+            "{benchmark} missing:\n{printed}"
+        );
+    }
 
     let results: Value =
         serde_json::from_slice(&std::fs::read(work.path().join("results.json")).unwrap()).unwrap();
