@@ -272,7 +272,7 @@ fn one_connection_loops(results: &Results) -> String {
         String::new()
     } else {
         format!(
-            "; and once more over one connection at concurrency {}",
+            "; at concurrency {} also once more over one",
             concurrencies.join(", ")
         )
     }
@@ -313,7 +313,7 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
          the machine's cores are shared with both servers and the load generator, and with one \
          worker a proxy handles each call on one thread.\n\
          - The load generator (`securemesh_client::load`, in the bench process) spreads its \
-         calls over {} HTTP/2 connections (fewer at concurrency 1){}, encrypts every payload \
+         calls over {} HTTP/2 connections (fewer at concurrency 1{}), encrypts every payload \
          with Fernet, checks every reply's digest and never retries: what a route fails, the \
          benchmark counts.\n\
          - Servers and coordinator run with `RUST_LOG=warn` (no per-call audit line), as \
