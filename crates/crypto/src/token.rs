@@ -258,6 +258,11 @@ fn check_frame(token: &[u8], now: u64) -> Result<(&str, u64), TokenError> {
     if token.is_empty() {
         return Err(TokenError::Empty);
     }
+    // Base64url is ASCII; checked first, so that the text below is cut at
+    // character boundaries only.
+    if !token.is_ascii() {
+        return Err(TokenError::Malformed("not ASCII text"));
+    }
     let text = std::str::from_utf8(token).map_err(|_| TokenError::Malformed("not ASCII text"))?;
     // A trailing newline is a common copy-paste artefact, and padding is
     // optional (the `fernet` crate trims it); anything else is not
@@ -446,6 +451,26 @@ mod tests {
             ring.decrypt(odd.as_bytes()),
             Err(TokenError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn refuses_a_non_ascii_character_of_the_right_byte_length_anywhere() {
+        // Two bytes of a genuine token replaced by one two-byte character:
+        // the length still looks right. Across the end of the header (bytes
+        // 11 and 12) this once cut the text inside the character, a panic
+        // any caller could trigger.
+        let ring = ring();
+        let token = ring.encrypt(b"short");
+        for position in (0..16).chain([40, token.len() - 2]) {
+            let mut tampered = token.clone();
+            tampered.splice(position..position + 2, "\u{e9}".bytes());
+            assert_eq!(tampered.len(), token.len());
+            assert_eq!(
+                ring.decrypt(&tampered),
+                Err(TokenError::Malformed("not ASCII text")),
+                "at byte {position}"
+            );
+        }
     }
 
     #[test]
