@@ -298,7 +298,12 @@ impl Front {
             }
         }
         // The connection is gone: what is left of its calls cannot be
-        // answered, but they still finish (and are accounted for).
+        // answered. Dropping it closes every stream, which each call
+        // watches: a relay is abandoned, a health watch ends (it would
+        // otherwise wait for the next change of status and keep this task,
+        // its socket and its connection slot alive until then). They still
+        // finish here, and are accounted for.
+        drop(http2);
         while calls.next().await.is_some() {}
     }
 
@@ -368,7 +373,9 @@ impl Front {
         let _ = send_outcome(&mut respond, outcome);
     }
 
-    /// Anything but `Submit`: tonic's router answers it.
+    /// Anything but `Submit`: tonic's router answers it. The answer is
+    /// written no faster than the caller's flow-control window opens, and
+    /// abandoned when the caller resets the stream or its connection ends.
     async fn delegate(
         &self,
         request: Request<RecvStream>,
@@ -378,7 +385,11 @@ impl Front {
         let (parts, body) = request.into_parts();
         let mut request = Request::from_parts(parts, tonic::body::Body::new(IncomingBody(body)));
         request.extensions_mut().insert(peer);
-        let Ok(response) = self.others.clone().oneshot(request).await;
+        let response = tokio::select! {
+            response = self.others.clone().oneshot(request) => response,
+            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
+        };
+        let Ok(response) = response;
         let (parts, mut body) = response.into_parts();
         let end = http_body::Body::is_end_stream(&body);
         let Ok(mut sending) = respond.send_response(Response::from_parts(parts, ()), end) else {
@@ -387,28 +398,66 @@ impl Front {
         if end {
             return;
         }
-        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-            let sent = match frame {
-                Ok(frame) => match frame.into_data() {
-                    Ok(data) => sending.send_data(data, false),
-                    Err(frame) => match frame.into_trailers() {
-                        Ok(trailers) => return drop(sending.send_trailers(trailers)),
-                        Err(_) => Ok(()),
-                    },
-                },
-                Err(error) => {
+        loop {
+            // A streaming answer (a health watch, reflection) may wait long
+            // for its next message: a reset ends the wait.
+            let frame = tokio::select! {
+                frame = http_body_util::BodyExt::frame(&mut body) => frame,
+                _ = std::future::poll_fn(|cx| sending.poll_reset(cx)) => return,
+            };
+            let frame = match frame {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => {
                     tracing::debug!(%error, "response body failed");
                     sending.send_reset(h2::Reason::INTERNAL_ERROR);
                     return;
                 }
+                None => break,
             };
-            if sent.is_err() {
-                return;
+            match frame.into_data() {
+                Ok(data) => {
+                    if send_within_window(&mut sending, data).await.is_err() {
+                        return;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = sending.send_trailers(trailers);
+                        return;
+                    }
+                }
             }
         }
         let _ = sending.send_data(Bytes::new(), true);
     }
 }
+
+/// Writes `data` on `sending` as the peer's flow-control window allows.
+/// `h2` buffers whatever it is handed without bound, so a caller that
+/// opens no window (and keeps asking, on a reflection stream) would
+/// otherwise make the coordinator hold every answer in memory; waiting here
+/// instead stops reading the answers, and through tonic the requests.
+async fn send_within_window(
+    sending: &mut h2::SendStream<Bytes>,
+    mut data: Bytes,
+) -> Result<(), StreamClosed> {
+    while !data.is_empty() {
+        sending.reserve_capacity(data.len());
+        let granted = match std::future::poll_fn(|cx| sending.poll_capacity(cx)).await {
+            Some(Ok(granted)) => granted,
+            Some(Err(_)) | None => return Err(StreamClosed),
+        };
+        let chunk = data.split_to(granted.min(data.len()));
+        if !chunk.is_empty() {
+            sending.send_data(chunk, false).map_err(|_| StreamClosed)?;
+        }
+    }
+    Ok(())
+}
+
+/// The stream was reset or its connection ended: nothing more can be sent.
+#[derive(Debug)]
+struct StreamClosed;
 
 /// An HTTP-level refusal of a request that is not a gRPC call at all
 /// (the gRPC specification answers a wrong content type with 415).

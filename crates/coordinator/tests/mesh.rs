@@ -465,6 +465,11 @@ async fn bad_tokens_get_invalid_argument_through_the_coordinator() {
         .unwrap()
         .encrypt(b"under another key");
 
+    // The right length, but a two-byte character across the end of the
+    // header (bytes 11 and 12).
+    let mut not_ascii = good.clone();
+    not_ascii.splice(11..13, "\u{e9}".bytes());
+
     let now = securemesh_crypto::unix_now();
     for (case, token) in [
         (
@@ -479,6 +484,7 @@ async fn bad_tokens_get_invalid_argument_through_the_coordinator() {
         ("another key", other_key),
         ("empty", Vec::new()),
         ("garbage", b"\x00\xffnot a token".to_vec()),
+        ("not ASCII", not_ascii),
     ] {
         let status = client.submit_token(token).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{case}: {status:?}");
@@ -1054,15 +1060,31 @@ async fn serve_with_options(
     max_message_bytes: usize,
     options: ServeOptions,
 ) -> (SocketAddr, oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let tls = securemesh_tls::server_config(&material.files("server"), None).unwrap();
     let handler = DataHandler::new(material.keys.clone(), server_id, false);
-    let service = securemesh_tls::authorized_data_service(
+    serve_authorized(
+        material,
         handler,
         Authorization::any_identity(),
         max_message_bytes,
-    );
+        options,
+    )
+    .await
+}
+
+/// `service` behind `authorization`, served in this runtime on a free
+/// port; it stops when the returned sender is dropped.
+async fn serve_authorized<S: DataService>(
+    material: &Material,
+    service: S,
+    authorization: Authorization,
+    max_message_bytes: usize,
+    options: ServeOptions,
+) -> (SocketAddr, oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let tls = securemesh_tls::server_config(&material.files("server"), None).unwrap();
+    let service =
+        securemesh_tls::authorized_data_service(service, authorization, max_message_bytes);
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(securemesh_tls::serve_mtls(
         listener,
@@ -1074,6 +1096,77 @@ async fn serve_with_options(
         },
     ));
     (address, stop)
+}
+
+/// Answers every call with the caller it was given (`Caller::origin`) as
+/// its `result`.
+struct CallerEcho;
+
+#[tonic::async_trait]
+impl DataService for CallerEcho {
+    async fn submit(
+        &self,
+        request: tonic::Request<SubmitRequest>,
+    ) -> Result<tonic::Response<SubmitReply>, tonic::Status> {
+        let caller = request
+            .extensions()
+            .get::<securemesh_tls::Caller>()
+            .map(|caller| caller.origin().to_owned())
+            .unwrap_or_default();
+        Ok(tonic::Response::new(SubmitReply {
+            result: caller,
+            ..SubmitReply::default()
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_speak_for_another_or_skip_credentials_by_claiming_a_caller() {
+    const CLIENT: &str = "spiffe://securemesh/client/client";
+    let material = Material::new();
+    let file = material.dir.path().join("credentials.txt");
+    securemesh_credentials::add_user(&file, "alice", "correct horse").unwrap();
+    let credentials = Arc::new(securemesh_credentials::Credentials::from_file(&file).unwrap());
+    // A server that also admits the client directly, with credentials.
+    let (address, _stop) = serve_authorized(
+        &material,
+        CallerEcho,
+        Authorization::server_default([CLIENT.to_owned()]).with_credentials(credentials),
+        64 * 1024,
+        ServeOptions::default(),
+    )
+    .await;
+    let session = h2_session(&material, address).await;
+    let message = SubmitRequest {
+        token: material.keys.encrypt(b"who am I").into(),
+    }
+    .encode_to_vec();
+    let call = frame(false, message.len() as u32, &message);
+    let alice = securemesh_credentials::basic_header("alice", "correct horse");
+
+    for claimed in [
+        "spiffe://securemesh/client/mallory",
+        securemesh_tls::COORDINATOR_IDENTITY,
+    ] {
+        // The claim does not make the client a forwarder, so it does not
+        // spare the client its credentials...
+        let (_, code, _) =
+            raw_h2_exchange(&session, &[(securemesh_tls::CALLER_HEADER, claimed)], &call).await;
+        assert_eq!(code, Some(Code::Unauthenticated), "claiming {claimed}");
+        // ...and with them, the server still sees the client itself.
+        let (_, code, reply) = raw_h2_exchange(
+            &session,
+            &[
+                (securemesh_tls::CALLER_HEADER, claimed),
+                ("authorization", &alice),
+            ],
+            &call,
+        )
+        .await;
+        assert_eq!(code, Some(Code::Ok), "claiming {claimed}");
+        let reply = SubmitReply::decode(&reply[5..]).unwrap();
+        assert_eq!(reply.result, CLIENT, "claiming {claimed}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1132,15 +1225,38 @@ async fn tls_as_client(
     material: &Material,
     address: SocketAddr,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    try_tls_as_client(material, address).await.unwrap()
+}
+
+/// [`tls_as_client`], or how the handshake failed.
+async fn try_tls_as_client(
+    material: &Material,
+    address: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let tls = securemesh_tls::client_tls_config(&material.files("client"))
         .unwrap()
         .rustls_config();
-    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(address).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
-        .unwrap()
+}
+
+/// [`tls_as_client`], retried for up to 3 s while the coordinator turns
+/// connections away (its connection limit reached).
+async fn until_tls_as_client(
+    material: &Material,
+    address: SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match try_tls_as_client(material, address).await {
+            Ok(tls) => return tls,
+            Err(error) => assert!(Instant::now() < deadline, "not accepted: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// An HTTP/2 connection to the coordinator at `address` as `client`, made
@@ -1175,6 +1291,38 @@ async fn raw_h2_call_with(
     body: &[u8],
     end_stream: bool,
 ) -> (http::StatusCode, Option<Code>) {
+    let (status, code, _) =
+        raw_h2_request(session, method, content_type, headers, body, end_stream).await;
+    (status, code)
+}
+
+/// A whole gRPC call: the HTTP status, the gRPC status and the answer's
+/// body (its gRPC frames).
+async fn raw_h2_exchange(
+    session: &h2::client::SendRequest<Bytes>,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (http::StatusCode, Option<Code>, Vec<u8>) {
+    raw_h2_request(
+        session,
+        http::Method::POST,
+        "application/grpc",
+        headers,
+        body,
+        true,
+    )
+    .await
+}
+
+/// [`raw_h2_call_with`], also returning the answer's body.
+async fn raw_h2_request(
+    session: &h2::client::SendRequest<Bytes>,
+    method: http::Method,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    end_stream: bool,
+) -> (http::StatusCode, Option<Code>, Vec<u8>) {
     let mut request = http::Request::builder()
         .method(method)
         .uri("https://localhost/securemesh.v1.DataService/Submit")
@@ -1196,7 +1344,11 @@ async fn raw_h2_call_with(
     let status = response.status();
     let headers_status = tonic::Status::from_header_map(response.headers());
     let mut body = response.into_body();
-    while let Some(Ok(_)) = body.data().await {}
+    let mut answer = Vec::new();
+    while let Some(Ok(data)) = body.data().await {
+        let _ = body.flow_control().release_capacity(data.len());
+        answer.extend_from_slice(&data);
+    }
     let trailers_status = body
         .trailers()
         .await
@@ -1208,6 +1360,7 @@ async fn raw_h2_call_with(
         headers_status
             .or(trailers_status)
             .map(|status| status.code()),
+        answer,
     )
 }
 
@@ -1567,4 +1720,201 @@ async fn a_call_the_caller_resets_is_abandoned_by_the_coordinator() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// An HTTP/2 client connection a test can stop driving: once `paused`, it
+/// answers nothing, pings included, but keeps its socket open (a caller
+/// whose host vanished).
+struct Pausable<F> {
+    connection: F,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for Pausable<F> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.paused.load(Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.connection)
+            .poll(cx)
+            .map(|_| ())
+    }
+}
+
+/// Waits (at most 3 s) until the coordinator at `address` accepts a
+/// connection, which a limit of one connection allows only while no other
+/// holds it.
+async fn until_a_connection_is_accepted(material: &Material, address: SocketAddr, what: &str) {
+    let ca = material.dir.path().join("ca_cert.pem");
+    let client = material.files("client");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while open_tls(address, "localhost", &ca, Some(&client))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A gRPC request on `session` whose request stream stays open for the
+/// test to write.
+async fn open_grpc_stream(
+    session: &h2::client::SendRequest<Bytes>,
+    path: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!("https://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut session = session.clone().ready().await.unwrap();
+    session.send_request(request, false).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_watch_does_not_outlive_its_callers_connection() {
+    let material = Material::new();
+    let coordinator = TestCoordinator::serve(
+        &material,
+        bare_coordinator(&material),
+        Authorization::any_identity(),
+        ServeOptions {
+            max_connections: 1,
+            keepalive_interval: Some(Duration::from_millis(200)),
+            keepalive_timeout: Duration::from_millis(200),
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let address = coordinator.address;
+    let watch_request = tonic_health::pb::HealthCheckRequest {
+        service: securemesh::v1::DATA_SERVICE_NAME.to_owned(),
+    }
+    .encode_to_vec();
+
+    for falls_silent in [false, true] {
+        let what = if falls_silent {
+            "a caller that stopped answering pings"
+        } else {
+            "a caller that disconnected"
+        };
+        // (The probe that showed the slot free may still hold it briefly.)
+        let tls = until_tls_as_client(&material, address).await;
+        let (session, connection) = h2::client::handshake(tls).await.unwrap();
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let driver = tokio::spawn(Pausable {
+            connection,
+            paused: paused.clone(),
+        });
+        let (response, mut request) =
+            open_grpc_stream(&session, "/grpc.health.v1.Health/Watch").await;
+        request
+            .send_data(
+                Bytes::from(frame(false, watch_request.len() as u32, &watch_request)),
+                true,
+            )
+            .unwrap();
+        let mut watch = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .expect("no answer to the watch")
+            .unwrap()
+            .into_body();
+        let first = tokio::time::timeout(Duration::from_secs(5), watch.data())
+            .await
+            .expect("no first status");
+        assert!(matches!(first, Some(Ok(_))), "{first:?}");
+        // The watch waits for the next change of status, which does not
+        // come; the caller goes away meanwhile.
+        if falls_silent {
+            paused.store(true, Ordering::SeqCst);
+        } else {
+            driver.abort();
+        }
+        until_a_connection_is_accepted(
+            &material,
+            address,
+            &format!("{what} kept its connection slot through its open health watch"),
+        )
+        .await;
+        driver.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_reads_no_answers_cannot_make_the_coordinator_buffer_them() {
+    /// The coordinator's flow-control window for one stream of a caller.
+    const STREAM_WINDOW: usize = 2 * 1024 * 1024;
+    let material = Material::new();
+    let coordinator = TestCoordinator::serve(
+        &material,
+        bare_coordinator(&material),
+        Authorization::any_identity(),
+        ServeOptions::default(),
+    )
+    .await;
+    let tls = tls_as_client(&material, coordinator.address).await;
+    // The caller offers 1 KiB for answers and never reads them, so never
+    // opens its window further.
+    let (session, connection) = h2::client::Builder::new()
+        .initial_window_size(1024)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    let (_response, mut requests) = open_grpc_stream(
+        &session,
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    )
+    .await;
+    // ServerReflectionRequest { host (field 1): 1,000 characters,
+    // file_containing_symbol (field 4): the DataService }: each answer
+    // echoes the request and adds the service's file descriptor.
+    let mut message = vec![0x0a, 0xe8, 0x07];
+    message.extend_from_slice("h".repeat(1000).as_bytes());
+    let symbol = securemesh::v1::DATA_SERVICE_NAME.as_bytes();
+    message.extend_from_slice(&[0x22, symbol.len() as u8]);
+    message.extend_from_slice(symbol);
+    let message = Bytes::from(frame(false, message.len() as u32, &message));
+
+    // The caller keeps asking for as long as the coordinator takes its
+    // requests. Once it holds one window of unanswerable requests, it
+    // should take no more.
+    let mut sent = 0usize;
+    let mut pending = message.clone();
+    loop {
+        if pending.is_empty() {
+            pending = message.clone();
+        }
+        requests.reserve_capacity(pending.len());
+        let granted = tokio::time::timeout(
+            Duration::from_secs(1),
+            std::future::poll_fn(|cx| requests.poll_capacity(cx)),
+        )
+        .await;
+        let granted = match granted {
+            Err(_) => break,
+            Ok(Some(Ok(granted))) => granted,
+            Ok(other) => panic!("the request stream ended: {other:?}"),
+        };
+        let chunk = pending.split_to(granted.min(pending.len()));
+        sent += chunk.len();
+        requests.send_data(chunk, false).unwrap();
+        assert!(
+            sent <= 3 * STREAM_WINDOW,
+            "the coordinator kept taking requests whose answers nobody reads ({sent} bytes)"
+        );
+    }
+    assert!(
+        sent >= STREAM_WINDOW / 2,
+        "the coordinator stopped taking requests after {sent} bytes"
+    );
+    driver.abort();
 }
