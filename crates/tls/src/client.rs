@@ -186,4 +186,25 @@ mod tests {
         let mesh = client_tls(&files, Some(&crl)).unwrap();
         assert!(verdict(&mesh, &server_certificate(&theirs)).is_err());
     }
+
+    #[test]
+    fn a_crl_file_without_a_crl_is_refused_rather_than_ignored() {
+        let ours = pki();
+        let files = TlsFiles::in_dir(ours.path(), "coordinator");
+        let empty = ours.path().join("empty_crl.pem");
+        std::fs::write(&empty, "").unwrap();
+        // A certificate named instead of the CRL.
+        let not_a_crl = ours.path().join("ca_cert.pem");
+        for wrong in [&empty, &not_a_crl] {
+            for tls in [
+                client_tls(&files, Some(wrong)).map(drop),
+                foreign_server_tls(&files.ca, None, Some(wrong)).map(drop),
+                crate::server_config(&TlsFiles::in_dir(ours.path(), "server"), Some(wrong))
+                    .map(drop),
+            ] {
+                let error = tls.unwrap_err().to_string();
+                assert!(error.contains("no X509 CRL found"), "{wrong:?}: {error}");
+            }
+        }
+    }
 }

@@ -96,12 +96,22 @@ impl TlsFiles {
         path: &Path,
     ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
         let pem = Self::read(path)?;
-        CertificateRevocationListDer::pem_slice_iter(&pem)
+        let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| TlsError::Pem {
                 path: path.to_path_buf(),
                 what: error.to_string(),
-            })
+            })?;
+        // rustls checks nothing when given no list: a file that holds none
+        // (empty, or a certificate named by mistake) would turn revocation
+        // off while the operator believes it on.
+        if crls.is_empty() {
+            return Err(TlsError::Pem {
+                path: path.to_path_buf(),
+                what: "no X509 CRL found".into(),
+            });
+        }
+        Ok(crls)
     }
 
     pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
