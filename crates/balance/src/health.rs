@@ -1,7 +1,8 @@
 //! Active health checking: `grpc.health.v1.Health/Check` on each backend at
 //! an interval. Anything but `SERVING` (an error, a timeout, `NOT_SERVING`,
 //! as a draining server answers) takes a backend out of rotation; `SERVING`
-//! lets it back once no ejection holds it out.
+//! lets it back once no ejection holds it out. Without checks, ejections
+//! still end when their time runs out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,19 @@ pub(crate) async fn probe(
         };
         // Also ends an ejection that has run out.
         state.checked(outcome);
+    }
+}
+
+/// Ends a backend's ejections as they run out, for a pool without health
+/// checks ([`probe`] does it as well as checking). Without it an ejected
+/// backend would stay out until the process ends.
+pub(crate) async fn readmit(state: Arc<BackendState>) {
+    loop {
+        let ejection_ends = state.ejection_ends();
+        tokio::select! {
+            () = sleep_until_some(ejection_ends) => state.settle(),
+            () = state.ejected.notified() => {}
+        }
     }
 }
 

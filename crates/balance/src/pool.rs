@@ -107,8 +107,9 @@ pub struct BackendSnapshot {
 
 struct Member {
     state: Arc<BackendState>,
-    /// Its health checks, unless they are off.
-    prober: Option<JoinHandle<()>>,
+    /// Its health checks, or (with checks off) the task that ends its
+    /// ejections.
+    prober: JoinHandle<()>,
     /// How many sources (the static list, discovery keys) named this URL;
     /// the backend leaves when the last of them removes it.
     sources: usize,
@@ -173,14 +174,16 @@ impl BackendPool {
         self.changes
             .send(Change::Insert(url.to_owned(), backend))
             .map_err(|_| PoolError::BalancerGone)?;
-        let prober = self.options.health_checks.then(|| {
+        let prober = if self.options.health_checks {
             tokio::spawn(crate::health::probe(
                 state.clone(),
                 channel,
                 self.options.health_interval,
                 self.options.health_timeout,
             ))
-        });
+        } else {
+            tokio::spawn(crate::health::readmit(state.clone()))
+        };
         Ok(Member {
             state,
             prober,
@@ -206,9 +209,7 @@ impl BackendPool {
     }
 
     fn disconnect(&self, url: &str, member: &Member) {
-        if let Some(prober) = &member.prober {
-            prober.abort();
-        }
+        member.prober.abort();
         member.state.retire();
         let _ = self.changes.send(Change::Remove(url.to_owned()));
     }
@@ -267,9 +268,7 @@ impl BackendPool {
 impl Drop for BackendPool {
     fn drop(&mut self) {
         for member in self.members().values() {
-            if let Some(prober) = &member.prober {
-                prober.abort();
-            }
+            member.prober.abort();
         }
     }
 }
@@ -319,5 +318,29 @@ mod tests {
         assert_eq!(urls(&pool), [url]);
         pool.remove(url);
         assert!(urls(&pool).is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_health_checks_an_ejection_still_ends() {
+        let (_dir, tls) = crate::testing::coordinator_tls();
+        let mut options = BackendOptions::new(tls);
+        options.health_checks = false;
+        options.ejection.base_time = Duration::from_millis(100);
+        let (pool, _discovery) = BackendPool::new(options);
+        let (a, b) = ("https://127.0.0.1:9", "https://127.0.0.1:10");
+        pool.add(a).unwrap();
+        pool.add(b).unwrap();
+        let state = pool.members()[a].state.clone();
+        state.call_failed("connection refused");
+        assert!(!state.is_in_rotation(), "not ejected");
+        let ejected = std::time::Instant::now();
+        while !state.is_in_rotation() {
+            assert!(
+                ejected.elapsed() < Duration::from_secs(2),
+                "an ejection of 100 ms never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(ejected.elapsed() >= Duration::from_millis(90));
     }
 }
