@@ -84,11 +84,24 @@ pub enum Refusal {
 }
 
 /// The credentials a process accepts.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Credentials {
     users: HashMap<String, String>,
     tokens: Vec<(String, [u8; 32])>,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
+}
+
+/// Names users and tokens, never their password hashes or token digests.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut users: Vec<&str> = self.users.keys().map(String::as_str).collect();
+        users.sort_unstable();
+        let tokens: Vec<&str> = self.tokens.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("Credentials")
+            .field("users", &users)
+            .field("tokens", &tokens)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Credentials {
@@ -437,6 +450,12 @@ mod tests {
         assert!(!text.contains("correct horse"));
         assert!(!text.contains(&token));
         assert!(text.contains("$argon2id$"));
+        // Nor does its Debug form show the hashes or digests.
+        let shown = format!("{:?}", Credentials::from_file(&path).unwrap());
+        assert_eq!(
+            shown,
+            r#"Credentials { users: ["alice"], tokens: ["ci-bot"], .. }"#
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

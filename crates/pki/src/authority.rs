@@ -69,12 +69,22 @@ impl FromStr for Role {
 }
 
 /// A PEM certificate and its PEM private key.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IssuedCertificate {
     /// The certificate, PEM.
     pub cert_pem: String,
     /// Its PKCS#8 private key, PEM.
     pub key_pem: String,
+}
+
+/// Shows the certificate, never the private key.
+impl std::fmt::Debug for IssuedCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCertificate")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<hidden>")
+            .finish()
+    }
 }
 
 /// A certificate authority able to sign leaves.
@@ -273,4 +283,21 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
     // A positive INTEGER: clear the top bit, and keep it non-zero.
     serial[0] = (serial[0] & 0x7f) | 0x01;
     Ok(SerialNumber::from_slice(&serial))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_shows_the_certificate_but_never_the_key() {
+        let issued = Authority::generate(1)
+            .unwrap()
+            .issue("alice", Role::Client, &[], 1)
+            .unwrap();
+        let shown = format!("{issued:?}");
+        assert!(shown.contains("BEGIN CERTIFICATE"), "{shown}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+        assert!(!shown.contains(&issued.key_pem[40..80]), "{shown}");
+    }
 }
