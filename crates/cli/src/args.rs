@@ -407,9 +407,10 @@ pub struct ServerArgs {
     /// https://<listen address>]; its host must be in the server certificate.
     #[arg(long, value_name = "URL", env = "SECUREMESH_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Lifetime of the registration's etcd lease: a server that dies
-    /// without deregistering is forgotten this long after.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    /// Lifetime of the registration's etcd lease (whole seconds, at least
+    /// 1s): a server that dies without deregistering is forgotten this long
+    /// after.
+    #[arg(long, value_parser = lease_ttl, default_value = "10s")]
     pub register_ttl: Duration,
     #[command(flatten)]
     pub etcd: EtcdArgs,
@@ -795,9 +796,39 @@ fn positive_rate(text: &str) -> Result<f64, String> {
     }
 }
 
+/// An etcd lease's lifetime: whole seconds, at least one (etcd's unit).
+fn lease_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if ttl.as_secs() == 0 || ttl.subsec_nanos() != 0 {
+        return Err("etcd leases last whole seconds: give at least 1s".into());
+    }
+    Ok(ttl)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_ttl_is_whole_seconds_and_at_least_one() {
+        assert_eq!(lease_ttl("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(lease_ttl("1m"), Ok(Duration::from_secs(60)));
+        for refused in ["0s", "500ms", "1500ms", "soon"] {
+            assert!(lease_ttl(refused).is_err(), "{refused}");
+        }
+        let server = |ttl: &str| {
+            Cli::try_parse_from([
+                "securemesh",
+                "server",
+                "--register",
+                "etcd://127.0.0.1:2379",
+                "--register-ttl",
+                ttl,
+            ])
+        };
+        assert!(server("3s").is_ok());
+        assert!(server("0s").is_err());
+    }
 
     #[test]
     fn threads_are_a_global_option_of_at_least_one() {

@@ -116,7 +116,10 @@ async fn hold(
     backoff: &mut Backoff,
 ) -> Result<(), DiscoveryError> {
     let mut client = config.connect().await?;
-    let ttl_seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+    // etcd leases last whole seconds, at least one; everything below
+    // (renewal, loss) follows the lease as granted.
+    let ttl = Duration::from_secs(ttl.as_secs().max(1));
+    let ttl_seconds = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
     let lease = within(client.lease_grant(ttl_seconds, None)).await?.id();
     let registered = async {
         let revision = claim(&mut client, key, value, lease).await?;
