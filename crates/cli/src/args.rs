@@ -312,17 +312,19 @@ pub struct TlsArgs {
     /// Directory of the default certificate, key and CA files.
     #[arg(long, env = "SECUREMESH_CERTS", default_value = "certs")]
     pub certs: PathBuf,
-    /// Our certificate [default: <certs>/<identity>_cert.pem].
+    /// Our certificate [default: <certs>/NAME_cert.pem, NAME being server,
+    /// coordinator, or the client's --identity].
     #[arg(long, env = "SECUREMESH_CERT")]
     pub cert: Option<PathBuf>,
-    /// Our private key [default: <certs>/<identity>_key.pem].
+    /// Our private key [default: <certs>/NAME_key.pem, as for --cert].
     #[arg(long, env = "SECUREMESH_KEY")]
     pub key: Option<PathBuf>,
     /// The CA certificate trusted for peers [default: <certs>/ca_cert.pem].
     #[arg(long, env = "SECUREMESH_CA")]
     pub ca: Option<PathBuf>,
-    /// Certificate revocation list checked for clients [default:
-    /// <certs>/ca_crl.pem when it exists].
+    /// Certificate revocation list of our CA, checked for every peer (callers,
+    /// the servers dialled, etcd) [default: <certs>/ca_crl.pem when it
+    /// exists].
     #[arg(long, env = "SECUREMESH_CRL", conflicts_with = "no_crl")]
     pub crl: Option<PathBuf>,
     /// Do not check a revocation list.
@@ -754,7 +756,7 @@ pub struct DemoArgs {
     #[arg(long, env = "SECUREMESH_CERTS", default_value = "certs")]
     pub certs: PathBuf,
     /// Ports of the two servers.
-    #[arg(long, value_delimiter = ',', default_values_t = [5001u16, 5002])]
+    #[arg(long, value_delimiter = ',', default_value = "5001,5002")]
     pub server_ports: Vec<u16>,
     /// Port of the coordinator.
     #[arg(long, default_value_t = 8000)]

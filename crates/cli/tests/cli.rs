@@ -444,14 +444,16 @@ fn grpcurl_with_client_certificates_lists_and_calls() {
         .unwrap();
     assert_eq!(digest, securemesh_crypto::sha256(b"hello from grpcurl"));
 
+    // The README's example of a refusal, answer included.
     let forged = mesh.grpcurl(
         port,
-        &["-d", "{\"token\":\"Z0FBQUFBQm9fYWtlX3Rva2Vu\"}"],
+        &["-d", "{\"token\": \"bm90IGEgdG9rZW4=\"}"],
         &["securemesh.v1.DataService/Submit"],
     );
     assert!(!forged.status.success());
     assert!(
-        text(&forged).contains("InvalidArgument"),
+        text(&forged).contains("Code: InvalidArgument")
+            && text(&forged).contains("Message: invalid token: malformed token: wrong length"),
         "{}",
         text(&forged)
     );
