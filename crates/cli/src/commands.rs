@@ -200,7 +200,7 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         let (tls, handler, authorization) = (tls.clone(), handler.clone(), authorization.clone());
         let serve_args = args.serve.clone();
         move || {
-            tls.replace(securemesh_tls::server_config(
+            tls.replace(securemesh_tls::server_tls(
                 &tls_args.files("server"),
                 tls_args.crl().as_deref(),
             )?);
@@ -303,7 +303,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         move || {
             // Read and check everything first; change nothing on a failure.
             let files = tls_args.files("coordinator");
-            let new_server_tls = securemesh_tls::server_config(&files, tls_args.crl().as_deref())?;
+            let new_server_tls = securemesh_tls::server_tls(&files, tls_args.crl().as_deref())?;
             let crl = tls_args.crl();
             let identity = identity_bytes(&files, crl.as_deref());
             let new_client_tls = securemesh_tls::client_tls(&files, crl.as_deref())?;

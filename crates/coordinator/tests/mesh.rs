@@ -19,7 +19,7 @@ use securemesh_client::Client;
 use securemesh_coordinator::{BackendOptions, BalanceOptions, Coordinator};
 use securemesh_crypto::KeyRing;
 use securemesh_server::DataHandler;
-use securemesh_tls::{Authorization, ServeOptions, TlsFiles};
+use securemesh_tls::{Authorization, ReloadableConfig, ServeOptions, TlsFiles};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::oneshot;
@@ -177,9 +177,19 @@ impl TestCoordinator {
         authorization: Authorization,
         options: ServeOptions,
     ) -> Self {
+        let tls = securemesh_tls::server_tls(&material.files("coordinator"), None).unwrap();
+        Self::serve_with_tls(tls.into(), coordinator, authorization, options).await
+    }
+
+    /// [`TestCoordinator::serve`] with `tls`.
+    async fn serve_with_tls(
+        tls: ReloadableConfig,
+        coordinator: Coordinator,
+        authorization: Authorization,
+        options: ServeOptions,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let tls = securemesh_tls::server_config(&material.files("coordinator"), None).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(securemesh_coordinator::serve(
             listener,
@@ -1062,7 +1072,7 @@ async fn serve_with_options(
 ) -> (SocketAddr, oneshot::Sender<()>) {
     let handler = DataHandler::new(material.keys.clone(), server_id, false);
     serve_authorized(
-        material,
+        server_tls(material),
         handler,
         Authorization::any_identity(),
         max_message_bytes,
@@ -1071,10 +1081,17 @@ async fn serve_with_options(
     .await
 }
 
-/// `service` behind `authorization`, served in this runtime on a free
-/// port; it stops when the returned sender is dropped.
+/// The server certificate's configuration, without a CRL.
+fn server_tls(material: &Material) -> ReloadableConfig {
+    securemesh_tls::server_tls(&material.files("server"), None)
+        .unwrap()
+        .into()
+}
+
+/// `service` behind `authorization` with `tls`, served in this runtime on
+/// a free port; it stops when the returned sender is dropped.
 async fn serve_authorized<S: DataService>(
-    material: &Material,
+    tls: ReloadableConfig,
     service: S,
     authorization: Authorization,
     max_message_bytes: usize,
@@ -1082,7 +1099,6 @@ async fn serve_authorized<S: DataService>(
 ) -> (SocketAddr, oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let tls = securemesh_tls::server_config(&material.files("server"), None).unwrap();
     let service =
         securemesh_tls::authorized_data_service(service, authorization, max_message_bytes);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -1129,7 +1145,7 @@ async fn a_client_cannot_speak_for_another_or_skip_credentials_by_claiming_a_cal
     let credentials = Arc::new(securemesh_credentials::Credentials::from_file(&file).unwrap());
     // A server that also admits the client directly, with credentials.
     let (address, _stop) = serve_authorized(
-        &material,
+        server_tls(&material),
         CallerEcho,
         Authorization::server_default([CLIENT.to_owned()]).with_credentials(credentials),
         64 * 1024,
@@ -1917,4 +1933,69 @@ async fn a_caller_that_reads_no_answers_cannot_make_the_coordinator_buffer_them(
         "the coordinator stopped taking requests after {sent} bytes"
     );
     driver.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_while_connected_loses_its_open_connection() {
+    let material = Material::new();
+    let server_tls = server_tls(&material);
+    let (server_address, _stop) = serve_authorized(
+        server_tls.clone(),
+        DataHandler::new(material.keys.clone(), "judged", false),
+        Authorization::any_identity(),
+        64 * 1024,
+        ServeOptions::default(),
+    )
+    .await;
+    let coordinator_tls: ReloadableConfig =
+        securemesh_tls::server_tls(&material.files("coordinator"), None)
+            .unwrap()
+            .into();
+    let coordinator = bare_coordinator(&material);
+    coordinator
+        .pool()
+        .add(&format!("https://{server_address}"))
+        .unwrap();
+    let coordinator = TestCoordinator::serve_with_tls(
+        coordinator_tls.clone(),
+        coordinator,
+        Authorization::any_identity(),
+        ServeOptions::default(),
+    )
+    .await;
+    ready(&material, &coordinator.url).await;
+
+    // One connection each, as `client` and as `client2`, to the server and
+    // to the coordinator; every call answered.
+    let targets = [
+        ("the server", format!("https://{server_address}")),
+        ("the coordinator", coordinator.url.clone()),
+    ];
+    let mut callers = Vec::new();
+    for (what, url) in &targets {
+        let revoked = material.client(url, "client");
+        let kept = material.client(url, "client2");
+        for caller in [&revoked, &kept] {
+            caller.submit(b"before").await.unwrap();
+        }
+        callers.push((*what, revoked, kept));
+    }
+
+    // `client` is revoked, and both reload their configuration (SIGHUP).
+    let crl = securemesh_pki::revoke(material.dir.path(), "client").unwrap();
+    for (tls, name) in [(&server_tls, "server"), (&coordinator_tls, "coordinator")] {
+        tls.replace(securemesh_tls::server_tls(&material.files(name), Some(&crl)).unwrap());
+    }
+    for (what, revoked, kept) in &callers {
+        let refused = tokio::time::timeout(Duration::from_secs(5), revoked.submit(b"after"))
+            .await
+            .expect("no answer within 5 s");
+        assert!(
+            refused.is_err(),
+            "{what} kept serving a revoked certificate's open connection"
+        );
+        kept.submit(b"after")
+            .await
+            .unwrap_or_else(|status| panic!("{what} refused a certificate still good: {status:?}"));
+    }
 }

@@ -7,6 +7,11 @@
 //! accept loop. At most a set number of connections are open at once;
 //! beyond that, new ones are closed at once (and logged), so that many idle
 //! or slow connections cannot exhaust the process.
+//!
+//! When the server's configuration is replaced (a new CRL, on SIGHUP), each
+//! open connection verifies its client's certificate again with the new
+//! one, at its next read; a certificate now revoked (or expired) closes the
+//! connection instead of keeping it for as long as the client likes.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,6 +29,7 @@ use tokio_stream::Stream;
 
 use securemesh_telemetry::{metrics, Metrics};
 
+use crate::server::Verdicts;
 use crate::ReloadableConfig;
 
 /// How many finished handshakes may wait for tonic to pick them up.
@@ -45,6 +51,11 @@ pub struct Connection {
     /// The peer's identity, read from its certificate once, at the
     /// handshake, instead of on every call.
     identity: Option<Arc<str>>,
+    /// A new client verifier to judge the peer by, when the configuration
+    /// is replaced.
+    verdicts: Verdicts,
+    /// Why the peer's certificate is no longer accepted: every read fails.
+    refused: Option<String>,
     _slot: Slot,
 }
 
@@ -132,9 +143,11 @@ async fn accept_loop(
                 };
                 // gRPC messages are small and latency-sensitive.
                 let _ = stream.set_nodelay(true);
+                let verdicts = config.verdicts();
                 tokio::spawn(handshake(
                     stream,
                     peer,
+                    verdicts,
                     TlsAcceptor::from(config.current()),
                     limits.handshake_timeout,
                     Slot::new(permit),
@@ -153,6 +166,7 @@ async fn accept_loop(
 async fn handshake(
     stream: TcpStream,
     peer: SocketAddr,
+    verdicts: Verdicts,
     acceptor: TlsAcceptor,
     timeout: Duration,
     slot: Slot,
@@ -170,6 +184,8 @@ async fn handshake(
                 .send(Ok(Connection {
                     stream,
                     identity,
+                    verdicts,
+                    refused: None,
                     _slot: slot,
                 }))
                 .await;
@@ -234,13 +250,47 @@ fn failure_reason(error: &std::io::Error) -> &'static str {
     }
 }
 
+impl Connection {
+    /// Judges the peer again if the configuration was replaced since the
+    /// last look; an error once its certificate is no longer accepted.
+    fn peer_still_accepted(&mut self) -> std::io::Result<()> {
+        if self.refused.is_none() && self.verdicts.has_changed().unwrap_or(false) {
+            let verifier = self.verdicts.borrow_and_update().clone();
+            let chain = self.stream.get_ref().1.peer_certificates();
+            if let (Some(verifier), Some((leaf, intermediates))) =
+                (verifier, chain.and_then(<[_]>::split_first))
+            {
+                let now = rustls::pki_types::UnixTime::now();
+                if let Err(error) = verifier.verify_client_cert(leaf, intermediates, now) {
+                    tracing::warn!(
+                        peer = ?self.stream.get_ref().0.peer_addr().ok(),
+                        identity = self.identity.as_deref().unwrap_or("unknown"),
+                        %error,
+                        "closing a connection: the new configuration refuses its peer's certificate"
+                    );
+                    self.refused = Some(error.to_string());
+                }
+            }
+        }
+        match &self.refused {
+            None => Ok(()),
+            Some(reason) => Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("peer certificate no longer accepted: {reason}"),
+            )),
+        }
+    }
+}
+
 impl AsyncRead for Connection {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        this.peer_still_accepted()?;
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
