@@ -107,6 +107,7 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// Loads a credentials file.
     pub fn from_file(path: &Path) -> Result<Self, CredentialsError> {
+        securemesh_fs::warn_if_exposed(path, "credentials file");
         let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
             path: path.to_path_buf(),
             source,

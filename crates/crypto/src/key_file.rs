@@ -79,6 +79,7 @@ pub fn rotate_key_file(path: &Path) -> Result<usize, KeyFileError> {
 
 /// Reads every key line of a key file, skipping blank lines and `#` comments.
 pub(crate) fn read_key_lines(path: &Path) -> Result<Vec<(usize, String)>, KeyFileError> {
+    securemesh_fs::warn_if_exposed(path, "Fernet key file");
     let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
         path: path.to_path_buf(),
         source,

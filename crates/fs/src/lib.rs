@@ -1,9 +1,11 @@
-//! Writing key material and certificates to disk safely.
+//! Writing key material and certificates to disk safely, and noticing
+//! secrets that others can read.
 //!
 //! A file is created only if it does not exist, unless the caller forces an
 //! overwrite; either way it ends with exactly the mode asked for (a forced
 //! overwrite must not keep an existing file's looser permissions). Missing
-//! parent directories are created.
+//! parent directories are created. Secrets copied into place by hand are
+//! checked when they are read: see [`warn_if_exposed`].
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
@@ -108,6 +110,32 @@ fn create(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), Wr
     file.sync_all().map_err(io_error)
 }
 
+/// Logs a warning when the secret at `path` (`what`: "private key", ...)
+/// is open to anyone but its owner, as ssh does for keys; `true` when it
+/// warned. It does not refuse: secrets mounted by an orchestrator are often
+/// group- or world-readable, and refusing would stop a working service.
+pub fn warn_if_exposed(path: &Path, what: &str) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(metadata) = std::fs::metadata(path) {
+            let mode = metadata.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = %format!("{mode:o}"),
+                    "the {what} {} is open to others than its owner (mode {mode:o}): chmod 600 it",
+                    path.display()
+                );
+                return true;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, what);
+    false
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     use std::os::unix::fs::PermissionsExt as _;
@@ -131,6 +159,20 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"one");
         assert!(refuse_existing([path.as_path()], false).is_err());
         assert!(refuse_existing([path.as_path()], true).is_ok());
+    }
+
+    #[test]
+    fn secrets_open_to_others_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        write_file(&path, b"secret", PRIVATE, false).unwrap();
+        assert!(!warn_if_exposed(&path, "private key"));
+        for loose in [0o640, 0o604, 0o644, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(loose)).unwrap();
+            assert!(warn_if_exposed(&path, "private key"), "{loose:o}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(!warn_if_exposed(&path, "private key"));
     }
 
     #[test]

@@ -116,6 +116,7 @@ impl TlsFiles {
 
     pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         let pem = Self::read(path)?;
+        securemesh_fs::warn_if_exposed(path, "private key");
         // The error of the PEM parser never contains key material.
         PrivateKeyDer::from_pem_slice(&pem).map_err(|error| TlsError::Pem {
             path: path.to_path_buf(),
