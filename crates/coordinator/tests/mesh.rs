@@ -1935,67 +1935,144 @@ async fn a_caller_that_reads_no_answers_cannot_make_the_coordinator_buffer_them(
     driver.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_certificate_revoked_while_connected_loses_its_open_connection() {
-    let material = Material::new();
-    let server_tls = server_tls(&material);
-    let (server_address, _stop) = serve_authorized(
-        server_tls.clone(),
-        DataHandler::new(material.keys.clone(), "judged", false),
-        Authorization::any_identity(),
-        64 * 1024,
-        ServeOptions::default(),
-    )
-    .await;
-    let coordinator_tls: ReloadableConfig =
-        securemesh_tls::server_tls(&material.files("coordinator"), None)
-            .unwrap()
-            .into();
-    let coordinator = bare_coordinator(&material);
-    coordinator
-        .pool()
-        .add(&format!("https://{server_address}"))
-        .unwrap();
-    let coordinator = TestCoordinator::serve_with_tls(
-        coordinator_tls.clone(),
-        coordinator,
-        Authorization::any_identity(),
-        ServeOptions::default(),
-    )
-    .await;
-    ready(&material, &coordinator.url).await;
+/// A server admitting any certificate of the CA and a coordinator in front
+/// of it, each with a configuration the test can replace.
+struct Reloadable {
+    server_tls: ReloadableConfig,
+    server_url: String,
+    _stop_server: oneshot::Sender<()>,
+    coordinator_tls: ReloadableConfig,
+    coordinator: TestCoordinator,
+}
 
-    // One connection each, as `client` and as `client2`, to the server and
-    // to the coordinator; every call answered.
-    let targets = [
-        ("the server", format!("https://{server_address}")),
-        ("the coordinator", coordinator.url.clone()),
-    ];
-    let mut callers = Vec::new();
-    for (what, url) in &targets {
-        let revoked = material.client(url, "client");
-        let kept = material.client(url, "client2");
-        for caller in [&revoked, &kept] {
-            caller.submit(b"before").await.unwrap();
+impl Reloadable {
+    async fn start(material: &Material) -> Self {
+        let server_tls = server_tls(material);
+        let (server_address, stop_server) = serve_authorized(
+            server_tls.clone(),
+            DataHandler::new(material.keys.clone(), "judged", false),
+            Authorization::any_identity(),
+            64 * 1024,
+            ServeOptions::default(),
+        )
+        .await;
+        let server_url = format!("https://{server_address}");
+        let coordinator_tls: ReloadableConfig =
+            securemesh_tls::server_tls(&material.files("coordinator"), None)
+                .unwrap()
+                .into();
+        let coordinator = bare_coordinator(material);
+        coordinator.pool().add(&server_url).unwrap();
+        let coordinator = TestCoordinator::serve_with_tls(
+            coordinator_tls.clone(),
+            coordinator,
+            Authorization::any_identity(),
+            ServeOptions::default(),
+        )
+        .await;
+        ready(material, &coordinator.url).await;
+        Self {
+            server_tls,
+            server_url,
+            _stop_server: stop_server,
+            coordinator_tls,
+            coordinator,
         }
-        callers.push((*what, revoked, kept));
     }
 
-    // `client` is revoked, and both reload their configuration (SIGHUP).
-    let crl = securemesh_pki::revoke(material.dir.path(), "client").unwrap();
-    for (tls, name) in [(&server_tls, "server"), (&coordinator_tls, "coordinator")] {
-        tls.replace(securemesh_tls::server_tls(&material.files(name), Some(&crl)).unwrap());
+    /// For the server and the coordinator: what it is, and a client of it
+    /// as each of `identities`, each of which has made one call.
+    async fn connected_clients<const N: usize>(
+        &self,
+        material: &Material,
+        identities: [&str; N],
+    ) -> Vec<(&'static str, [Client; N])> {
+        let mut connected = Vec::new();
+        for (what, url) in [
+            ("the server", &self.server_url),
+            ("the coordinator", &self.coordinator.url),
+        ] {
+            let clients = identities.map(|identity| material.client(url, identity));
+            for client in &clients {
+                client.submit(b"while valid").await.unwrap();
+            }
+            connected.push((what, clients));
+        }
+        connected
     }
-    for (what, revoked, kept) in &callers {
-        let refused = tokio::time::timeout(Duration::from_secs(5), revoked.submit(b"after"))
+}
+
+/// Asserts that, for the server and the coordinator, the call of the first
+/// client fails (its connection is gone and a new one is refused) and that
+/// of the second is still answered.
+async fn first_refused_second_answered(connected: &[(&'static str, [Client; 2])]) {
+    for (what, [refused, kept]) in connected {
+        let refused = tokio::time::timeout(Duration::from_secs(5), refused.submit(b"after"))
             .await
             .expect("no answer within 5 s");
         assert!(
             refused.is_err(),
-            "{what} kept serving a revoked certificate's open connection"
+            "{what} kept serving the open connection of a certificate no longer valid"
         );
         kept.submit(b"after")
             .await
             .unwrap_or_else(|status| panic!("{what} refused a certificate still good: {status:?}"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_while_connected_loses_its_open_connection() {
+    let material = Material::new();
+    let mesh = Reloadable::start(&material).await;
+    let connected = mesh
+        .connected_clients(&material, ["client", "client2"])
+        .await;
+
+    // `client` is revoked, and both reload their configuration (SIGHUP).
+    let crl = securemesh_pki::revoke(material.dir.path(), "client").unwrap();
+    for (tls, name) in [
+        (&mesh.server_tls, "server"),
+        (&mesh.coordinator_tls, "coordinator"),
+    ] {
+        tls.replace(securemesh_tls::server_tls(&material.files(name), Some(&crl)).unwrap());
+    }
+    first_refused_second_answered(&connected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expires_while_connected_loses_its_open_connection() {
+    use time::{Duration as Span, OffsetDateTime};
+
+    let material = Material::new();
+    let mesh = Reloadable::start(&material).await;
+    // Issued once everything runs, so that its three seconds are spent on
+    // connecting and waiting only.
+    let authority = securemesh_pki::Authority::from_pem(
+        &std::fs::read_to_string(material.dir.path().join("ca_cert.pem")).unwrap(),
+        &std::fs::read_to_string(material.dir.path().join("ca_key.pem")).unwrap(),
+    )
+    .unwrap();
+    let now = OffsetDateTime::now_utc();
+    let brief = authority
+        .issue_valid_between(
+            "brief",
+            securemesh_pki::Role::Client,
+            &[],
+            now - Span::hours(1),
+            now + Span::seconds(3),
+        )
+        .unwrap();
+    let files = material.files("brief");
+    std::fs::write(&files.cert, brief.cert_pem).unwrap();
+    std::fs::write(&files.key, brief.key_pem).unwrap();
+
+    let connected = mesh
+        .connected_clients(&material, ["brief", "client2"])
+        .await;
+    // No reload: the certificate simply runs out (its notAfter is a whole
+    // second, so it is expired from at most 4 s on).
+    let expired = now + Span::milliseconds(4300);
+    let wait = Duration::try_from(expired - OffsetDateTime::now_utc()).unwrap_or_default();
+    tokio::time::sleep(wait).await;
+    first_refused_second_answered(&connected).await;
 }

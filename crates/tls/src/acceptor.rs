@@ -11,13 +11,15 @@
 //! When the server's configuration is replaced (a new CRL, on SIGHUP), each
 //! open connection verifies its client's certificate again with the new
 //! one, at its next read; a certificate now revoked (or expired) closes the
-//! connection instead of keeping it for as long as the client likes.
+//! connection instead of keeping it for as long as the client likes. A
+//! connection also ends at its first read after its client's certificate
+//! expires.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -54,6 +56,8 @@ pub struct Connection {
     /// A new client verifier to judge the peer by, when the configuration
     /// is replaced.
     verdicts: Verdicts,
+    /// When the peer's certificate expires.
+    expires: Option<Instant>,
     /// Why the peer's certificate is no longer accepted: every read fails.
     refused: Option<String>,
     _slot: Slot,
@@ -174,17 +178,15 @@ async fn handshake(
 ) {
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => {
-            let identity = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(crate::peer_identity)
-                .map(Arc::from);
+            let chain = stream.get_ref().1.peer_certificates();
+            let identity = chain.and_then(crate::peer_identity).map(Arc::from);
+            let expires = chain.and_then(crate::identity::valid_until).map(expires_at);
             let _ = ready
                 .send(Ok(Connection {
                     stream,
                     identity,
                     verdicts,
+                    expires,
                     refused: None,
                     _slot: slot,
                 }))
@@ -206,6 +208,19 @@ async fn handshake(
             tracing::info!(%peer, timeout_ms = timeout.as_millis() as u64, "TLS handshake timed out");
         }
     }
+}
+
+/// The moment a certificate valid until `not_after` (Unix seconds, the
+/// last valid second) expires, on the monotonic clock.
+fn expires_at(not_after: i64) -> Instant {
+    let end = u64::try_from(not_after)
+        .unwrap_or(0)
+        .saturating_add(1)
+        .min(u64::from(u32::MAX));
+    let left = (SystemTime::UNIX_EPOCH + Duration::from_secs(end))
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Instant::now() + left
 }
 
 /// Every label [`failure_reason`] gives, and `timeout`.
@@ -254,6 +269,14 @@ impl Connection {
     /// Judges the peer again if the configuration was replaced since the
     /// last look; an error once its certificate is no longer accepted.
     fn peer_still_accepted(&mut self) -> std::io::Result<()> {
+        if self.refused.is_none() && self.expires.is_some_and(|at| Instant::now() >= at) {
+            tracing::warn!(
+                peer = ?self.stream.get_ref().0.peer_addr().ok(),
+                identity = self.identity.as_deref().unwrap_or("unknown"),
+                "closing a connection: its peer's certificate has expired"
+            );
+            self.refused = Some("its certificate has expired".to_owned());
+        }
         if self.refused.is_none() && self.verdicts.has_changed().unwrap_or(false) {
             let verifier = self.verdicts.borrow_and_update().clone();
             let chain = self.stream.get_ref().1.peer_certificates();

@@ -39,6 +39,13 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<String> {
     uri.or_else(dns).or_else(common_name)
 }
 
+/// When the leaf of `chain` stops being valid (its notAfter), in seconds
+/// since the Unix epoch; `None` when it does not parse.
+pub(crate) fn valid_until(chain: &[CertificateDer<'_>]) -> Option<i64> {
+    let (_, cert) = X509Certificate::from_der(chain.first()?.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// The identity of the peer of a tonic request: as [`crate::TlsIncoming`]
 /// read it at the handshake, else parsed from the request's certificates
 /// (tonic's own TLS).
