@@ -416,7 +416,8 @@ pub struct ServerArgs {
     pub register_ttl: Duration,
     #[command(flatten)]
     pub etcd: EtcdArgs,
-    /// Refuse tokens older than this ("token expired"); 0s accepts any age.
+    /// Refuse tokens older than this ("token expired"), in whole seconds
+    /// (Fernet timestamps are seconds); 0s accepts any age.
     #[arg(long, env = "SECUREMESH_TOKEN_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
     pub token_ttl: Duration,
     #[command(flatten)]
@@ -618,8 +619,8 @@ pub struct CoordinatorArgs {
     /// Largest message accepted, in bytes (larger ones get OUT_OF_RANGE).
     #[arg(long, default_value_t = 65_536)]
     pub max_message_size: usize,
-    /// Failed calls in a row that eject a backend.
-    #[arg(long, default_value_t = 1)]
+    /// Failed calls in a row that eject a backend (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub eject_after: u32,
     /// Length of a first ejection; the n-th in a row lasts n times as long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
@@ -830,6 +831,14 @@ mod tests {
         };
         assert!(server("3s").is_ok());
         assert!(server("0s").is_err());
+    }
+
+    #[test]
+    fn a_backend_is_ejected_after_at_least_one_failure() {
+        let coordinator =
+            |extra: &[&str]| Cli::try_parse_from(["securemesh", "coordinator"].iter().chain(extra));
+        assert!(coordinator(&["--eject-after", "3"]).is_ok());
+        assert!(coordinator(&["--eject-after", "0"]).is_err());
     }
 
     #[test]

@@ -244,7 +244,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     backends.keepalive_interval = args.keepalive_interval;
     backends.keepalive_timeout = args.keepalive_timeout;
     backends.ejection = EjectionPolicy {
-        consecutive_failures: args.eject_after.max(1),
+        consecutive_failures: args.eject_after,
         base_time: args.ejection_time,
         max_time: args.max_ejection_time,
     };
