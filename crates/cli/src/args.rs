@@ -33,7 +33,13 @@ pub struct LogArgs {
     #[arg(long, global = true, env = "SECUREMESH_LOG_FILE")]
     pub log_file: Option<PathBuf>,
     /// Start a new log file every day (FILE.YYYY-MM-DD).
-    #[arg(long, global = true, value_enum, default_value = "never")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "SECUREMESH_LOG_ROTATION",
+        default_value = "never"
+    )]
     pub log_rotation: LogRotation,
     /// Text for people, or one JSON object a line for machines.
     #[arg(
@@ -811,6 +817,23 @@ fn lease_ttl(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_global_option_has_an_environment_fallback() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let globals: Vec<_> = cli
+            .get_arguments()
+            .filter(|argument| argument.is_global_set() && argument.get_long().is_some())
+            .collect();
+        assert!(globals.len() >= 4);
+        for argument in globals {
+            let name = argument.get_long().unwrap_or_default();
+            let env = argument.get_env().and_then(|env| env.to_str());
+            let expected = format!("SECUREMESH_{}", name.to_uppercase().replace('-', "_"));
+            assert_eq!(env, Some(expected.as_str()), "--{name}");
+        }
+    }
 
     #[test]
     fn a_lease_ttl_is_whole_seconds_and_at_least_one() {
