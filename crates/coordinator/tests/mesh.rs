@@ -873,6 +873,66 @@ async fn credentials_are_required_when_configured() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_wrong_passwords_is_refused_fast_and_the_right_one_still_passes() {
+    let material = Material::new();
+    let file = material.dir.path().join("credentials.txt");
+    securemesh_credentials::add_user(&file, "alice", "correct horse").unwrap();
+    let credentials = Arc::new(securemesh_credentials::Credentials::from_file(&file).unwrap());
+    let a = TestServer::start(&material, any_port());
+    let coordinator = TestCoordinator::start_with(
+        &material,
+        &[a.url()],
+        Authorization::any_identity().with_credentials(credentials),
+    )
+    .await;
+    ready(&material, &coordinator.url).await;
+    // The coordinator checks one connection's calls in turn, so each guess
+    // has a connection of its own, opened beforehand by a call without
+    // credentials (refused without hashing), so that the guesses arrive at
+    // once.
+    let mut connections = Vec::new();
+    for _ in 0..32 {
+        let connection = material.client(&coordinator.url, "client");
+        let opened = connection.submit_token(material.keys.encrypt(b"x")).await;
+        assert_eq!(opened.unwrap_err().code(), Code::Unauthenticated);
+        connections.push(connection);
+    }
+    let guesses = connections.iter().enumerate().map(|(attempt, connection)| {
+        let client =
+            connection
+                .clone()
+                .with_authorization(Some(securemesh_credentials::basic_header(
+                    "alice",
+                    &format!("guess {attempt}"),
+                )));
+        let token = material.keys.encrypt(b"x");
+        async move { client.submit_token(token).await.unwrap_err().code() }
+    });
+    let codes = futures_util::future::join_all(guesses).await;
+    let busy = codes
+        .iter()
+        .filter(|code| **code == Code::ResourceExhausted)
+        .count();
+    let wrong = codes
+        .iter()
+        .filter(|code| **code == Code::Unauthenticated)
+        .count();
+    assert_eq!(busy + wrong, codes.len(), "{codes:?}");
+    assert!(busy >= 8 && wrong >= 1, "{codes:?}");
+    let alice =
+        connections[0]
+            .clone()
+            .with_authorization(Some(securemesh_credentials::basic_header(
+                "alice",
+                "correct horse",
+            )));
+    assert_eq!(
+        alice.submit(b"after the flood").await.unwrap().server_id,
+        a.id()
+    );
+}
+
 /// A gRPC codec that sends and receives raw bytes, to send what a
 /// well-behaved stub never would.
 #[derive(Clone, Copy, Default)]

@@ -13,15 +13,22 @@
 //! A successful password check is remembered for a while (by a digest of
 //! user and password, never the password), so that argon2 does not run on
 //! every call.
+//!
+//! Password checks are bounded, because any holder of a client certificate
+//! can send wrong passwords: one argon2 verification runs at a time, in one
+//! reused block of memory, and a few more may wait for it; a check beyond
+//! those is refused at once ([`Refusal::Busy`]) instead of holding a thread
+//! and memory.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
@@ -34,6 +41,8 @@ pub const TOKEN_PREFIX: &str = "smt_";
 const VERIFIED_FOR: Duration = Duration::from_secs(300);
 /// At most this many verified passwords are remembered.
 const CACHE_CAPACITY: usize = 1024;
+/// Password checks that may run or wait at once (one runs at a time).
+const PASSWORD_CHECKS_AT_ONCE: usize = 4;
 
 /// Why the credentials file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +90,9 @@ pub enum Refusal {
     /// Unknown user or token, or a wrong password.
     #[error("invalid credentials")]
     Invalid,
+    /// Too many password checks already running or waiting: try again.
+    #[error("too many password checks at once; try again shortly")]
+    Busy,
 }
 
 /// The credentials a process accepts.
@@ -89,6 +101,7 @@ pub struct Credentials {
     users: HashMap<String, String>,
     tokens: Vec<(String, [u8; 32])>,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
+    hashing: PasswordHashing,
 }
 
 /// Names users and tokens, never their password hashes or token digests.
@@ -173,8 +186,9 @@ impl Credentials {
     /// Checks the `authorization` metadata of a call and returns the name
     /// of the user or token it proves. A password costs one argon2
     /// verification unless verified recently; verifications run one at a
-    /// time in a process, so that a flood of wrong passwords takes at most
-    /// one core.
+    /// time, so that a flood of wrong passwords takes at most one core, and
+    /// when a few are waiting already, a password is refused as
+    /// [`Refusal::Busy`] without hashing.
     pub fn verify(&self, authorization: Option<&str>) -> Result<String, Refusal> {
         let header = authorization.ok_or(Refusal::Missing)?.trim();
         let (scheme, value) = header.split_once(' ').ok_or(Refusal::Malformed)?;
@@ -190,14 +204,14 @@ impl Credentials {
         let Some(hash) = self.users.get(&user) else {
             // Spend the same argon2 work as for a real user, so that timing
             // does not tell which user names exist.
-            let _ = argon2_verify(dummy_hash(), &password);
+            self.hashing.verify(dummy_hash(), &password)?;
             return Err(Refusal::Invalid);
         };
         let remembered = remembered_key(hash, &password);
         if self.recently_verified(&remembered) {
             return Ok(user);
         }
-        if !argon2_verify(hash, &password) {
+        if !self.hashing.verify(hash, &password)? {
             return Err(Refusal::Invalid);
         }
         self.remember(remembered);
@@ -321,19 +335,77 @@ fn remembered_key(hash: &str, password: &str) -> [u8; 32] {
         .into()
 }
 
-/// Whether `password` matches the argon2 `hash`. One verification at a
-/// time per process.
-fn argon2_verify(hash: &str, password: &str) -> bool {
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+/// Runs argon2 verifications one at a time in one reused block of memory
+/// (19 MiB with the default parameters), and lets only a few more wait.
+#[derive(Default)]
+struct PasswordHashing {
+    memory: Mutex<Vec<Block>>,
+    checks: AtomicUsize,
+}
+
+impl PasswordHashing {
+    /// Whether `password` matches the argon2 `hash`; `Busy` when
+    /// [`PASSWORD_CHECKS_AT_ONCE`] checks are running or waiting already.
+    fn verify(&self, hash: &str, password: &str) -> Result<bool, Refusal> {
+        let _turn = CheckInProgress::enter(&self.checks).ok_or(Refusal::Busy)?;
+        let mut memory = self
+            .memory
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        Ok(argon2_matches(hash, password, &mut memory))
+    }
+}
+
+/// One password check counted in; counted out when dropped.
+struct CheckInProgress<'a>(&'a AtomicUsize);
+
+impl<'a> CheckInProgress<'a> {
+    fn enter(checks: &'a AtomicUsize) -> Option<Self> {
+        let before = checks.fetch_add(1, Ordering::AcqRel);
+        let entered = CheckInProgress(checks);
+        (before < PASSWORD_CHECKS_AT_ONCE).then_some(entered)
+    }
+}
+
+impl Drop for CheckInProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether `password` matches the argon2 PHC string `hash`, hashing into
+/// `memory` (grown to what the hash's parameters need, then kept).
+fn argon2_matches(hash: &str, password: &str, memory: &mut Vec<Block>) -> bool {
     let Ok(parsed) = PasswordHash::new(hash) else {
         return false;
     };
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poison| poison.into_inner());
-    Argon2::default()
-        .verify_password(password.as_bytes(), &parsed)
-        .is_ok()
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(version), Ok(params)) = (
+        Algorithm::try_from(parsed.algorithm),
+        parsed
+            .version
+            .map_or(Ok(Version::default()), Version::try_from),
+        Params::try_from(&parsed),
+    ) else {
+        return false;
+    };
+    let mut salt_bytes = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_bytes) else {
+        return false;
+    };
+    if memory.len() < params.block_count() {
+        memory.resize(params.block_count(), Block::default());
+    }
+    let mut computed = vec![0u8; expected.len()];
+    let hashed = Argon2::new(algorithm, version, params).hash_password_into_with_memory(
+        password.as_bytes(),
+        salt,
+        &mut computed,
+        &mut memory[..],
+    );
+    hashed.is_ok() && bool::from(computed.as_slice().ct_eq(expected.as_bytes()))
 }
 
 /// An argon2id hash of a random password nobody knows, made once.
@@ -442,6 +514,71 @@ mod tests {
             Err(Refusal::Invalid)
         );
         assert!(!Refusal::Invalid.to_string().contains("horse"));
+    }
+
+    #[test]
+    fn hashes_with_other_parameters_and_variants_are_verified_in_reused_memory() {
+        let hashing = PasswordHashing::default();
+        let salt = SaltString::generate(&mut OsRng);
+        for (algorithm, version, memory_kib) in [
+            (Algorithm::Argon2id, Version::V0x13, 8192),
+            (Algorithm::Argon2i, Version::V0x13, 1024),
+            (Algorithm::Argon2d, Version::V0x10, 64),
+            (Algorithm::Argon2id, Version::V0x13, 19456),
+        ] {
+            let params = Params::new(memory_kib, 1, 1, Some(24)).unwrap();
+            let hash = Argon2::new(algorithm, version, params)
+                .hash_password(b"tr0ub4dor", &salt)
+                .unwrap()
+                .to_string();
+            assert_eq!(hashing.verify(&hash, "tr0ub4dor"), Ok(true), "{hash}");
+            assert_eq!(hashing.verify(&hash, "tr0ub4dor&3"), Ok(false), "{hash}");
+        }
+        // The largest parameters so far set the size of the one block kept.
+        let kept = hashing.memory.lock().unwrap().len();
+        assert_eq!(kept * std::mem::size_of::<Block>(), 19456 * 1024);
+        assert_eq!(
+            hashing.verify("$argon2id$v=19$m=64,t=1,p=1$bad", "x"),
+            Ok(false)
+        );
+    }
+
+    #[test]
+    fn a_flood_of_password_checks_is_refused_beyond_a_few_waiting() {
+        let (_dir, path, _token) = file();
+        let credentials = Credentials::from_file(&path).unwrap();
+        let flood = 4 * PASSWORD_CHECKS_AT_ONCE;
+        let start = std::sync::Barrier::new(flood);
+        let verdicts: Vec<_> = std::thread::scope(|scope| {
+            let checks: Vec<_> = (0..flood)
+                .map(|attempt| {
+                    let (credentials, start) = (&credentials, &start);
+                    scope.spawn(move || {
+                        start.wait();
+                        let guess = basic_header("alice", &format!("guess {attempt}"));
+                        credentials.verify(Some(&guess))
+                    })
+                })
+                .collect();
+            checks
+                .into_iter()
+                .map(|check| check.join().unwrap())
+                .collect()
+        });
+        let busy = verdicts
+            .iter()
+            .filter(|v| **v == Err(Refusal::Busy))
+            .count();
+        let hashed = verdicts
+            .iter()
+            .filter(|v| **v == Err(Refusal::Invalid))
+            .count();
+        assert_eq!(busy + hashed, flood, "{verdicts:?}");
+        assert!(hashed >= 1 && busy >= flood / 2, "{verdicts:?}");
+        // Nothing stays counted: the right password is checked afterwards.
+        assert_eq!(credentials.hashing.checks.load(Ordering::Acquire), 0);
+        let right = basic_header("alice", "correct horse");
+        assert_eq!(credentials.verify(Some(&right)), Ok("alice".into()));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 
 use securemesh::v1::data_service_server::{DataService, DataServiceServer};
-use securemesh_credentials::Credentials;
+use securemesh_credentials::{Credentials, Refusal};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 
@@ -135,7 +135,9 @@ impl Authorization {
         let on_behalf_of = match claimed {
             Some(claimed) if self.forwarders.contains(&peer) => Some(claimed),
             Some(claimed) => {
-                tracing::warn!(%peer, %claimed, "ignoring a caller header from a peer that is not a forwarder");
+                // Debug-quoted: the value is the caller's, and must not
+                // pass for fields of the log line.
+                tracing::warn!(%peer, ?claimed, "ignoring a caller header from a peer that is not a forwarder");
                 None
             }
             None => None,
@@ -160,6 +162,13 @@ impl Authorization {
                     .unwrap_or_else(|| hashing_allowed_to_block(|| credentials.verify(header)));
                 match verdict {
                     Ok(user) => Some(user),
+                    // Too many password checks at once is no verdict on
+                    // these credentials: the caller may try again.
+                    Err(refusal @ Refusal::Busy) => {
+                        audit_refusal(&request, &peer, "RESOURCE_EXHAUSTED");
+                        tracing::warn!(%peer, %refusal, "call refused: credentials");
+                        return Err(Status::resource_exhausted(refusal.to_string()));
+                    }
                     Err(refusal) => {
                         audit_refusal(&request, &peer, "UNAUTHENTICATED");
                         tracing::warn!(%peer, %refusal, "call refused: credentials");
