@@ -401,10 +401,10 @@ pub struct ServerArgs {
     pub hide_plaintext: bool,
     /// Another identity allowed to call (besides the coordinator's), e.g.
     /// spiffe://securemesh/client/client to be called directly.
-    #[arg(long = "allow", value_name = "ID")]
+    #[arg(long = "allow", value_name = "ID", value_parser = spiffe_id)]
     pub allow: Vec<String>,
     /// Largest message accepted, in bytes (larger ones get OUT_OF_RANGE).
-    #[arg(long, default_value_t = 65_536)]
+    #[arg(long, default_value_t = 65_536, value_parser = at_least_one)]
     pub max_message_size: usize,
     /// Register in etcd while running, so that coordinators following the
     /// prefix find this server: etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
@@ -492,7 +492,7 @@ impl EtcdArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Abandon TLS handshakes that take longer.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, value_parser = positive_duration, default_value = "10s")]
     pub handshake_timeout: Duration,
     /// On SIGTERM/Ctrl-C, keep serving this long while health reports
     /// NOT_SERVING, so that callers move their traffic away first.
@@ -502,17 +502,17 @@ pub struct ServeArgs {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub drain_grace: Duration,
     /// Calls in flight allowed per connection.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
     /// Connections allowed at once; more are closed on arrival.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     pub max_connections: usize,
     /// Ping each caller's HTTP/2 connection this often (`0s`: never), so
     /// that one whose peer vanished without closing it is noticed.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     pub caller_keepalive_interval: Duration,
     /// A caller that leaves a ping unanswered this long is disconnected.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, value_parser = positive_duration, default_value = "10s")]
     pub caller_keepalive_timeout: Duration,
     /// Serve Prometheus metrics (/metrics), a status document (/status) and
     /// a status page (/) over plain HTTP on this address: PORT or :PORT for
@@ -589,19 +589,19 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
     /// Interval of health checks on each backend.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, value_parser = positive_duration, default_value = "1s")]
     pub health_interval: Duration,
     /// Bound on one health check.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, value_parser = positive_duration, default_value = "1s")]
     pub health_timeout: Duration,
     /// Bound on connecting to a backend.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    #[arg(long, value_parser = positive_duration, default_value = "2s")]
     pub connect_timeout: Duration,
     /// Bound on one attempt on one backend (the per-try timeout).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, value_parser = positive_duration, default_value = "1s")]
     pub attempt_timeout: Duration,
     /// Bound on a whole call, retries included.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, value_parser = positive_duration, default_value = "10s")]
     pub request_timeout: Duration,
     /// Retries of a call after its first attempt; a hedge spends one too
     /// (also bounded by a retry budget of 20% of calls).
@@ -613,26 +613,26 @@ pub struct CoordinatorArgs {
     #[arg(long, value_name = "DURATION|off", value_parser = hedging_delay, default_value = "50ms")]
     pub hedge_after: HedgingDelay,
     /// Interval of HTTP/2 keepalive pings to backends.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = positive_duration, default_value = "5s")]
     pub keepalive_interval: Duration,
     /// A ping unanswered for this long closes the connection.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    #[arg(long, value_parser = positive_duration, default_value = "2s")]
     pub keepalive_timeout: Duration,
     /// A client identity allowed to call; repeat for each [default: every
     /// client of the CA].
-    #[arg(long = "allow", value_name = "ID")]
+    #[arg(long = "allow", value_name = "ID", value_parser = spiffe_id)]
     pub allow: Vec<String>,
     /// Largest message accepted, in bytes (larger ones get OUT_OF_RANGE).
-    #[arg(long, default_value_t = 65_536)]
+    #[arg(long, default_value_t = 65_536, value_parser = at_least_one)]
     pub max_message_size: usize,
     /// Failed calls in a row that eject a backend (at least 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub eject_after: u32,
     /// Length of a first ejection; the n-th in a row lasts n times as long.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, value_parser = positive_duration, default_value = "1s")]
     pub ejection_time: Duration,
     /// Longest ejection.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    #[arg(long, value_parser = positive_duration, default_value = "30s")]
     pub max_ejection_time: Duration,
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -672,7 +672,7 @@ pub struct ClientArgs {
     )]
     pub token: Option<String>,
     /// Time a call may take, retries included (sent as its deadline).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, value_parser = positive_duration, default_value = "10s")]
     pub timeout: Duration,
     /// With several targets: a call one target has not answered within
     /// this long is sent to another too, and the first answer wins (`off`:
@@ -693,14 +693,14 @@ pub struct ClientArgs {
     pub encryption_key: Option<PathBuf>,
     /// Load mode: number of submissions [default with --duration: no
     /// limit].
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub requests: Option<usize>,
     /// Load mode: stop after this long (e.g. 10s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = positive_duration)]
     pub duration: Option<Duration>,
     /// Load mode: submissions in flight at once (with --rate: the most
     /// allowed in flight).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     pub concurrency: usize,
     /// Load mode: spread the submissions over this many connections (one
     /// client, HTTP/2 connection and balancer each), as ghz does.
@@ -795,6 +795,28 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// A count of at least one.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(count) => Ok(count),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// A SPIFFE ID as our certificates carry it (`pki show` prints it), e.g.
+/// spiffe://securemesh/client/client2.
+fn spiffe_id(text: &str) -> Result<String, String> {
+    match text.strip_prefix("spiffe://") {
+        Some(rest) if rest.contains('/') && !rest.ends_with('/') => Ok(text.to_owned()),
+        _ => Err(
+            "not a SPIFFE ID such as spiffe://securemesh/client/client2 \
+             (`securemesh pki show CERT` prints a certificate's)"
+                .to_owned(),
+        ),
+    }
+}
+
 /// A rate of submissions a second: a finite number above zero.
 fn positive_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -854,6 +876,45 @@ mod tests {
         };
         assert!(server("3s").is_ok());
         assert!(server("0s").is_err());
+    }
+
+    #[test]
+    fn zero_timeouts_limits_and_counts_and_bare_names_are_refused() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["securemesh"].iter().chain(args));
+        for refused in [
+            &["coordinator", "--health-interval", "0s"][..],
+            &["coordinator", "--health-timeout", "0s"],
+            &["coordinator", "--attempt-timeout", "0s"],
+            &["coordinator", "--request-timeout", "0s"],
+            &["coordinator", "--keepalive-interval", "0s"],
+            &["coordinator", "--handshake-timeout", "0s"],
+            &["coordinator", "--max-concurrent-streams", "0"],
+            &["coordinator", "--max-connections", "0"],
+            &["coordinator", "--max-message-size", "0"],
+            &["coordinator", "--allow", "client2"],
+            &["coordinator", "--allow", "spiffe://securemesh/"],
+            &["server", "--allow", "client"],
+            &["server", "--caller-keepalive-timeout", "0s"],
+            &["client", "--timeout", "0s"],
+            &["client", "--concurrency", "0"],
+            &["client", "--requests", "0"],
+            &["client", "--duration", "0s"],
+        ] {
+            assert!(parse(refused).is_err(), "{refused:?}");
+        }
+        for accepted in [
+            &["coordinator", "--health-interval", "250ms"][..],
+            &[
+                "coordinator",
+                "--allow",
+                "spiffe://securemesh/client/client2",
+            ],
+            &["server", "--caller-keepalive-interval", "0s"],
+            &["server", "--drain-delay", "0s", "--drain-grace", "0s"],
+            &["client", "--requests", "1", "--concurrency", "1"],
+        ] {
+            assert!(parse(accepted).is_ok(), "{accepted:?}");
+        }
     }
 
     #[test]
