@@ -699,3 +699,20 @@ async fn case_11_an_expired_etcd_token_is_renewed() {
     assert!(log.contains("deregistered from etcd"), "{log}");
     assert!(!log.contains("cannot deregister"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_12_a_quiet_watch_on_a_default_etcd_is_kept() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    // etcd as installed: it closes connections that ping more often than
+    // every 5 s, at the third such ping.
+    let (_etcd, client) = two_registered_servers_and_a_coordinator(&mut cluster).await;
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let log = cluster.log("coordinator-1");
+    assert!(!log.contains("lost etcd"), "{log}");
+    for server in ["server-1", "server-2"] {
+        let log = cluster.log(server);
+        assert!(!log.contains("not registered in etcd"), "{log}");
+    }
+    client.submit(b"still following").await.unwrap();
+}

@@ -136,6 +136,13 @@ impl std::fmt::Display for EtcdConfig {
     }
 }
 
+/// How often a connection to etcd is pinged. etcd closes a connection
+/// (`too_many_pings`) that pings more often than its
+/// `--grpc-keepalive-min-time`, 5 s by default.
+const ETCD_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// A ping unanswered this long closes the connection to etcd.
+const ETCD_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl EtcdConfig {
     /// The same cluster, reached over TLS.
     pub fn with_tls(mut self, tls: Option<EtcdTls>) -> Self {
@@ -169,8 +176,10 @@ impl EtcdConfig {
 
     /// A client for the cluster, balanced over its members. Connections are
     /// made lazily, with our rustls verifier when TLS is on (so that our
-    /// CRL applies to etcd too); a dead connection is noticed within a few
-    /// seconds by HTTP/2 keep-alive.
+    /// CRL applies to etcd too); a dead connection is noticed within
+    /// [`ETCD_PING_INTERVAL`] and [`ETCD_PING_TIMEOUT`] by HTTP/2
+    /// keep-alive, while a watch or lease stream is open (etcd counts pings
+    /// on a connection without streams as abuse).
     pub(crate) async fn connect(&self) -> Result<Client, DiscoveryError> {
         let tls = self.tls.as_ref().map(EtcdTls::client_tls).transpose()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -178,9 +187,9 @@ impl EtcdConfig {
         for endpoint in &self.endpoints {
             let mut member = Endpoint::from_shared(format!("{scheme}://{endpoint}"))?
                 .connect_timeout(Duration::from_secs(2))
-                .http2_keep_alive_interval(Duration::from_secs(2))
-                .keep_alive_timeout(Duration::from_secs(2))
-                .keep_alive_while_idle(true);
+                .http2_keep_alive_interval(ETCD_PING_INTERVAL)
+                .keep_alive_timeout(ETCD_PING_TIMEOUT)
+                .keep_alive_while_idle(false);
             if let Some(tls) = &tls {
                 member = tls.apply(member)?;
             }
