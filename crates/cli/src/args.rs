@@ -361,6 +361,22 @@ impl TlsArgs {
         })
     }
 
+    /// The CRL to check at a reload, as [`TlsArgs::crl`]; but once the
+    /// process has checked one (`checked_before`), a CRL that is gone is an
+    /// error, not revocation switched off without a word (`--no-crl` does
+    /// that).
+    pub fn crl_on_reload(&self, checked_before: bool) -> anyhow::Result<Option<PathBuf>> {
+        let crl = self.crl();
+        if crl.is_none() && checked_before && !self.no_crl {
+            anyhow::bail!(
+                "the revocation list {} is gone (restore it, or restart with --no-crl to stop \
+                 checking revocation)",
+                self.certs.join(securemesh_pki::CRL_FILE).display()
+            );
+        }
+        Ok(crl)
+    }
+
     /// The CRL a connection made later should check if it exists by then:
     /// `--crl`, else `<certs>/ca_crl.pem`; none with `--no-crl`.
     pub fn crl_to_follow(&self) -> Option<PathBuf> {
@@ -526,18 +542,19 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// Reads the credentials file again into `authorization`, if one is
-    /// configured.
-    pub fn reload_credentials(
+    /// Reads the credentials file, if one is configured (at start and on
+    /// every reload).
+    pub fn load_credentials(
         &self,
-        authorization: &securemesh_tls::Authorization,
-    ) -> anyhow::Result<()> {
-        if let Some(path) = &self.credentials {
-            authorization.replace_credentials(std::sync::Arc::new(
-                securemesh_credentials::Credentials::from_file(path)?,
-            ));
-        }
-        Ok(())
+    ) -> anyhow::Result<Option<std::sync::Arc<securemesh_credentials::Credentials>>> {
+        self.credentials
+            .as_deref()
+            .map(|path| {
+                Ok(std::sync::Arc::new(
+                    securemesh_credentials::Credentials::from_file(path)?,
+                ))
+            })
+            .transpose()
     }
 
     /// `authorization`, requiring credentials too when a file is given.
@@ -545,10 +562,8 @@ impl ServeArgs {
         &self,
         authorization: securemesh_tls::Authorization,
     ) -> anyhow::Result<securemesh_tls::Authorization> {
-        Ok(match &self.credentials {
-            Some(path) => authorization.with_credentials(std::sync::Arc::new(
-                securemesh_credentials::Credentials::from_file(path)?,
-            )),
+        Ok(match self.load_credentials()? {
+            Some(credentials) => authorization.with_credentials(credentials),
             None => authorization,
         })
     }

@@ -3,6 +3,7 @@
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -199,13 +200,20 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     reload_on_sighup({
         let (tls, handler, authorization) = (tls.clone(), handler.clone(), authorization.clone());
         let serve_args = args.serve.clone();
+        let checked_crl = AtomicBool::new(tls_args.crl().is_some());
         move || {
-            tls.replace(securemesh_tls::server_tls(
-                &tls_args.files("server"),
-                tls_args.crl().as_deref(),
-            )?);
-            handler.replace_keys(KeyRing::from_file(&key_file)?);
-            serve_args.reload_credentials(&authorization)
+            // Read and check everything first; change nothing on a failure.
+            let crl = tls_args.crl_on_reload(checked_crl.load(Ordering::Relaxed))?;
+            let new_tls = securemesh_tls::server_tls(&tls_args.files("server"), crl.as_deref())?;
+            let new_keys = KeyRing::from_file(&key_file)?;
+            let new_credentials = serve_args.load_credentials()?;
+            tls.replace(new_tls);
+            handler.replace_keys(new_keys);
+            if let Some(credentials) = new_credentials {
+                authorization.replace_credentials(credentials);
+            }
+            checked_crl.store(crl.is_some(), Ordering::Relaxed);
+            Ok(())
         }
     });
     securemesh_tls::serve_mtls(
@@ -300,15 +308,20 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             &tls_args.files("coordinator"),
             tls_args.crl().as_deref(),
         ));
+        let checked_crl = AtomicBool::new(tls_args.crl().is_some());
         move || {
             // Read and check everything first; change nothing on a failure.
             let files = tls_args.files("coordinator");
-            let new_server_tls = securemesh_tls::server_tls(&files, tls_args.crl().as_deref())?;
-            let crl = tls_args.crl();
+            let crl = tls_args.crl_on_reload(checked_crl.load(Ordering::Relaxed))?;
+            let new_server_tls = securemesh_tls::server_tls(&files, crl.as_deref())?;
             let identity = identity_bytes(&files, crl.as_deref());
             let new_client_tls = securemesh_tls::client_tls(&files, crl.as_deref())?;
-            serve_args.reload_credentials(&authorization)?;
+            let new_credentials = serve_args.load_credentials()?;
             server_tls.replace(new_server_tls);
+            if let Some(credentials) = new_credentials {
+                authorization.replace_credentials(credentials);
+            }
+            checked_crl.store(crl.is_some(), Ordering::Relaxed);
             // Reconnecting resets what health checks and ejection learnt:
             // only when our certificate or the CRL changed.
             let mut loaded = loaded_identity

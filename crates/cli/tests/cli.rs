@@ -254,6 +254,22 @@ impl Mesh {
         }
     }
 
+    /// Sends SIGHUP to `child` and waits until it logs a failed reload.
+    fn reload_fails(&self, label: &str, child: &Child) {
+        let failed = |log: &str| log.matches("reload failed").count();
+        let before = failed(&self.log(label));
+        common::signal(child, nix::sys::signal::Signal::SIGHUP);
+        let started = Instant::now();
+        while failed(&self.log(label)) == before {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{label} did not refuse the reload: {}",
+                self.log(label)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SHA-256 fingerprint of the certificate a TLS handshake on `port`
     /// presents, or of a PEM file.
     fn fingerprint(&self, source: Result<u16, &Path>) -> String {
@@ -682,6 +698,24 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     mesh.until_logged(
         &format!("server-{server_port}"),
         &["TLS handshake refused", "Revoked"],
+    );
+    // A CRL that disappears does not switch revocation off at the next
+    // reload: the reload fails and the server keeps what it had.
+    let crl = mesh.certs().join("ca_crl.pem");
+    let aside = mesh.certs().join("ca_crl.pem.aside");
+    std::fs::rename(&crl, &aside).unwrap();
+    mesh.reload_fails(&format!("server-{server_port}"), server);
+    let still_refused = direct();
+    assert!(!still_refused.status.success());
+    assert!(
+        !text(&still_refused).contains("PermissionDenied"),
+        "{}",
+        text(&still_refused)
+    );
+    std::fs::rename(&aside, &crl).unwrap();
+    mesh.until_logged(
+        &format!("server-{server_port}"),
+        &["reload failed", "revocation list", "is gone"],
     );
 
     // Renewed: new handshakes present the new certificate.
