@@ -553,7 +553,7 @@ fn reload_on_sighup(reload: impl Fn() -> anyhow::Result<()> + Send + 'static) {
             match reload() {
                 Ok(()) => tracing::info!("reloaded certificates, revocation list and keys"),
                 Err(error) => tracing::warn!(
-                    error = %format!("{error:#}"),
+                    error = %crate::errors::describe(&error),
                     "reload failed: keeping the current certificates and keys"
                 ),
             }

@@ -4,6 +4,7 @@
 mod args;
 mod commands;
 mod demo;
+mod errors;
 mod logging;
 
 use clap::Parser as _;
@@ -14,7 +15,10 @@ fn main() -> std::process::ExitCode {
     let _log_guard = match logging::init(cli.command.default_log_level(), &cli.log) {
         Ok(guard) => guard,
         Err(error) => {
-            eprintln!("securemesh: cannot set up logging: {error:#}");
+            eprintln!(
+                "securemesh: cannot set up logging: {}",
+                errors::describe(&error)
+            );
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -33,7 +37,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(commands::run(cli.command)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("securemesh: {error:#}");
+            eprintln!("securemesh: {}", errors::describe(&error));
             std::process::ExitCode::FAILURE
         }
     }
