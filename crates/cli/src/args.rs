@@ -153,7 +153,8 @@ impl Command {
 #[derive(Debug, Subcommand)]
 pub enum CredentialsCommand {
     /// Add a user with an argon2id hash of a password (from --password,
-    /// SECUREMESH_PASSWORD, or the first line of standard input).
+    /// SECUREMESH_NEW_PASSWORD, a prompt on a terminal, or the first line of
+    /// standard input).
     AddUser(CredentialsUserArgs),
     /// Add a named random Bearer token and print it (only its digest is
     /// kept).
@@ -164,8 +165,8 @@ pub enum CredentialsCommand {
 pub struct CredentialsUserArgs {
     /// User name.
     pub name: String,
-    /// The password.
-    #[arg(long, env = "SECUREMESH_PASSWORD", hide_env_values = true)]
+    /// The password (not `SECUREMESH_PASSWORD`, which is the client's).
+    #[arg(long, env = "SECUREMESH_NEW_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
     #[command(flatten)]
     pub file: CredentialsFileArgs,
@@ -398,11 +399,10 @@ impl TlsArgs {
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// Port to listen on (host 127.0.0.1).
-    #[arg(default_value_t = 5001)]
-    pub port: u16,
-    /// Full listen address; overrides PORT.
-    #[arg(long, env = "SECUREMESH_LISTEN")]
+    /// Port to listen on (host 127.0.0.1) [default: 5001].
+    pub port: Option<u16>,
+    /// Full listen address, instead of PORT.
+    #[arg(long, env = "SECUREMESH_SERVER_LISTEN", conflicts_with = "port")]
     pub listen: Option<SocketAddr>,
     /// Name reported in replies and registered in etcd; two servers on
     /// one prefix need two names [default: the host:port of --advertise,
@@ -585,7 +585,11 @@ impl ServeArgs {
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
     /// Listen address.
-    #[arg(long, env = "SECUREMESH_LISTEN", default_value = "127.0.0.1:8000")]
+    #[arg(
+        long,
+        env = "SECUREMESH_COORDINATOR_LISTEN",
+        default_value = "127.0.0.1:8000"
+    )]
     pub listen: SocketAddr,
     /// A backend server URL; repeat for each [default, without --discovery:
     /// https://127.0.0.1:5001 and https://127.0.0.1:5002].
@@ -697,8 +701,9 @@ pub struct ClientArgs {
     /// Name shown in output.
     #[arg(long, default_value = "Client1")]
     pub name: String,
-    /// Certificate name in <certs> to authenticate with (client, client2, ...).
-    #[arg(long, default_value = "client")]
+    /// Certificate name in <certs> to authenticate with (client, client2,
+    /// ...), instead of --cert and --key.
+    #[arg(long, default_value = "client", conflicts_with_all = ["cert", "key"])]
     pub identity: String,
     /// Payload [default: "Sensitive data from <name>"].
     #[arg(long)]
@@ -930,6 +935,33 @@ mod tests {
         ] {
             assert!(parse(accepted).is_ok(), "{accepted:?}");
         }
+    }
+
+    #[test]
+    fn two_answers_to_one_question_are_refused_not_ranked() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["securemesh"].iter().chain(args));
+        assert!(parse(&["server", "5003", "--listen", "127.0.0.1:5004"]).is_err());
+        assert!(parse(&["server", "5003"]).is_ok());
+        assert!(parse(&["server", "--listen", "127.0.0.1:5004"]).is_ok());
+        assert!(parse(&["client", "--identity", "client2", "--cert", "a.pem"]).is_err());
+        assert!(parse(&["client", "--cert", "a.pem", "--key", "a_key.pem"]).is_ok());
+        // Each command has its own listen variable.
+        let cli = <Cli as clap::CommandFactory>::command();
+        let listen_env = |command: &str| {
+            cli.find_subcommand(command)
+                .and_then(|command| command.get_arguments().find(|a| a.get_id() == "listen"))
+                .and_then(|listen| listen.get_env())
+                .and_then(|env| env.to_str())
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            listen_env("server").as_deref(),
+            Some("SECUREMESH_SERVER_LISTEN")
+        );
+        assert_eq!(
+            listen_env("coordinator").as_deref(),
+            Some("SECUREMESH_COORDINATOR_LISTEN")
+        );
     }
 
     #[test]

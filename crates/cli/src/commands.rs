@@ -68,11 +68,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Credentials(CredentialsCommand::AddUser(args)) => {
             let password = match args.password {
                 Some(password) => password,
-                None => {
-                    let mut line = String::new();
-                    std::io::stdin().read_line(&mut line)?;
-                    line.trim_end_matches(['\r', '\n']).to_owned()
-                }
+                None => crate::prompt::new_password(&args.name)?,
             };
             anyhow::ensure!(
                 !password.is_empty(),
@@ -80,13 +76,18 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             );
             let file = args.file.path();
             securemesh_credentials::add_user(&file, &args.name, &password)?;
-            println!("added user {} to {}", args.name, file.display());
+            println!(
+                "added user {} to {} (send SIGHUP to running servers and coordinators)",
+                args.name,
+                file.display()
+            );
         }
         Command::Credentials(CredentialsCommand::AddToken(args)) => {
             let file = args.file.path();
             let token = securemesh_credentials::add_token(&file, &args.name)?;
             eprintln!(
-                "added token {} to {}; it is shown once:",
+                "added token {} to {} (send SIGHUP to running servers and coordinators); \
+                 it is shown once:",
                 args.name,
                 file.display()
             );
@@ -124,7 +125,8 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     if args.rotate {
         let keys = securemesh_crypto::rotate_key_file(&out)?;
         println!(
-            "rotated {}: a new key first, {} older kept",
+            "rotated {}: a new key first, {} older kept (send SIGHUP to every server before \
+             clients use the new key)",
             out.display(),
             keys - 1
         );
@@ -138,7 +140,7 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
 async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let address = args
         .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.port)));
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.port.unwrap_or(5001))));
     let tls_args = args.tls.clone();
     let tls = ReloadableConfig::new(securemesh_tls::server_config(
         &tls_args.files("server"),

@@ -914,7 +914,9 @@ fn credentials_on_top_of_mtls_from_the_command_line() {
     let work = mesh.work.path();
     let added = Command::new(BINARY)
         .args(["credentials", "add-user", "alice"])
-        .env("SECUREMESH_PASSWORD", "correct horse")
+        .env("SECUREMESH_NEW_PASSWORD", "correct horse")
+        // The client's variable, set in the same shell, changes nothing.
+        .env("SECUREMESH_PASSWORD", "not this one")
         .current_dir(work)
         .output()
         .unwrap();
