@@ -7,7 +7,6 @@
 //! parent directories are created. Secrets copied into place by hand are
 //! checked when they are read: see [`warn_if_exposed`].
 
-use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -49,29 +48,14 @@ pub fn refuse_existing<'a>(
 
 /// Writes `contents` to `path` with `mode` (Unix permission bits).
 ///
-/// An overwrite (`force`) is atomic: the contents go to a temporary file in
-/// the same directory, which is synced and renamed over `path`, so that a
-/// crash or a concurrent reader never sees a half-written secret.
+/// The contents go first to a new temporary file with a random name in the
+/// same directory (created exclusively, so a planted file or symlink is
+/// never written through), which is synced and then moved into place in
+/// one step: renamed over `path` when forced, linked to it only if `path`
+/// does not exist otherwise. The directory is synced after, so that a
+/// crash leaves the old file or the complete new one, never part of a
+/// secret or an empty key.
 pub fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), WriteError> {
-    if !force {
-        return create(path, contents, mode, false);
-    }
-    let name = path
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    create(&temporary, contents, mode, true)?;
-    std::fs::rename(&temporary, path).map_err(|source| {
-        let _ = std::fs::remove_file(&temporary);
-        WriteError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    })
-}
-
-fn create(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), WriteError> {
     let io_error = |source: std::io::Error| {
         if source.kind() == std::io::ErrorKind::AlreadyExists {
             WriteError::Exists(path.to_path_buf())
@@ -82,32 +66,51 @@ fn create(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), Wr
             }
         }
     };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(io_error)?;
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    if !force && path.symlink_metadata().is_ok() {
+        return Err(WriteError::Exists(path.to_path_buf()));
     }
-    let mut options = OpenOptions::new();
-    options.write(true);
-    if force {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(mode);
-    }
-    let mut file = options.open(path).map_err(io_error)?;
+    std::fs::create_dir_all(parent).map_err(io_error)?;
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut temporary = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(parent)
+        .map_err(io_error)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        file.set_permissions(std::fs::Permissions::from_mode(mode))
+        temporary
+            .as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(io_error)?;
     }
     #[cfg(not(unix))]
     let _ = mode;
-    file.write_all(contents).map_err(io_error)?;
-    file.sync_all().map_err(io_error)
+    temporary.write_all(contents).map_err(io_error)?;
+    temporary.as_file().sync_all().map_err(io_error)?;
+    let placed = if force {
+        temporary.persist(path)
+    } else {
+        temporary.persist_noclobber(path)
+    };
+    placed.map_err(|failed| io_error(failed.error))?;
+    sync_directory(parent).map_err(io_error)
+}
+
+/// Makes a rename or link in `directory` durable.
+fn sync_directory(directory: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(directory)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = directory;
+    Ok(())
 }
 
 /// Logs a warning when the secret at `path` (`what`: "private key", ...)
@@ -173,6 +176,42 @@ mod tests {
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
         assert!(!warn_if_exposed(&path, "private key"));
+    }
+
+    /// What is in `dir` besides `keep`: temporary files left behind.
+    fn leftovers(dir: &Path, keep: &[&str]) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| !keep.contains(&name.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn a_symlink_in_the_way_is_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere.txt");
+        std::fs::write(&elsewhere, "not yours").unwrap();
+        let path = dir.path().join("key.txt");
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        // Not forced: the link counts as an existing file, even dangling.
+        let refused = write_file(&path, b"secret", PRIVATE, false).unwrap_err();
+        assert!(matches!(refused, WriteError::Exists(_)), "{refused}");
+        let dangling = dir.path().join("dangling.txt");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        assert!(write_file(&dangling, b"secret", PRIVATE, false).is_err());
+        assert!(!dir.path().join("nowhere").exists());
+        // Forced: the link itself is replaced by a private file.
+        write_file(&path, b"secret", PRIVATE, true).unwrap();
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), b"not yours");
+        assert!(!std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+        assert_eq!(mode_of(&path), 0o600);
+        let left = leftovers(dir.path(), &["elsewhere.txt", "key.txt", "dangling.txt"]);
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]
