@@ -520,9 +520,15 @@ pub struct ServeArgs {
     /// Calls in flight allowed per connection.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
-    /// Connections allowed at once; more are closed on arrival.
+    /// Authenticated connections allowed at once; more are closed on
+    /// arrival.
     #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     pub max_connections: usize,
+    /// TLS handshakes in progress allowed at once; beyond them, a new
+    /// connection displaces the one that has waited longest (so silent
+    /// connections cannot keep certificate holders out).
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
+    pub max_handshakes: usize,
     /// Ping each caller's HTTP/2 connection this often (`0s`: never), so
     /// that one whose peer vanished without closing it is noticed.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
@@ -575,6 +581,7 @@ impl ServeArgs {
             drain_grace: self.drain_grace,
             max_concurrent_streams: self.max_concurrent_streams,
             max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
             keepalive_interval: Some(self.caller_keepalive_interval)
                 .filter(|interval| !interval.is_zero()),
             keepalive_timeout: self.caller_keepalive_timeout,

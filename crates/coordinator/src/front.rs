@@ -115,12 +115,7 @@ pub async fn serve(
         keepalive_timeout: options.keepalive_timeout,
     });
 
-    let mut incoming = TlsIncoming::new(
-        listener,
-        tls.into(),
-        options.handshake_timeout,
-        options.max_connections,
-    );
+    let mut incoming = TlsIncoming::new(listener, tls.into(), &options);
     let (closing, closing_seen) = watch::channel(false);
     let mut connections = JoinSet::new();
     let drain = async {

@@ -1295,6 +1295,49 @@ async fn idle_connections_time_out_and_connections_are_limited() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_cannot_keep_certificate_holders_out() {
+    let material = Material::new();
+    let (address, _stop) = serve_with_options(
+        &material,
+        "crowded",
+        1024,
+        ServeOptions {
+            handshake_timeout: Duration::from_secs(30),
+            max_connections: 8,
+            max_handshakes: 4,
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let ca = material.dir.path().join("ca_cert.pem");
+    let client = material.files("client");
+    // As many silent connections as the connection limit, twice the
+    // handshake limit: none of them ever sends a byte.
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    }
+    // A certificate holder still gets in, more than once, at once.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let connected = open_tls(address, "localhost", &ca, Some(&client)).await;
+        assert!(connected.is_ok(), "{connected:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    // The oldest silent connections were the ones closed, long before the
+    // handshake timeout.
+    let mut closed = 0;
+    for mut connection in silent {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(200), connection.read(&mut byte));
+        if matches!(read.await, Ok(Ok(0) | Err(_))) {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 4, "only {closed} silent connections were closed");
+}
+
 /// A TLS connection to `address` (name `localhost`) as `client`, before
 /// any HTTP/2.
 async fn tls_as_client(

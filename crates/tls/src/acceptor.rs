@@ -8,6 +8,14 @@
 //! beyond that, new ones are closed at once (and logged), so that many idle
 //! or slow connections cannot exhaust the process.
 //!
+//! Handshakes in progress have their own, smaller limit: anyone who can
+//! reach the port can start one without a certificate, so they must not take
+//! the places of authenticated connections. When that limit is reached, a
+//! new connection displaces the handshake that has waited longest, instead
+//! of being refused: connections opened and left silent (slowloris) are the
+//! ones that go, while a genuine client's handshake, done in milliseconds,
+//! gets through.
+//!
 //! When the server's configuration is replaced (a new CRL, on SIGHUP), each
 //! open connection verifies its client's certificate again with the new
 //! one, at its next read; a certificate now revoked (or expired) closes the
@@ -15,15 +23,16 @@
 //! connection also ends at its first read after its client's certificate
 //! expires.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,7 +41,7 @@ use tokio_stream::Stream;
 use securemesh_telemetry::{metrics, Metrics};
 
 use crate::server::Verdicts;
-use crate::ReloadableConfig;
+use crate::{ReloadableConfig, ServeOptions};
 
 /// How many finished handshakes may wait for tonic to pick them up.
 const READY_QUEUE: usize = 64;
@@ -82,21 +91,20 @@ impl Drop for Slot {
 
 impl TlsIncoming {
     /// Starts accepting on `listener`, each connection with the
-    /// configuration current when it arrives. Handshakes that take longer
-    /// than `handshake_timeout` are abandoned; at most `max_connections`
-    /// (handshaking or open) are kept.
-    pub fn new(
-        listener: TcpListener,
-        config: ReloadableConfig,
-        handshake_timeout: Duration,
-        max_connections: usize,
-    ) -> Self {
+    /// configuration current when it arrives, within `options`' limits:
+    /// handshakes that take longer than `handshake_timeout` are abandoned,
+    /// at most `max_handshakes` run at once (a new one displaces the
+    /// oldest), and at most `max_connections` authenticated connections are
+    /// kept.
+    pub fn new(listener: TcpListener, config: ReloadableConfig, options: &ServeOptions) -> Self {
         Metrics::declare_reasons(&metrics().handshake_failures, &HANDSHAKE_FAILURE_REASONS);
         let (sender, receiver) = mpsc::channel(READY_QUEUE);
         let limits = Limits {
-            handshake_timeout,
-            connections: Arc::new(Semaphore::new(max_connections)),
-            max_connections,
+            handshake_timeout: options.handshake_timeout,
+            connections: Arc::new(Semaphore::new(options.max_connections)),
+            max_connections: options.max_connections,
+            handshakes: Arc::new(Mutex::new(BTreeMap::new())),
+            max_handshakes: options.max_handshakes.max(1),
         };
         tokio::spawn(accept_loop(listener, config, limits, sender));
         Self {
@@ -120,6 +128,44 @@ struct Limits {
     handshake_timeout: Duration,
     connections: Arc<Semaphore>,
     max_connections: usize,
+    handshakes: Handshakes,
+    max_handshakes: usize,
+}
+
+/// The handshakes in progress, oldest first; dropping one's sender tells
+/// it to give up its place.
+type Handshakes = Arc<Mutex<BTreeMap<u64, oneshot::Sender<()>>>>;
+
+/// A handshake's place among those in progress, given back when it ends.
+struct InProgress {
+    number: u64,
+    handshakes: Handshakes,
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        lock(&self.handshakes).remove(&self.number);
+    }
+}
+
+fn lock(handshakes: &Handshakes) -> std::sync::MutexGuard<'_, BTreeMap<u64, oneshot::Sender<()>>> {
+    handshakes
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// Whether no connection may be added now.
+fn full(connections: &Semaphore) -> bool {
+    connections.available_permits() == 0
+}
+
+fn refuse_over_limit(peer: SocketAddr, limit: usize) {
+    metrics().connections_refused.inc();
+    tracing::warn!(
+        %peer,
+        limit,
+        "connection refused: too many connections"
+    );
 }
 
 async fn accept_loop(
@@ -128,6 +174,7 @@ async fn accept_loop(
     limits: Limits,
     ready: ReadySender,
 ) {
+    let mut arrivals: u64 = 0;
     loop {
         let accepted = tokio::select! {
             _ = ready.closed() => return,
@@ -135,26 +182,35 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
-                    metrics().connections_refused.inc();
-                    tracing::warn!(
-                        %peer,
-                        limit = limits.max_connections,
-                        "connection refused: too many connections"
-                    );
+                // Full now: refused before any handshake work.
+                if full(&limits.connections) {
+                    refuse_over_limit(peer, limits.max_connections);
                     drop(stream);
                     continue;
-                };
+                }
                 // gRPC messages are small and latency-sensitive.
                 let _ = stream.set_nodelay(true);
-                let verdicts = config.verdicts();
+                arrivals += 1;
+                let (place, displaced) = oneshot::channel();
+                {
+                    let mut handshakes = lock(&limits.handshakes);
+                    if handshakes.len() >= limits.max_handshakes {
+                        // Dropping the oldest's sender ends its handshake.
+                        handshakes.pop_first();
+                    }
+                    handshakes.insert(arrivals, place);
+                }
+                let in_progress = InProgress {
+                    number: arrivals,
+                    handshakes: limits.handshakes.clone(),
+                };
                 tokio::spawn(handshake(
                     stream,
                     peer,
-                    verdicts,
+                    config.verdicts(),
                     TlsAcceptor::from(config.current()),
-                    limits.handshake_timeout,
-                    Slot::new(permit),
+                    limits.clone(),
+                    (in_progress, displaced),
                     ready.clone(),
                 ));
             }
@@ -172,12 +228,34 @@ async fn handshake(
     peer: SocketAddr,
     verdicts: Verdicts,
     acceptor: TlsAcceptor,
-    timeout: Duration,
-    slot: Slot,
+    limits: Limits,
+    (in_progress, displaced): (InProgress, oneshot::Receiver<()>),
     ready: ReadySender,
 ) {
-    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+    let timeout = limits.handshake_timeout;
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(timeout, acceptor.accept(stream)) => outcome,
+        _ = displaced => {
+            metrics()
+                .handshake_failures
+                .with_label_values(&["displaced"])
+                .inc();
+            tracing::info!(
+                %peer,
+                limit = limits.max_handshakes,
+                "TLS handshake abandoned: the oldest of too many in progress"
+            );
+            return;
+        }
+    };
+    drop(in_progress);
+    match outcome {
         Ok(Ok(stream)) => {
+            let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
+                refuse_over_limit(peer, limits.max_connections);
+                return;
+            };
+            let slot = Slot::new(permit);
             let chain = stream.get_ref().1.peer_certificates();
             let identity = chain.and_then(crate::peer_identity).map(Arc::from);
             let expires = chain.and_then(crate::identity::valid_until).map(expires_at);
@@ -223,8 +301,8 @@ fn expires_at(not_after: i64) -> Instant {
     Instant::now() + left
 }
 
-/// Every label [`failure_reason`] gives, and `timeout`.
-const HANDSHAKE_FAILURE_REASONS: [&str; 12] = [
+/// Every label [`failure_reason`] gives, `timeout` and `displaced`.
+const HANDSHAKE_FAILURE_REASONS: [&str; 13] = [
     "no_client_certificate",
     "unknown_ca",
     "revoked",
@@ -237,6 +315,7 @@ const HANDSHAKE_FAILURE_REASONS: [&str; 12] = [
     "closed_by_client",
     "io_error",
     "timeout",
+    "displaced",
 ];
 
 /// A short, bounded label for why a handshake failed (the metric's

@@ -40,8 +40,13 @@ pub struct ServeOptions {
     pub drain_grace: Duration,
     /// Concurrent HTTP/2 streams (calls) allowed per connection.
     pub max_concurrent_streams: u32,
-    /// Connections (handshaking or open) allowed at once.
+    /// Authenticated connections allowed at once; more are closed on
+    /// arrival.
     pub max_connections: usize,
+    /// TLS handshakes in progress allowed at once; a new connection beyond
+    /// them displaces the one that has waited longest, so that silent
+    /// connections cannot keep certificate holders out.
+    pub max_handshakes: usize,
     /// HTTP/2 pings to each caller at this interval (`None`: never); a
     /// caller that does not answer one within `keepalive_timeout` is gone
     /// (a crashed host, a cut network leave the TCP connection half open)
@@ -59,6 +64,7 @@ impl Default for ServeOptions {
             drain_grace: Duration::from_secs(10),
             max_concurrent_streams: 256,
             max_connections: 4096,
+            max_handshakes: 256,
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_timeout: Duration::from_secs(10),
         }
@@ -99,12 +105,7 @@ where
     securemesh::add_reflection(&mut routes)?;
     routes.add_service(service);
 
-    let incoming = TlsIncoming::new(
-        listener,
-        tls.into(),
-        options.handshake_timeout,
-        options.max_connections,
-    );
+    let incoming = TlsIncoming::new(listener, tls.into(), &options);
     let closing = Arc::new(tokio::sync::Notify::new());
     let drain = {
         let closing = closing.clone();
