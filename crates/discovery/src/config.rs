@@ -171,6 +171,11 @@ impl EtcdConfig {
     /// start-up rather than on every reconnection.
     pub fn check(&self) -> Result<(), DiscoveryError> {
         self.tls.as_ref().map(EtcdTls::client_tls).transpose()?;
+        if self.auth.is_some() && self.tls.is_none() {
+            if let Some(remote) = self.endpoints.iter().find(|member| !on_this_host(member)) {
+                return Err(DiscoveryError::PlaintextPassword(remote.clone()));
+            }
+        }
         Ok(())
     }
 
@@ -220,6 +225,20 @@ pub(crate) async fn within<T>(
         .await
         .map_err(|_| DiscoveryError::Timeout(REQUEST_TIMEOUT))?
         .map_err(DiscoveryError::from)
+}
+
+/// Whether the member `HOST:PORT` is reached over loopback: `localhost`,
+/// 127.0.0.0/8 or `[::1]`.
+fn on_this_host(member: &str) -> bool {
+    let host = member
+        .rsplit_once(':')
+        .map_or(member, |(host, _port)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
 }
 
 #[cfg(test)]
@@ -285,6 +304,40 @@ mod tests {
             assert!(shown.contains("registrar"), "{shown}");
             assert!(!shown.contains("hunter2-secret"), "{shown}");
         }
+    }
+
+    #[test]
+    fn a_password_goes_in_clear_only_over_loopback() {
+        let with_password = |url: &str| {
+            url.parse::<EtcdConfig>().unwrap().with_auth(Some(EtcdAuth {
+                user: "registrar".into(),
+                password: "hunter2-secret".into(),
+            }))
+        };
+        for local in [
+            "etcd://127.0.0.1:2379",
+            "etcd://127.0.0.2:2379,localhost:22379",
+            "etcd://[::1]:2379",
+        ] {
+            assert!(with_password(local).check().is_ok(), "{local}");
+        }
+        for remote in [
+            "etcd://10.0.0.5:2379",
+            "etcd://127.0.0.1:2379,etcd-2.example:2379",
+        ] {
+            let error = with_password(remote).check().unwrap_err();
+            assert!(
+                matches!(error, DiscoveryError::PlaintextPassword(_)),
+                "{remote}"
+            );
+            assert!(!error.to_string().contains("hunter2"), "{error}");
+        }
+        // Without a password, plaintext etcd anywhere is the operator's call.
+        assert!("etcd://10.0.0.5:2379"
+            .parse::<EtcdConfig>()
+            .unwrap()
+            .check()
+            .is_ok());
     }
 
     #[test]

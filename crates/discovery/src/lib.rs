@@ -53,6 +53,13 @@ pub enum DiscoveryError {
     /// The key was deleted or rewritten while the registration held it.
     #[error("the registration was displaced: {0}")]
     Displaced(String),
+    /// A password would cross the network in clear: etcd users need TLS
+    /// toward members that are not on this host.
+    #[error(
+        "the etcd password would be sent in clear to {0}: give --etcd-ca (TLS), or reach etcd on \
+         this host"
+    )]
+    PlaintextPassword(String),
     /// A watch or keep-alive stream ended or was cancelled by etcd.
     #[error("etcd ended the stream: {0}")]
     StreamEnded(String),
