@@ -36,6 +36,8 @@ pub struct Rotation {
     emptied: AtomicWaker,
     /// Whether any backend is in rotation, for whoever follows that.
     serving: tokio::sync::watch::Sender<bool>,
+    /// The most recent failure of any backend: `<url>: <reason>`.
+    last_failure: Mutex<Option<String>>,
 }
 
 impl Default for Rotation {
@@ -44,6 +46,7 @@ impl Default for Rotation {
             in_rotation: Mutex::new(0),
             emptied: AtomicWaker::new(),
             serving: tokio::sync::watch::Sender::new(false),
+            last_failure: Mutex::new(None),
         }
     }
 }
@@ -52,6 +55,16 @@ impl Rotation {
     /// Backends in rotation now.
     pub fn count(&self) -> usize {
         *lock(&self.in_rotation)
+    }
+
+    /// The most recent failure of any backend, as `<url>: <reason>`: what
+    /// a caller refused for want of a backend should be told.
+    pub fn last_failure(&self) -> Option<String> {
+        lock(&self.last_failure).clone()
+    }
+
+    fn failed(&self, url: &str, reason: &str) {
+        *lock(&self.last_failure) = Some(format!("{url}: {reason}"));
     }
 
     /// Wakes `waker`'s task when the last backend leaves rotation.
@@ -227,6 +240,7 @@ impl BackendState {
     pub(crate) fn call_failed(&self, reason: &str) {
         tracing::warn!(backend = %self.url, %reason, "Server {} failed: {}", self.url, reason);
         *lock(&self.last_failure) = Some(reason.to_owned());
+        self.rotation.failed(&self.url, reason);
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < self.policy.consecutive_failures {
             return;
@@ -259,6 +273,7 @@ impl BackendState {
         let healthy = outcome.is_ok();
         if let Err(reason) = &outcome {
             *lock(&self.last_failure) = Some(reason.clone());
+            self.rotation.failed(&self.url, reason);
             if self.is_in_rotation() {
                 tracing::warn!(backend = %self.url, %reason, "Server {} failed: {}", self.url, reason);
             }

@@ -20,15 +20,18 @@ pub struct FailFast<S> {
     inner: S,
     rotation: Arc<Rotation>,
     open: bool,
+    explain: bool,
 }
 
 impl<S> FailFast<S> {
-    /// Guards `inner` with the rotation state of its pool.
-    pub fn new(inner: S, rotation: Arc<Rotation>) -> Self {
+    /// Guards `inner` with the rotation state of its pool; with `explain`,
+    /// the refusal names the last backend that failed and why.
+    pub fn new(inner: S, rotation: Arc<Rotation>, explain: bool) -> Self {
         Self {
             inner,
             rotation,
             open: false,
+            explain,
         }
     }
 }
@@ -62,10 +65,17 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         if self.open {
-            return Box::pin(std::future::ready(Err(tonic::Status::unavailable(
-                "no backend in rotation (all failing health checks or ejected)",
-            )
-            .into())));
+            let last_failure = self.explain.then(|| self.rotation.last_failure()).flatten();
+            let message = match last_failure {
+                Some(failure) => format!(
+                    "no backend in rotation (all failing health checks or ejected); last \
+                     failure: {failure}"
+                ),
+                None => "no backend in rotation (all failing health checks or ejected)".to_owned(),
+            };
+            return Box::pin(std::future::ready(Err(
+                tonic::Status::unavailable(message).into()
+            )));
         }
         let call = self.inner.call(request);
         Box::pin(async move { call.await.map_err(Into::into) })

@@ -108,6 +108,10 @@ pub struct BalanceOptions {
     /// Hedge an attempt that has not answered within this long (see
     /// [`hedge`]); `None` never hedges.
     pub hedge_after: Option<std::time::Duration>,
+    /// Say in a fail-fast `UNAVAILABLE` which backend failed last and why
+    /// (a client, about its own targets); off where the caller is someone
+    /// else (a proxy's callers need not learn its backends' addresses).
+    pub explain_failures: bool,
 }
 
 impl Default for BalanceOptions {
@@ -118,6 +122,7 @@ impl Default for BalanceOptions {
             retry_ratio: 0.2,
             queue_capacity: 1024,
             hedge_after: None,
+            explain_failures: false,
         }
     }
 }
@@ -139,7 +144,8 @@ impl Balancer {
     pub fn new(backends: BackendOptions, options: BalanceOptions) -> Self {
         let (pool, discovery) = BackendPool::new(backends);
         let balance = Balance::new(discovery);
-        let fail_fast = fail_fast::FailFast::new(balance, pool.rotation());
+        let fail_fast =
+            fail_fast::FailFast::new(balance, pool.rotation(), options.explain_failures);
         let buffer = Buffer::new(fail_fast, options.queue_capacity);
         let budget = retry::budget(options.min_retries_per_sec, options.retry_ratio);
         let attempts: Stack = match options.hedge_after {

@@ -120,6 +120,11 @@ impl Client {
         let mut options = BackendOptions::new(tls);
         options.attempt_timeout = call_timeout;
         options.health_checks = health_checks;
+        // The targets are the client's own: say which failed and why.
+        let balance = BalanceOptions {
+            explain_failures: true,
+            ..balance
+        };
         let balancer = Balancer::new(options, balance);
         for target in targets {
             balancer.pool().add(target)?;

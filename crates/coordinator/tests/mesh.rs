@@ -1296,6 +1296,56 @@ async fn idle_connections_time_out_and_connections_are_limited() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_says_why_its_target_is_out_of_rotation_and_a_coordinator_does_not() {
+    let material = Material::new();
+    // Nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let client = material.client(&url, "client");
+    let started = Instant::now();
+    let explained = loop {
+        let status = client
+            .submit_token(material.keys.encrypt(b"x"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        if status.message().contains("no backend in rotation") {
+            break status.message().to_owned();
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        explained.contains(&format!("last failure: {url}: ")),
+        "{explained}"
+    );
+
+    // A coordinator whose only server is gone fails fast too, without
+    // telling its callers where its servers are.
+    let server = TestServer::start(&material, any_port());
+    let server_url = server.url();
+    let coordinator = TestCoordinator::start(&material, std::slice::from_ref(&server_url)).await;
+    let through = material.client(&coordinator.url, "client");
+    through.submit(b"warm up").await.unwrap();
+    drop(server);
+    let started = Instant::now();
+    let refused = loop {
+        let status = through
+            .submit_token(material.keys.encrypt(b"x"))
+            .await
+            .unwrap_err();
+        if status.message().contains("no backend in rotation") {
+            break status.message().to_owned();
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!refused.contains(&server_url), "{refused}");
+    assert!(!refused.contains("last failure"), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_cannot_keep_certificate_holders_out() {
     let material = Material::new();
     let (address, _stop) = serve_with_options(
