@@ -163,7 +163,10 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         Some(etcd) => {
             let etcd = args.etcd.apply(etcd.clone(), args.tls.crl_to_follow())?;
             let url = match &args.advertise {
-                Some(url) => url.clone(),
+                Some(url) => {
+                    check_advertised(url, &tls_args.files("server"))?;
+                    url.clone()
+                }
                 None if address.ip().is_unspecified() => anyhow::bail!(
                     "listening on {address}: say with --advertise which URL coordinators should dial"
                 ),
@@ -465,6 +468,36 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
 /// The `host:port` of a URL such as `https://10.0.0.5:5001/`: the one
 /// name of a server that is unique across hosts (a listen address such as
 /// `0.0.0.0:5001` is the same on every host).
+/// Refuses an `--advertise` URL that coordinators could not use: not
+/// `https://HOST[:PORT]`, or a HOST the server certificate does not name
+/// (every coordinator would refuse the handshake).
+fn check_advertised(url: &str, files: &securemesh_tls::TlsFiles) -> anyhow::Result<()> {
+    let authority = url
+        .strip_prefix("https://")
+        .and_then(|_| authority_of(url))
+        .with_context(|| format!("--advertise {url}: expected https://HOST[:PORT]"))?;
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => authority.as_str(),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let names = files.dialling_names()?;
+    let named = names.iter().any(|name| {
+        name.eq_ignore_ascii_case(host)
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|address| name.parse() == Ok(address))
+    });
+    anyhow::ensure!(
+        named,
+        "--advertise {url}: {host} is not among the names of {} ({}), so coordinators would \
+         refuse it; issue a certificate with `securemesh pki issue NAME --role server --san {host}`",
+        files.cert.display(),
+        names.join(", ")
+    );
+    Ok(())
+}
+
 fn authority_of(url: &str) -> Option<String> {
     let (_, rest) = url.split_once("://")?;
     let authority = rest.split(['/', '?', '#']).next()?;
@@ -647,6 +680,41 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_advertised_url_must_be_https_and_named_by_the_server_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        securemesh_pki::init(&securemesh_pki::InitOptions {
+            dir: dir.path().to_path_buf(),
+            days: 1,
+            extra_clients: Vec::new(),
+            sans: vec!["10.1.2.3".into(), "data-1.example".into()],
+            force: false,
+        })
+        .unwrap();
+        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "server");
+        for usable in [
+            "https://127.0.0.1:5001",
+            "https://localhost:5001",
+            "https://10.1.2.3:5001/",
+            "https://DATA-1.example",
+            "https://[::1]:5001",
+        ] {
+            let checked = check_advertised(usable, &files);
+            assert!(checked.is_ok(), "{usable}: {checked:?}");
+        }
+        for unusable in [
+            "10.1.2.3:5001",
+            "http://10.1.2.3:5001",
+            "https://",
+            "https://127.0.0.2:5001",
+            "https://data-2.example:5001",
+        ] {
+            assert!(check_advertised(unusable, &files).is_err(), "{unusable}");
+        }
+        let error = check_advertised("https://127.0.0.2:5001", &files).unwrap_err();
+        assert!(error.to_string().contains("--san 127.0.0.2"), "{error}");
+    }
 
     #[test]
     fn a_servers_default_name_is_the_host_and_port_it_advertises() {

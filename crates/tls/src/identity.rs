@@ -39,6 +39,38 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<String> {
     uri.or_else(dns).or_else(common_name)
 }
 
+/// The names a client dialling the leaf of `chain` may use: its DNS and IP
+/// address SANs (as `10.0.0.5` or `::1`). Empty when it does not parse.
+pub fn dialling_names(chain: &[CertificateDer<'_>]) -> Vec<String> {
+    let Some((_, cert)) = chain
+        .first()
+        .and_then(|leaf| X509Certificate::from_der(leaf.as_ref()).ok())
+    else {
+        return Vec::new();
+    };
+    let sans = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|ext| ext.value.general_names.clone())
+        .unwrap_or_default();
+    sans.iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(*bytes)
+                    .ok()
+                    .map(|octets| std::net::IpAddr::from(octets).to_string()),
+                16 => <[u8; 16]>::try_from(*bytes)
+                    .ok()
+                    .map(|octets| std::net::IpAddr::from(octets).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 /// When the leaf of `chain` stops being valid (its notAfter), in seconds
 /// since the Unix epoch; `None` when it does not parse.
 pub(crate) fn valid_until(chain: &[CertificateDer<'_>]) -> Option<i64> {

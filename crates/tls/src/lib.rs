@@ -21,7 +21,7 @@ pub use authorize::{
     authorized_data_service, Authorization, Caller, CALLER_HEADER, COORDINATOR_IDENTITY,
 };
 pub use client::{client_tls, client_tls_config, foreign_server_tls, ClientTls};
-pub use identity::{caller_identity, peer_identity, request_identity};
+pub use identity::{caller_identity, dialling_names, peer_identity, request_identity};
 pub use material::{TlsError, TlsFiles};
 pub use serve::{serve_mtls, ServeError, ServeOptions};
 pub use server::{server_config, server_tls, ReloadableConfig, ServerTls};

@@ -58,6 +58,12 @@ impl TlsFiles {
         }
     }
 
+    /// The names clients may dial this party by (see
+    /// [`crate::dialling_names`]), read from its certificate.
+    pub fn dialling_names(&self) -> Result<Vec<String>, TlsError> {
+        Ok(crate::dialling_names(&Self::certificates(&self.cert)?))
+    }
+
     pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
         std::fs::read(path).map_err(|source| TlsError::Io {
             path: path.to_path_buf(),
