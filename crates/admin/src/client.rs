@@ -24,8 +24,9 @@ pub enum FetchError {
         /// Why.
         source: std::io::Error,
     },
-    /// The HTTP exchange failed.
-    #[error("HTTP: {0}")]
+    /// The HTTP exchange failed: often a port that is not an admin
+    /// listener (a gRPC port speaks TLS, not plain HTTP).
+    #[error("no HTTP answer ({0}): is this the port given to --metrics-listen?")]
     Http(#[from] hyper::Error),
     /// The request could not be built.
     #[error("request: {0}")]

@@ -30,22 +30,29 @@ pub use report::{BackendStatus, StatusReport};
 /// Why the admin listener could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    /// The address is not `PORT`, `:PORT` or `HOST:PORT`.
-    #[error("{0:?} is not PORT, :PORT or IP:PORT")]
+    /// The address is not `PORT`, `:PORT`, `IP:PORT` or `localhost:PORT`.
+    #[error("{0:?} is not PORT, :PORT, IP:PORT or localhost:PORT (an http:// in front is fine)")]
     Address(String),
 }
 
 /// Produces the process's status on demand.
 pub type StatusSource = Arc<dyn Fn() -> StatusReport + Send + Sync>;
 
-/// `9100` and `:9100` mean `127.0.0.1:9100`; `0.0.0.0:9100` or any
-/// `IP:PORT` is taken as written.
+/// `9100`, `:9100` and `localhost:9100` mean `127.0.0.1:9100`;
+/// `0.0.0.0:9100` or any `IP:PORT` is taken as written. The URL a process
+/// logs for its admin listener (`http://127.0.0.1:9100/`) is accepted too.
 pub fn parse_listen_address(text: &str) -> Result<SocketAddr, AdminError> {
-    let port_only = text.strip_prefix(':').unwrap_or(text);
+    let address = text.strip_prefix("http://").unwrap_or(text);
+    let address = address.strip_suffix('/').unwrap_or(address);
+    let port_only = address
+        .strip_prefix(':')
+        .or_else(|| address.strip_prefix("localhost:"))
+        .unwrap_or(address);
     if let Ok(port) = port_only.parse::<u16>() {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
-    text.parse()
+    address
+        .parse()
         .map_err(|_| AdminError::Address(text.to_owned()))
 }
 
@@ -104,7 +111,24 @@ mod tests {
             parse_listen_address("0.0.0.0:9100").unwrap(),
             SocketAddr::from(([0, 0, 0, 0], 9100))
         );
-        for bad in ["", "localhost:9100", "99999", "127.0.0.1"] {
+        for logged in [
+            "http://127.0.0.1:9100",
+            "http://127.0.0.1:9100/",
+            "localhost:9100",
+        ] {
+            assert_eq!(
+                parse_listen_address(logged).unwrap(),
+                SocketAddr::from(([127, 0, 0, 1], 9100)),
+                "{logged}"
+            );
+        }
+        for bad in [
+            "",
+            "example.org:9100",
+            "99999",
+            "127.0.0.1",
+            "https://127.0.0.1:9100",
+        ] {
             assert!(parse_listen_address(bad).is_err(), "{bad} was accepted");
         }
     }
