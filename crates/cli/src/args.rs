@@ -413,7 +413,11 @@ pub struct ServerArgs {
     #[arg(long, env = "SECUREMESH_ENCRYPTION_KEY")]
     pub encryption_key: Option<PathBuf>,
     /// Do not print the lab's `Decrypted data:` line.
-    #[arg(long, env = "SECUREMESH_HIDE_PLAINTEXT")]
+    #[arg(
+        long,
+        env = "SECUREMESH_HIDE_PLAINTEXT",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub hide_plaintext: bool,
     /// Another identity allowed to call (besides the coordinator's), e.g.
     /// spiffe://securemesh/client/client to be called directly.

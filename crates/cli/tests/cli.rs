@@ -86,6 +86,23 @@ fn pki_init_writes_verifiable_private_material_and_never_overwrites() {
 }
 
 #[test]
+fn a_flag_from_the_environment_takes_1_yes_and_true() {
+    let dir = tempfile::tempdir().unwrap();
+    for yes in ["1", "yes", "true", "on"] {
+        // No certificates here: past argument parsing, the server stops at
+        // its missing certificate (exit 1), not at its arguments (exit 2).
+        let run = Command::new(BINARY)
+            .args(["server", "--certs", "absent"])
+            .env("SECUREMESH_HIDE_PLAINTEXT", yes)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(1), "{yes}: {}", text(&run));
+        assert!(text(&run).contains("absent"), "{yes}: {}", text(&run));
+    }
+}
+
+#[test]
 fn keygen_writes_a_private_fernet_key_once() {
     let work = tempfile::tempdir().unwrap();
     let first = securemesh(&["keygen"], work.path());
