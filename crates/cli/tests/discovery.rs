@@ -716,3 +716,46 @@ async fn case_12_a_quiet_watch_on_a_default_etcd_is_kept() {
     }
     client.submit(b"still following").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_13_a_dead_member_in_the_url_costs_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let etcd = Etcd::launch(cluster.work.path(), None);
+    // A second member that is not there, as in a cluster with one member
+    // down; each process is told about both.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let live = etcd.url("");
+    let live = live.trim_start_matches("etcd://");
+    let url = format!("etcd://127.0.0.1:{dead_port},{live}{PREFIX}");
+    for _ in 0..2 {
+        let args = ["--register", &url, "--register-ttl", TTL].map(String::from);
+        let index = cluster.add_server(&args);
+        cluster.start_server(index).await;
+    }
+    cluster
+        .add_coordinator(&["--discovery".to_owned(), url.clone()])
+        .await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    let started = Instant::now();
+    until_answered_by(&client, &server_ids(&cluster)).await;
+    println!(
+        "discovery 13, one dead member: both servers answered after {} ms",
+        started.elapsed().as_millis()
+    );
+    let report = under_load(&client, REQUESTS, |_| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    })
+    .await;
+    report.print("discovery 13, one dead member");
+    assert_clean(&report, REQUESTS);
+    let log = cluster.log("coordinator-1");
+    assert!(!log.contains("backend deregistered from etcd"), "{log}");
+    assert!(!log.contains("lost etcd"), "{log}");
+    for server in ["server-1", "server-2"] {
+        let log = cluster.log(server);
+        assert_eq!(log.matches("registered in etcd key=").count(), 1, "{log}");
+    }
+}

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions};
@@ -179,17 +180,26 @@ impl EtcdConfig {
         Ok(())
     }
 
-    /// A client for the cluster, balanced over its members. Connections are
-    /// made lazily, with our rustls verifier when TLS is on (so that our
-    /// CRL applies to etcd too); a dead connection is noticed within
-    /// [`ETCD_PING_INTERVAL`] and [`ETCD_PING_TIMEOUT`] by HTTP/2
-    /// keep-alive, while a watch or lease stream is open (etcd counts pings
-    /// on a connection without streams as abuse).
+    /// A client of one member of the cluster, connected before it is
+    /// returned: each session (a registration, a watch) talks to one member
+    /// that answered, and the next session starts with the next member.
+    /// (A channel balanced over every member sent requests to dead members
+    /// too, since a lazily connected endpoint counts as ready: one dead
+    /// member in the URL broke half of a session's requests.) Connections
+    /// use our rustls verifier when TLS is on (so that our CRL applies to
+    /// etcd too); a dead connection is noticed within [`ETCD_PING_INTERVAL`]
+    /// and [`ETCD_PING_TIMEOUT`] by HTTP/2 keep-alive, while a watch or
+    /// lease stream is open (etcd counts pings on a connection without
+    /// streams as abuse).
     pub(crate) async fn connect(&self) -> Result<Client, DiscoveryError> {
+        static NEXT_MEMBER: AtomicUsize = AtomicUsize::new(0);
         let tls = self.tls.as_ref().map(EtcdTls::client_tls).transpose()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let mut members = Vec::with_capacity(self.endpoints.len());
-        for endpoint in &self.endpoints {
+        let first = NEXT_MEMBER.fetch_add(1, Ordering::Relaxed);
+        let mut failure = None;
+        let mut channel = None;
+        for offset in 0..self.endpoints.len() {
+            let endpoint = &self.endpoints[(first + offset) % self.endpoints.len()];
             let mut member = Endpoint::from_shared(format!("{scheme}://{endpoint}"))?
                 .connect_timeout(Duration::from_secs(2))
                 .http2_keep_alive_interval(ETCD_PING_INTERVAL)
@@ -198,9 +208,26 @@ impl EtcdConfig {
             if let Some(tls) = &tls {
                 member = tls.apply(member)?;
             }
-            members.push(member);
+            match member.connect().await {
+                Ok(connected) => {
+                    channel = Some(connected);
+                    break;
+                }
+                Err(error) => {
+                    let unreachable = DiscoveryError::Unreachable {
+                        member: endpoint.clone(),
+                        reason: with_causes(&error),
+                    };
+                    tracing::debug!(error = %unreachable, "trying the next etcd member");
+                    failure = Some(unreachable);
+                }
+            }
         }
-        let channel = tonic::transport::Channel::balance_list(members.into_iter());
+        let channel = match (channel, failure) {
+            (Some(channel), _) => channel,
+            (None, Some(unreachable)) => return Err(unreachable),
+            (None, None) => return Err(DiscoveryError::NoMembers),
+        };
         let mut options = ConnectOptions::new();
         if let Some(auth) = &self.auth {
             // etcd's tokens expire (5 minutes by default): a request that
@@ -215,6 +242,22 @@ impl EtcdConfig {
         ))
         .await
     }
+}
+
+/// `error` and its sources, each once (tonic's transport error says only
+/// "transport error" itself).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// `request`, bounded by [`REQUEST_TIMEOUT`].

@@ -60,6 +60,17 @@ pub enum DiscoveryError {
          this host"
     )]
     PlaintextPassword(String),
+    /// No connection could be made to a member (the last one tried).
+    #[error("cannot reach etcd member {member}: {reason}")]
+    Unreachable {
+        /// `HOST:PORT` of the member.
+        member: String,
+        /// Why, with its causes.
+        reason: String,
+    },
+    /// The etcd URL names no member.
+    #[error("no etcd member to connect to")]
+    NoMembers,
     /// A watch or keep-alive stream ended or was cancelled by etcd.
     #[error("etcd ended the stream: {0}")]
     StreamEnded(String),
