@@ -4,6 +4,11 @@
 //! better served by an immediate `UNAVAILABLE` it can act on. This layer
 //! wraps the balancer itself (inside the buffer), so that a call already
 //! queued when the last backend leaves rotation fails at once too.
+//!
+//! The refusal is its own error, not a backend's `UNAVAILABLE`: no backend
+//! was tried, so the retry layer does not repeat the call (which would only
+//! spend the retry budget that the first failures after a recovery need);
+//! the balancer answers it as `UNAVAILABLE`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,8 +19,20 @@ use tower::{BoxError, Service};
 
 use crate::backend::Rotation;
 
-/// Answers `UNAVAILABLE` while no backend is in rotation and the inner
-/// service is not ready.
+/// Why a call was refused without trying a backend.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoBackendInRotation(String);
+
+impl NoBackendInRotation {
+    /// The gRPC status a caller gets.
+    pub fn into_status(self) -> tonic::Status {
+        tonic::Status::unavailable(self.0)
+    }
+}
+
+/// Refuses calls ([`NoBackendInRotation`]) while no backend is in rotation
+/// and the inner service is not ready.
 pub struct FailFast<S> {
     inner: S,
     rotation: Arc<Rotation>,
@@ -73,9 +90,7 @@ where
                 ),
                 None => "no backend in rotation (all failing health checks or ejected)".to_owned(),
             };
-            return Box::pin(std::future::ready(Err(
-                tonic::Status::unavailable(message).into()
-            )));
+            return Box::pin(std::future::ready(Err(NoBackendInRotation(message).into())));
         }
         let call = self.inner.call(request);
         Box::pin(async move { call.await.map_err(Into::into) })

@@ -199,6 +199,10 @@ impl Balancer {
 /// again; when no endpoint was in rotation it does not, so that a client
 /// can still try another coordinator.
 fn into_status(error: BoxError, reached_endpoints: bool) -> Status {
+    let error = match error.downcast::<fail_fast::NoBackendInRotation>() {
+        Ok(refused) => return refused.into_status(),
+        Err(error) => error,
+    };
     let status = match error.downcast::<Status>() {
         Ok(status) if securemesh::status::is_transport_failure(&status) => {
             Status::unavailable(format!(
@@ -264,6 +268,34 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_call_refused_for_want_of_a_backend_is_not_retried() {
+        let (_dir, tls) = testing::coordinator_tls();
+        let balancer = Balancer::new(
+            BackendOptions::new(tls),
+            BalanceOptions {
+                hedge_after: Some(std::time::Duration::from_millis(1)),
+                ..BalanceOptions::default()
+            },
+        );
+        let retries_without_backend = || {
+            securemesh_telemetry::metrics()
+                .backend_retries
+                .with_label_values(&["none"])
+                .get()
+        };
+        let before = retries_without_backend();
+        for _ in 0..30 {
+            let status = balancer.submit(testing::attempt()).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(
+                status.message().starts_with("no backend in rotation"),
+                "{status:?}"
+            );
+        }
+        assert_eq!(retries_without_backend(), before);
+    }
 
     #[test]
     fn only_a_call_that_reached_endpoints_forbids_retrying_it() {
