@@ -158,6 +158,23 @@ impl BackendPool {
 
     /// A backend for `url`, published to the balancer, with its prober.
     fn connect(&self, url: &str) -> Result<Member, PoolError> {
+        let state = BackendState::new(url.to_owned(), self.options.ejection, self.rotation.clone());
+        let prober = self.publish(url, &state)?;
+        Ok(Member {
+            state,
+            prober,
+            sources: 1,
+        })
+    }
+
+    /// Publishes to the balancer a backend for `url` over a new channel
+    /// with the current TLS (replacing any backend it had for `url`), and
+    /// starts its prober.
+    fn publish(
+        &self,
+        url: &str,
+        state: &Arc<BackendState>,
+    ) -> Result<tokio::task::JoinHandle<()>, PoolError> {
         let tls = lock(&self.tls).rustls_config();
         let channel = Http2Channel::new(
             url,
@@ -168,13 +185,11 @@ impl BackendPool {
                 keepalive_timeout: self.options.keepalive_timeout,
             },
         )?;
-
-        let state = BackendState::new(url.to_owned(), self.options.ejection, self.rotation.clone());
         let backend = Backend::new(state.clone(), channel.clone(), self.options.attempt_timeout);
         self.changes
             .send(Change::Insert(url.to_owned(), backend))
             .map_err(|_| PoolError::BalancerGone)?;
-        let prober = if self.options.health_checks {
+        Ok(if self.options.health_checks {
             tokio::spawn(crate::health::probe(
                 state.clone(),
                 channel,
@@ -183,11 +198,6 @@ impl BackendPool {
             ))
         } else {
             tokio::spawn(crate::health::readmit(state.clone()))
-        };
-        Ok(Member {
-            state,
-            prober,
-            sources: 1,
         })
     }
 
@@ -214,22 +224,19 @@ impl BackendPool {
         let _ = self.changes.send(Change::Remove(url.to_owned()));
     }
 
-    /// Connects to every backend again with `tls` (a renewed certificate):
-    /// each backend is replaced in the balancer by a fresh one; calls in
-    /// flight finish on the old connections.
+    /// Connects to every backend again with `tls` (a renewed certificate,
+    /// a new CRL): each backend gets a new connection in the balancer, and
+    /// keeps what was learnt about it (health, ejection, failures), so that
+    /// a dead or hung backend does not come back into rotation, nor does
+    /// the rotation empty meanwhile. Calls in flight finish on the old
+    /// connections.
     pub fn replace_tls(&self, tls: ClientTls) -> Result<(), PoolError> {
         *lock(&self.tls) = tls;
         let mut members = self.members();
-        let urls: Vec<String> = members.keys().cloned().collect();
-        for url in urls {
-            let Some(old) = members.remove(&url) else {
-                continue;
-            };
-            self.disconnect(&url, &old);
-            let mut fresh = self.connect(&url)?;
-            fresh.sources = old.sources;
+        for (url, member) in members.iter_mut() {
+            let prober = self.publish(url, &member.state)?;
+            std::mem::replace(&mut member.prober, prober).abort();
             tracing::info!(backend = %url, "backend reconnected with new TLS");
-            members.insert(url, fresh);
         }
         Ok(())
     }
@@ -318,6 +325,35 @@ mod tests {
         assert_eq!(urls(&pool), [url]);
         pool.remove(url);
         assert!(urls(&pool).is_empty());
+    }
+
+    #[tokio::test]
+    async fn reconnecting_keeps_what_was_learnt_about_each_backend() {
+        let (dir, tls) = crate::testing::coordinator_tls();
+        let mut options = BackendOptions::new(tls);
+        // No probes: only what the test does moves the verdicts.
+        options.health_checks = false;
+        let (pool, _discovery) = BackendPool::new(options);
+        let (dead, alive) = ("https://127.0.0.1:9", "https://127.0.0.1:10");
+        pool.add(dead).unwrap();
+        pool.add(alive).unwrap();
+        let state = pool.members()[dead].state.clone();
+        state.call_failed("connection refused");
+        assert!(!state.is_in_rotation(), "not ejected");
+        let mut serving = pool.rotation().serving();
+        serving.mark_unchanged();
+        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "coordinator");
+        pool.replace_tls(securemesh_tls::client_tls_config(&files).unwrap())
+            .unwrap();
+        let after = &pool.members()[dead].state;
+        assert!(
+            Arc::ptr_eq(after, &state),
+            "a new state forgot the ejection"
+        );
+        assert!(!after.is_in_rotation());
+        assert_eq!(after.last_failure().as_deref(), Some("connection refused"));
+        assert_eq!(pool.in_rotation(), 1);
+        assert!(!serving.has_changed().unwrap(), "the rotation emptied");
     }
 
     #[tokio::test]
