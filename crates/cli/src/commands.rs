@@ -327,8 +327,8 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
                 authorization.replace_credentials(credentials);
             }
             checked_crl.store(crl.is_some(), Ordering::Relaxed);
-            // Reconnecting resets what health checks and ejection learnt:
-            // only when our certificate or the CRL changed.
+            // New connections to every backend (new handshakes): only
+            // when our certificate or the CRL changed.
             let mut loaded = loaded_identity
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner());
