@@ -94,7 +94,9 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
+    // Health watches end when the connections start closing (see below).
+    let (closing, closing_seen) = watch::channel(false);
     let mut serving = coordinator.pool().rotation().serving();
     let serving_now = *serving.borrow_and_update();
     health
@@ -102,7 +104,10 @@ pub async fn serve(
         .await;
     let following = tokio::spawn(follow_rotation(health.clone(), serving));
     let mut routes = RoutesBuilder::default();
-    routes.add_service(health_service);
+    routes.add_service(securemesh_tls::ending_health(
+        health.clone(),
+        closing_seen.clone(),
+    ));
     securemesh::add_reflection(&mut routes)?;
     let front = Arc::new(Front {
         coordinator,
@@ -116,7 +121,6 @@ pub async fn serve(
     });
 
     let mut incoming = TlsIncoming::new(listener, tls.into(), &options);
-    let (closing, closing_seen) = watch::channel(false);
     let mut connections = JoinSet::new();
     let drain = async {
         shutdown.await;

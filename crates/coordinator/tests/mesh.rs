@@ -1948,6 +1948,89 @@ async fn open_grpc_stream(
     session.send_request(request, false).unwrap()
 }
 
+/// A health watch of the DataService on `address`, once its first status
+/// has arrived; the returned session keeps the connection's handle.
+async fn open_health_watch(
+    material: &Material,
+    address: SocketAddr,
+) -> (h2::client::SendRequest<Bytes>, h2::RecvStream) {
+    let session = h2_session(material, address).await;
+    let (response, mut request) = open_grpc_stream(&session, "/grpc.health.v1.Health/Watch").await;
+    let watch_request = tonic_health::pb::HealthCheckRequest {
+        service: securemesh::v1::DATA_SERVICE_NAME.to_owned(),
+    }
+    .encode_to_vec();
+    request
+        .send_data(
+            Bytes::from(frame(false, watch_request.len() as u32, &watch_request)),
+            true,
+        )
+        .unwrap();
+    let mut watch = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("no answer to the watch")
+        .unwrap()
+        .into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), watch.data()).await;
+    assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
+    (session, watch)
+}
+
+/// Reads `watch` to its end, at most `limit`: its gRPC status.
+async fn watch_ends(mut watch: h2::RecvStream, limit: Duration) -> Option<Code> {
+    tokio::time::timeout(limit, async {
+        while let Some(data) = watch.data().await {
+            if data.is_err() {
+                return None;
+            }
+        }
+        let trailers = watch.trailers().await.ok().flatten()?;
+        let code = trailers
+            .get("grpc-status")?
+            .to_str()
+            .ok()?
+            .parse::<i32>()
+            .ok()?;
+        Some(Code::from(code))
+    })
+    .await
+    .expect("the health watch outlived the shutdown")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_health_watch_does_not_hold_a_shutdown_for_the_grace_period() {
+    let material = Material::new();
+    let options = ServeOptions {
+        drain_grace: Duration::from_secs(10),
+        ..ServeOptions::default()
+    };
+    // A server...
+    let (address, stop) = serve_with_options(&material, "watched", 1024, options.clone()).await;
+    let (_session, watch) = open_health_watch(&material, address).await;
+    let _ = stop.send(());
+    let started = Instant::now();
+    assert_eq!(
+        watch_ends(watch, Duration::from_secs(3)).await,
+        Some(Code::Unavailable)
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // ...and a coordinator: the watch ends, and so does serving.
+    let mut coordinator = TestCoordinator::serve(
+        &material,
+        bare_coordinator(&material),
+        Authorization::any_identity(),
+        options,
+    )
+    .await;
+    let (_session, watch) = open_health_watch(&material, coordinator.address).await;
+    coordinator.shut_down();
+    assert_eq!(
+        watch_ends(watch, Duration::from_secs(3)).await,
+        Some(Code::Unavailable)
+    );
+    coordinator.stopped(Duration::from_secs(3)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_health_watch_does_not_outlive_its_callers_connection() {
     let material = Material::new();

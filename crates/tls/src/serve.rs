@@ -97,11 +97,12 @@ where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<tonic::codegen::StdError>,
 {
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
     health.set_serving::<S>().await;
+    let (end_watches, ending) = tokio::sync::watch::channel(false);
 
     let mut routes = RoutesBuilder::default();
-    routes.add_service(health_service);
+    routes.add_service(crate::health::ending_health(health.clone(), ending));
     securemesh::add_reflection(&mut routes)?;
     routes.add_service(service);
 
@@ -118,6 +119,7 @@ where
                 tokio::time::sleep(delay).await;
             }
             tracing::info!("shutting down: finishing in-flight calls");
+            let _ = end_watches.send(true);
             closing.notify_one();
         }
     };
