@@ -195,6 +195,14 @@ impl Http2Channel {
         read_reply(response).await
     }
 
+    /// Lets the open connection go: it closes once the calls in flight on
+    /// it have ended, instead of staying open (and pinged) for calls that
+    /// will not come, as for a backend removed from the pool. A later call
+    /// would connect again.
+    pub fn close(&self) {
+        *self.inner.current() = None;
+    }
+
     /// The status of a call that failed in the transport; a connection that
     /// failed is not used again.
     fn failed(&self, error: h2::Error) -> Status {
@@ -683,7 +691,11 @@ mod tests {
     async fn slow_endpoint(
         dir: &std::path::Path,
         handshake_delay: Duration,
-    ) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    ) -> (
+        u16,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         let files = securemesh_tls::TlsFiles::in_dir(dir, "server");
         let acceptor =
             tokio_rustls::TlsAcceptor::from(securemesh_tls::server_config(&files, None).unwrap());
@@ -691,11 +703,14 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = accepted.clone();
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed_count = closed.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let acceptor = acceptor.clone();
+                let closed_count = closed_count.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(handshake_delay).await;
                     let tls = acceptor.accept(tcp).await.unwrap();
@@ -712,16 +727,42 @@ mod tests {
                         let _ = sending.send_data(frame::encode(&reply), false);
                         let _ = sending.send_trailers(trailers);
                     }
+                    closed_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
         });
-        (port, accepted)
+        (port, accepted, closed)
+    }
+
+    #[tokio::test]
+    async fn a_closed_channel_lets_its_idle_connection_go() {
+        let (dir, tls) = pki();
+        let (port, accepted, closed) = slow_endpoint(dir.path(), Duration::ZERO).await;
+        let channel =
+            Http2Channel::new(&format!("https://127.0.0.1:{port}"), tls, quick()).unwrap();
+        health_check(&channel).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            closed.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "closed while in use"
+        );
+        channel.close();
+        let started = std::time::Instant::now();
+        while closed.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "the idle connection of a closed channel was kept"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn a_connection_attempt_outlives_callers_that_give_up() {
         let (dir, tls) = pki();
-        let (port, accepted) = slow_endpoint(dir.path(), Duration::from_millis(600)).await;
+        let (port, accepted, _closed) = slow_endpoint(dir.path(), Duration::from_millis(600)).await;
         let options = ChannelOptions {
             connect_timeout: Duration::from_secs(2),
             ..quick()

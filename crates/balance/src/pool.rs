@@ -110,6 +110,8 @@ struct Member {
     /// Its health checks, or (with checks off) the task that ends its
     /// ejections.
     prober: JoinHandle<()>,
+    /// Its current connection, let go when it leaves.
+    channel: Http2Channel,
     /// How many sources (the static list, discovery keys) named this URL;
     /// the backend leaves when the last of them removes it.
     sources: usize,
@@ -159,10 +161,11 @@ impl BackendPool {
     /// A backend for `url`, published to the balancer, with its prober.
     fn connect(&self, url: &str) -> Result<Member, PoolError> {
         let state = BackendState::new(url.to_owned(), self.options.ejection, self.rotation.clone());
-        let prober = self.publish(url, &state)?;
+        let (prober, channel) = self.publish(url, &state)?;
         Ok(Member {
             state,
             prober,
+            channel,
             sources: 1,
         })
     }
@@ -174,7 +177,7 @@ impl BackendPool {
         &self,
         url: &str,
         state: &Arc<BackendState>,
-    ) -> Result<tokio::task::JoinHandle<()>, PoolError> {
+    ) -> Result<(tokio::task::JoinHandle<()>, Http2Channel), PoolError> {
         let tls = lock(&self.tls).rustls_config();
         let channel = Http2Channel::new(
             url,
@@ -189,16 +192,17 @@ impl BackendPool {
         self.changes
             .send(Change::Insert(url.to_owned(), backend))
             .map_err(|_| PoolError::BalancerGone)?;
-        Ok(if self.options.health_checks {
+        let prober = if self.options.health_checks {
             tokio::spawn(crate::health::probe(
                 state.clone(),
-                channel,
+                channel.clone(),
                 self.options.health_interval,
                 self.options.health_timeout,
             ))
         } else {
             tokio::spawn(crate::health::readmit(state.clone()))
-        })
+        };
+        Ok((prober, channel))
     }
 
     /// Removes a backend once every source that added it has removed it:
@@ -221,6 +225,10 @@ impl BackendPool {
     fn disconnect(&self, url: &str, member: &Member) {
         member.prober.abort();
         member.state.retire();
+        // The balancer drops the backend only when it next looks at its
+        // changes (at the next call): meanwhile an idle coordinator would
+        // keep the connection open and pinged.
+        member.channel.close();
         let _ = self.changes.send(Change::Remove(url.to_owned()));
     }
 
@@ -234,8 +242,9 @@ impl BackendPool {
         *lock(&self.tls) = tls;
         let mut members = self.members();
         for (url, member) in members.iter_mut() {
-            let prober = self.publish(url, &member.state)?;
+            let (prober, channel) = self.publish(url, &member.state)?;
             std::mem::replace(&mut member.prober, prober).abort();
+            member.channel = channel;
             tracing::info!(backend = %url, "backend reconnected with new TLS");
         }
         Ok(())
