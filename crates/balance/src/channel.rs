@@ -149,8 +149,9 @@ impl Http2Channel {
     }
 
     /// Calls the unary method `path` with `message` and `metadata`; the
-    /// endpoint is told it has `timeout` (`grpc-timeout`). The caller bounds
-    /// the wait itself.
+    /// endpoint is told it has what is left of `timeout` when the request
+    /// leaves (`grpc-timeout`: connecting, or waiting for a stream the
+    /// endpoint allows, counts). The caller bounds the wait itself.
     pub async fn unary<Q: Message, A: Message + Default>(
         &self,
         path: &'static str,
@@ -158,6 +159,7 @@ impl Http2Channel {
         mut metadata: HeaderMap,
         timeout: Duration,
     ) -> Result<A, Status> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let frame = frame::encode(message);
 
         let uri = Uri::from_parts({
@@ -173,12 +175,6 @@ impl Http2Channel {
             HeaderValue::from_static("application/grpc"),
         );
         metadata.insert(http::header::TE, HeaderValue::from_static("trailers"));
-        if let Ok(mut value) = HeaderValue::try_from(grpc_timeout(timeout)) {
-            // Different on every call: indexing it in HPACK's dynamic table
-            // would only evict entries worth keeping.
-            value.set_sensitive(true);
-            metadata.insert("grpc-timeout", value);
-        }
         let mut request = Request::post(uri)
             .body(())
             .map_err(|error| Status::internal(format!("request: {error}")))?;
@@ -186,6 +182,13 @@ impl Http2Channel {
 
         let sender = self.inner.sender().await?;
         let mut sender = sender.ready().await.map_err(|error| self.failed(error))?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if let Ok(mut value) = HeaderValue::try_from(grpc_timeout(left)) {
+            // Different on every call: indexing it in HPACK's dynamic table
+            // would only evict entries worth keeping.
+            value.set_sensitive(true);
+            request.headers_mut().insert("grpc-timeout", value);
+        }
         let (response, mut body) = sender
             .send_request(request, false)
             .map_err(|error| self.failed(error))?;
@@ -688,14 +691,7 @@ mod tests {
     /// A health endpoint on h2 that answers `SERVING` to everything, after
     /// holding each new connection for `handshake_delay` before its TLS
     /// handshake; returns its port and how many connections it accepted.
-    async fn slow_endpoint(
-        dir: &std::path::Path,
-        handshake_delay: Duration,
-    ) -> (
-        u16,
-        Arc<std::sync::atomic::AtomicUsize>,
-        Arc<std::sync::atomic::AtomicUsize>,
-    ) {
+    async fn slow_endpoint(dir: &std::path::Path, handshake_delay: Duration) -> SlowEndpoint {
         let files = securemesh_tls::TlsFiles::in_dir(dir, "server");
         let acceptor =
             tokio_rustls::TlsAcceptor::from(securemesh_tls::server_config(&files, None).unwrap());
@@ -705,17 +701,24 @@ mod tests {
         let counter = accepted.clone();
         let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let closed_count = closed.clone();
+        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let told_all = told.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 let closed_count = closed_count.clone();
+                let told = told_all.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(handshake_delay).await;
                     let tls = acceptor.accept(tcp).await.unwrap();
                     let mut connection = h2::server::handshake(tls).await.unwrap();
-                    while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        if let Some(timeout) = request.headers().get("grpc-timeout") {
+                            let timeout = timeout.to_str().unwrap_or_default().to_owned();
+                            lock(&told).push(timeout);
+                        }
                         let reply = tonic_health::pb::HealthCheckResponse { status: 1 };
                         // A caller that gave up has reset its stream.
                         let Ok(mut sending) = respond.send_response(http::Response::new(()), false)
@@ -731,13 +734,65 @@ mod tests {
                 });
             }
         });
-        (port, accepted, closed)
+        SlowEndpoint {
+            port,
+            accepted,
+            closed,
+            told,
+        }
+    }
+
+    /// What [`slow_endpoint`] gives: its port, how many connections it
+    /// accepted and saw closed, and every `grpc-timeout` it was told.
+    struct SlowEndpoint {
+        port: u16,
+        accepted: Arc<std::sync::atomic::AtomicUsize>,
+        closed: Arc<std::sync::atomic::AtomicUsize>,
+        told: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_is_told_the_time_left_after_connecting() {
+        let (dir, tls) = pki();
+        let endpoint = slow_endpoint(dir.path(), Duration::from_millis(400)).await;
+        let options = ChannelOptions {
+            connect_timeout: Duration::from_secs(2),
+            ..quick()
+        };
+        let channel = Http2Channel::new(
+            &format!("https://127.0.0.1:{}", endpoint.port),
+            tls,
+            options,
+        )
+        .unwrap();
+        let answer: tonic_health::pb::HealthCheckResponse = channel
+            .unary(
+                "/grpc.health.v1.Health/Check",
+                &tonic_health::pb::HealthCheckRequest::default(),
+                HeaderMap::new(),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 1);
+        let told = lock(&endpoint.told).clone();
+        let [timeout] = told.as_slice() else {
+            panic!("told {told:?}");
+        };
+        let micros: u64 = timeout.trim_end_matches('u').parse().unwrap();
+        assert!(timeout.ends_with('u'), "{timeout}");
+        assert!(micros <= 600_000, "told {timeout} after a 400 ms handshake");
     }
 
     #[tokio::test]
     async fn a_closed_channel_lets_its_idle_connection_go() {
         let (dir, tls) = pki();
-        let (port, accepted, closed) = slow_endpoint(dir.path(), Duration::ZERO).await;
+        let SlowEndpoint {
+            port,
+            accepted,
+            closed,
+            ..
+        } = slow_endpoint(dir.path(), Duration::ZERO).await;
         let channel =
             Http2Channel::new(&format!("https://127.0.0.1:{port}"), tls, quick()).unwrap();
         health_check(&channel).await.unwrap();
@@ -762,7 +817,8 @@ mod tests {
     #[tokio::test]
     async fn a_connection_attempt_outlives_callers_that_give_up() {
         let (dir, tls) = pki();
-        let (port, accepted, _closed) = slow_endpoint(dir.path(), Duration::from_millis(600)).await;
+        let SlowEndpoint { port, accepted, .. } =
+            slow_endpoint(dir.path(), Duration::from_millis(600)).await;
         let options = ChannelOptions {
             connect_timeout: Duration::from_secs(2),
             ..quick()
