@@ -94,6 +94,19 @@ impl Rotation {
     }
 }
 
+/// What a health check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HealthCheck {
+    /// `SERVING`.
+    Serving,
+    /// Answered, but not `SERVING` (`NOT_SERVING` while draining, ...):
+    /// the reason.
+    AsksForNoCalls(String),
+    /// No answer (cannot connect, TLS refused, timed out, an error): the
+    /// reason.
+    Failed(String),
+}
+
 /// Rotation state of one backend, shared by its service, its prober and
 /// the pool.
 #[derive(Debug)]
@@ -108,6 +121,8 @@ pub struct BackendState {
     rotation: Arc<Rotation>,
     /// Set once the backend has left the pool; nothing may count it again.
     retired: AtomicBool,
+    /// In rotation only because no other backend is (see `settle`).
+    last_resort: AtomicBool,
     /// Wakes the prober when an ejection starts, so that it can end it on
     /// time.
     pub(crate) ejected: tokio::sync::Notify,
@@ -136,6 +151,7 @@ impl BackendState {
             waker: AtomicWaker::new(),
             rotation,
             retired: AtomicBool::new(false),
+            last_resort: AtomicBool::new(false),
             ejected: tokio::sync::Notify::new(),
             in_flight: AtomicU64::new(0),
             slow_attempts: AtomicU64::new(0),
@@ -268,17 +284,27 @@ impl BackendState {
         self.ejected.notify_one();
     }
 
-    /// Records a health check: `Ok` for `SERVING`, else the reason.
-    pub(crate) fn checked(&self, outcome: Result<(), String>) {
-        let healthy = outcome.is_ok();
-        if let Err(reason) = &outcome {
+    /// Records a health check.
+    pub(crate) fn checked(&self, check: HealthCheck) {
+        let reason = match &check {
+            HealthCheck::Serving => None,
+            HealthCheck::AsksForNoCalls(reason) | HealthCheck::Failed(reason) => Some(reason),
+        };
+        if let Some(reason) = reason {
             *lock(&self.last_failure) = Some(reason.clone());
             self.rotation.failed(&self.url, reason);
             if self.is_in_rotation() {
                 tracing::warn!(backend = %self.url, %reason, "Server {} failed: {}", self.url, reason);
             }
         }
-        lock(&self.verdicts).set_healthy(healthy);
+        {
+            let mut verdicts = lock(&self.verdicts);
+            match check {
+                HealthCheck::Serving => verdicts.set_healthy(true),
+                HealthCheck::AsksForNoCalls(_) => verdicts.set_asks_for_no_calls(),
+                HealthCheck::Failed(_) => verdicts.set_healthy(false),
+            }
+        }
         self.settle();
         self.publish_gauges();
     }
@@ -292,8 +318,24 @@ impl BackendState {
         }
         let now = Instant::now();
         let mut verdicts = lock(&self.verdicts);
-        let may_serve = verdicts.may_serve(now);
-        if may_serve == self.is_in_rotation() {
+        let in_rotation = self.is_in_rotation();
+        // A backend that only asks for no calls (a draining process still
+        // serves) stays, or comes back, when no other is in rotation:
+        // better than refusing every call.
+        let last_resort =
+            verdicts.may_serve_as_last_resort(now) && *count <= usize::from(in_rotation);
+        let may_serve = verdicts.may_serve(now) || last_resort;
+        let was_last_resort = self
+            .last_resort
+            .swap(last_resort && may_serve, Ordering::Relaxed);
+        if may_serve == in_rotation {
+            if last_resort && in_rotation && !was_last_resort {
+                tracing::warn!(
+                    backend = %self.url,
+                    "Server {} asks for no new calls but is the last backend in rotation: still used",
+                    self.url
+                );
+            }
             return;
         }
         if may_serve {
@@ -301,7 +343,15 @@ impl BackendState {
             self.consecutive_failures.store(0, Ordering::Relaxed);
             self.in_rotation.store(true, Ordering::Release);
             self.rotation.enter(&mut count);
-            tracing::info!(backend = %self.url, "Server {} is back in rotation", self.url);
+            if last_resort {
+                tracing::warn!(
+                    backend = %self.url,
+                    "Server {} asks for no new calls but no other backend is in rotation: used again",
+                    self.url
+                );
+            } else {
+                tracing::info!(backend = %self.url, "Server {} is back in rotation", self.url);
+            }
             self.waker.wake();
             drop(verdicts);
             drop(count);
@@ -560,6 +610,47 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_that_only_asks_for_no_calls_is_the_last_resort() {
+        let rotation = Arc::new(Rotation::default());
+        let backend = |port: u16| {
+            BackendState::new(
+                format!("https://127.0.0.1:{port}"),
+                EjectionPolicy::default(),
+                rotation.clone(),
+            )
+        };
+        let (a, b) = (backend(1), backend(2));
+        let draining = || HealthCheck::AsksForNoCalls("health check answered NOT_SERVING".into());
+        // One of two drains: it leaves; the other one too, but it is the
+        // last: it stays.
+        a.checked(draining());
+        assert!(!a.is_in_rotation());
+        b.checked(draining());
+        assert!(b.is_in_rotation());
+        assert_eq!(rotation.count(), 1);
+        // The last one becomes unreachable: it leaves, and the draining one,
+        // at its next check, comes back.
+        b.checked(HealthCheck::Failed(
+            "health check failed: cannot connect".into(),
+        ));
+        assert_eq!(rotation.count(), 0);
+        a.checked(draining());
+        assert!(a.is_in_rotation());
+        // A serving backend returns: the draining one leaves at its next
+        // check, and the serving one is not a last resort.
+        b.checked(HealthCheck::Serving);
+        a.checked(draining());
+        assert!(!a.is_in_rotation());
+        assert!(b.is_in_rotation());
+        assert_eq!(rotation.count(), 1);
+        // An unreachable backend is never a last resort.
+        b.checked(HealthCheck::Failed("health check timed out".into()));
+        assert_eq!(rotation.count(), 0);
+        b.checked(HealthCheck::Failed("health check timed out".into()));
+        assert!(!b.is_in_rotation());
+    }
+
+    #[test]
     fn a_retired_backend_is_never_counted_again() {
         let rotation = Arc::new(Rotation::default());
         let state = BackendState::new(
@@ -571,7 +662,7 @@ mod tests {
         state.retire();
         assert_eq!(rotation.count(), 0);
         // A prober that was still finishing a check when it was aborted.
-        state.checked(Ok(()));
+        state.checked(HealthCheck::Serving);
         state.settle();
         assert_eq!(rotation.count(), 0);
         assert!(!state.is_in_rotation());

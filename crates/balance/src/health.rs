@@ -1,8 +1,10 @@
 //! Active health checking: `grpc.health.v1.Health/Check` on each backend at
 //! an interval. Anything but `SERVING` (an error, a timeout, `NOT_SERVING`,
 //! as a draining server answers) takes a backend out of rotation; `SERVING`
-//! lets it back once no ejection holds it out. Without checks, ejections
-//! still end when their time runs out.
+//! lets it back once no ejection holds it out. A backend that answers
+//! `NOT_SERVING` is still used while no other is in rotation (a draining
+//! process serves during its drain delay). Without checks, ejections still
+//! end when their time runs out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,7 @@ use securemesh::v1::DATA_SERVICE_NAME;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use crate::backend::{describe, BackendState};
+use crate::backend::{describe, BackendState, HealthCheck};
 use crate::channel::Http2Channel;
 
 /// The gRPC path of `grpc.health.v1.Health/Check`.
@@ -49,15 +51,17 @@ pub(crate) async fn probe(
             timeout,
         );
         let outcome = match tokio::time::timeout(timeout, check).await {
-            Ok(Ok(reply)) if reply.status == ServingStatus::Serving as i32 => Ok(()),
+            Ok(Ok(reply)) if reply.status == ServingStatus::Serving as i32 => HealthCheck::Serving,
             Ok(Ok(reply)) => {
                 let status = ServingStatus::try_from(reply.status)
                     .map(|status| status.as_str_name())
                     .unwrap_or("UNKNOWN");
-                Err(format!("health check answered {status}"))
+                HealthCheck::AsksForNoCalls(format!("health check answered {status}"))
             }
-            Ok(Err(status)) => Err(format!("health check failed: {}", describe(&status))),
-            Err(_) => Err(format!(
+            Ok(Err(status)) => {
+                HealthCheck::Failed(format!("health check failed: {}", describe(&status)))
+            }
+            Err(_) => HealthCheck::Failed(format!(
                 "health check timed out after {} ms",
                 timeout.as_millis()
             )),

@@ -41,6 +41,9 @@ impl Default for EjectionPolicy {
 #[derive(Debug)]
 pub(crate) struct Verdicts {
     healthy: bool,
+    /// The last health check was answered, but not `SERVING` (a draining
+    /// process): the backend is reachable and asks for no new calls.
+    asks_for_no_calls: bool,
     ejected_until: Option<Instant>,
     ejections: u32,
     returned_at: Option<Instant>,
@@ -52,6 +55,7 @@ impl Verdicts {
     pub(crate) fn new() -> Self {
         Self {
             healthy: true,
+            asks_for_no_calls: false,
             ejected_until: None,
             ejections: 0,
             returned_at: None,
@@ -78,6 +82,20 @@ impl Verdicts {
     /// Records the answer of a health check.
     pub(crate) fn set_healthy(&mut self, healthy: bool) {
         self.healthy = healthy;
+        self.asks_for_no_calls = false;
+    }
+
+    /// Records a health check answered with another status than `SERVING`.
+    pub(crate) fn set_asks_for_no_calls(&mut self) {
+        self.healthy = false;
+        self.asks_for_no_calls = true;
+    }
+
+    /// Whether the backend may take calls at `now` when no other can: it
+    /// only asked for none (it answers, says `NOT_SERVING`, and is not
+    /// ejected), as a draining process does while it still serves.
+    pub(crate) fn may_serve_as_last_resort(&self, now: Instant) -> bool {
+        !self.healthy && self.asks_for_no_calls && !self.is_ejected(now)
     }
 
     /// Whether the backend may take calls at `now`.

@@ -1346,6 +1346,35 @@ async fn a_client_says_why_its_target_is_out_of_rotation_and_a_coordinator_does_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_keeps_calling_its_only_coordinator_while_it_drains() {
+    let material = Material::new();
+    let server = TestServer::start(&material, any_port());
+    let core = bare_coordinator(&material);
+    core.pool().add(&server.url()).unwrap();
+    let mut coordinator = TestCoordinator::serve(
+        &material,
+        core,
+        Authorization::any_identity(),
+        ServeOptions {
+            drain_delay: Duration::from_secs(5),
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let client = material.client(&coordinator.url, "client");
+    client.submit(b"before the drain").await.unwrap();
+    coordinator.shut_down();
+    // The client's health checks (every second) find NOT_SERVING; with
+    // nowhere else to go, it goes on calling the coordinator, which still
+    // serves during its drain delay.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for _ in 0..5 {
+        let reply = client.submit(b"while it drains").await;
+        assert_eq!(reply.unwrap().server_id, server.id());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_cannot_keep_certificate_holders_out() {
     let material = Material::new();
     let (address, _stop) = serve_with_options(
