@@ -596,8 +596,22 @@ fn reload_on_sighup(reload: impl Fn() -> anyhow::Result<()> + Send + 'static) {
     });
 }
 
-/// Completes on Ctrl-C or SIGTERM.
+/// Completes on Ctrl-C or SIGTERM; a second one ends the process at once.
 pub async fn shutdown_signal() {
+    stop_signal().await;
+    tracing::info!("shutdown requested");
+    // A second signal means "now": an operator who does not want to wait
+    // out the drain delay and grace period.
+    tokio::spawn(async {
+        stop_signal().await;
+        tracing::warn!("second shutdown signal: stopping at once, without draining");
+        eprintln!("securemesh: second shutdown signal: stopping at once");
+        std::process::exit(130);
+    });
+}
+
+/// Completes on the next Ctrl-C or SIGTERM.
+async fn stop_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -618,7 +632,6 @@ pub async fn shutdown_signal() {
     {
         let _ = interrupt.await;
     }
-    tracing::info!("shutdown requested");
 }
 
 async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {

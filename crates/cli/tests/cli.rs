@@ -664,6 +664,25 @@ fn a_draining_server_reports_not_serving_still_serves_then_exits_zero() {
 }
 
 #[test]
+fn a_second_stop_signal_ends_a_drain_at_once() {
+    let mesh = Mesh::start();
+    let port = free_port();
+    let mut server = mesh.spawn(
+        "impatient",
+        &["server", &port.to_string(), "--drain-delay", "30s"],
+    );
+    mesh.wait_serving(port);
+    common::signal(&server, nix::sys::signal::Signal::SIGTERM);
+    mesh.until_logged("impatient", &["draining: NOT_SERVING"]);
+    let stopping = Instant::now();
+    common::signal(&server, nix::sys::signal::Signal::SIGTERM);
+    let status = common::wait_exit(&mut server);
+    assert!(stopping.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "{status}");
+    assert!(mesh.log("impatient").contains("second shutdown signal"));
+}
+
+#[test]
 fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     let mesh = Mesh::start();
     let work = mesh.work.path();
