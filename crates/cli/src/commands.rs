@@ -52,11 +52,16 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             print_written(&written);
         }
         Command::Pki(PkiCommand::Revoke(args)) => {
-            let crl = securemesh_pki::revoke(&args.dir, &args.name)?;
+            let revocation = securemesh_pki::revoke(&args.dir, &args.name)?;
+            let what = if revocation.newly_revoked {
+                "revoked"
+            } else {
+                "already revoked"
+            };
             println!(
-                "revoked {}: wrote {} (send SIGHUP to running servers and coordinators)",
+                "{what} {}: wrote {} (send SIGHUP to running servers and coordinators)",
                 args.name,
-                crl.display()
+                revocation.crl.display()
             );
         }
         Command::Pki(PkiCommand::Renew(args)) => {

@@ -694,6 +694,17 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     // other client is still served.
     let revoked = securemesh(&["pki", "revoke", "client2"], work);
     assert!(revoked.status.success(), "{}", text(&revoked));
+    assert!(
+        text(&revoked).starts_with("revoked client2"),
+        "{}",
+        text(&revoked)
+    );
+    let again = securemesh(&["pki", "revoke", "client2"], work);
+    assert!(
+        text(&again).starts_with("already revoked client2"),
+        "{}",
+        text(&again)
+    );
     mesh.reload("coordinator", coordinator);
     let refused = mesh.client(&as_client2);
     assert!(!refused.status.success());

@@ -2294,7 +2294,9 @@ async fn a_certificate_revoked_while_connected_loses_its_open_connection() {
         .await;
 
     // `client` is revoked, and both reload their configuration (SIGHUP).
-    let crl = securemesh_pki::revoke(material.dir.path(), "client").unwrap();
+    let crl = securemesh_pki::revoke(material.dir.path(), "client")
+        .unwrap()
+        .crl;
     for (tls, name) in [
         (&mesh.server_tls, "server"),
         (&mesh.coordinator_tls, "coordinator"),

@@ -13,4 +13,4 @@ mod lifecycle;
 
 pub use authority::{identity_uri, Authority, IssuedCertificate, Role};
 pub use files::{init, issue, InitOptions, IssueOptions, PkiError, CA_CERT_FILE, CA_KEY_FILE};
-pub use lifecycle::{renew, revoke, show, CRL_FILE};
+pub use lifecycle::{renew, revoke, show, Revocation, CRL_FILE};

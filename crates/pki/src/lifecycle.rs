@@ -22,11 +22,21 @@ pub const CRL_FILE: &str = "ca_crl.pem";
 /// (that would lock every client out); re-run `pki revoke` to refresh it.
 const CRL_VALIDITY_DAYS: i64 = 30;
 
+/// What [`revoke`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// The CRL written.
+    pub crl: PathBuf,
+    /// `false` when the certificate was revoked already (the CRL was
+    /// signed again, with a fresh validity).
+    pub newly_revoked: bool,
+}
+
 /// Adds a certificate to the CA's CRL (`<dir>/ca_crl.pem`), keeping the
-/// certificates revoked before, and returns the CRL's path. `certificate`
-/// is a name (`<dir>/<name>_cert.pem`) or the path of a PEM file, such as
-/// one that `renew` archived under `<dir>/retired/`.
-pub fn revoke(dir: &Path, certificate: &str) -> Result<PathBuf, PkiError> {
+/// certificates revoked before. `certificate` is a name
+/// (`<dir>/<name>_cert.pem`) or the path of a PEM file, such as one that
+/// `renew` archived under `<dir>/retired/`.
+pub fn revoke(dir: &Path, certificate: &str) -> Result<Revocation, PkiError> {
     let cert_path = if certificate.ends_with(".pem") {
         PathBuf::from(certificate)
     } else {
@@ -44,10 +54,10 @@ pub fn revoke(dir: &Path, certificate: &str) -> Result<PathBuf, PkiError> {
         (Vec::new(), 0)
     };
     let now = OffsetDateTime::now_utc();
-    if !revoked
+    let newly_revoked = !revoked
         .iter()
-        .any(|entry: &RevokedCertParams| entry.serial_number.to_bytes() == serial)
-    {
+        .any(|entry: &RevokedCertParams| entry.serial_number.to_bytes() == serial);
+    if newly_revoked {
         revoked.push(RevokedCertParams {
             serial_number: SerialNumber::from_slice(&serial),
             revocation_time: now,
@@ -74,7 +84,10 @@ pub fn revoke(dir: &Path, certificate: &str) -> Result<PathBuf, PkiError> {
         securemesh_fs::PUBLIC,
         true,
     )?;
-    Ok(crl_path)
+    Ok(Revocation {
+        crl: crl_path,
+        newly_revoked,
+    })
 }
 
 /// Issues `<dir>/<name>` again from the CA: same role and names, a new key,
@@ -309,8 +322,8 @@ mod tests {
         };
         revoke(dir.path(), "client2").unwrap();
         assert_eq!(revoked_serials(dir.path()), (vec![serial("client2")], 1));
-        revoke(dir.path(), "client").unwrap();
-        revoke(dir.path(), "client").unwrap();
+        assert!(revoke(dir.path(), "client").unwrap().newly_revoked);
+        assert!(!revoke(dir.path(), "client").unwrap().newly_revoked);
         let (serials, number) = revoked_serials(dir.path());
         assert_eq!(number, 3);
         assert_eq!(serials.len(), 2);

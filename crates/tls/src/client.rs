@@ -157,7 +157,7 @@ mod tests {
     fn our_crl_refuses_what_it_revokes_and_says_nothing_of_another_ca() {
         let ours = pki();
         let theirs = pki();
-        let crl = securemesh_pki::revoke(ours.path(), "server").unwrap();
+        let crl = securemesh_pki::revoke(ours.path(), "server").unwrap().crl;
         let our_ca = ours.path().join("ca_cert.pem");
         let their_ca = theirs.path().join("ca_cert.pem");
 
