@@ -765,15 +765,7 @@ mod tests {
             options,
         )
         .unwrap();
-        let answer: tonic_health::pb::HealthCheckResponse = channel
-            .unary(
-                "/grpc.health.v1.Health/Check",
-                &tonic_health::pb::HealthCheckRequest::default(),
-                HeaderMap::new(),
-                Duration::from_secs(1),
-            )
-            .await
-            .unwrap();
+        let answer = health_check(&channel).await.unwrap();
         assert_eq!(answer.status, 1);
         let told = lock(&endpoint.told).clone();
         let [timeout] = told.as_slice() else {

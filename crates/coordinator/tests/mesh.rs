@@ -170,6 +170,22 @@ impl TestCoordinator {
         .await
     }
 
+    /// A coordinator with default settings over `backends`, served with
+    /// `options`, admitting any client of the CA.
+    async fn serve_over(material: &Material, backends: &[String], options: ServeOptions) -> Self {
+        let coordinator = bare_coordinator(material);
+        for url in backends {
+            coordinator.pool().add(url).unwrap();
+        }
+        Self::serve(
+            material,
+            coordinator,
+            Authorization::any_identity(),
+            options,
+        )
+        .await
+    }
+
     /// Serves `coordinator` on a free port of 127.0.0.1 with `options`.
     async fn serve(
         material: &Material,
@@ -1349,12 +1365,9 @@ async fn a_client_says_why_its_target_is_out_of_rotation_and_a_coordinator_does_
 async fn a_client_keeps_calling_its_only_coordinator_while_it_drains() {
     let material = Material::new();
     let server = TestServer::start(&material, any_port());
-    let core = bare_coordinator(&material);
-    core.pool().add(&server.url()).unwrap();
-    let mut coordinator = TestCoordinator::serve(
+    let mut coordinator = TestCoordinator::serve_over(
         &material,
-        core,
-        Authorization::any_identity(),
+        &[server.url()],
         ServeOptions {
             drain_delay: Duration::from_secs(5),
             ..ServeOptions::default()
@@ -1674,12 +1687,9 @@ async fn the_coordinator_refuses_what_is_not_exactly_one_grpc_message() {
 async fn a_draining_coordinator_reports_not_serving_then_goes_away() {
     let material = Material::new();
     let server = TestServer::start(&material, any_port());
-    let coordinator = bare_coordinator(&material);
-    coordinator.pool().add(&server.url()).unwrap();
-    let mut coordinator = TestCoordinator::serve(
+    let mut coordinator = TestCoordinator::serve_over(
         &material,
-        coordinator,
-        Authorization::any_identity(),
+        &[server.url()],
         ServeOptions {
             drain_delay: Duration::from_millis(800),
             drain_grace: Duration::from_secs(2),

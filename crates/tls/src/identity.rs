@@ -13,12 +13,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<String> {
     let leaf = chain.first()?;
     let (_, cert) = X509Certificate::from_der(leaf.as_ref()).ok()?;
-    let sans = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|ext| ext.value.general_names.clone())
-        .unwrap_or_default();
+    let sans = subject_alt_names(&cert);
     let uri = sans.iter().find_map(|name| match name {
         GeneralName::URI(uri) => Some(uri.to_string()),
         _ => None,
@@ -48,13 +43,8 @@ pub fn dialling_names(chain: &[CertificateDer<'_>]) -> Vec<String> {
     else {
         return Vec::new();
     };
-    let sans = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|ext| ext.value.general_names.clone())
-        .unwrap_or_default();
-    sans.iter()
+    subject_alt_names(&cert)
+        .iter()
         .filter_map(|name| match name {
             GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
             GeneralName::IPAddress(bytes) => match bytes.len() {
@@ -69,6 +59,16 @@ pub fn dialling_names(chain: &[CertificateDer<'_>]) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+/// The subject alternative names of `cert` (none when it has none or the
+/// extension does not parse).
+fn subject_alt_names<'a>(cert: &X509Certificate<'a>) -> Vec<GeneralName<'a>> {
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|ext| ext.value.general_names.clone())
+        .unwrap_or_default()
 }
 
 /// When the leaf of `chain` stops being valid (its notAfter), in seconds
