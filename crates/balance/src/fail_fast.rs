@@ -25,6 +25,11 @@ use crate::backend::Rotation;
 pub struct NoBackendInRotation(String);
 
 impl NoBackendInRotation {
+    /// A refusal saying `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+
     /// The gRPC status a caller gets.
     pub fn into_status(self) -> tonic::Status {
         tonic::Status::unavailable(self.0)
@@ -90,7 +95,9 @@ where
                 ),
                 None => "no backend in rotation (all failing health checks or ejected)".to_owned(),
             };
-            return Box::pin(std::future::ready(Err(NoBackendInRotation(message).into())));
+            return Box::pin(std::future::ready(Err(
+                NoBackendInRotation::new(message).into()
+            )));
         }
         let call = self.inner.call(request);
         Box::pin(async move { call.await.map_err(Into::into) })

@@ -163,8 +163,12 @@ where
 }
 
 /// Whether an attempt failed where another backend might have answered.
+/// Whether `outcome` is a failure the other attempt might not have: a
+/// backend's, or a refusal for want of a backend (while the first attempt
+/// may still be answered).
 fn is_failure(outcome: &Outcome) -> bool {
-    matches!(outcome, Err(error) if is_retryable(error.as_ref()))
+    matches!(outcome, Err(error) if is_retryable(error.as_ref())
+        || error.is::<crate::fail_fast::NoBackendInRotation>())
 }
 
 #[cfg(test)]

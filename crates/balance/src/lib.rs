@@ -199,19 +199,18 @@ impl Balancer {
 /// again; when no endpoint was in rotation it does not, so that a client
 /// can still try another coordinator.
 fn into_status(error: BoxError, reached_endpoints: bool) -> Status {
-    let error = match error.downcast::<fail_fast::NoBackendInRotation>() {
-        Ok(refused) => return refused.into_status(),
-        Err(error) => error,
-    };
-    let status = match error.downcast::<Status>() {
-        Ok(status) if securemesh::status::is_transport_failure(&status) => {
-            Status::unavailable(format!(
-                "no backend could serve the call: {}",
-                backend::describe(&status)
-            ))
-        }
-        Ok(status) => *status,
-        Err(other) => Status::unavailable(format!("no backend could serve the call: {other}")),
+    let status = match error.downcast::<fail_fast::NoBackendInRotation>() {
+        Ok(refused) => refused.into_status(),
+        Err(error) => match error.downcast::<Status>() {
+            Ok(status) if securemesh::status::is_transport_failure(&status) => {
+                Status::unavailable(format!(
+                    "no backend could serve the call: {}",
+                    backend::describe(&status)
+                ))
+            }
+            Ok(status) => *status,
+            Err(other) => Status::unavailable(format!("no backend could serve the call: {other}")),
+        },
     };
     if reached_endpoints && status.code() == tonic::Code::Unavailable {
         securemesh::status::with_no_retry(status)
@@ -299,7 +298,11 @@ mod tests {
 
     #[test]
     fn only_a_call_that_reached_endpoints_forbids_retrying_it() {
-        let failed = || -> BoxError { Box::new(Status::unavailable("no backend in rotation")) };
+        let failed = || -> BoxError {
+            Box::new(fail_fast::NoBackendInRotation::new(
+                "no backend in rotation",
+            ))
+        };
         let tried = into_status(failed(), true);
         assert!(securemesh::status::forbids_retry(&tried));
         let never_tried = into_status(failed(), false);

@@ -529,8 +529,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     pub max_connections: usize,
     /// TLS handshakes in progress allowed at once; beyond them, a new
-    /// connection displaces the one that has waited longest (so silent
-    /// connections cannot keep certificate holders out).
+    /// connection displaces the one that has waited longest once that one
+    /// has waited a tenth of --handshake-timeout (at most 1s), and is
+    /// refused before (so silent connections cannot keep certificate
+    /// holders out, and a burst does not displace itself).
     #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     pub max_handshakes: usize,
     /// Ping each caller's HTTP/2 connection this often (`0s`: never), so

@@ -11,10 +11,12 @@
 //! Handshakes in progress have their own, smaller limit: anyone who can
 //! reach the port can start one without a certificate, so they must not take
 //! the places of authenticated connections. When that limit is reached, a
-//! new connection displaces the handshake that has waited longest, instead
-//! of being refused: connections opened and left silent (slowloris) are the
-//! ones that go, while a genuine client's handshake, done in milliseconds,
-//! gets through.
+//! new connection displaces the handshake that has waited longest, if that
+//! one has waited a while ([`displaceable_after`]), instead of being
+//! refused: connections opened and left silent (slowloris) are the ones
+//! that go, while a genuine client's handshake, done in a few round trips,
+//! gets through. A burst of new connections, all young, is refused beyond
+//! the limit rather than displacing itself.
 //!
 //! When the server's configuration is replaced (a new CRL, on SIGHUP), each
 //! open connection verifies its client's certificate again with the new
@@ -134,7 +136,7 @@ struct Limits {
 
 /// The handshakes in progress, oldest first; dropping one's sender tells
 /// it to give up its place.
-type Handshakes = Arc<Mutex<BTreeMap<u64, oneshot::Sender<()>>>>;
+type Handshakes = Arc<Mutex<BTreeMap<u64, (Instant, oneshot::Sender<()>)>>>;
 
 /// A handshake's place among those in progress, given back when it ends.
 struct InProgress {
@@ -148,10 +150,19 @@ impl Drop for InProgress {
     }
 }
 
-fn lock(handshakes: &Handshakes) -> std::sync::MutexGuard<'_, BTreeMap<u64, oneshot::Sender<()>>> {
+fn lock(
+    handshakes: &Handshakes,
+) -> std::sync::MutexGuard<'_, BTreeMap<u64, (Instant, oneshot::Sender<()>)>> {
     handshakes
         .lock()
         .unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// How long a handshake must have waited before a newcomer may displace
+/// it: a tenth of the handshake timeout, at most a second (a genuine
+/// handshake takes a few round trips).
+fn displaceable_after(handshake_timeout: Duration) -> Duration {
+    (handshake_timeout / 10).min(Duration::from_secs(1))
 }
 
 /// Whether no connection may be added now.
@@ -192,13 +203,33 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 arrivals += 1;
                 let (place, displaced) = oneshot::channel();
-                {
+                let now = Instant::now();
+                let taken = {
                     let mut handshakes = lock(&limits.handshakes);
-                    if handshakes.len() >= limits.max_handshakes {
+                    let oldest_has_waited =
+                        handshakes.first_key_value().is_some_and(|(_, (since, _))| {
+                            now.duration_since(*since)
+                                >= displaceable_after(limits.handshake_timeout)
+                        });
+                    if handshakes.len() >= limits.max_handshakes && oldest_has_waited {
                         // Dropping the oldest's sender ends its handshake.
                         handshakes.pop_first();
                     }
-                    handshakes.insert(arrivals, place);
+                    let room = handshakes.len() < limits.max_handshakes;
+                    if room {
+                        handshakes.insert(arrivals, (now, place));
+                    }
+                    room
+                };
+                if !taken {
+                    metrics().connections_refused.inc();
+                    tracing::warn!(
+                        %peer,
+                        limit = limits.max_handshakes,
+                        "connection refused: too many TLS handshakes in progress"
+                    );
+                    drop(stream);
+                    continue;
                 }
                 let in_progress = InProgress {
                     number: arrivals,

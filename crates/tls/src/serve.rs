@@ -44,8 +44,9 @@ pub struct ServeOptions {
     /// arrival.
     pub max_connections: usize,
     /// TLS handshakes in progress allowed at once; a new connection beyond
-    /// them displaces the one that has waited longest, so that silent
-    /// connections cannot keep certificate holders out.
+    /// them displaces the one that has waited longest if that one has waited
+    /// a while (see [`crate::TlsIncoming`]), and is refused otherwise, so
+    /// that silent connections cannot keep certificate holders out.
     pub max_handshakes: usize,
     /// HTTP/2 pings to each caller at this interval (`None`: never); a
     /// caller that does not answer one within `keepalive_timeout` is gone
