@@ -242,9 +242,13 @@ impl BackendPool {
         *lock(&self.tls) = tls;
         let mut members = self.members();
         for (url, member) in members.iter_mut() {
+            // The old service leaves the balancer with the new one's
+            // arrival (both changes are read together), and its
+            // connection goes once its calls in flight end.
+            let _ = self.changes.send(Change::Remove(url.clone()));
             let (prober, channel) = self.publish(url, &member.state)?;
             std::mem::replace(&mut member.prober, prober).abort();
-            member.channel = channel;
+            std::mem::replace(&mut member.channel, channel).close();
             tracing::info!(backend = %url, "backend reconnected with new TLS");
         }
         Ok(())

@@ -421,7 +421,7 @@ pub struct ServerArgs {
     pub hide_plaintext: bool,
     /// Another identity allowed to call (besides the coordinator's), e.g.
     /// spiffe://securemesh/client/client to be called directly.
-    #[arg(long = "allow", value_name = "ID", value_parser = spiffe_id)]
+    #[arg(long = "allow", value_name = "ID", value_parser = caller_id)]
     pub allow: Vec<String>,
     /// Largest message accepted, in bytes (larger ones get OUT_OF_RANGE).
     #[arg(long, default_value_t = 65_536, value_parser = at_least_one)]
@@ -652,7 +652,7 @@ pub struct CoordinatorArgs {
     pub keepalive_timeout: Duration,
     /// A client identity allowed to call; repeat for each [default: every
     /// client of the CA].
-    #[arg(long = "allow", value_name = "ID", value_parser = spiffe_id)]
+    #[arg(long = "allow", value_name = "ID", value_parser = caller_id)]
     pub allow: Vec<String>,
     /// Largest message accepted, in bytes (larger ones get OUT_OF_RANGE).
     #[arg(long, default_value_t = 65_536, value_parser = at_least_one)]
@@ -837,16 +837,36 @@ fn at_least_one(text: &str) -> Result<usize, String> {
     }
 }
 
-/// A SPIFFE ID as our certificates carry it (`pki show` prints it), e.g.
-/// spiffe://securemesh/client/client2.
-fn spiffe_id(text: &str) -> Result<String, String> {
-    match text.strip_prefix("spiffe://") {
-        Some(rest) if rest.contains('/') && !rest.ends_with('/') => Ok(text.to_owned()),
-        _ => Err(
-            "not a SPIFFE ID such as spiffe://securemesh/client/client2 \
-             (`securemesh pki show CERT` prints a certificate's)"
-                .to_owned(),
-        ),
+/// A caller's identity for `--allow`: a SPIFFE ID as our certificates
+/// carry it (`pki show` prints it), e.g. spiffe://securemesh/client/client2;
+/// or, for a certificate without a URI SAN, its DNS name or common name (a
+/// warning at start says so: a bare name is usually a mistake).
+fn caller_id(text: &str) -> Result<String, String> {
+    if let Some(rest) = text.strip_prefix("spiffe://") {
+        if rest.contains('/') && !rest.ends_with('/') {
+            return Ok(text.to_owned());
+        }
+        return Err("a SPIFFE ID has a trust domain and a path, such as \
+             spiffe://securemesh/client/client2 (`securemesh pki show CERT` prints a \
+             certificate's)"
+            .to_owned());
+    }
+    if text.is_empty() || text.chars().any(char::is_whitespace) {
+        return Err("an identity is a SPIFFE ID such as spiffe://securemesh/client/client2".into());
+    }
+    Ok(text.to_owned())
+}
+
+/// Warns about `--allow` values that are not SPIFFE IDs: they admit only a
+/// certificate without a URI SAN, whose DNS name or common name they are.
+pub fn warn_about_bare_identities(allowed: &[String]) {
+    for id in allowed.iter().filter(|id| !id.starts_with("spiffe://")) {
+        tracing::warn!(
+            id,
+            "--allow {id} is not a SPIFFE ID: it admits only a certificate without a URI SAN whose \
+             DNS name or common name is {id}; certificates of `securemesh pki` are known as \
+             spiffe://securemesh/client/NAME"
+        );
     }
 }
 
@@ -924,9 +944,9 @@ mod tests {
             &["coordinator", "--max-concurrent-streams", "0"],
             &["coordinator", "--max-connections", "0"],
             &["coordinator", "--max-message-size", "0"],
-            &["coordinator", "--allow", "client2"],
             &["coordinator", "--allow", "spiffe://securemesh/"],
-            &["server", "--allow", "client"],
+            &["coordinator", "--allow", ""],
+            &["server", "--allow", "two words"],
             &["server", "--caller-keepalive-timeout", "0s"],
             &["client", "--timeout", "0s"],
             &["client", "--concurrency", "0"],
@@ -942,6 +962,8 @@ mod tests {
                 "--allow",
                 "spiffe://securemesh/client/client2",
             ],
+            // A DNS name or common name (warned about at start).
+            &["server", "--allow", "client.partner.example"],
             &["server", "--caller-keepalive-interval", "0s"],
             &["server", "--drain-delay", "0s", "--drain-grace", "0s"],
             &["client", "--requests", "1", "--concurrency", "1"],

@@ -142,7 +142,20 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `SECUREMESH_LISTEN` was shared by servers and coordinators and is read
+/// no more: refusing to start beats listening somewhere else than asked.
+fn refuse_the_old_listen_variable(instead: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        std::env::var_os("SECUREMESH_LISTEN").is_none(),
+        "SECUREMESH_LISTEN is not read any more: set {instead} instead (and unset \
+         SECUREMESH_LISTEN)"
+    );
+    Ok(())
+}
+
 async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    refuse_the_old_listen_variable("SECUREMESH_SERVER_LISTEN")?;
+    crate::args::warn_about_bare_identities(&args.allow);
     let address = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.port.unwrap_or(5001))));
@@ -246,6 +259,8 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    refuse_the_old_listen_variable("SECUREMESH_COORDINATOR_LISTEN")?;
+    crate::args::warn_about_bare_identities(&args.allow);
     let tls_args = args.tls.clone();
     let server_tls = ReloadableConfig::new(securemesh_tls::server_config(
         &tls_args.files("coordinator"),
@@ -327,13 +342,10 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             let identity = identity_bytes(&files, crl.as_deref());
             let new_client_tls = securemesh_tls::client_tls(&files, crl.as_deref())?;
             let new_credentials = serve_args.load_credentials()?;
-            server_tls.replace(new_server_tls);
-            if let Some(credentials) = new_credentials {
-                authorization.replace_credentials(credentials);
-            }
-            checked_crl.store(crl.is_some(), Ordering::Relaxed);
             // New connections to every backend (new handshakes): only
-            // when our certificate or the CRL changed.
+            // when our certificate or the CRL changed. First, as the one
+            // step that could still fail (the balancer gone, as the
+            // process stops).
             let mut loaded = loaded_identity
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner());
@@ -341,6 +353,11 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
                 pool.replace_tls(new_client_tls)?;
                 *loaded = identity;
             }
+            server_tls.replace(new_server_tls);
+            if let Some(credentials) = new_credentials {
+                authorization.replace_credentials(credentials);
+            }
+            checked_crl.store(crl.is_some(), Ordering::Relaxed);
             Ok(())
         }
     });
@@ -470,9 +487,6 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The `host:port` of a URL such as `https://10.0.0.5:5001/`: the one
-/// name of a server that is unique across hosts (a listen address such as
-/// `0.0.0.0:5001` is the same on every host).
 /// Refuses an `--advertise` URL that coordinators could not use: not
 /// `https://HOST[:PORT]`, or a HOST the server certificate does not name
 /// (every coordinator would refuse the handshake).
@@ -503,6 +517,9 @@ fn check_advertised(url: &str, files: &securemesh_tls::TlsFiles) -> anyhow::Resu
     Ok(())
 }
 
+/// The `host:port` of a URL such as `https://10.0.0.5:5001/`: the one
+/// name of a server that is unique across hosts (a listen address such as
+/// `0.0.0.0:5001` is the same on every host).
 fn authority_of(url: &str) -> Option<String> {
     let (_, rest) = url.split_once("://")?;
     let authority = rest.split(['/', '?', '#']).next()?;
@@ -603,39 +620,59 @@ fn reload_on_sighup(reload: impl Fn() -> anyhow::Result<()> + Send + 'static) {
 
 /// Completes on Ctrl-C or SIGTERM; a second one ends the process at once.
 pub async fn shutdown_signal() {
-    stop_signal().await;
+    let mut signals = StopSignals::new();
+    signals.next().await;
     tracing::info!("shutdown requested");
     // A second signal means "now": an operator who does not want to wait
-    // out the drain delay and grace period.
-    tokio::spawn(async {
-        stop_signal().await;
+    // out the drain delay and grace period. The listeners exist already,
+    // so a signal sent before this task first runs is not lost.
+    tokio::spawn(async move {
+        signals.next().await;
         tracing::warn!("second shutdown signal: stopping at once, without draining");
         eprintln!("securemesh: second shutdown signal: stopping at once");
         std::process::exit(130);
     });
 }
 
-/// Completes on the next Ctrl-C or SIGTERM.
-async fn stop_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Ctrl-C and SIGTERM, listened for from creation on: one that arrives
+/// while nobody waits is kept for the next wait.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
+    listeners: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listeners = match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(interrupt), Ok(terminate)) => Some((interrupt, terminate)),
+                _ => {
+                    tracing::warn!("cannot listen for SIGTERM: only Ctrl-C stops the process");
+                    None
                 }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
+            };
+            Self { listeners }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
+
+    /// Completes on the next Ctrl-C or SIGTERM.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some((interrupt, terminate)) = &mut self.listeners {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -241,6 +241,11 @@ impl Mesh {
         let mut child = Command::new(&self.exe)
             .args(&args)
             .env("RUST_LOG", "info")
+            // The lab says where each process listens; the caller's own
+            // settings must not contradict it.
+            .env_remove("SECUREMESH_SERVER_LISTEN")
+            .env_remove("SECUREMESH_COORDINATOR_LISTEN")
+            .env_remove("SECUREMESH_LISTEN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -86,6 +86,25 @@ fn pki_init_writes_verifiable_private_material_and_never_overwrites() {
 }
 
 #[test]
+fn the_old_shared_listen_variable_is_refused_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    for command in ["server", "coordinator"] {
+        let run = Command::new(BINARY)
+            .arg(command)
+            .env("SECUREMESH_LISTEN", "0.0.0.0:5001")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(1), "{command}: {}", text(&run));
+        assert!(
+            text(&run).contains("SECUREMESH_LISTEN is not read any more"),
+            "{}",
+            text(&run)
+        );
+    }
+}
+
+#[test]
 fn a_flag_from_the_environment_takes_1_yes_and_true() {
     let dir = tempfile::tempdir().unwrap();
     for yes in ["1", "yes", "true", "on"] {

@@ -137,6 +137,12 @@ impl Client {
         })
     }
 
+    /// What the client knows of each target now: in rotation, healthy,
+    /// ejected, its last failure.
+    pub fn targets(&self) -> Vec<securemesh_balance::BackendSnapshot> {
+        self.balancer.pool().snapshot()
+    }
+
     /// Sends `authorization` metadata (see `securemesh_credentials::
     /// basic_header` and `bearer_header`) with every call.
     pub fn with_authorization(mut self, authorization: Option<String>) -> Self {

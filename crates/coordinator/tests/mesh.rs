@@ -1380,7 +1380,22 @@ async fn a_client_keeps_calling_its_only_coordinator_while_it_drains() {
     // The client's health checks (every second) find NOT_SERVING; with
     // nowhere else to go, it goes on calling the coordinator, which still
     // serves during its drain delay.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let started = Instant::now();
+    loop {
+        let targets = client.targets();
+        let [target] = targets.as_slice() else {
+            panic!("{} targets", targets.len());
+        };
+        if !target.healthy {
+            assert!(target.in_rotation, "the only target left rotation");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "the client never saw the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for _ in 0..5 {
         let reply = client.submit(b"while it drains").await;
         assert_eq!(reply.unwrap().server_id, server.id());
