@@ -95,9 +95,9 @@ impl TlsIncoming {
     /// Starts accepting on `listener`, each connection with the
     /// configuration current when it arrives, within `options`' limits:
     /// handshakes that take longer than `handshake_timeout` are abandoned,
-    /// at most `max_handshakes` run at once (a new one displaces the
-    /// oldest), and at most `max_connections` authenticated connections are
-    /// kept.
+    /// at most `max_handshakes` run at once (a newcomer displaces the
+    /// oldest if it has waited a while, and is refused otherwise), and at
+    /// most `max_connections` authenticated connections are kept.
     pub fn new(listener: TcpListener, config: ReloadableConfig, options: &ServeOptions) -> Self {
         Metrics::declare_reasons(&metrics().handshake_failures, &HANDSHAKE_FAILURE_REASONS);
         let (sender, receiver) = mpsc::channel(READY_QUEUE);
