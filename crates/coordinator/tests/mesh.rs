@@ -2026,7 +2026,14 @@ async fn open_health_watch(
     address: SocketAddr,
 ) -> (h2::client::SendRequest<Bytes>, h2::RecvStream) {
     let session = h2_session(material, address).await;
-    let (response, mut request) = open_grpc_stream(&session, "/grpc.health.v1.Health/Watch").await;
+    let watch = watch_on(&session).await;
+    (session, watch)
+}
+
+/// A health watch of the DataService on `session`, once its first status
+/// has arrived.
+async fn watch_on(session: &h2::client::SendRequest<Bytes>) -> h2::RecvStream {
+    let (response, mut request) = open_grpc_stream(session, "/grpc.health.v1.Health/Watch").await;
     let watch_request = tonic_health::pb::HealthCheckRequest {
         service: securemesh::v1::DATA_SERVICE_NAME.to_owned(),
     }
@@ -2044,7 +2051,7 @@ async fn open_health_watch(
         .into_body();
     let first = tokio::time::timeout(Duration::from_secs(5), watch.data()).await;
     assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
-    (session, watch)
+    watch
 }
 
 /// Reads `watch` to its end, at most `limit`: its gRPC status.
@@ -2118,10 +2125,6 @@ async fn a_health_watch_does_not_outlive_its_callers_connection() {
     )
     .await;
     let address = coordinator.address;
-    let watch_request = tonic_health::pb::HealthCheckRequest {
-        service: securemesh::v1::DATA_SERVICE_NAME.to_owned(),
-    }
-    .encode_to_vec();
 
     for falls_silent in [false, true] {
         let what = if falls_silent {
@@ -2137,23 +2140,7 @@ async fn a_health_watch_does_not_outlive_its_callers_connection() {
             connection,
             paused: paused.clone(),
         });
-        let (response, mut request) =
-            open_grpc_stream(&session, "/grpc.health.v1.Health/Watch").await;
-        request
-            .send_data(
-                Bytes::from(frame(false, watch_request.len() as u32, &watch_request)),
-                true,
-            )
-            .unwrap();
-        let mut watch = tokio::time::timeout(Duration::from_secs(5), response)
-            .await
-            .expect("no answer to the watch")
-            .unwrap()
-            .into_body();
-        let first = tokio::time::timeout(Duration::from_secs(5), watch.data())
-            .await
-            .expect("no first status");
-        assert!(matches!(first, Some(Ok(_))), "{first:?}");
+        let _watch = watch_on(&session).await;
         // The watch waits for the next change of status, which does not
         // come; the caller goes away meanwhile.
         if falls_silent {
