@@ -1062,7 +1062,12 @@ fn credentials_on_top_of_mtls_from_the_command_line() {
         all.extend(extra);
         securemesh(&all, work)
     };
-    assert!(text(&call_server(&[])).contains("UNAUTHENTICATED"));
+    let anonymous = call_server(&[]);
+    assert!(
+        text(&anonymous).contains("UNAUTHENTICATED"),
+        "{}",
+        text(&anonymous)
+    );
     let wrong = call_server(&["--user", "alice", "--password", "wrong horse"]);
     assert!(text(&wrong).contains("UNAUTHENTICATED"), "{}", text(&wrong));
     assert!(call_server(&["--token", &token]).status.success());
