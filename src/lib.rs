@@ -84,6 +84,29 @@ pub mod request_id {
     }
 }
 
+/// Errors as people read them.
+pub mod error_text {
+    /// `error` and each cause after it, joined by `: `, leaving out a cause
+    /// whose text is said already: many errors (ours and the crates') quote
+    /// their source in their own message, others (tonic's "transport
+    /// error") say nothing without it.
+    pub fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+        let mut text = String::new();
+        let mut next = Some(error);
+        while let Some(cause) = next {
+            let said = cause.to_string();
+            if !text.contains(&said) {
+                if !text.is_empty() {
+                    text.push_str(": ");
+                }
+                text.push_str(&said);
+            }
+            next = cause.source();
+        }
+        text
+    }
+}
+
 /// Reading a `tonic::Status` the way securemesh callers need to.
 pub mod status {
     use std::error::Error as _;

@@ -243,6 +243,12 @@ impl BackendState {
         lock(&self.last_failure).clone()
     }
 
+    /// Keeps `reason` as this backend's last failure, and its pool's.
+    fn remember_failure(&self, reason: &str) {
+        *lock(&self.last_failure) = Some(reason.to_owned());
+        self.rotation.failed(&self.url, reason);
+    }
+
     /// A call was answered: the backend is reachable.
     pub(crate) fn call_answered(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
@@ -255,8 +261,7 @@ impl BackendState {
     /// enough failures in a row unless it is the last one in rotation.
     pub(crate) fn call_failed(&self, reason: &str) {
         tracing::warn!(backend = %self.url, %reason, "Server {} failed: {}", self.url, reason);
-        *lock(&self.last_failure) = Some(reason.to_owned());
-        self.rotation.failed(&self.url, reason);
+        self.remember_failure(reason);
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < self.policy.consecutive_failures {
             return;
@@ -291,8 +296,7 @@ impl BackendState {
             HealthCheck::AsksForNoCalls(reason) | HealthCheck::Failed(reason) => Some(reason),
         };
         if let Some(reason) = reason {
-            *lock(&self.last_failure) = Some(reason.clone());
-            self.rotation.failed(&self.url, reason);
+            self.remember_failure(reason);
             if self.is_in_rotation() {
                 tracing::warn!(backend = %self.url, %reason, "Server {} failed: {}", self.url, reason);
             }

@@ -5,18 +5,7 @@
 
 /// `error` and its causes, joined by `: `, each said once.
 pub fn describe(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in error.chain() {
-        let said = cause.to_string();
-        if text.contains(&said) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&said);
-    }
-    text
+    securemesh::error_text::with_causes(error.as_ref())
 }
 
 #[cfg(test)]

@@ -216,7 +216,7 @@ impl EtcdConfig {
                 Err(error) => {
                     let unreachable = DiscoveryError::Unreachable {
                         member: endpoint.clone(),
-                        reason: with_causes(&error),
+                        reason: securemesh::error_text::with_causes(&error),
                     };
                     tracing::debug!(error = %unreachable, "trying the next etcd member");
                     failure = Some(unreachable);
@@ -242,22 +242,6 @@ impl EtcdConfig {
         ))
         .await
     }
-}
-
-/// `error` and its sources, each once (tonic's transport error says only
-/// "transport error" itself).
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let said = cause.to_string();
-        if !text.contains(&said) {
-            text.push_str(": ");
-            text.push_str(&said);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// `request`, bounded by [`REQUEST_TIMEOUT`].
