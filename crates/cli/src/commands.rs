@@ -630,6 +630,7 @@ pub async fn shutdown_signal() {
         signals.next().await;
         tracing::warn!("second shutdown signal: stopping at once, without draining");
         eprintln!("securemesh: second shutdown signal: stopping at once");
+        crate::logging::finish();
         std::process::exit(130);
     });
 }

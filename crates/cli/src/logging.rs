@@ -4,6 +4,7 @@
 
 use std::io::IsTerminal as _;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -12,10 +13,13 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::args::{LogArgs, LogFormat, LogRotation};
 
+/// The log file's writer thread, until [`finish`] flushes and ends it.
+static FILE_WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+
 /// Installs the global subscriber, logging at `default` (`info`, `warn`,
-/// ...) unless `RUST_LOG` says otherwise. Keep the returned guard alive
-/// until exit: it flushes the log file.
-pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<Option<WorkerGuard>> {
+/// ...) unless `RUST_LOG` says otherwise. Call [`finish`] before the
+/// process exits, or the last lines may not reach the log file.
+pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<()> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let terminal = format_layer(
         args.log_format,
@@ -37,7 +41,19 @@ pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<Option<WorkerGuard>
         .with(terminal)
         .with(file)
         .try_init()?;
-    Ok(guard)
+    *FILE_WRITER.lock().unwrap_or_else(PoisonError::into_inner) = guard;
+    Ok(())
+}
+
+/// Writes out what is still buffered for the log file (waiting a moment at
+/// most) and stops its writer. Events logged afterwards reach standard
+/// error only.
+pub fn finish() {
+    let writer = FILE_WRITER
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    drop(writer);
 }
 
 fn format_layer<S, W>(format: LogFormat, writer: W, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>

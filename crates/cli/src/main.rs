@@ -12,17 +12,19 @@ use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
-    // Held until exit: it flushes the log file.
-    let _log_guard = match logging::init(cli.command.default_log_level(), &cli.log) {
-        Ok(guard) => guard,
-        Err(error) => {
-            eprintln!(
-                "securemesh: cannot set up logging: {}",
-                errors::describe(&error)
-            );
-            return std::process::ExitCode::FAILURE;
-        }
-    };
+    if let Err(error) = logging::init(cli.command.default_log_level(), &cli.log) {
+        eprintln!(
+            "securemesh: cannot set up logging: {}",
+            errors::describe(&error)
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    let code = run(cli);
+    logging::finish();
+    code
+}
+
+fn run(cli: args::Cli) -> std::process::ExitCode {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(threads) = cli.threads {

@@ -3,6 +3,10 @@
 
 use std::io::{IsTerminal as _, Write as _};
 
+use std::sync::OnceLock;
+
+use nix::libc;
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg, Termios};
 
 /// A new password for `user` from standard input.
@@ -41,25 +45,85 @@ fn ask(question: &str) -> anyhow::Result<String> {
     answer
 }
 
-/// The terminal's echo, switched off until dropped.
+/// The terminal's echo, switched off until dropped. A signal that would
+/// end the process meanwhile (Ctrl-C, Ctrl-\\, a hang-up, SIGTERM) puts the
+/// echo back before the process ends, as it would have ended.
 struct EchoOff {
     before: Termios,
+    handlers_before: Vec<(Signal, SigAction)>,
 }
+
+/// The terminal's settings before the echo went off, for the signal
+/// handler (which may not take locks).
+static SETTINGS_BEFORE: OnceLock<libc::termios> = OnceLock::new();
+
+/// The signals whose default action ends the process and that a user at a
+/// terminal sends.
+const ENDING_SIGNALS: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGHUP,
+    Signal::SIGTERM,
+];
 
 impl EchoOff {
     fn new() -> anyhow::Result<Self> {
         let stdin = std::io::stdin();
         let before = tcgetattr(&stdin)?;
-        let mut quiet = before.clone();
+        // Every prompt of this process finds the terminal as the first did.
+        SETTINGS_BEFORE.get_or_init(|| before.clone().into());
+        let mut echo_off = Self {
+            before,
+            handlers_before: Vec::new(),
+        };
+        let restore_then_end = SigAction::new(
+            SigHandler::Handler(restore_settings_and_exit),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        for signal in ENDING_SIGNALS {
+            // SAFETY: the handler calls only async-signal-safe functions
+            // (tcsetattr, write, _exit) and reads a value that was set
+            // before it was installed.
+            let before = unsafe { sigaction(signal, &restore_then_end) }?;
+            echo_off.handlers_before.push((signal, before));
+            if before.handler() == SigHandler::SigIgn {
+                // Ignored (under nohup, say): leave it so.
+                echo_off.put_back_handler(signal, &before);
+            }
+        }
+        let mut quiet = echo_off.before.clone();
         quiet.local_flags.remove(LocalFlags::ECHO);
         tcsetattr(&stdin, SetArg::TCSANOW, &quiet)?;
-        Ok(Self { before })
+        Ok(echo_off)
+    }
+
+    fn put_back_handler(&self, signal: Signal, handler: &SigAction) {
+        // SAFETY: puts back what the process had before `new`.
+        let _ = unsafe { sigaction(signal, handler) };
     }
 }
 
 impl Drop for EchoOff {
     fn drop(&mut self) {
         let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.before);
+        for (signal, handler) in &self.handlers_before {
+            self.put_back_handler(*signal, handler);
+        }
+    }
+}
+
+/// Puts the terminal's settings back, ends the line the user was typing and
+/// ends the process with the status a shell reports for `signal`.
+extern "C" fn restore_settings_and_exit(signal: libc::c_int) {
+    // SAFETY: tcsetattr, write and _exit are async-signal-safe; the
+    // settings are a plain value, set once before any handler ran.
+    unsafe {
+        if let Some(before) = SETTINGS_BEFORE.get() {
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, before);
+        }
+        libc::write(libc::STDERR_FILENO, b"\n".as_ptr().cast(), 1);
+        libc::_exit(128 + signal);
     }
 }
 

@@ -686,9 +686,17 @@ fn a_draining_server_reports_not_serving_still_serves_then_exits_zero() {
 fn a_second_stop_signal_ends_a_drain_at_once() {
     let mesh = Mesh::start();
     let port = free_port();
+    let log_file = mesh.work.path().join("impatient-file.log");
     let mut server = mesh.spawn(
         "impatient",
-        &["server", &port.to_string(), "--drain-delay", "30s"],
+        &[
+            "--log-file",
+            log_file.to_str().unwrap(),
+            "server",
+            &port.to_string(),
+            "--drain-delay",
+            "30s",
+        ],
     );
     mesh.wait_serving(port);
     common::signal(&server, nix::sys::signal::Signal::SIGTERM);
@@ -699,6 +707,9 @@ fn a_second_stop_signal_ends_a_drain_at_once() {
     assert!(stopping.elapsed() < Duration::from_secs(5));
     assert_eq!(status.code(), Some(130), "{status}");
     assert!(mesh.log("impatient").contains("second shutdown signal"));
+    // The exit flushes the log file: its last line is there too.
+    let file = std::fs::read_to_string(&log_file).unwrap();
+    assert!(file.contains("second shutdown signal"), "{file}");
 }
 
 #[test]
@@ -972,6 +983,45 @@ openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
         mesh.until_logged(&label, &["TLS handshake refused", "UnknownIssuer"]);
     }
     assert!(mesh.client(&["--name", "Client1"]).status.success());
+}
+
+/// A user who gives up at `credentials add-user`'s password prompt with
+/// Ctrl-C gets a terminal that echoes again (the prompt switched echo
+/// off), and nothing is added.
+#[test]
+fn ctrl_c_at_the_password_prompt_gives_the_terminal_its_echo_back() {
+    use nix::sys::termios::{tcgetattr, LocalFlags};
+
+    let work = tempfile::tempdir().unwrap();
+    let terminal = nix::pty::openpty(None, None).unwrap();
+    let echoes = || {
+        tcgetattr(&terminal.slave)
+            .unwrap()
+            .local_flags
+            .contains(LocalFlags::ECHO)
+    };
+    assert!(echoes(), "a new terminal echoes");
+    let mut adding = Command::new(BINARY)
+        .args(["credentials", "add-user", "alice"])
+        .current_dir(work.path())
+        .stdin(std::fs::File::from(terminal.slave.try_clone().unwrap()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while echoes() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the prompt never switched echo off"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    common::signal(&adding, nix::sys::signal::Signal::SIGINT);
+    let status = common::wait_exit(&mut adding);
+    assert!(echoes(), "echo is still off after Ctrl-C");
+    assert_eq!(status.code(), Some(130), "{status}");
+    assert!(!work.path().join("certs/credentials.txt").exists());
 }
 
 #[test]
