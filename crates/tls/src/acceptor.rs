@@ -3,8 +3,9 @@
 //! tonic's own TLS cannot take a rustls `ServerConfig` of ours, so we accept
 //! TCP connections, run each handshake in its own task with a deadline, and
 //! hand finished TLS streams to `Server::serve_with_incoming_shutdown`. A
-//! refused or stalled handshake is logged and dropped; it never stops the
-//! accept loop. At most a set number of connections are open at once;
+//! refused or stalled handshake is logged (at most a line a second of each
+//! kind: see [`crate::throttle`]) and dropped; it never stops the accept
+//! loop. At most a set number of connections are open at once;
 //! beyond that, new ones are closed at once (and logged), so that many idle
 //! or slow connections cannot exhaust the process.
 //!
@@ -43,6 +44,7 @@ use tokio_stream::Stream;
 use securemesh_telemetry::{metrics, Metrics};
 
 use crate::server::Verdicts;
+use crate::throttle::CONNECTION_EVENTS;
 use crate::{ReloadableConfig, ServeOptions};
 
 /// How many finished handshakes may wait for tonic to pick them up.
@@ -172,11 +174,14 @@ fn full(connections: &Semaphore) -> bool {
 
 fn refuse_over_limit(peer: SocketAddr, limit: usize) {
     metrics().connections_refused.inc();
-    tracing::warn!(
-        %peer,
-        limit,
-        "connection refused: too many connections"
-    );
+    if let Some(held_back) = CONNECTION_EVENTS.admit("over_connection_limit") {
+        tracing::warn!(
+            %peer,
+            limit,
+            held_back,
+            "connection refused: too many connections"
+        );
+    }
 }
 
 async fn accept_loop(
@@ -223,11 +228,14 @@ async fn accept_loop(
                 };
                 if !taken {
                     metrics().connections_refused.inc();
-                    tracing::warn!(
-                        %peer,
-                        limit = limits.max_handshakes,
-                        "connection refused: too many TLS handshakes in progress"
-                    );
+                    if let Some(held_back) = CONNECTION_EVENTS.admit("over_handshake_limit") {
+                        tracing::warn!(
+                            %peer,
+                            limit = limits.max_handshakes,
+                            held_back,
+                            "connection refused: too many TLS handshakes in progress"
+                        );
+                    }
                     drop(stream);
                     continue;
                 }
@@ -247,7 +255,9 @@ async fn accept_loop(
             }
             Err(error) => {
                 // Typically EMFILE: back off briefly instead of spinning.
-                tracing::warn!(%error, "accepting a connection failed");
+                if let Some(held_back) = CONNECTION_EVENTS.admit("accept_failed") {
+                    tracing::warn!(%error, held_back, "accepting a connection failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -271,11 +281,14 @@ async fn handshake(
                 .handshake_failures
                 .with_label_values(&["displaced"])
                 .inc();
-            tracing::info!(
-                %peer,
-                limit = limits.max_handshakes,
-                "TLS handshake abandoned: the oldest of too many in progress"
-            );
+            if let Some(held_back) = CONNECTION_EVENTS.admit("displaced") {
+                tracing::info!(
+                    %peer,
+                    limit = limits.max_handshakes,
+                    held_back,
+                    "TLS handshake abandoned: the oldest of too many in progress"
+                );
+            }
             return;
         }
     };
@@ -307,14 +320,23 @@ async fn handshake(
                 .handshake_failures
                 .with_label_values(&[reason])
                 .inc();
-            tracing::info!(%peer, %error, reason, "TLS handshake refused");
+            if let Some(held_back) = CONNECTION_EVENTS.admit(reason) {
+                tracing::info!(%peer, %error, reason, held_back, "TLS handshake refused");
+            }
         }
         Err(_) => {
             metrics()
                 .handshake_failures
                 .with_label_values(&["timeout"])
                 .inc();
-            tracing::info!(%peer, timeout_ms = timeout.as_millis() as u64, "TLS handshake timed out");
+            if let Some(held_back) = CONNECTION_EVENTS.admit("timeout") {
+                tracing::info!(
+                    %peer,
+                    timeout_ms = timeout.as_millis() as u64,
+                    held_back,
+                    "TLS handshake timed out"
+                );
+            }
         }
     }
 }

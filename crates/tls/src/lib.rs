@@ -16,6 +16,7 @@ mod identity;
 mod material;
 mod serve;
 mod server;
+mod throttle;
 
 pub use acceptor::{Connection, PeerInfo, TlsIncoming};
 pub use authorize::{
