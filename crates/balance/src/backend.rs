@@ -215,6 +215,11 @@ impl BackendState {
         &self.url
     }
 
+    /// Follows whether any backend of this one's pool is in rotation.
+    pub(crate) fn rotation_serving(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.rotation.serving()
+    }
+
     /// Whether the balancer may pick this backend.
     pub fn is_in_rotation(&self) -> bool {
         self.in_rotation.load(Ordering::Acquire)

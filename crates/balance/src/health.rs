@@ -28,6 +28,7 @@ pub(crate) async fn probe(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rotation_serving = state.rotation_serving();
     loop {
         // Wake at the next check, or when an ejection runs out, so that a
         // healthy backend returns as soon as its ejection ends.
@@ -40,6 +41,16 @@ pub(crate) async fn probe(
             }
             // A new ejection: wait for its end instead of the next tick.
             () = state.ejected.notified() => continue,
+            // The last other backend left: a backend that only asked for
+            // no calls (draining) comes back now, as the last resort,
+            // rather than at its next check. The rotation lives as long as
+            // the state, so this never ends in an error.
+            Ok(()) = rotation_serving.changed() => {
+                if !*rotation_serving.borrow_and_update() {
+                    state.settle();
+                }
+                continue;
+            }
         }
         let request = HealthCheckRequest {
             service: DATA_SERVICE_NAME.to_owned(),

@@ -296,6 +296,7 @@ impl Drop for BackendPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::HealthCheck;
 
     fn pool() -> (tempfile::TempDir, Arc<BackendPool>, Discovery) {
         let (dir, tls) = crate::testing::coordinator_tls();
@@ -367,6 +368,43 @@ mod tests {
         assert_eq!(after.last_failure().as_deref(), Some("connection refused"));
         assert_eq!(pool.in_rotation(), 1);
         assert!(!serving.has_changed().unwrap(), "the rotation emptied");
+    }
+
+    #[tokio::test]
+    async fn a_draining_backend_returns_as_soon_as_the_last_other_one_leaves() {
+        let (_dir, tls) = crate::testing::coordinator_tls();
+        let mut options = BackendOptions::new(tls);
+        // One check each at the start (both fail: nothing listens), then
+        // none during the test.
+        options.health_interval = Duration::from_secs(3600);
+        let (pool, _discovery) = BackendPool::new(options);
+        let (a, b) = ("https://127.0.0.1:9", "https://127.0.0.1:10");
+        pool.add(a).unwrap();
+        pool.add(b).unwrap();
+        let draining = pool.members()[a].state.clone();
+        let other = pool.members()[b].state.clone();
+        let started = std::time::Instant::now();
+        while draining.last_failure().is_none() || other.last_failure().is_none() {
+            assert!(started.elapsed() < Duration::from_secs(5), "no first check");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let asks_for_no_calls =
+            || HealthCheck::AsksForNoCalls("health check answered NOT_SERVING".into());
+        other.checked(HealthCheck::Serving);
+        draining.checked(asks_for_no_calls());
+        assert!(!draining.is_in_rotation());
+        assert_eq!(pool.in_rotation(), 1);
+
+        other.checked(HealthCheck::Failed("health check failed: refused".into()));
+        let emptied = std::time::Instant::now();
+        while !draining.is_in_rotation() {
+            assert!(
+                emptied.elapsed() < Duration::from_secs(2),
+                "the draining backend waited for its next check"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(pool.in_rotation(), 1);
     }
 
     #[tokio::test]
