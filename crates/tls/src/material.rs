@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::RootCertStore;
 
 /// Why TLS material could not be loaded or used.
@@ -56,6 +56,24 @@ impl TlsFiles {
             key: dir.join(format!("{name}_key.pem")),
             ca: dir.join("ca_cert.pem"),
         }
+    }
+
+    /// Whether a client dialling this party by `host` (a DNS name or an
+    /// IP address) accepts its certificate for that name, as rustls judges
+    /// it (wildcard names included).
+    pub fn certificate_covers(&self, host: &str) -> Result<bool, TlsError> {
+        let chain = Self::certificates(&self.cert)?;
+        let unusable = |what: String| TlsError::Pem {
+            path: self.cert.clone(),
+            what,
+        };
+        let leaf = chain
+            .first()
+            .ok_or_else(|| unusable("no CERTIFICATE found".into()))?;
+        let leaf = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|error| unusable(format!("unusable certificate: {error}")))?;
+        Ok(ServerName::try_from(host)
+            .is_ok_and(|name| leaf.verify_is_valid_for_subject_name(&name).is_ok()))
     }
 
     /// The names clients may dial this party by (see
@@ -128,5 +146,48 @@ impl TlsFiles {
             path: path.to_path_buf(),
             what: format!("no usable private key ({error})"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate for `names` in a new directory, as `TlsFiles`.
+    fn certificate_for(names: &[&str]) -> (tempfile::TempDir, TlsFiles) {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+        let certified = rcgen::generate_simple_self_signed(names).unwrap();
+        let cert = dir.path().join("cert.pem");
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        let files = TlsFiles {
+            cert,
+            key: dir.path().join("key.pem"),
+            ca: dir.path().join("ca.pem"),
+        };
+        (dir, files)
+    }
+
+    #[test]
+    fn a_certificate_covers_its_names_wildcards_included_and_no_other() {
+        let (_dir, files) = certificate_for(&["*.mesh.example", "server-1.local", "10.0.0.5"]);
+        for covered in [
+            "a.mesh.example",
+            "B.MESH.EXAMPLE",
+            "server-1.local",
+            "10.0.0.5",
+        ] {
+            assert!(files.certificate_covers(covered).unwrap(), "{covered}");
+        }
+        for refused in [
+            "mesh.example",
+            "a.b.mesh.example",
+            "server-2.local",
+            "10.0.0.6",
+            "not a name",
+            "",
+        ] {
+            assert!(!files.certificate_covers(refused).unwrap(), "{refused}");
+        }
     }
 }
