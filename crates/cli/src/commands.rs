@@ -176,6 +176,27 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
             .and_then(authority_of)
             .unwrap_or_else(|| address.to_string())
     });
+    // Everything that can fail at start comes before the server announces
+    // itself and registers: a server that then exits would stay in etcd
+    // until its lease expired.
+    let authorization = args
+        .serve
+        .with_credentials(Authorization::server_default(args.allow.clone()))?;
+    let token_ttl = Some(args.token_ttl).filter(|ttl| !ttl.is_zero());
+    let handler =
+        DataHandler::new(keys, server_id.clone(), !args.hide_plaintext).with_token_ttl(token_ttl);
+    if let Some(admin) = &args.serve.metrics_listen {
+        let discovery = args.register.as_ref().map(ToString::to_string);
+        start_admin(
+            admin,
+            "server",
+            address,
+            discovery,
+            handler.stats().clone(),
+            Vec::new,
+        )
+        .await?;
+    }
     tracing::info!(%address, %server_id, "Server listening on {address} (mutual TLS)");
     let registration = match &args.register {
         Some(etcd) => {
@@ -203,23 +224,6 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let token_ttl = Some(args.token_ttl).filter(|ttl| !ttl.is_zero());
-    let handler = DataHandler::new(keys, server_id, !args.hide_plaintext).with_token_ttl(token_ttl);
-    if let Some(admin) = &args.serve.metrics_listen {
-        let discovery = args.register.as_ref().map(ToString::to_string);
-        start_admin(
-            admin,
-            "server",
-            address,
-            discovery,
-            handler.stats().clone(),
-            Vec::new,
-        )
-        .await?;
-    }
-    let authorization = args
-        .serve
-        .with_credentials(Authorization::server_default(args.allow.clone()))?;
     reload_on_sighup({
         let (tls, handler, authorization) = (tls.clone(), handler.clone(), authorization.clone());
         let serve_args = args.serve.clone();
@@ -501,14 +505,8 @@ fn check_advertised(url: &str, files: &securemesh_tls::TlsFiles) -> anyhow::Resu
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let names = files.dialling_names()?;
-    let named = names.iter().any(|name| {
-        name.eq_ignore_ascii_case(host)
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|address| name.parse() == Ok(address))
-    });
     anyhow::ensure!(
-        named,
+        files.certificate_covers(host)?,
         "--advertise {url}: {host} is not among the names of {} ({}), so coordinators would \
          refuse it; issue a certificate with `securemesh pki issue NAME --role server --san {host}`",
         files.cert.display(),

@@ -104,6 +104,23 @@ fn the_old_shared_listen_variable_is_refused_not_ignored() {
     }
 }
 
+/// A server that cannot start (its admin port is taken) says so before
+/// it announces itself: with `--register` it would otherwise have
+/// registered in etcd and left its key behind until the lease expired.
+#[test]
+fn a_server_that_cannot_start_fails_before_it_announces_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(securemesh(&["pki", "init"], dir.path()).status.success());
+    assert!(securemesh(&["keygen"], dir.path()).status.success());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let port = free_port().to_string();
+    let run = securemesh(&["server", &port, "--metrics-listen", &taken], dir.path());
+    assert_eq!(run.status.code(), Some(1), "{}", text(&run));
+    assert!(text(&run).contains("for metrics"), "{}", text(&run));
+    assert!(!text(&run).contains("Server listening"), "{}", text(&run));
+}
+
 #[test]
 fn a_flag_from_the_environment_takes_1_yes_and_true() {
     let dir = tempfile::tempdir().unwrap();
