@@ -56,13 +56,22 @@ async fn follow_forever(config: EtcdConfig, mut registrations: Registrations) {
     loop {
         let Err(error) = sync_and_watch(&config, &mut registrations, &mut backoff).await;
         let delay = backoff.delay();
-        tracing::warn!(
-            prefix = %config.prefix,
-            %error,
-            backends = registrations.by_key.len(),
-            retry_in_ms = delay.as_millis() as u64,
-            "lost etcd: keeping the last known backends"
-        );
+        if registrations.read_once {
+            tracing::warn!(
+                prefix = %config.prefix,
+                %error,
+                backends = registrations.by_key.len(),
+                retry_in_ms = delay.as_millis() as u64,
+                "lost etcd: keeping the last known backends"
+            );
+        } else {
+            tracing::warn!(
+                prefix = %config.prefix,
+                %error,
+                retry_in_ms = delay.as_millis() as u64,
+                "cannot read the registrations in etcd yet: no backend from it"
+            );
+        }
         tokio::time::sleep(delay).await;
     }
 }
@@ -119,6 +128,8 @@ async fn sync_and_watch(
 struct Registrations {
     by_key: BTreeMap<String, String>,
     members: Arc<dyn Membership>,
+    /// Whether the prefix was read at least once.
+    read_once: bool,
 }
 
 impl Registrations {
@@ -126,6 +137,7 @@ impl Registrations {
         Self {
             by_key: BTreeMap::new(),
             members,
+            read_once: false,
         }
     }
 
@@ -169,6 +181,7 @@ impl Registrations {
     /// leave, new and changed ones join, unchanged ones are left alone.
     fn replace_all<'a>(&mut self, listing: impl Iterator<Item = (String, &'a [u8])>) {
         let listing: BTreeMap<String, &[u8]> = listing.collect();
+        self.read_once = true;
         let gone: Vec<String> = self
             .by_key
             .keys()
