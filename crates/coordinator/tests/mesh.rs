@@ -1236,9 +1236,13 @@ async fn a_client_cannot_speak_for_another_or_skip_credentials_by_claiming_a_cal
     let call = frame(false, message.len() as u32, &message);
     let alice = securemesh_credentials::basic_header("alice", "correct horse");
 
+    let warnings = capture_warnings();
+    // The last claim dresses up as more fields of the log line.
+    let dressed_up = "spiffe://securemesh/client/mallory\" status=OK";
     for claimed in [
         "spiffe://securemesh/client/mallory",
         securemesh_tls::COORDINATOR_IDENTITY,
+        dressed_up,
     ] {
         // The claim does not make the client a forwarder, so it does not
         // spare the client its credentials...
@@ -1258,6 +1262,53 @@ async fn a_client_cannot_speak_for_another_or_skip_credentials_by_claiming_a_cal
         assert_eq!(code, Some(Code::Ok), "claiming {claimed}");
         let reply = SubmitReply::decode(&reply[5..]).unwrap();
         assert_eq!(reply.result, CLIENT, "claiming {claimed}");
+    }
+    // The claim is logged quoted, its quote escaped: it cannot pass for
+    // a field of the line.
+    let logged = warnings.text();
+    assert!(
+        logged.contains(r#"claimed="spiffe://securemesh/client/mallory\" status=OK""#),
+        "{logged}"
+    );
+}
+
+/// What the tracing events of this test binary at WARN and above said, as
+/// plain text (installed once, for the whole binary).
+struct CapturedWarnings(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedWarnings {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn capture_warnings() -> CapturedWarnings {
+    static BUFFER: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    let buffer = BUFFER
+        .get_or_init(|| {
+            let buffer = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let writer = buffer.clone();
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .with_writer(move || CaptureWriter(writer.clone()))
+                .init();
+            buffer
+        })
+        .clone();
+    CapturedWarnings(buffer)
+}
+
+struct CaptureWriter(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
