@@ -688,73 +688,10 @@ mod tests {
         );
     }
 
-    /// A health endpoint on h2 that answers `SERVING` to everything, after
-    /// holding each new connection for `handshake_delay` before its TLS
-    /// handshake; returns its port and how many connections it accepted.
-    async fn slow_endpoint(dir: &std::path::Path, handshake_delay: Duration) -> SlowEndpoint {
-        let files = securemesh_tls::TlsFiles::in_dir(dir, "server");
-        let acceptor =
-            tokio_rustls::TlsAcceptor::from(securemesh_tls::server_config(&files, None).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = accepted.clone();
-        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let closed_count = closed.clone();
-        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let told_all = told.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let acceptor = acceptor.clone();
-                let closed_count = closed_count.clone();
-                let told = told_all.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(handshake_delay).await;
-                    let tls = acceptor.accept(tcp).await.unwrap();
-                    let mut connection = h2::server::handshake(tls).await.unwrap();
-                    while let Some(Ok((request, mut respond))) = connection.accept().await {
-                        if let Some(timeout) = request.headers().get("grpc-timeout") {
-                            let timeout = timeout.to_str().unwrap_or_default().to_owned();
-                            lock(&told).push(timeout);
-                        }
-                        let reply = tonic_health::pb::HealthCheckResponse { status: 1 };
-                        // A caller that gave up has reset its stream.
-                        let Ok(mut sending) = respond.send_response(http::Response::new(()), false)
-                        else {
-                            continue;
-                        };
-                        let mut trailers = HeaderMap::new();
-                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
-                        let _ = sending.send_data(frame::encode(&reply), false);
-                        let _ = sending.send_trailers(trailers);
-                    }
-                    closed_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                });
-            }
-        });
-        SlowEndpoint {
-            port,
-            accepted,
-            closed,
-            told,
-        }
-    }
-
-    /// What [`slow_endpoint`] gives: its port, how many connections it
-    /// accepted and saw closed, and every `grpc-timeout` it was told.
-    struct SlowEndpoint {
-        port: u16,
-        accepted: Arc<std::sync::atomic::AtomicUsize>,
-        closed: Arc<std::sync::atomic::AtomicUsize>,
-        told: Arc<std::sync::Mutex<Vec<String>>>,
-    }
-
     #[tokio::test]
     async fn the_endpoint_is_told_the_time_left_after_connecting() {
         let (dir, tls) = pki();
-        let endpoint = slow_endpoint(dir.path(), Duration::from_millis(400)).await;
+        let endpoint = crate::testing::slow_endpoint(dir.path(), Duration::from_millis(400)).await;
         let options = ChannelOptions {
             connect_timeout: Duration::from_secs(2),
             ..quick()
@@ -779,12 +716,12 @@ mod tests {
     #[tokio::test]
     async fn a_closed_channel_lets_its_idle_connection_go() {
         let (dir, tls) = pki();
-        let SlowEndpoint {
+        let crate::testing::SlowEndpoint {
             port,
             accepted,
             closed,
             ..
-        } = slow_endpoint(dir.path(), Duration::ZERO).await;
+        } = crate::testing::slow_endpoint(dir.path(), Duration::ZERO).await;
         let channel =
             Http2Channel::new(&format!("https://127.0.0.1:{port}"), tls, quick()).unwrap();
         health_check(&channel).await.unwrap();
@@ -809,8 +746,8 @@ mod tests {
     #[tokio::test]
     async fn a_connection_attempt_outlives_callers_that_give_up() {
         let (dir, tls) = pki();
-        let SlowEndpoint { port, accepted, .. } =
-            slow_endpoint(dir.path(), Duration::from_millis(600)).await;
+        let crate::testing::SlowEndpoint { port, accepted, .. } =
+            crate::testing::slow_endpoint(dir.path(), Duration::from_millis(600)).await;
         let options = ChannelOptions {
             connect_timeout: Duration::from_secs(2),
             ..quick()

@@ -193,6 +193,9 @@ mod tests {
         /// Waits this long for the balancer before it reaches its backend,
         /// then answers after the second duration.
         Queued(Duration, Duration),
+        /// Refused after this long for want of a backend in rotation,
+        /// without reaching one.
+        Refused(Duration),
     }
 
     /// A service whose attempts follow a script, recording which were
@@ -244,7 +247,7 @@ mod tests {
             let step = self.script[index];
             let finished = self.finished.clone();
             let backend = self.backends[index].clone();
-            if !matches!(step, Script::Queued(..)) {
+            if !matches!(step, Script::Queued(..) | Script::Refused(..)) {
                 attempt.trace.attempted(&backend);
             }
             Box::pin(async move {
@@ -268,6 +271,10 @@ mod tests {
                     Script::Fail(after, code) => {
                         tokio::time::sleep(after).await;
                         Err(Box::new(Status::new(code, "scripted")) as BoxError)
+                    }
+                    Script::Refused(after) => {
+                        tokio::time::sleep(after).await;
+                        Err(crate::fail_fast::NoBackendInRotation::new("no backend").into())
                     }
                 };
                 finished.lock().unwrap().push(index);
@@ -356,6 +363,13 @@ mod tests {
         ]);
         let outcome = run(&service, budget()).await;
         assert_eq!(answered_by(&outcome), "backend-1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedge_refused_for_want_of_a_backend_waits_for_the_first_attempt() {
+        let service = Scripted::new(vec![Script::Answer(ms(300)), Script::Refused(ms(1))]);
+        let outcome = run(&service, budget()).await;
+        assert_eq!(answered_by(&outcome), "backend-0");
     }
 
     #[tokio::test(start_paused = true)]

@@ -228,6 +228,14 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
 /// What the unit tests of several modules share.
 #[cfg(test)]
 pub(crate) mod testing {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use http::{HeaderMap, HeaderValue};
+    use securemesh::frame;
+
+    use crate::lock;
+
     /// An attempt of an empty message, without deadline or metadata.
     pub(crate) fn attempt() -> super::Attempt {
         super::Attempt {
@@ -261,6 +269,72 @@ pub(crate) mod testing {
         let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "coordinator");
         let tls = securemesh_tls::client_tls_config(&files).unwrap();
         (dir, tls)
+    }
+
+    /// A health endpoint on h2 that answers `SERVING` to everything, after
+    /// holding each new connection for `handshake_delay` before its TLS
+    /// handshake; returns its port and how many connections it accepted.
+    pub(crate) async fn slow_endpoint(
+        dir: &std::path::Path,
+        handshake_delay: Duration,
+    ) -> SlowEndpoint {
+        let files = securemesh_tls::TlsFiles::in_dir(dir, "server");
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(securemesh_tls::server_config(&files, None).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed_count = closed.clone();
+        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let told_all = told.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let closed_count = closed_count.clone();
+                let told = told_all.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(handshake_delay).await;
+                    let tls = acceptor.accept(tcp).await.unwrap();
+                    let mut connection = h2::server::handshake(tls).await.unwrap();
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        if let Some(timeout) = request.headers().get("grpc-timeout") {
+                            let timeout = timeout.to_str().unwrap_or_default().to_owned();
+                            lock(&told).push(timeout);
+                        }
+                        let reply = tonic_health::pb::HealthCheckResponse { status: 1 };
+                        // A caller that gave up has reset its stream.
+                        let Ok(mut sending) = respond.send_response(http::Response::new(()), false)
+                        else {
+                            continue;
+                        };
+                        let mut trailers = HeaderMap::new();
+                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                        let _ = sending.send_data(frame::encode(&reply), false);
+                        let _ = sending.send_trailers(trailers);
+                    }
+                    closed_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+        SlowEndpoint {
+            port,
+            accepted,
+            closed,
+            told,
+        }
+    }
+
+    /// What [`slow_endpoint`] gives: its port, how many connections it
+    /// accepted and saw closed, and every `grpc-timeout` it was told.
+    pub(crate) struct SlowEndpoint {
+        pub(crate) port: u16,
+        pub(crate) accepted: Arc<std::sync::atomic::AtomicUsize>,
+        pub(crate) closed: Arc<std::sync::atomic::AtomicUsize>,
+        pub(crate) told: Arc<std::sync::Mutex<Vec<String>>>,
     }
 }
 

@@ -383,11 +383,10 @@ mod tests {
         pool.add(b).unwrap();
         let draining = pool.members()[a].state.clone();
         let other = pool.members()[b].state.clone();
-        let started = std::time::Instant::now();
-        while draining.last_failure().is_none() || other.last_failure().is_none() {
-            assert!(started.elapsed() < Duration::from_secs(5), "no first check");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until("no first check", || {
+            draining.last_failure().is_some() && other.last_failure().is_some()
+        })
+        .await;
         let asks_for_no_calls =
             || HealthCheck::AsksForNoCalls("health check answered NOT_SERVING".into());
         other.checked(HealthCheck::Serving);
@@ -396,15 +395,54 @@ mod tests {
         assert_eq!(pool.in_rotation(), 1);
 
         other.checked(HealthCheck::Failed("health check failed: refused".into()));
-        let emptied = std::time::Instant::now();
-        while !draining.is_in_rotation() {
-            assert!(
-                emptied.elapsed() < Duration::from_secs(2),
-                "the draining backend waited for its next check"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until("the draining backend waited for its next check", || {
+            draining.is_in_rotation()
+        })
+        .await;
         assert_eq!(pool.in_rotation(), 1);
+    }
+
+    /// Waits at most 3 s for `done`; fails saying `what` otherwise.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let started = std::time::Instant::now();
+        while !done() {
+            assert!(started.elapsed() < Duration::from_secs(3), "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn reconnecting_lets_the_old_connections_go() {
+        let (dir, tls) = crate::testing::coordinator_tls();
+        let endpoint = crate::testing::slow_endpoint(dir.path(), Duration::ZERO).await;
+        let mut options = BackendOptions::new(tls);
+        options.health_interval = Duration::from_millis(100);
+        let (pool, _discovery) = BackendPool::new(options);
+        pool.add(&format!("https://127.0.0.1:{}", endpoint.port))
+            .unwrap();
+        let count = |counter: &std::sync::atomic::AtomicUsize| {
+            counter.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        until("no health check connected", || {
+            count(&endpoint.accepted) == 1
+        })
+        .await;
+
+        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "coordinator");
+        pool.replace_tls(securemesh_tls::client_tls_config(&files).unwrap())
+            .unwrap();
+        until("the new connection was not made", || {
+            count(&endpoint.accepted) == 2
+        })
+        .await;
+        until("the old connection was kept", || {
+            count(&endpoint.closed) == 1
+        })
+        .await;
+        // The new one stays.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(count(&endpoint.closed), 1);
+        assert_eq!(count(&endpoint.accepted), 2);
     }
 
     #[tokio::test]
