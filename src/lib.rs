@@ -84,6 +84,71 @@ pub mod request_id {
     }
 }
 
+/// Ports for processes started by the benchmark and by tests, which must
+/// name a server's port before the server binds it (and may restart it on
+/// the same port).
+pub mod ports {
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// The lowest port handed out.
+    const LOWEST: u32 = 10_000;
+
+    /// A port on 127.0.0.1 that nobody listens on right now.
+    ///
+    /// It comes from below the kernel's range for outgoing connections,
+    /// so that no connection (of this process or of the ones it started)
+    /// can take it between this check and the server's `bind`, as a port
+    /// from `bind(0)` could. Threads of one process get distinct ports from
+    /// a shared counter; processes start at different places, by their
+    /// process id.
+    pub fn free_loopback_port() -> std::io::Result<u16> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let below = ephemeral_range_start().max(LOWEST + 1_000);
+        let span = below - LOWEST;
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            let Ok(port) = u16::try_from(LOWEST + offset) else {
+                continue;
+            };
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("no free port on 127.0.0.1 between {LOWEST} and {below}"),
+        ))
+    }
+
+    /// The first port of the kernel's range for outgoing connections.
+    fn ephemeral_range_start() -> u32 {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn ports_are_free_distinct_and_outside_the_ephemeral_range() {
+            let ports: Vec<u16> = (0..50).map(|_| free_loopback_port().unwrap()).collect();
+            let mut distinct = ports.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), ports.len());
+            for port in ports {
+                assert!(u32::from(port) < ephemeral_range_start().max(LOWEST + 1_000));
+                assert!(TcpListener::bind(("127.0.0.1", port)).is_ok());
+            }
+        }
+    }
+}
+
 /// Errors as people read them.
 pub mod error_text {
     /// `error` and each cause after it, joined by `: `, leaving out a cause

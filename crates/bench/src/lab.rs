@@ -60,15 +60,12 @@ pub struct Lab {
 /// How long a call of the load generator may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A free port on 127.0.0.1 (bound, then released).
+/// A free port on 127.0.0.1 for a process the lab starts.
 fn free_port() -> Result<u16, BenchError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .map_err(|source| BenchError::Io {
-            what: "finding a free port".into(),
-            source,
-        })
+    securemesh::ports::free_loopback_port().map_err(|source| BenchError::Io {
+        what: "finding a free port".into(),
+        source,
+    })
 }
 
 fn url(port: u16) -> String {

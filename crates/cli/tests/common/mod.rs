@@ -7,10 +7,8 @@ pub mod cluster;
 pub mod etcd;
 
 use std::fs::File;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// The binary under test.
@@ -60,36 +58,10 @@ pub fn text(output: &Output) -> String {
 }
 
 /// A loopback port nobody listens on right now, for a process a test
-/// starts (and may restart on the same port).
-///
-/// The port is taken from below the kernel's ephemeral range, so that no
-/// outgoing connection (of this test or of any process it started) can
-/// take it between this check and the process's `bind`, as a port from
-/// `bind(0)` could. Tests in one binary run in parallel and get distinct
-/// ports from a shared counter; test binaries are told apart by their
-/// process id.
+/// starts (and may restart on the same port); see
+/// [`securemesh::ports::free_loopback_port`].
 pub fn free_port() -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    const LOWEST: u32 = 10_000;
-    let below = ephemeral_range_start().max(LOWEST + 1_000);
-    let span = below - LOWEST;
-    let start = std::process::id().wrapping_mul(7_919) % span;
-    for _ in 0..span {
-        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        let port = u16::try_from(LOWEST + offset).expect("below the ephemeral range");
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port between {LOWEST} and {below}");
-}
-
-/// The first port of the kernel's range for outgoing connections.
-fn ephemeral_range_start() -> u32 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32_768)
+    securemesh::ports::free_loopback_port().unwrap()
 }
 
 /// Sends `signal` to `child`.
