@@ -179,6 +179,27 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     // Everything that can fail at start comes before the server announces
     // itself and registers: a server that then exits would stay in etcd
     // until its lease expired.
+    let registering = match &args.register {
+        Some(etcd) => {
+            let etcd = args.etcd.apply(etcd.clone(), args.tls.crl_to_follow())?;
+            let url = match &args.advertise {
+                Some(url) => {
+                    check_advertised(url, &tls_args.files("server"))?;
+                    url.clone()
+                }
+                None if address.ip().is_unspecified() => anyhow::bail!(
+                    "listening on {address}: say with --advertise which URL coordinators should dial"
+                ),
+                None => format!("https://{address}"),
+            };
+            let record = securemesh_discovery::ServerRecord {
+                server_id: server_id.clone(),
+                url,
+            };
+            Some((etcd, record))
+        }
+        None => None,
+    };
     let authorization = args
         .serve
         .with_credentials(Authorization::server_default(args.allow.clone()))?;
@@ -198,32 +219,10 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         .await?;
     }
     tracing::info!(%address, %server_id, "Server listening on {address} (mutual TLS)");
-    let registration = match &args.register {
-        Some(etcd) => {
-            let etcd = args.etcd.apply(etcd.clone(), args.tls.crl_to_follow())?;
-            let url = match &args.advertise {
-                Some(url) => {
-                    check_advertised(url, &tls_args.files("server"))?;
-                    url.clone()
-                }
-                None if address.ip().is_unspecified() => anyhow::bail!(
-                    "listening on {address}: say with --advertise which URL coordinators should dial"
-                ),
-                None => format!("https://{address}"),
-            };
-            tracing::info!(key = %etcd.key_of(&server_id), %url, "registering in etcd");
-            let record = securemesh_discovery::ServerRecord {
-                server_id: server_id.clone(),
-                url,
-            };
-            Some(securemesh_discovery::register(
-                etcd,
-                record,
-                args.register_ttl,
-            ))
-        }
-        None => None,
-    };
+    let registration = registering.map(|(etcd, record)| {
+        tracing::info!(key = %etcd.key_of(&server_id), url = %record.url, "registering in etcd");
+        securemesh_discovery::register(etcd, record, args.register_ttl)
+    });
     reload_on_sighup({
         let (tls, handler, authorization) = (tls.clone(), handler.clone(), authorization.clone());
         let serve_args = args.serve.clone();

@@ -45,6 +45,15 @@ pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Calls [`finish`] when dropped.
+pub struct FinishOnDrop;
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        finish();
+    }
+}
+
 /// Writes out what is still buffered for the log file (waiting a moment at
 /// most) and stops its writer. Events logged afterwards reach standard
 /// error only.

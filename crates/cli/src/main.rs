@@ -19,9 +19,9 @@ fn main() -> std::process::ExitCode {
         );
         return std::process::ExitCode::FAILURE;
     }
-    let code = run(cli);
-    logging::finish();
-    code
+    // Flushes the log file at the end, a panic's unwinding included.
+    let _flush_log = logging::FinishOnDrop;
+    run(cli)
 }
 
 fn run(cli: args::Cli) -> std::process::ExitCode {

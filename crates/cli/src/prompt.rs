@@ -76,9 +76,13 @@ impl EchoOff {
             before,
             handlers_before: Vec::new(),
         };
+        // Reset to the default action on entry, and not blocked while
+        // handled: the handler raises the signal again, and the process
+        // ends by it, as it would have without the prompt (a shell running
+        // a script then stops the script too).
         let restore_then_end = SigAction::new(
-            SigHandler::Handler(restore_settings_and_exit),
-            SaFlags::empty(),
+            SigHandler::Handler(restore_settings_and_end),
+            SaFlags::SA_RESETHAND | SaFlags::SA_NODEFER,
             SigSet::empty(),
         );
         for signal in ENDING_SIGNALS {
@@ -114,15 +118,18 @@ impl Drop for EchoOff {
 }
 
 /// Puts the terminal's settings back, ends the line the user was typing and
-/// ends the process with the status a shell reports for `signal`.
-extern "C" fn restore_settings_and_exit(signal: libc::c_int) {
-    // SAFETY: tcsetattr, write and _exit are async-signal-safe; the
+/// ends the process by `signal` (its default action again, see
+/// `SA_RESETHAND`); exits with the status a shell reports for it should
+/// the signal not end the process.
+extern "C" fn restore_settings_and_end(signal: libc::c_int) {
+    // SAFETY: tcsetattr, write, raise and _exit are async-signal-safe; the
     // settings are a plain value, set once before any handler ran.
     unsafe {
         if let Some(before) = SETTINGS_BEFORE.get() {
             libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, before);
         }
         libc::write(libc::STDERR_FILENO, b"\n".as_ptr().cast(), 1);
+        libc::raise(signal);
         libc::_exit(128 + signal);
     }
 }
