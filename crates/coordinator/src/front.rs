@@ -334,12 +334,17 @@ impl Front {
         let (parts, body) = request.into_parts();
         let mut extensions = http::Extensions::new();
         extensions.insert(peer);
-        let checked = self.authorization.check(tonic::Request::from_parts(
-            tonic::metadata::MetadataMap::from_headers(parts.headers),
-            extensions,
-            (),
-        ));
         let work = async {
+            // A password's argon2 check runs off this connection's task, so
+            // its other calls and its pings go on meanwhile.
+            let checked = self
+                .authorization
+                .authorize(tonic::Request::from_parts(
+                    tonic::metadata::MetadataMap::from_headers(parts.headers),
+                    extensions,
+                    (),
+                ))
+                .await;
             match checked {
                 Err(status) => Err(status),
                 Ok(request) => {

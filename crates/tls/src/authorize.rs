@@ -21,6 +21,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use securemesh::v1::data_service_server::{DataService, DataServiceServer};
 use securemesh_credentials::{Credentials, Refusal};
@@ -28,6 +29,12 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 
 use crate::caller_identity;
+use crate::throttle::LogThrottle;
+
+/// The warnings about refused calls, which any holder of a certificate of
+/// the CA can cause at will: one a second of each kind (the audit lines and
+/// the metrics count every call).
+static CALL_REFUSALS: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 
 /// The metadata header that carries the original caller's identity.
 pub const CALLER_HEADER: &str = "x-securemesh-caller";
@@ -113,15 +120,55 @@ impl Authorization {
     }
 
     /// Refuses a peer that may not call; otherwise records the [`Caller`]
-    /// in the request's extensions.
-    pub fn check(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let peer = caller_identity(&request)
+    /// in the request's extensions. A password to check costs an argon2
+    /// verification on this thread (tokio is told that it blocks); an async
+    /// caller uses [`Authorization::authorize`] instead.
+    pub fn check(&self, request: Request<()>) -> Result<Request<()>, Status> {
+        match self.first_pass(&request)? {
+            FirstPass::Admitted(caller) => Ok(with_caller(request, caller)),
+            FirstPass::PasswordToHash(pending) => {
+                let verdict =
+                    hashing_allowed_to_block(|| pending.credentials.verify(pending.header()));
+                let caller = pending.conclude(&request, verdict)?;
+                Ok(with_caller(request, caller))
+            }
+        }
+    }
+
+    /// [`Authorization::check`] for async callers: a password's argon2
+    /// verification runs on tokio's blocking pool, so the task awaiting it
+    /// (the coordinator's connection task, with other calls on it) goes on
+    /// meanwhile.
+    pub async fn authorize(&self, request: Request<()>) -> Result<Request<()>, Status> {
+        match self.first_pass(&request)? {
+            FirstPass::Admitted(caller) => Ok(with_caller(request, caller)),
+            FirstPass::PasswordToHash(pending) => {
+                let credentials = Arc::clone(&pending.credentials);
+                let header = pending.header.clone();
+                let verdict =
+                    tokio::task::spawn_blocking(move || credentials.verify(header.as_deref()))
+                        .await
+                        .map_err(|failed| {
+                            tracing::error!(%failed, "the password check did not finish");
+                            Status::internal("the password check did not finish")
+                        })?;
+                let caller = pending.conclude(&request, verdict)?;
+                Ok(with_caller(request, caller))
+            }
+        }
+    }
+
+    /// Every check that needs no password hashing.
+    fn first_pass(&self, request: &Request<()>) -> Result<FirstPass, Status> {
+        let peer = caller_identity(request)
             .map(|identity| identity.to_string())
             .ok_or_else(|| Status::unauthenticated("no client certificate identity"))?;
         if let Some(allowed) = &self.allowed {
             if !allowed.contains(&peer) {
-                audit_refusal(&request, &peer, "PERMISSION_DENIED");
-                tracing::warn!(%peer, "call refused: identity not allowed");
+                audit_refusal(request, &peer, "PERMISSION_DENIED");
+                if let Some(held_back) = CALL_REFUSALS.admit("identity_not_allowed") {
+                    tracing::warn!(%peer, held_back, "call refused: identity not allowed");
+                }
                 return Err(Status::permission_denied(format!(
                     "identity {peer} is not allowed to call this service"
                 )));
@@ -137,7 +184,9 @@ impl Authorization {
             Some(claimed) => {
                 // Debug-quoted: the value is the caller's, and must not
                 // pass for fields of the log line.
-                tracing::warn!(%peer, ?claimed, "ignoring a caller header from a peer that is not a forwarder");
+                if let Some(held_back) = CALL_REFUSALS.admit("caller_header_ignored") {
+                    tracing::warn!(%peer, ?claimed, held_back, "ignoring a caller header from a peer that is not a forwarder");
+                }
                 None
             }
             None => None,
@@ -145,45 +194,94 @@ impl Authorization {
         // A trusted forwarder (the coordinator) has checked its caller's
         // credentials already and does not pass them on.
         let forwarded = on_behalf_of.is_some() || self.forwarders.contains(&peer);
-        let user = match &self.credentials {
-            None => None,
-            Some(_) if forwarded => None,
-            Some(shared) => {
-                let credentials = shared
-                    .read()
-                    .unwrap_or_else(|poison| poison.into_inner())
-                    .clone();
-                let header = request
-                    .metadata()
-                    .get("authorization")
-                    .and_then(|value| value.to_str().ok());
-                let verdict = credentials
-                    .verify_without_hashing(header)
-                    .unwrap_or_else(|| hashing_allowed_to_block(|| credentials.verify(header)));
-                match verdict {
-                    Ok(user) => Some(user),
-                    // Too many password checks at once is no verdict on
-                    // these credentials: the caller may try again.
-                    Err(refusal @ Refusal::Busy) => {
-                        audit_refusal(&request, &peer, "RESOURCE_EXHAUSTED");
-                        tracing::warn!(%peer, %refusal, "call refused: credentials");
-                        return Err(Status::resource_exhausted(refusal.to_string()));
-                    }
-                    Err(refusal) => {
-                        audit_refusal(&request, &peer, "UNAUTHENTICATED");
-                        tracing::warn!(%peer, %refusal, "call refused: credentials");
-                        return Err(Status::unauthenticated(refusal.to_string()));
-                    }
-                }
+        let credentials = match &self.credentials {
+            Some(shared) if !forwarded => shared
+                .read()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .clone(),
+            _ => {
+                return Ok(FirstPass::Admitted(Caller {
+                    peer,
+                    on_behalf_of,
+                    user: None,
+                }))
             }
         };
-        request.extensions_mut().insert(Caller {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let pending = PendingPassword {
             peer,
             on_behalf_of,
-            user,
-        });
-        Ok(request)
+            credentials,
+            header,
+        };
+        match pending.credentials.verify_without_hashing(pending.header()) {
+            Some(verdict) => Ok(FirstPass::Admitted(pending.conclude(request, verdict)?)),
+            None => Ok(FirstPass::PasswordToHash(pending)),
+        }
     }
+}
+
+/// What [`Authorization::first_pass`] found.
+enum FirstPass {
+    /// The caller may call.
+    Admitted(Caller),
+    /// Only an argon2 verification of a password can tell.
+    PasswordToHash(PendingPassword),
+}
+
+/// A call whose credentials are still to be checked.
+struct PendingPassword {
+    peer: String,
+    on_behalf_of: Option<String>,
+    credentials: Arc<Credentials>,
+    header: Option<String>,
+}
+
+impl PendingPassword {
+    fn header(&self) -> Option<&str> {
+        self.header.as_deref()
+    }
+
+    /// The caller, or the refusal, once `verdict` on its credentials is in.
+    fn conclude(
+        self,
+        request: &Request<()>,
+        verdict: Result<String, Refusal>,
+    ) -> Result<Caller, Status> {
+        let peer = self.peer;
+        match verdict {
+            Ok(user) => Ok(Caller {
+                peer,
+                on_behalf_of: self.on_behalf_of,
+                user: Some(user),
+            }),
+            // Too many password checks at once is no verdict on these
+            // credentials: the caller may try again.
+            Err(refusal @ Refusal::Busy) => {
+                audit_refusal(request, &peer, "RESOURCE_EXHAUSTED");
+                if let Some(held_back) = CALL_REFUSALS.admit("credentials_busy") {
+                    tracing::warn!(%peer, %refusal, held_back, "call refused: credentials");
+                }
+                Err(Status::resource_exhausted(refusal.to_string()))
+            }
+            Err(refusal) => {
+                audit_refusal(request, &peer, "UNAUTHENTICATED");
+                if let Some(held_back) = CALL_REFUSALS.admit("credentials_refused") {
+                    tracing::warn!(%peer, %refusal, held_back, "call refused: credentials");
+                }
+                Err(Status::unauthenticated(refusal.to_string()))
+            }
+        }
+    }
+}
+
+fn with_caller(mut request: Request<()>, caller: Caller) -> Request<()> {
+    request.extensions_mut().insert(caller);
+    request
 }
 
 /// Runs `verify` (argon2) telling tokio that this thread blocks, so that
@@ -223,7 +321,8 @@ impl tonic::service::Interceptor for Authorization {
 
 /// A DataService as securemesh serves it: `handler` behind `authorization`,
 /// with decoded messages limited to `max_message_bytes` (larger ones get
-/// `OUT_OF_RANGE`).
+/// `OUT_OF_RANGE`). tonic's router runs the interceptor in each call's own
+/// task, so a password being hashed holds up that call alone.
 pub fn authorized_data_service<H: DataService>(
     handler: H,
     authorization: Authorization,
