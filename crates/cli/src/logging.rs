@@ -1,47 +1,68 @@
 //! Log output: `tracing` events to standard error and, with `--log-file`,
 //! to a file as well (optionally a new file each day), as text or as one
 //! JSON object a line. Filtered by `RUST_LOG` (default `info`).
+//!
+//! Both are written by threads of their own, so that a slow disk or a
+//! standard error nobody reads (a full pipe) never stops the service. They
+//! differ when they cannot keep up: the file is the audit trail, so a
+//! line for it waits for room rather than being lost; a line for standard
+//! error is dropped, and how many were is logged (to the file) on the way
+//! out.
 
 use std::io::IsTerminal as _;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::args::{LogArgs, LogFormat, LogRotation};
 
-/// The log file's writer thread, until [`finish`] flushes and ends it.
-static FILE_WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+/// How many lines may wait for a slow standard error before new ones are
+/// dropped.
+const STDERR_BACKLOG_LINES: usize = 16_384;
+
+/// The writer threads (the log file's first), until [`finish`] flushes and
+/// ends them.
+static WRITERS: Mutex<Vec<WorkerGuard>> = Mutex::new(Vec::new());
+
+/// The lines standard error could not take.
+static STDERR_DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
 /// Installs the global subscriber, logging at `default` (`info`, `warn`,
 /// ...) unless `RUST_LOG` says otherwise. Call [`finish`] before the
-/// process exits, or the last lines may not reach the log file.
+/// process exits, or the last lines may be lost.
 pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<()> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let terminal = format_layer(
-        args.log_format,
-        std::io::stderr,
-        std::io::stderr().is_terminal(),
-    )
-    .with_filter(filter());
-
-    let (file, guard) = match &args.log_file {
+    let mut guards = Vec::new();
+    let file = match &args.log_file {
         Some(path) => {
-            let (writer, guard) =
-                tracing_appender::non_blocking(appender(path, args.log_rotation)?);
-            let layer = format_layer(args.log_format, writer, false).with_filter(filter());
-            (Some(layer), Some(guard))
+            let (writer, guard) = NonBlockingBuilder::default()
+                .lossy(false)
+                .thread_name("securemesh-log-file")
+                .finish(appender(path, args.log_rotation)?);
+            guards.push(guard);
+            Some(format_layer(args.log_format, writer, false).with_filter(filter()))
         }
-        None => (None, None),
+        None => None,
     };
+    let (stderr, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(STDERR_BACKLOG_LINES)
+        .thread_name("securemesh-log-stderr")
+        .finish(std::io::stderr());
+    guards.push(guard);
+    let dropped = stderr.error_counter();
+    let terminal = format_layer(args.log_format, stderr, std::io::stderr().is_terminal())
+        .with_filter(filter());
     tracing_subscriber::registry()
         .with(terminal)
         .with(file)
         .try_init()?;
-    *FILE_WRITER.lock().unwrap_or_else(PoisonError::into_inner) = guard;
+    let _ = STDERR_DROPPED.set(dropped);
+    *WRITERS.lock().unwrap_or_else(PoisonError::into_inner) = guards;
     Ok(())
 }
 
@@ -54,15 +75,19 @@ impl Drop for FinishOnDrop {
     }
 }
 
-/// Writes out what is still buffered for the log file (waiting a moment at
-/// most) and stops its writer. Events logged afterwards reach standard
-/// error only.
+/// Says how many lines standard error dropped, if any, then writes out
+/// what is still buffered (waiting a moment at most for each writer) and
+/// stops the writers. Events logged afterwards are lost.
 pub fn finish() {
-    let writer = FILE_WRITER
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take();
-    drop(writer);
+    let dropped = STDERR_DROPPED.get().map_or(0, ErrorCounter::dropped_lines);
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "log lines for standard error were dropped: it was not read fast enough"
+        );
+    }
+    let writers = std::mem::take(&mut *WRITERS.lock().unwrap_or_else(PoisonError::into_inner));
+    drop(writers);
 }
 
 fn format_layer<S, W>(format: LogFormat, writer: W, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>

@@ -19,7 +19,7 @@ fn main() -> std::process::ExitCode {
         );
         return std::process::ExitCode::FAILURE;
     }
-    // Flushes the log file at the end, a panic's unwinding included.
+    // Writes out the logs at the end, a panic's unwinding included.
     let _flush_log = logging::FinishOnDrop;
     run(cli)
 }
@@ -40,6 +40,8 @@ fn run(cli: args::Cli) -> std::process::ExitCode {
     match runtime.block_on(commands::run(cli.command)) {
         Ok(code) => code,
         Err(error) => {
+            // The log lines that led here come out first.
+            logging::finish();
             eprintln!("securemesh: {}", errors::describe(&error));
             std::process::ExitCode::FAILURE
         }

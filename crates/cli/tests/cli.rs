@@ -1188,6 +1188,63 @@ fn audit_lines(path: &Path, request_id: &str) -> Vec<serde_json::Value> {
 }
 
 #[test]
+fn a_standard_error_nobody_reads_neither_stops_a_server_nor_costs_the_log_file_a_line() {
+    const CALLS: usize = 300;
+    let mesh = Mesh::start();
+    let work = mesh.work.path();
+    let port = free_port();
+    // Standard error is a pipe that this test never reads: it is full
+    // after 64 KiB, a few calls' worth of trace lines, and the backlog
+    // after it is full well before the last call.
+    let mut server = Command::new(BINARY)
+        .args([
+            "server",
+            &port.to_string(),
+            "--allow",
+            "spiffe://securemesh/client/client",
+            "--log-file",
+            "logs/unread.txt",
+            "--log-format",
+            "json",
+        ])
+        .current_dir(work)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    mesh.wait_serving(port);
+    let target = format!("https://127.0.0.1:{port}");
+    let calls = securemesh(
+        &[
+            "client",
+            "--target",
+            &target,
+            "--requests",
+            &CALLS.to_string(),
+            "--concurrency",
+            "4",
+        ],
+        work,
+    );
+    assert!(calls.status.success(), "{}", text(&calls));
+    common::signal(&server, nix::sys::signal::Signal::SIGTERM);
+    assert!(common::wait_exit(&mut server).success());
+    let log = std::fs::read_to_string(work.join("logs/unread.txt")).unwrap();
+    let answered = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "audit" && line["status"] == "OK")
+        .count();
+    assert_eq!(answered, CALLS);
+    assert!(
+        common::has_line_with(&log, &["log lines for standard error were dropped"]),
+        "{}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+}
+
+#[test]
 fn json_log_files_follow_one_call_across_processes_by_request_id() {
     let mesh = Mesh::start();
     let work = mesh.work.path();
