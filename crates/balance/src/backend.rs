@@ -187,7 +187,8 @@ impl BackendState {
     /// carry no such memory: idle backends tie and are picked at random,
     /// and a slow backend is avoided as its calls pile up. A hedged attempt
     /// marks its backend slow until it ends, so that the hedge (and every
-    /// call meanwhile) goes to a backend without one whenever p2c sees one.
+    /// call meanwhile) goes to a backend without one whenever p2c sees one;
+    /// so does an attempt that failed, until its call's retries end.
     pub fn load(&self) -> u64 {
         const SLOW_WEIGHT: u64 = 1 << 32;
         self.in_flight().saturating_add(
@@ -399,8 +400,16 @@ impl tower::load::Load for Backend {
 }
 
 /// An attempt marked slow (see [`BackendState::load`]), unmarked on drop.
+/// A clone is a mark of its own.
+#[derive(Debug)]
 pub(crate) struct SlowAttempt {
     state: Arc<BackendState>,
+}
+
+impl Clone for SlowAttempt {
+    fn clone(&self) -> Self {
+        self.state.slow_attempt()
+    }
 }
 
 impl Drop for SlowAttempt {

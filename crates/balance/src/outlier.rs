@@ -19,7 +19,8 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EjectionPolicy {
     /// Failed calls in a row that eject a backend. 1 ejects at the first
-    /// failure, which also guarantees that a retry goes to another backend.
+    /// failure. (A call's retries avoid the backends it failed on either
+    /// way.)
     pub consecutive_failures: u32,
     /// The first ejection lasts this long; the n-th in a row n times as long.
     pub base_time: Duration,

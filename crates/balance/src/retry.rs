@@ -5,8 +5,12 @@
 //! the application such as `INVALID_ARGUMENT` go back to the caller as they
 //! are. Retries are bounded per call and by a [`TpsBudget`] shared by all
 //! calls, so that a full outage does not multiply load. The retry goes back
-//! through the balancer, which no longer offers the backend that just failed
-//! (it was ejected by the failure, unless it is the last one).
+//! through the balancer, which avoids the backends that failed this call:
+//! until the call ends, each is marked slow (see
+//! [`BackendState::load`](crate::backend::BackendState::load)), so the
+//! balancer picks one only when every other it compares is marked too. With
+//! the default ejection policy the failure also ejects the backend, unless
+//! it is the last one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +20,7 @@ use securemesh_telemetry::metrics;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::BoxError;
 
-use crate::backend::is_backend_failure;
+use crate::backend::{is_backend_failure, SlowAttempt};
 use crate::Attempt;
 
 /// A retry policy for `Submit`, cloned for every call.
@@ -26,6 +30,8 @@ pub struct RetryPolicy {
     retries_left: usize,
     max_attempts: u32,
     deposited: bool,
+    /// The backends this call failed on, avoided by its retries.
+    failed_on: Vec<SlowAttempt>,
 }
 
 impl RetryPolicy {
@@ -38,6 +44,7 @@ impl RetryPolicy {
             retries_left: max_retries,
             max_attempts: max_attempts(max_retries),
             deposited: false,
+            failed_on: Vec::new(),
         }
     }
 }
@@ -86,14 +93,12 @@ impl tower::retry::Policy<Attempt, SubmitReply, BoxError> for RetryPolicy {
             return None;
         }
         metrics().retry_budget_exhausted.set(0);
-        let failed_on = request
-            .trace
-            .last_endpoint()
-            .unwrap_or_else(|| "none".to_owned());
-        metrics()
-            .backend_retries
-            .with_label_values(&[failed_on.as_str()])
-            .inc();
+        let failed_on = request.trace.last_backend();
+        let url = failed_on.as_ref().map_or("none", |backend| backend.url());
+        metrics().backend_retries.with_label_values(&[url]).inc();
+        if let Some(backend) = &failed_on {
+            self.failed_on.push(backend.slow_attempt());
+        }
         self.retries_left -= 1;
         Some(std::future::ready(()))
     }

@@ -664,6 +664,55 @@ async fn handshakes_without_a_valid_client_certificate_are_refused() {
     assert_eq!(client.submit(b"welcome").await.unwrap().result, "ok");
 }
 
+/// A backend whose every call fails as `UNAVAILABLE` (its health checks
+/// pass).
+struct AlwaysUnavailable;
+
+#[tonic::async_trait]
+impl DataService for AlwaysUnavailable {
+    async fn submit(
+        &self,
+        _request: tonic::Request<SubmitRequest>,
+    ) -> Result<tonic::Response<SubmitReply>, tonic::Status> {
+        Err(tonic::Status::unavailable("always failing"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_avoids_the_backend_its_call_failed_on_even_when_it_is_not_ejected() {
+    let material = Material::new();
+    let good = TestServer::start(&material, any_port());
+    let failing = TestServer::start_with(&material, any_port(), |_| AlwaysUnavailable);
+    let client_tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
+    let mut backends = BackendOptions::new(client_tls);
+    // Failures never eject the failing backend: only avoiding it keeps a
+    // call's one retry from going back to it.
+    backends.ejection.consecutive_failures = u32::MAX;
+    let balance = BalanceOptions {
+        max_retries: 1,
+        ..BalanceOptions::default()
+    };
+    let coordinator = Coordinator::new(backends, balance, Duration::from_secs(10));
+    for url in [good.url(), failing.url()] {
+        coordinator.pool().add(&url).unwrap();
+    }
+    let coordinator = TestCoordinator::serve(
+        &material,
+        coordinator,
+        Authorization::any_identity(),
+        ServeOptions::default(),
+    )
+    .await;
+    ready(&material, &coordinator.url).await;
+    let client = material.client(&coordinator.url, "client");
+    // About half the calls try the failing backend first: were a retry as
+    // likely to go back to it, one in four calls would fail.
+    for call in 0..40 {
+        let reply = client.submit(b"retried").await;
+        assert_eq!(reply.unwrap().server_id, good.id(), "call {call}");
+    }
+}
+
 /// A backend that answers only after `delay`, and records the
 /// `grpc-timeout` of every call it receives.
 #[derive(Clone)]
