@@ -99,9 +99,11 @@ impl CallTrace {
 pub struct BalanceOptions {
     /// Retries per call after the first attempt.
     pub max_retries: usize,
-    /// Retries always allowed per second, whatever the traffic.
+    /// Retries always allowed per second, whatever the traffic (below
+    /// `i32::MAX`; more counts as that).
     pub min_retries_per_sec: u32,
-    /// Beyond that floor, retries as a share of calls (over ten seconds).
+    /// Beyond that floor, retries as a share of calls (over ten seconds),
+    /// from 0 to 1000; outside that, the nearest end (NaN counts as 0).
     pub retry_ratio: f32,
     /// Calls that may wait for the balancer at once.
     pub queue_capacity: usize,

@@ -60,11 +60,19 @@ pub fn max_attempts(max_retries: usize) -> u32 {
 
 /// A budget that allows `retry_ratio` of calls over ten seconds to be
 /// repeated (retried or hedged), beyond a floor of `min_retries_per_sec`.
-/// Every call pays into it once.
+/// Every call pays into it once. What tower's budget cannot take is
+/// clamped rather than panicking: a ratio to 0..=1000 (NaN counts as 0),
+/// the floor to below `i32::MAX`.
 pub fn budget(min_retries_per_sec: u32, retry_ratio: f32) -> Arc<TpsBudget> {
+    const MOST_RETRIES_PER_SEC: u32 = i32::MAX as u32 - 1;
+    let retry_ratio = if retry_ratio.is_nan() {
+        0.0
+    } else {
+        retry_ratio.clamp(0.0, 1000.0)
+    };
     Arc::new(TpsBudget::new(
         Duration::from_secs(10),
-        min_retries_per_sec,
+        min_retries_per_sec.min(MOST_RETRIES_PER_SEC),
         retry_ratio,
     ))
 }
@@ -189,6 +197,21 @@ mod tests {
             tonic::metadata::MetadataValue::from_static("100"),
         );
         assert!(policy.retry(&mut attempt(), &mut failed(later)).is_some());
+    }
+
+    #[test]
+    fn a_budget_out_of_range_is_clamped_not_a_panic() {
+        for ratio in [f32::NAN, -1.0, f32::NEG_INFINITY] {
+            let budget = budget(0, ratio);
+            budget.deposit();
+            assert!(!budget.withdraw(), "{ratio}");
+        }
+        for ratio in [5000.0, f32::INFINITY] {
+            let budget = budget(0, ratio);
+            budget.deposit();
+            assert!(budget.withdraw(), "{ratio}");
+        }
+        assert!(budget(u32::MAX, 0.2).withdraw());
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! The caller's deadline, from the `grpc-timeout` header.
 //!
-//! tonic's server enforces `grpc-timeout` around every handler but answers
-//! `CANCELLED` when it expires; the coordinator aims a little earlier so
-//! that the caller gets the `DEADLINE_EXCEEDED` the gRPC specification
-//! asks for.
+//! The coordinator aims a little before the caller's own deadline, so that
+//! the caller gets the coordinator's `DEADLINE_EXCEEDED` (the status the
+//! gRPC specification asks for) rather than a call its own timer cut short,
+//! and so that no attempt runs on for an answer nobody waits for.
 
 use std::time::Duration;
 
@@ -12,18 +12,18 @@ use tokio::time::Instant;
 /// Parses a `grpc-timeout` value: at most eight digits and a unit
 /// (`H`, `M`, `S`, `m`, `u`, `n`).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    let (&unit, digits) = value.as_bytes().split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let amount: u64 = digits.parse().ok()?;
+    let amount: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
+        b'H' => Duration::from_secs(amount * 3600),
+        b'M' => Duration::from_secs(amount * 60),
+        b'S' => Duration::from_secs(amount),
+        b'm' => Duration::from_millis(amount),
+        b'u' => Duration::from_micros(amount),
+        b'n' => Duration::from_nanos(amount),
         _ => return None,
     })
 }
@@ -50,7 +50,8 @@ mod tests {
         assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
         assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
         assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
-        for bad in ["", "m", "5", "5x", "123456789S", "-5S", "1.5S"] {
+        // The last two end in a character of more than one byte.
+        for bad in ["", "m", "5", "5x", "123456789S", "-5S", "1.5S", "5é", "é"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }
