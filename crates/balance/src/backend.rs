@@ -198,6 +198,11 @@ impl BackendState {
         )
     }
 
+    /// Counts a retry of an attempt that failed here.
+    pub(crate) fn count_retry(&self) {
+        self.series.retries.inc();
+    }
+
     /// Marks an attempt in flight here as slow until the mark is dropped.
     pub(crate) fn slow_attempt(self: &Arc<Self>) -> SlowAttempt {
         self.slow_attempts.fetch_add(1, Ordering::Relaxed);

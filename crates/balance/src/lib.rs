@@ -23,6 +23,7 @@
 //!    ([`outlier`]), or failing its active [`health`] checks.
 
 pub mod backend;
+pub mod changes;
 pub mod channel;
 pub mod fail_fast;
 pub mod health;

@@ -7,18 +7,16 @@
 //! [`BackendPool::remove`] calls, and the balancer follows without a restart.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use securemesh_tls::ClientTls;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tower::discover::Change;
 
 use crate::backend::{Backend, BackendState, Rotation};
+use crate::changes::ChangeSender;
+pub use crate::changes::Discovery;
 use crate::channel::{ChannelError, ChannelOptions, Http2Channel};
 use crate::lock;
 use crate::outlier::EjectionPolicy;
@@ -26,12 +24,6 @@ use crate::outlier::EjectionPolicy;
 /// A backend as the balancer holds it: its service, weighed by its
 /// attempts in flight (see [`BackendState::load`]).
 pub type BalancedBackend = Backend;
-
-/// The discovery stream a pool feeds and the balancer reads.
-pub type Discovery = futures_util::stream::Map<
-    UnboundedReceiverStream<Change<String, BalancedBackend>>,
-    fn(Change<String, BalancedBackend>) -> Result<Change<String, BalancedBackend>, Infallible>,
->;
 
 /// How the coordinator connects to and watches its backends.
 #[derive(Debug, Clone)]
@@ -123,14 +115,14 @@ pub struct BackendPool {
     /// TLS for new backend connections; replaced on reload.
     tls: Mutex<ClientTls>,
     rotation: Arc<Rotation>,
-    changes: mpsc::UnboundedSender<Change<String, BalancedBackend>>,
+    changes: ChangeSender,
     members: Mutex<BTreeMap<String, Member>>,
 }
 
 impl BackendPool {
     /// A pool with no backends, and the discovery stream for its balancer.
     pub fn new(options: BackendOptions) -> (Arc<Self>, Discovery) {
-        let (changes, receiver) = mpsc::unbounded_channel();
+        let (changes, discovery) = crate::changes::channel();
         let pool = Arc::new(Self {
             tls: Mutex::new(options.tls.clone()),
             options,
@@ -138,8 +130,6 @@ impl BackendPool {
             changes,
             members: Mutex::default(),
         });
-        let discovery = UnboundedReceiverStream::new(receiver)
-            .map(Ok as fn(Change<String, BalancedBackend>) -> Result<_, Infallible>);
         (pool, discovery)
     }
 
@@ -189,9 +179,9 @@ impl BackendPool {
             },
         )?;
         let backend = Backend::new(state.clone(), channel.clone(), self.options.attempt_timeout);
-        self.changes
-            .send(Change::Insert(url.to_owned(), backend))
-            .map_err(|_| PoolError::BalancerGone)?;
+        if !self.changes.send(Change::Insert(url.to_owned(), backend)) {
+            return Err(PoolError::BalancerGone);
+        }
         let prober = if self.options.health_checks {
             tokio::spawn(crate::health::probe(
                 state.clone(),
@@ -229,7 +219,7 @@ impl BackendPool {
         // changes (at the next call): meanwhile an idle coordinator would
         // keep the connection open and pinged.
         member.channel.close();
-        let _ = self.changes.send(Change::Remove(url.to_owned()));
+        self.changes.send(Change::Remove(url.to_owned()));
     }
 
     /// Connects to every backend again with `tls` (a renewed certificate,
@@ -242,10 +232,9 @@ impl BackendPool {
         *lock(&self.tls) = tls;
         let mut members = self.members();
         for (url, member) in members.iter_mut() {
-            // The old service leaves the balancer with the new one's
-            // arrival (both changes are read together), and its
-            // connection goes once its calls in flight end.
-            let _ = self.changes.send(Change::Remove(url.clone()));
+            // The new service replaces the old one in the balancer once
+            // ready, and the old connection goes once its calls in flight
+            // end.
             let (prober, channel) = self.publish(url, &member.state)?;
             std::mem::replace(&mut member.prober, prober).abort();
             std::mem::replace(&mut member.channel, channel).close();
@@ -324,6 +313,52 @@ mod tests {
         assert!(urls(&pool).is_empty());
         pool.remove(url);
         assert!(urls(&pool).is_empty(), "removing an unknown URL is a no-op");
+    }
+
+    #[tokio::test]
+    async fn an_idle_balancer_is_owed_one_change_per_backend_however_often_they_come_and_go() {
+        use futures_util::FutureExt as _;
+        use futures_util::StreamExt as _;
+        let (_dir, tls) = crate::testing::coordinator_tls();
+        let mut options = BackendOptions::new(tls);
+        options.health_checks = false;
+        let (pool, mut discovery) = BackendPool::new(options);
+        let (restarting, gone, staying) = (
+            "https://127.0.0.1:9",
+            "https://127.0.0.1:10",
+            "https://127.0.0.1:11",
+        );
+        pool.add(gone).unwrap();
+        pool.add(staying).unwrap();
+        for _ in 0..1000 {
+            pool.add(restarting).unwrap();
+            pool.remove(restarting);
+        }
+        pool.add(restarting).unwrap();
+        pool.remove(gone);
+        let mut owed = Vec::new();
+        while let Some(Some(Ok(change))) = discovery.next().now_or_never() {
+            owed.push(match change {
+                Change::Insert(url, _) => format!("+{url}"),
+                Change::Remove(url) => format!("-{url}"),
+            });
+        }
+        owed.sort();
+        assert_eq!(
+            owed,
+            [
+                format!("+{staying}"),
+                format!("+{restarting}"),
+                format!("-{gone}")
+            ]
+        );
+        // Read now, a change is read at once; once the pool is gone, the
+        // stream ends.
+        pool.remove(staying);
+        let next = discovery.next().now_or_never().flatten();
+        assert!(matches!(next, Some(Ok(Change::Remove(url))) if url == staying));
+        drop(pool);
+        assert!(discovery.next().now_or_never().unwrap().is_none());
     }
 
     #[tokio::test]

@@ -101,11 +101,12 @@ impl tower::retry::Policy<Attempt, SubmitReply, BoxError> for RetryPolicy {
             return None;
         }
         metrics().retry_budget_exhausted.set(0);
-        let failed_on = request.trace.last_backend();
-        let url = failed_on.as_ref().map_or("none", |backend| backend.url());
-        metrics().backend_retries.with_label_values(&[url]).inc();
-        if let Some(backend) = &failed_on {
-            self.failed_on.push(backend.slow_attempt());
+        match request.trace.last_backend() {
+            Some(backend) => {
+                backend.count_retry();
+                self.failed_on.push(backend.slow_attempt());
+            }
+            None => metrics().backend_retries.with_label_values(&["none"]).inc(),
         }
         self.retries_left -= 1;
         Some(std::future::ready(()))

@@ -11,18 +11,26 @@ use tokio::task::JoinHandle;
 use crate::config::within;
 use crate::{Backoff, DiscoveryError, EtcdConfig, ServerRecord};
 
+/// The most backends a coordinator takes from etcd at once. Beyond them,
+/// registrations wait (logged) for others to leave: whoever may write the
+/// prefix cannot make a coordinator open connections without end.
+pub const MOST_DISCOVERED_BACKENDS: usize = 1024;
+
+/// Why a backend set refused a URL.
+pub type MembershipError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The set of backends discovery feeds. A URL may be inserted by several
 /// keys (and by other sources); it should stay until each removed it.
 pub trait Membership: Send + Sync + 'static {
     /// Starts sending calls to `url`.
-    fn insert(&self, url: &str) -> Result<(), String>;
+    fn insert(&self, url: &str) -> Result<(), MembershipError>;
     /// Stops sending new calls to `url`.
     fn remove(&self, url: &str);
 }
 
 impl Membership for securemesh_balance::BackendPool {
-    fn insert(&self, url: &str) -> Result<(), String> {
-        self.add(url).map_err(|error| error.to_string())
+    fn insert(&self, url: &str) -> Result<(), MembershipError> {
+        Ok(self.add(url)?)
     }
 
     fn remove(&self, url: &str) {
@@ -35,7 +43,10 @@ impl Membership for securemesh_balance::BackendPool {
 /// servers) and the prefix is read again, with backoff, until it answers.
 pub fn follow(config: EtcdConfig, members: Arc<dyn Membership>) -> Follower {
     Follower {
-        task: tokio::spawn(follow_forever(config, Registrations::new(members))),
+        task: tokio::spawn(follow_forever(
+            config,
+            Registrations::new(members, MOST_DISCOVERED_BACKENDS),
+        )),
     }
 }
 
@@ -126,38 +137,63 @@ async fn sync_and_watch(
 
 /// The registrations seen so far, by key, and the backend set they feed.
 struct Registrations {
+    /// The registrations whose backend is in the set: key → URL.
     by_key: BTreeMap<String, String>,
+    /// Registrations beyond `limit`, waiting for room.
+    waiting: BTreeMap<String, ServerRecord>,
+    /// The most registrations in the set at once.
+    limit: usize,
     members: Arc<dyn Membership>,
     /// Whether the prefix was read at least once.
     read_once: bool,
 }
 
 impl Registrations {
-    fn new(members: Arc<dyn Membership>) -> Self {
+    fn new(members: Arc<dyn Membership>, limit: usize) -> Self {
         Self {
             by_key: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            limit,
             members,
             read_once: false,
         }
     }
 
     /// A key was written: its backend joins (replacing the one it named
-    /// before, if any). A value that is not a [`ServerRecord`] is ignored
-    /// and logged.
+    /// before, if any), or waits if the set is full. A value that is not a
+    /// [`ServerRecord`] is ignored and logged.
     fn put(&mut self, key: &str, value: &[u8]) {
-        let record = match serde_json::from_slice::<ServerRecord>(value) {
-            Ok(record) => record,
+        match serde_json::from_slice::<ServerRecord>(value) {
+            Ok(record) => self.admit(key, record),
             Err(error) => {
                 tracing::warn!(%key, %error, "ignoring a registration that is not a server record");
                 self.delete(key);
-                return;
             }
-        };
+        }
+    }
+
+    fn admit(&mut self, key: &str, record: ServerRecord) {
         match self.by_key.get(key) {
             Some(url) if *url == record.url => return,
-            Some(_) => self.delete(key),
+            Some(_) => {
+                self.forget(key);
+            }
             None => {}
         }
+        if self.by_key.len() >= self.limit {
+            let url = record.url.clone();
+            if self.waiting.insert(key.to_owned(), record).is_none() {
+                tracing::warn!(
+                    %key,
+                    %url,
+                    limit = self.limit,
+                    waiting = self.waiting.len(),
+                    "too many backends registered in etcd: this one waits until another leaves"
+                );
+            }
+            return;
+        }
+        self.waiting.remove(key);
         match self.members.insert(&record.url) {
             Ok(()) => {
                 tracing::info!(%key, url = %record.url, server_id = %record.server_id, "backend registered in etcd");
@@ -169,12 +205,28 @@ impl Registrations {
         }
     }
 
-    /// A key was deleted (by its server, or when its lease expired).
+    /// A key was deleted (by its server, or when its lease expired): its
+    /// backend leaves, and a waiting registration may take its place.
     fn delete(&mut self, key: &str) {
-        if let Some(url) = self.by_key.remove(key) {
-            tracing::info!(%key, %url, "backend deregistered from etcd");
-            self.members.remove(&url);
+        self.waiting.remove(key);
+        if self.forget(key) {
+            while self.by_key.len() < self.limit {
+                let Some((key, record)) = self.waiting.pop_first() else {
+                    break;
+                };
+                self.admit(&key, record);
+            }
         }
+    }
+
+    /// Takes `key`'s backend out of the set; whether it was in.
+    fn forget(&mut self, key: &str) -> bool {
+        let Some(url) = self.by_key.remove(key) else {
+            return false;
+        };
+        tracing::info!(%key, %url, "backend deregistered from etcd");
+        self.members.remove(&url);
+        true
     }
 
     /// After a (re)read of the whole prefix: keys that vanished meanwhile
@@ -182,6 +234,7 @@ impl Registrations {
     fn replace_all<'a>(&mut self, listing: impl Iterator<Item = (String, &'a [u8])>) {
         let listing: BTreeMap<String, &[u8]> = listing.collect();
         self.read_once = true;
+        self.waiting.retain(|key, _| listing.contains_key(key));
         let gone: Vec<String> = self
             .by_key
             .keys()
@@ -207,7 +260,7 @@ mod tests {
     struct Recorded(Mutex<Vec<String>>);
 
     impl Membership for Recorded {
-        fn insert(&self, url: &str) -> Result<(), String> {
+        fn insert(&self, url: &str) -> Result<(), MembershipError> {
             if url.starts_with("bad") {
                 return Err("not a URL".into());
             }
@@ -230,7 +283,7 @@ mod tests {
 
     fn registrations() -> (Arc<Recorded>, Registrations) {
         let recorded = Arc::new(Recorded::default());
-        (recorded.clone(), Registrations::new(recorded))
+        (recorded.clone(), Registrations::new(recorded, 3))
     }
 
     fn taken(recorded: &Recorded) -> Vec<String> {
@@ -271,6 +324,45 @@ mod tests {
             .into_iter(),
         );
         assert_eq!(taken(&recorded), ["-https://a:1", "+https://c:1"]);
+    }
+
+    #[test]
+    fn beyond_the_limit_registrations_wait_for_room() {
+        let (recorded, mut registrations) = registrations();
+        for server in ["a", "b", "c", "d", "e"] {
+            registrations.put(
+                &format!("/p/{server}"),
+                &record(&format!("https://{server}:1")),
+            );
+        }
+        assert_eq!(
+            taken(&recorded),
+            ["+https://a:1", "+https://b:1", "+https://c:1"]
+        );
+        // A waiting registration that changes or leaves is followed too.
+        registrations.put("/p/d", &record("https://d:2"));
+        registrations.delete("/p/e");
+        registrations.delete("/p/b");
+        assert_eq!(taken(&recorded), ["-https://b:1", "+https://d:2"]);
+        registrations.delete("/p/a");
+        assert_eq!(taken(&recorded), ["-https://a:1"]);
+        // A resync finds room for what waits, and forgets what is gone.
+        registrations.put("/p/e", &record("https://e:1"));
+        registrations.put("/p/f", &record("https://f:1"));
+        assert_eq!(taken(&recorded), ["+https://e:1"]);
+        let (c, f) = (record("https://c:1"), record("https://f:1"));
+        registrations.replace_all(
+            [
+                ("/p/c".to_owned(), c.as_slice()),
+                ("/p/f".to_owned(), f.as_slice()),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(
+            taken(&recorded),
+            ["-https://d:2", "+https://f:1", "-https://e:1"]
+        );
+        assert!(registrations.waiting.is_empty());
     }
 
     #[test]

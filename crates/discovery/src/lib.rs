@@ -17,7 +17,7 @@ mod follow;
 mod register;
 
 pub use config::{EtcdAuth, EtcdConfig, EtcdTls, EtcdUrlError, DEFAULT_PREFIX};
-pub use follow::{follow, Membership};
+pub use follow::{follow, Membership, MembershipError, MOST_DISCOVERED_BACKENDS};
 pub use register::{register, Registration, ServerRecord};
 
 /// What went wrong talking to etcd.

@@ -268,9 +268,6 @@ impl Metrics {
     /// backend joins the pool; returns the handles the backend moves, so
     /// that it needs no label lookup.
     pub fn track_backend(&self, url: &str) -> BackendSeries {
-        // Retries are counted by the endpoint a failed attempt was on,
-        // from the retry policy, which has no backend to hold a handle.
-        let _ = self.backend_retries.with_label_values(&[url]);
         BackendSeries {
             up: self.backend_up.with_label_values(&[url]),
             healthy: self.backend_healthy.with_label_values(&[url]),
@@ -279,10 +276,15 @@ impl Metrics {
             requests: self.backend_requests.with_label_values(&[url]),
             failures: self.backend_failures.with_label_values(&[url]),
             ejections: self.backend_ejections.with_label_values(&[url]),
+            retries: self.backend_retries.with_label_values(&[url]),
         }
     }
 
-    /// Stops exporting a backend's gauges (it left the pool).
+    /// Stops exporting a backend's series (it left the pool), its counters
+    /// too: where backends come and go (servers registering in etcd as
+    /// they restart, on new ports), series of every backend ever seen
+    /// would pile up without end. A backend that joins again starts its
+    /// counters from 0, which `rate()` reads as a reset.
     pub fn forget_backend(&self, url: &str) {
         for gauges in [
             &self.backend_up,
@@ -291,6 +293,14 @@ impl Metrics {
             &self.backend_in_flight,
         ] {
             let _ = gauges.remove_label_values(&[url]);
+        }
+        for counters in [
+            &self.backend_requests,
+            &self.backend_failures,
+            &self.backend_ejections,
+            &self.backend_retries,
+        ] {
+            let _ = counters.remove_label_values(&[url]);
         }
     }
 }
@@ -314,6 +324,8 @@ pub struct BackendSeries {
     pub failures: IntCounter,
     /// `securemesh_backend_ejections_total{backend}`.
     pub ejections: IntCounter,
+    /// `securemesh_backend_retries_total{backend}`.
+    pub retries: IntCounter,
 }
 
 /// The calls a process serves: exported series plus an in-process
@@ -460,6 +472,28 @@ mod tests {
         let recent = stats.recent();
         assert_eq!(recent.calls, 2);
         assert_eq!(recent.failures, 1, "a dropped call is a failure");
+    }
+
+    #[test]
+    fn a_backend_that_left_leaves_no_series_behind() {
+        let url = "https://leaving.test:1";
+        let series = metrics().track_backend(url);
+        series.requests.inc();
+        series.retries.inc();
+        series.up.set(1);
+        let exported = || {
+            metrics()
+                .render()
+                .lines()
+                .filter(|line| line.contains(url))
+                .count()
+        };
+        assert_eq!(exported(), 8, "{}", metrics().render());
+        metrics().forget_backend(url);
+        assert_eq!(exported(), 0, "{}", metrics().render());
+        // Its handles still count, unexported.
+        series.requests.inc();
+        assert_eq!(exported(), 0);
     }
 
     #[test]
