@@ -70,8 +70,12 @@ enum TransportError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Http2(#[from] h2::Error),
-    #[error("{0}")]
-    Other(String),
+    #[error("the endpoint did not negotiate HTTP/2 (ALPN h2)")]
+    NoHttp2,
+    #[error("timed out after {} ms", .0.as_millis())]
+    ConnectTimeout(Duration),
+    #[error("connecting failed: {0}")]
+    ConnectTask(#[from] tokio::task::JoinError),
 }
 
 /// A lazily connected HTTP/2 channel to one endpoint. Cheap to clone;
@@ -109,7 +113,7 @@ struct Inner {
 /// own, so that a caller that stops waiting (its per-try timeout) does not
 /// cancel it for the others: a slow handshake still completes, within the
 /// connect timeout.
-type Attempt = Shared<BoxFuture<'static, Result<SendRequest<Bytes>, String>>>;
+type Attempt = Shared<BoxFuture<'static, Result<SendRequest<Bytes>, Arc<TransportError>>>>;
 
 impl Http2Channel {
     /// A channel to `url` (`https://host[:port]`); nothing is connected yet.
@@ -233,7 +237,7 @@ impl Inner {
                     let task = tokio::spawn(self.clone().establish());
                     let attempt = async move {
                         task.await
-                            .unwrap_or_else(|error| Err(format!("connecting failed: {error}")))
+                            .unwrap_or_else(|failed| Err(Arc::new(TransportError::from(failed))))
                     }
                     .boxed()
                     .shared();
@@ -244,12 +248,12 @@ impl Inner {
         };
         attempt
             .await
-            .map_err(|reason| unavailable("cannot connect", TransportError::Other(reason)))
+            .map_err(|error| unavailable("cannot connect", error))
     }
 
     /// Connects, within the connect timeout, and makes the connection the
     /// channel's; then no attempt is in progress any more.
-    async fn establish(self: Arc<Self>) -> Result<SendRequest<Bytes>, String> {
+    async fn establish(self: Arc<Self>) -> Result<SendRequest<Bytes>, Arc<TransportError>> {
         let connected = tokio::time::timeout(self.options.connect_timeout, self.connect()).await;
         let outcome = match connected {
             Ok(Ok((sender, driver))) => {
@@ -261,11 +265,10 @@ impl Inner {
                 tokio::spawn(drive(driver, Arc::downgrade(&self), generation));
                 Ok(sender)
             }
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!(
-                "timed out after {} ms",
-                self.options.connect_timeout.as_millis()
-            )),
+            Ok(Err(error)) => Err(Arc::new(error)),
+            Err(_) => Err(Arc::new(TransportError::ConnectTimeout(
+                self.options.connect_timeout,
+            ))),
         };
         *lock(&self.connecting) = None;
         outcome
@@ -312,9 +315,7 @@ impl Inner {
         tcp.set_nodelay(true)?;
         let tls = self.tls.connect(self.server_name.clone(), tcp).await?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return Err(TransportError::Other(
-                "the endpoint did not negotiate HTTP/2 (ALPN h2)".into(),
-            ));
+            return Err(TransportError::NoHttp2);
         }
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -488,9 +489,10 @@ fn transport_status(error: h2::Error) -> Status {
     status
 }
 
-fn unavailable(what: &str, error: TransportError) -> Status {
+fn unavailable(what: &str, error: impl Into<Arc<TransportError>>) -> Status {
+    let error = error.into();
     let mut status = Status::unavailable(format!("{what}: {error}"));
-    status.set_source(Arc::new(error));
+    status.set_source(error);
     status
 }
 

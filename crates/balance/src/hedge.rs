@@ -162,7 +162,6 @@ where
     }
 }
 
-/// Whether an attempt failed where another backend might have answered.
 /// Whether `outcome` is a failure the other attempt might not have: a
 /// backend's, or a refusal for want of a backend (while the first attempt
 /// may still be answered).

@@ -593,9 +593,10 @@ fn identity_bytes(files: &securemesh_tls::TlsFiles, crl: Option<&std::path::Path
     bytes
 }
 
-/// On every SIGHUP, runs `reload` (read certificates, CRL and keys again);
-/// if it fails, the process keeps what it had and says why.
-fn reload_on_sighup(reload: impl Fn() -> anyhow::Result<()> + Send + 'static) {
+/// On every SIGHUP, runs `reload` (read certificates, CRL and keys again)
+/// on tokio's blocking pool, since it reads files; if it fails, the process
+/// keeps what it had and says why.
+fn reload_on_sighup(reload: impl Fn() -> anyhow::Result<()> + Send + Sync + 'static) {
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
@@ -603,8 +604,15 @@ fn reload_on_sighup(reload: impl Fn() -> anyhow::Result<()> + Send + 'static) {
             tracing::warn!("cannot listen for SIGHUP: reloading is off");
             return;
         };
+        let reload = Arc::new(reload);
         while hangups.recv().await.is_some() {
-            match reload() {
+            let reloading = reload.clone();
+            let reloaded = tokio::task::spawn_blocking(move || reloading())
+                .await
+                .unwrap_or_else(|failed| {
+                    Err(anyhow::anyhow!("the reload did not finish: {failed}"))
+                });
+            match reloaded {
                 Ok(()) => tracing::info!("reloaded certificates, revocation list and keys"),
                 Err(error) => tracing::warn!(
                     error = %crate::errors::describe(&error),

@@ -26,7 +26,7 @@ use tonic_health::pb::HealthCheckRequest;
 /// Why a submission failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// A target is not a valid URL, or TLS could not be applied to it.
+    /// A target is not a valid URL (or the balancer has stopped).
     #[error(transparent)]
     Target(#[from] securemesh_balance::PoolError),
     /// A readiness check's target is not a valid URL.

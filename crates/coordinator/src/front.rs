@@ -102,13 +102,13 @@ pub async fn serve(
     health
         .set_service_status(DATA_SERVICE_NAME, serving_status(serving_now))
         .await;
-    let following = tokio::spawn(follow_rotation(health.clone(), serving));
     let mut routes = RoutesBuilder::default();
     routes.add_service(securemesh_tls::ending_health(
         health.clone(),
         closing_seen.clone(),
     ));
     securemesh::add_reflection(&mut routes)?;
+    let following = tokio::spawn(follow_rotation(health.clone(), serving));
     let front = Arc::new(Front {
         coordinator,
         authorization,

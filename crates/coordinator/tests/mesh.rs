@@ -1311,8 +1311,8 @@ async fn a_client_cannot_speak_for_another_or_skip_credentials_by_claiming_a_cal
     let warnings = capture_warnings();
     // The last claim dresses up as more fields of the log line.
     let dressed_up = "spiffe://securemesh/client/mallory\" status=OK";
-    // The warning about an ignored claim is let through once a second, so
-    // the claim to look for in the log comes first.
+    // The warning about an ignored claim is let through once a second (per
+    // server), so the claim to look for in the log comes first.
     for claimed in [
         dressed_up,
         "spiffe://securemesh/client/mallory",

@@ -1,8 +1,10 @@
-//! Accepting TLS connections for a tonic server.
+//! Accepting TLS connections, for a tonic server or the coordinator's
+//! HTTP/2 front end.
 //!
 //! tonic's own TLS cannot take a rustls `ServerConfig` of ours, so we accept
 //! TCP connections, run each handshake in its own task with a deadline, and
-//! hand finished TLS streams to `Server::serve_with_incoming_shutdown`. A
+//! hand finished TLS streams on: to `Server::serve_with_incoming_shutdown`,
+//! or to the front end, which serves each connection itself. A
 //! refused or stalled handshake is logged (at most a line a second of each
 //! kind: see [`crate::throttle`]) and dropped; it never stops the accept
 //! loop. At most a set number of connections are open at once;
@@ -51,7 +53,8 @@ use crate::{ReloadableConfig, ServeOptions};
 const READY_QUEUE: usize = 64;
 
 /// A stream of authenticated TLS connections, for
-/// `tonic::transport::Server::serve_with_incoming_shutdown`.
+/// `tonic::transport::Server::serve_with_incoming_shutdown` or any other
+/// consumer of a stream of connections.
 ///
 /// Dropping it (tonic does when the server shuts down) stops the accept loop
 /// and closes the listening socket, so the port is free again at once.
@@ -479,8 +482,9 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// What tonic puts in every request's extensions for a [`Connection`]:
-/// the peer's address, certificates and identity.
+/// What every request's extensions hold for its [`Connection`] (tonic puts
+/// it there; the coordinator's front end does the same): the peer's
+/// address, certificates and identity.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
     tls: <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo,

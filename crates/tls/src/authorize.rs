@@ -31,10 +31,10 @@ use tonic::{Request, Status};
 use crate::caller_identity;
 use crate::throttle::LogThrottle;
 
-/// The warnings about refused calls, which any holder of a certificate of
-/// the CA can cause at will: one a second of each kind (the audit lines and
-/// the metrics count every call).
-static CALL_REFUSALS: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+/// How often a warning about refused calls may be logged. Any holder of a
+/// certificate of the CA can cause them at will: one a second of each kind
+/// (the audit lines and the metrics count every call).
+const REFUSAL_WARNINGS_EVERY: Duration = Duration::from_secs(1);
 
 /// The metadata header that carries the original caller's identity.
 pub const CALLER_HEADER: &str = "x-securemesh-caller";
@@ -67,6 +67,8 @@ pub struct Authorization {
     allowed: Option<BTreeSet<String>>,
     forwarders: BTreeSet<String>,
     credentials: Option<Arc<RwLock<Arc<Credentials>>>>,
+    /// The warnings about refused calls, shared by every clone.
+    refusal_warnings: Arc<LogThrottle>,
 }
 
 impl Authorization {
@@ -76,6 +78,7 @@ impl Authorization {
             allowed: None,
             forwarders: BTreeSet::new(),
             credentials: None,
+            refusal_warnings: Arc::new(LogThrottle::new(REFUSAL_WARNINGS_EVERY)),
         }
     }
 
@@ -85,6 +88,7 @@ impl Authorization {
             allowed: Some(allowed.into_iter().collect()),
             forwarders: BTreeSet::new(),
             credentials: None,
+            refusal_warnings: Arc::new(LogThrottle::new(REFUSAL_WARNINGS_EVERY)),
         }
     }
 
@@ -97,6 +101,7 @@ impl Authorization {
             allowed: Some(allowed),
             forwarders: [COORDINATOR_IDENTITY.to_owned()].into(),
             credentials: None,
+            refusal_warnings: Arc::new(LogThrottle::new(REFUSAL_WARNINGS_EVERY)),
         }
     }
 
@@ -129,7 +134,7 @@ impl Authorization {
             FirstPass::PasswordToHash(pending) => {
                 let verdict =
                     hashing_allowed_to_block(|| pending.credentials.verify(pending.header()));
-                let caller = pending.conclude(&request, verdict)?;
+                let caller = pending.conclude(&request, verdict, &self.refusal_warnings)?;
                 Ok(with_caller(request, caller))
             }
         }
@@ -152,7 +157,7 @@ impl Authorization {
                             tracing::error!(%failed, "the password check did not finish");
                             Status::internal("the password check did not finish")
                         })?;
-                let caller = pending.conclude(&request, verdict)?;
+                let caller = pending.conclude(&request, verdict, &self.refusal_warnings)?;
                 Ok(with_caller(request, caller))
             }
         }
@@ -166,7 +171,7 @@ impl Authorization {
         if let Some(allowed) = &self.allowed {
             if !allowed.contains(&peer) {
                 audit_refusal(request, &peer, "PERMISSION_DENIED");
-                if let Some(held_back) = CALL_REFUSALS.admit("identity_not_allowed") {
+                if let Some(held_back) = self.refusal_warnings.admit("identity_not_allowed") {
                     tracing::warn!(%peer, held_back, "call refused: identity not allowed");
                 }
                 return Err(Status::permission_denied(format!(
@@ -184,7 +189,7 @@ impl Authorization {
             Some(claimed) => {
                 // Debug-quoted: the value is the caller's, and must not
                 // pass for fields of the log line.
-                if let Some(held_back) = CALL_REFUSALS.admit("caller_header_ignored") {
+                if let Some(held_back) = self.refusal_warnings.admit("caller_header_ignored") {
                     tracing::warn!(%peer, ?claimed, held_back, "ignoring a caller header from a peer that is not a forwarder");
                 }
                 None
@@ -219,7 +224,11 @@ impl Authorization {
             header,
         };
         match pending.credentials.verify_without_hashing(pending.header()) {
-            Some(verdict) => Ok(FirstPass::Admitted(pending.conclude(request, verdict)?)),
+            Some(verdict) => Ok(FirstPass::Admitted(pending.conclude(
+                request,
+                verdict,
+                &self.refusal_warnings,
+            )?)),
             None => Ok(FirstPass::PasswordToHash(pending)),
         }
     }
@@ -251,6 +260,7 @@ impl PendingPassword {
         self,
         request: &Request<()>,
         verdict: Result<String, Refusal>,
+        warnings: &LogThrottle,
     ) -> Result<Caller, Status> {
         let peer = self.peer;
         match verdict {
@@ -263,14 +273,14 @@ impl PendingPassword {
             // credentials: the caller may try again.
             Err(refusal @ Refusal::Busy) => {
                 audit_refusal(request, &peer, "RESOURCE_EXHAUSTED");
-                if let Some(held_back) = CALL_REFUSALS.admit("credentials_busy") {
+                if let Some(held_back) = warnings.admit("credentials_busy") {
                     tracing::warn!(%peer, %refusal, held_back, "call refused: credentials");
                 }
                 Err(Status::resource_exhausted(refusal.to_string()))
             }
             Err(refusal) => {
                 audit_refusal(request, &peer, "UNAUTHENTICATED");
-                if let Some(held_back) = CALL_REFUSALS.admit("credentials_refused") {
+                if let Some(held_back) = warnings.admit("credentials_refused") {
                     tracing::warn!(%peer, %refusal, held_back, "call refused: credentials");
                 }
                 Err(Status::unauthenticated(refusal.to_string()))

@@ -3,10 +3,13 @@
 //! Servers and the coordinator accept connections through our own rustls
 //! acceptor ([`TlsIncoming`]) rather than tonic's `ServerTlsConfig`: we need
 //! control over the client verifier (revocation lists, rotation), a handshake
-//! timeout and logging of refused handshakes. Outgoing connections use
-//! tonic's client TLS with our CA and certificate ([`client_tls_config`]).
-//! [`serve_mtls`] runs a service behind the acceptor with health and
-//! reflection. One crypto provider, `ring`, is used throughout.
+//! timeout and logging of refused handshakes. Outgoing connections present
+//! our certificate and trust our CA through [`client_tls_config`] (a rustls
+//! configuration for the balancer's own HTTP/2 channels, and for tonic
+//! endpoints such as readiness checks). [`serve_mtls`] runs a tonic service
+//! behind the acceptor with health and reflection; the coordinator's front
+//! end serves HTTP/2 itself over the same acceptor. One crypto provider,
+//! `ring`, is used throughout.
 
 mod acceptor;
 mod authorize;

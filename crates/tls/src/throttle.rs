@@ -9,12 +9,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// One line per kind per interval.
+#[derive(Debug)]
 pub(crate) struct LogThrottle {
     interval: Duration,
     kinds: Mutex<Vec<(&'static str, Window)>>,
 }
 
 /// The last line of one kind and what was held back since.
+#[derive(Debug)]
 struct Window {
     logged_at: Instant,
     held_back: u64,
