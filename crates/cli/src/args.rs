@@ -745,8 +745,9 @@ pub struct ClientArgs {
     #[arg(long, value_parser = positive_rate)]
     pub rate: Option<f64>,
     /// Load mode: also count answers per time bucket of this width (e.g.
-    /// 100ms), to watch a failover; printed as `timeline` with --json.
-    #[arg(long, value_parser = positive_duration)]
+    /// 100ms, at least 1ms; the first 10,000 buckets), to watch a
+    /// failover; printed as `timeline` with --json.
+    #[arg(long, value_parser = timeline_bucket)]
     pub timeline: Option<Duration>,
     /// Print the load summary as one JSON object.
     #[arg(long)]
@@ -824,6 +825,20 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
         Ok(duration) if !duration.is_zero() => Ok(duration),
         Ok(_) => Err("must be more than zero".to_owned()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// A timeline bucket width: at least the shortest the load generator
+/// keeps apart.
+fn timeline_bucket(text: &str) -> Result<Duration, String> {
+    let shortest = securemesh_client::load::SHORTEST_TIMELINE_BUCKET;
+    match humantime::parse_duration(text) {
+        Ok(width) if width >= shortest => Ok(width),
+        Ok(_) => Err(format!(
+            "must be at least {}",
+            humantime::format_duration(shortest)
+        )),
         Err(error) => Err(error.to_string()),
     }
 }
@@ -1050,7 +1065,7 @@ mod tests {
     }
 
     #[test]
-    fn the_timeline_bucket_is_a_duration_above_zero() {
+    fn the_timeline_bucket_is_a_duration_of_at_least_a_millisecond() {
         let timeline = |value: &str| {
             let argv = [
                 "securemesh",
@@ -1067,7 +1082,9 @@ mod tests {
             }
         };
         assert_eq!(timeline("100ms"), Ok(Some(Duration::from_millis(100))));
-        assert!(timeline("0s").is_err_and(|error| error.contains("more than zero")));
+        assert!(timeline("0s").is_err_and(|error| error.contains("at least 1ms")));
+        assert!(timeline("1ns").is_err_and(|error| error.contains("at least 1ms")));
+        assert_eq!(timeline("1ms"), Ok(Some(Duration::from_millis(1))));
         assert!(timeline("soon").is_err());
     }
 

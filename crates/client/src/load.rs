@@ -50,13 +50,22 @@ pub struct LoadOptions {
     /// Open loop: submissions started per second.
     pub rate: Option<f64>,
     /// Also count answers per bucket of this width (see
-    /// [`LoadSummary::timeline`]).
+    /// [`LoadSummary::timeline`]), at least [`SHORTEST_TIMELINE_BUCKET`]
+    /// (a narrower one counts as that); answers after the first
+    /// [`MOST_TIMELINE_BUCKETS`] buckets are left out of the timeline.
     pub timeline: Option<Duration>,
     /// Payload prefix; each submission appends its sequence number.
     pub message: String,
     /// Draw a progress bar on standard error.
     pub progress: bool,
 }
+
+/// The narrowest timeline bucket.
+pub const SHORTEST_TIMELINE_BUCKET: Duration = Duration::from_millis(1);
+
+/// The most timeline buckets of a run: each holds a latency histogram of
+/// some kilobytes.
+pub const MOST_TIMELINE_BUCKETS: usize = 10_000;
 
 impl LoadOptions {
     /// `requests` submissions, `concurrency` at a time, closed loop.
@@ -251,9 +260,10 @@ struct Run {
 
 impl Run {
     fn bucket(&self, at: Instant) -> Option<usize> {
-        let width = self.options.timeline?;
+        let width = self.options.timeline?.max(SHORTEST_TIMELINE_BUCKET);
         let offset = at.saturating_duration_since(self.started);
-        usize::try_from(offset.as_nanos() / width.as_nanos().max(1)).ok()
+        let index = usize::try_from(offset.as_nanos() / width.as_nanos()).ok()?;
+        (index < MOST_TIMELINE_BUCKETS).then_some(index)
     }
 
     fn over(&self, now: Instant) -> bool {
@@ -468,5 +478,38 @@ impl fmt::Display for LoadSummary {
             writeln!(f)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(timeline: Duration) -> Run {
+        Run {
+            clients: Vec::new(),
+            options: LoadOptions {
+                timeline: Some(timeline),
+                ..LoadOptions::closed(1, 1)
+            },
+            started: Instant::now(),
+            ends: None,
+            bar: ProgressBar::hidden(),
+        }
+    }
+
+    #[test]
+    fn timeline_buckets_are_at_least_a_millisecond_and_bounded_in_number() {
+        let narrow = run(Duration::from_nanos(1));
+        let at = |run: &Run, after: Duration| run.bucket(run.started + after);
+        assert_eq!(at(&narrow, Duration::from_micros(2500)), Some(2));
+        assert_eq!(at(&narrow, Duration::from_secs(3600)), None);
+        let usual = run(Duration::from_millis(100));
+        assert_eq!(at(&usual, Duration::from_millis(250)), Some(2));
+        assert_eq!(
+            at(&usual, Duration::from_millis(100) * 9_999),
+            Some(MOST_TIMELINE_BUCKETS - 1)
+        );
+        assert_eq!(at(&usual, Duration::from_millis(100) * 10_000), None);
     }
 }
