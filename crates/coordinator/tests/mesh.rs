@@ -186,6 +186,18 @@ impl TestCoordinator {
         .await
     }
 
+    /// Serves `coordinator` on a free port of 127.0.0.1 with default
+    /// options, admitting any client of the CA.
+    async fn serve_open(material: &Material, coordinator: Coordinator) -> Self {
+        Self::serve(
+            material,
+            coordinator,
+            Authorization::any_identity(),
+            ServeOptions::default(),
+        )
+        .await
+    }
+
     /// Serves `coordinator` on a free port of 127.0.0.1 with `options`.
     async fn serve(
         material: &Material,
@@ -696,13 +708,7 @@ async fn a_retry_avoids_the_backend_its_call_failed_on_even_when_it_is_not_eject
     for url in [good.url(), failing.url()] {
         coordinator.pool().add(&url).unwrap();
     }
-    let coordinator = TestCoordinator::serve(
-        &material,
-        coordinator,
-        Authorization::any_identity(),
-        ServeOptions::default(),
-    )
-    .await;
+    let coordinator = TestCoordinator::serve_open(&material, coordinator).await;
     ready(&material, &coordinator.url).await;
     let client = material.client(&coordinator.url, "client");
     // About half the calls try the failing backend first: were a retry as
@@ -823,12 +829,7 @@ async fn servers_admit_only_the_coordinator_and_health_stays_open() {
     {
         securemesh_client::ClientError::Status(status) => {
             assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-            assert!(
-                status
-                    .message()
-                    .contains("spiffe://securemesh/client/client"),
-                "{status:?}"
-            );
+            assert!(status.message().contains(CLIENT_IDENTITY), "{status:?}");
         }
         other => panic!("unexpected {other}"),
     }
@@ -843,7 +844,7 @@ async fn a_coordinator_allow_list_refuses_other_clients() {
     let coordinator = TestCoordinator::start_with(
         &material,
         &[a.url()],
-        Authorization::only(["spiffe://securemesh/client/client".to_owned()]),
+        Authorization::only([CLIENT_IDENTITY.to_owned()]),
     )
     .await;
     ready(&material, &coordinator.url).await;
@@ -959,22 +960,31 @@ async fn a_flood_of_wrong_passwords_is_refused_fast_and_the_right_one_still_pass
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_too_checks_the_passwords_of_one_connection_at_once() {
-    const CLIENT: &str = "spiffe://securemesh/client/client";
     let material = Material::new();
-    let credentials = alice_credentials(&material);
-    let (address, _stop) = serve_authorized(
-        server_tls(&material),
-        CallerEcho,
-        Authorization::server_default([CLIENT.to_owned()]).with_credentials(credentials),
-        64 * 1024,
-        ServeOptions::default(),
-    )
-    .await;
+    let (address, _stop) = echo_server_admitting_alice(&material).await;
     let alice = flood_with_wrong_passwords(&material, &format!("https://{address}")).await;
     let reply = alice
         .submit_token(material.keys.encrypt(b"after the flood"))
         .await;
-    assert_eq!(reply.unwrap().result, CLIENT);
+    assert_eq!(reply.unwrap().result, CLIENT_IDENTITY);
+}
+
+/// The identity of the client certificate.
+const CLIENT_IDENTITY: &str = "spiffe://securemesh/client/client";
+
+/// A [`CallerEcho`] server that also admits the client directly, given
+/// alice's credentials; it stops when the returned sender is dropped.
+async fn echo_server_admitting_alice(material: &Material) -> (SocketAddr, oneshot::Sender<()>) {
+    let authorization = Authorization::server_default([CLIENT_IDENTITY.to_owned()])
+        .with_credentials(alice_credentials(material));
+    serve_authorized(
+        server_tls(material),
+        CallerEcho,
+        authorization,
+        64 * 1024,
+        ServeOptions::default(),
+    )
+    .await
 }
 
 /// A credentials file with the user alice, password "correct horse".
@@ -1286,20 +1296,8 @@ impl DataService for CallerEcho {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_cannot_speak_for_another_or_skip_credentials_by_claiming_a_caller() {
-    const CLIENT: &str = "spiffe://securemesh/client/client";
     let material = Material::new();
-    let file = material.dir.path().join("credentials.txt");
-    securemesh_credentials::add_user(&file, "alice", "correct horse").unwrap();
-    let credentials = Arc::new(securemesh_credentials::Credentials::from_file(&file).unwrap());
-    // A server that also admits the client directly, with credentials.
-    let (address, _stop) = serve_authorized(
-        server_tls(&material),
-        CallerEcho,
-        Authorization::server_default([CLIENT.to_owned()]).with_credentials(credentials),
-        64 * 1024,
-        ServeOptions::default(),
-    )
-    .await;
+    let (address, _stop) = echo_server_admitting_alice(&material).await;
     let session = h2_session(&material, address).await;
     let message = SubmitRequest {
         token: material.keys.encrypt(b"who am I").into(),
@@ -1335,7 +1333,7 @@ async fn a_client_cannot_speak_for_another_or_skip_credentials_by_claiming_a_cal
         .await;
         assert_eq!(code, Some(Code::Ok), "claiming {claimed}");
         let reply = SubmitReply::decode(&reply[5..]).unwrap();
-        assert_eq!(reply.result, CLIENT, "claiming {claimed}");
+        assert_eq!(reply.result, CLIENT_IDENTITY, "claiming {claimed}");
     }
     // The claim is logged quoted, its quote escaped: it cannot pass for
     // a field of the line.
@@ -2039,13 +2037,7 @@ async fn a_call_the_caller_resets_is_abandoned_by_the_coordinator() {
     let coordinator = bare_coordinator(&material);
     coordinator.pool().add(&backend.url()).unwrap();
     let stats = coordinator.stats().clone();
-    let coordinator = TestCoordinator::serve(
-        &material,
-        coordinator,
-        Authorization::any_identity(),
-        ServeOptions::default(),
-    )
-    .await;
+    let coordinator = TestCoordinator::serve_open(&material, coordinator).await;
     let address = coordinator.address;
 
     let session = h2_session(&material, address).await;
