@@ -261,7 +261,8 @@ pub struct PkiOutputArgs {
         default_value = "certs"
     )]
     pub dir: PathBuf,
-    /// Validity of each certificate made, in days.
+    /// Validity of each certificate made, in days (a CA made by init lasts
+    /// ten years, or twice this if longer; no certificate outlives its CA).
     #[arg(long, default_value_t = 365)]
     pub days: u32,
     /// Overwrite existing files.

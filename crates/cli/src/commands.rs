@@ -582,10 +582,11 @@ async fn start_admin(
     Ok(())
 }
 
-/// The certificate, key and CRL files of a client, to tell whether they
-/// changed.
+/// The CA, certificate, key and CRL files of a client, to tell whether
+/// they changed.
 fn identity_bytes(files: &securemesh_tls::TlsFiles, crl: Option<&std::path::Path>) -> Vec<u8> {
-    let mut bytes = std::fs::read(&files.cert).unwrap_or_default();
+    let mut bytes = std::fs::read(&files.ca).unwrap_or_default();
+    bytes.extend(std::fs::read(&files.cert).unwrap_or_default());
     bytes.extend(std::fs::read(&files.key).unwrap_or_default());
     if let Some(crl) = crl {
         bytes.extend(std::fs::read(crl).unwrap_or_default());

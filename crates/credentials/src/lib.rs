@@ -44,6 +44,15 @@ const CACHE_CAPACITY: usize = 1024;
 /// Password checks that may run or wait at once (one runs at a time).
 const PASSWORD_CHECKS_AT_ONCE: usize = 4;
 
+/// The most memory a stored hash may ask argon2 for, in KiB (the default
+/// is 19 MiB): a line with more, edited in by hand, would make every check
+/// of that user's password allocate it.
+const MOST_ARGON2_MEMORY_KIB: u32 = 64 * 1024;
+
+/// The most passes and lanes a stored hash may ask for.
+const MOST_ARGON2_PASSES: u32 = 16;
+const MOST_ARGON2_LANES: u32 = 8;
+
 /// Why the credentials file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -137,7 +146,10 @@ impl Credentials {
             }
             let fields: Vec<&str> = line.split_whitespace().collect();
             match fields[..] {
-                ["user", name, hash] if PasswordHash::new(hash).is_ok() => {
+                ["user", name, hash] if usable_hash(hash) => {
+                    if credentials.users.contains_key(name) {
+                        return Err(CredentialsError::Duplicate(name.to_owned()));
+                    }
                     credentials.users.insert(name.to_owned(), hash.to_owned());
                 }
                 ["token", name, digest] => {
@@ -145,6 +157,9 @@ impl Credentials {
                         .strip_prefix("sha256:")
                         .and_then(decode_hex)
                         .ok_or_else(|| malformed(index + 1))?;
+                    if credentials.tokens.iter().any(|(known, _)| known == name) {
+                        return Err(CredentialsError::Duplicate(name.to_owned()));
+                    }
                     credentials.tokens.push((name.to_owned(), digest));
                 }
                 _ => return Err(malformed(index + 1)),
@@ -289,6 +304,8 @@ fn append(path: &Path, kind: &str, name: &str, secret: &str) -> Result<(), Crede
     if !valid {
         return Err(CredentialsError::InvalidName(name.to_owned()));
     }
+    // Two additions at once must not lose one.
+    let _lock = securemesh_fs::lock_dir(path.parent().unwrap_or(Path::new("")))?;
     let mut text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -375,6 +392,19 @@ impl Drop for CheckInProgress<'_> {
 
 /// Whether `password` matches the argon2 PHC string `hash`, hashing into
 /// `memory` (grown to what the hash's parameters need, then kept).
+/// Whether `hash` is an argon2 hash this file may hold: a variant argon2
+/// knows, with parameters within bounds.
+fn usable_hash(hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        Algorithm::try_from(parsed.algorithm).is_ok()
+            && Params::try_from(&parsed).is_ok_and(|params| {
+                params.m_cost() <= MOST_ARGON2_MEMORY_KIB
+                    && params.t_cost() <= MOST_ARGON2_PASSES
+                    && params.p_cost() <= MOST_ARGON2_LANES
+            })
+    })
+}
+
 fn argon2_matches(hash: &str, password: &str, memory: &mut Vec<Block>) -> bool {
     let Ok(parsed) = PasswordHash::new(hash) else {
         return false;
@@ -453,6 +483,45 @@ mod tests {
         add_user(&path, "alice", "correct horse").unwrap();
         let token = add_token(&path, "ci-bot").unwrap();
         (dir, path, token)
+    }
+
+    #[test]
+    fn a_file_with_unusable_hashes_or_a_name_twice_is_refused() {
+        let (_dir, path, _token) = file();
+        let good = std::fs::read_to_string(&path).unwrap();
+        let salt = SaltString::generate(&mut OsRng);
+        let greedy = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(MOST_ARGON2_MEMORY_KIB + 1024, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"x", &salt)
+        .unwrap()
+        .to_string();
+        for (case, line) in [
+            ("too much memory", format!("user bob {greedy}")),
+            (
+                "not argon2",
+                "user bob $pbkdf2-sha256$i=1000$c2FsdA$aGFzaA".to_owned(),
+            ),
+        ] {
+            std::fs::write(&path, format!("{good}{line}\n")).unwrap();
+            let refused = Credentials::from_file(&path).unwrap_err();
+            assert!(
+                matches!(refused, CredentialsError::Malformed { line: 4, .. }),
+                "{case}: {refused}"
+            );
+        }
+        let alice_again = good.lines().nth(1).unwrap();
+        let token_again = good.lines().nth(2).unwrap();
+        for again in [alice_again, token_again] {
+            std::fs::write(&path, format!("{good}{again}\n")).unwrap();
+            let refused = Credentials::from_file(&path).unwrap_err();
+            assert!(
+                matches!(refused, CredentialsError::Duplicate(_)),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub fn write_new_key_file(path: &Path, force: bool) -> Result<(), KeyFileError> 
 /// existing keys after it (they still decrypt); the file stays mode 0600.
 /// Returns how many keys the file now holds.
 pub fn rotate_key_file(path: &Path) -> Result<usize, KeyFileError> {
+    // Two rotations at once must not lose one's key.
+    let _lock = securemesh_fs::lock_dir(path.parent().unwrap_or(Path::new("")))?;
     let mut keys = vec![generate_key()];
     for (line, key) in read_key_lines(path)? {
         if fernet::Fernet::new(&key).is_none() {

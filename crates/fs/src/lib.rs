@@ -113,6 +113,33 @@ fn sync_directory(directory: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// An exclusive lock on a directory, held until dropped: see [`lock_dir`].
+#[derive(Debug)]
+pub struct DirLock {
+    _held: std::fs::File,
+}
+
+/// Waits for, then takes, an exclusive advisory lock on `dir` (created if
+/// missing), so that two processes each reading, changing and writing back
+/// a file in it (a CRL, a key file, a credentials file) take turns instead
+/// of one losing the other's change. Every writer of such files here takes
+/// it; the lock goes with the returned guard, or with the process.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, WriteError> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let io_error = |source| WriteError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io_error)?;
+    let held = std::fs::File::open(dir).map_err(io_error)?;
+    held.lock().map_err(io_error)?;
+    Ok(DirLock { _held: held })
+}
+
 /// Logs a warning when the secret at `path` (`what`: "private key", ...)
 /// is open to anyone but its owner, as ssh does for keys; `true` when it
 /// warned. It does not refuse: secrets mounted by an orchestrator are often
@@ -147,6 +174,22 @@ mod tests {
 
     fn mode_of(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_directory_lock_is_held_by_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_dir(dir.path()).unwrap();
+        // Another open file description of the directory (as another
+        // process has) cannot take it meanwhile...
+        let other = std::fs::File::open(dir.path()).unwrap();
+        assert!(matches!(
+            other.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
+        // ...and can once the guard is gone.
+        drop(held);
+        other.try_lock().unwrap();
     }
 
     #[test]

@@ -9,6 +9,7 @@ use rcgen::{
 };
 use ring::rand::SecureRandom;
 use time::{Duration, OffsetDateTime};
+use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use crate::PkiError;
 
@@ -91,6 +92,10 @@ impl std::fmt::Debug for IssuedCertificate {
 pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
+    /// The CA certificate, DER.
+    cert_der: Vec<u8>,
+    /// The end of the CA's validity: no leaf outlives it.
+    not_after: OffsetDateTime,
 }
 
 impl Authority {
@@ -101,27 +106,58 @@ impl Authority {
         // A unique name per CA: two projects' CAs must not be confused when
         // a peer looks up the issuer of a certificate by name.
         params.distinguished_name = subject(&format!("securemesh CA {}", random_hex(4)?));
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        // It signs leaves only: no intermediate CA it signed would be valid.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         set_validity_and_serial(&mut params, days)?;
         let cert = params.self_signed(&key)?;
         Ok(Self {
             cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            not_after: params.not_after,
             issuer: Issuer::new(params, key),
         })
     }
 
-    /// Loads an existing CA from its PEM certificate and PEM key.
+    /// Loads an existing CA from its PEM certificate and PEM key, refusing
+    /// a certificate that is not a CA's and a key that is not its key
+    /// (what a crash between writing the two, or a file copied from
+    /// elsewhere, would leave): everything signed with them would be
+    /// refused by every peer.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|error| PkiError::InvalidCa(format!("not a PEM certificate: {error}")))?;
+        let certificate = pem
+            .parse_x509()
+            .map_err(|error| PkiError::InvalidCa(format!("not a certificate: {error}")))?;
+        if !certificate.is_ca() {
+            return Err(PkiError::InvalidCa(
+                "the certificate is not a CA's".to_owned(),
+            ));
+        }
+        if certificate.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(PkiError::InvalidCa(
+                "the key is not the certificate's".to_owned(),
+            ));
+        }
+        let not_after = certificate.validity().not_after.to_datetime();
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
         Ok(Self {
             issuer,
             cert_pem: cert_pem.to_owned(),
+            cert_der: pem.contents.clone(),
+            not_after,
+        })
+    }
+
+    /// Whether the certificate `der` was signed by this CA.
+    pub fn signed(&self, der: &[u8]) -> bool {
+        let Ok((_, ca)) = X509Certificate::from_der(&self.cert_der) else {
+            return false;
+        };
+        X509Certificate::from_der(der).is_ok_and(|(_, certificate)| {
+            certificate.verify_signature(Some(ca.public_key())).is_ok()
         })
     }
 
@@ -140,7 +176,8 @@ impl Authority {
         self.issuer.key().serialize_pem()
     }
 
-    /// Issues a leaf certificate for `name` in `role`, valid for `days` days.
+    /// Issues a leaf certificate for `name` in `role`, valid for `days` days
+    /// or until the CA expires, whichever comes first.
     ///
     /// Server-capable certificates carry the loopback names plus `extra_sans`
     /// (DNS names or IP addresses); every certificate carries the URI SAN
@@ -156,13 +193,11 @@ impl Authority {
             return Err(PkiError::InvalidValidity);
         }
         let now = OffsetDateTime::now_utc();
-        self.issue_valid_between(
-            name,
-            role,
-            extra_sans,
-            now - Duration::hours(1),
-            now + Duration::days(i64::from(days)),
-        )
+        let not_after = (now + Duration::days(i64::from(days))).min(self.not_after);
+        if not_after <= now {
+            return Err(PkiError::CaExpired);
+        }
+        self.issue_valid_between(name, role, extra_sans, now - Duration::hours(1), not_after)
     }
 
     /// Like [`Authority::issue`] with an explicit validity period, which
@@ -236,7 +271,7 @@ fn subject(common_name: &str) -> DistinguishedName {
 }
 
 /// Names become file names and identity URIs: keep them to a safe alphabet.
-fn validate_name(name: &str) -> Result<(), PkiError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), PkiError> {
     // `ca` would write over ca_cert.pem and ca_key.pem.
     let ok = name != "ca"
         && !name.is_empty()
@@ -288,6 +323,49 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ca_is_loaded_only_with_its_own_key() {
+        let ca = Authority::generate(1).unwrap();
+        let other = Authority::generate(1).unwrap();
+        assert!(Authority::from_pem(ca.cert_pem(), &ca.key_pem()).is_ok());
+        let mismatched = Authority::from_pem(ca.cert_pem(), &other.key_pem());
+        assert!(matches!(mismatched, Err(PkiError::InvalidCa(_))));
+        // A leaf with its own key is no CA either.
+        let leaf = ca.issue("server", Role::Server, &[], 1).unwrap();
+        let not_a_ca = Authority::from_pem(&leaf.cert_pem, &leaf.key_pem);
+        assert!(matches!(not_a_ca, Err(PkiError::InvalidCa(_))));
+    }
+
+    #[test]
+    fn a_ca_tells_its_own_leaves_from_others() {
+        let ca = Authority::generate(1).unwrap();
+        let other = Authority::generate(1).unwrap();
+        let der = |pem: &str| {
+            x509_parser::pem::parse_x509_pem(pem.as_bytes())
+                .unwrap()
+                .1
+                .contents
+        };
+        let own = ca.issue("a", Role::Client, &[], 1).unwrap();
+        let foreign = other.issue("a", Role::Client, &[], 1).unwrap();
+        assert!(ca.signed(&der(&own.cert_pem)));
+        assert!(!ca.signed(&der(&foreign.cert_pem)));
+        assert!(!ca.signed(b"not a certificate"));
+    }
+
+    #[test]
+    fn no_leaf_outlives_its_ca_and_the_ca_signs_no_other_ca() {
+        let ca = Authority::generate(2).unwrap();
+        let leaf = ca.issue("a", Role::Client, &[], 365).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(leaf.cert_pem.as_bytes()).unwrap();
+        let leaf = pem.parse_x509().unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()).unwrap();
+        let ca_cert = pem.parse_x509().unwrap();
+        assert!(leaf.validity().not_after <= ca_cert.validity().not_after);
+        let constraints = ca_cert.basic_constraints().unwrap().unwrap().value;
+        assert_eq!(constraints.path_len_constraint, Some(0));
+    }
 
     #[test]
     fn debug_output_shows_the_certificate_but_never_the_key() {

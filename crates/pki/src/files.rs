@@ -1,13 +1,15 @@
 //! The PKI on disk: `pki init` and `pki issue` as library calls.
 //!
 //! All files of one PKI live in one directory. Before anything is written,
-//! every target is checked, so a refused run leaves the directory untouched.
+//! every target is checked, so a run refused by that check leaves the
+//! directory untouched.
 
 use std::path::{Path, PathBuf};
 
 use securemesh_fs::{refuse_existing, write_file, WriteError, PRIVATE, PUBLIC};
 
 use crate::authority::{Authority, Role};
+use crate::lifecycle::CRL_FILE;
 
 /// File name of the CA certificate.
 pub const CA_CERT_FILE: &str = "ca_cert.pem";
@@ -48,6 +50,20 @@ pub enum PkiError {
     /// Zero days of validity.
     #[error("validity must be at least one day")]
     InvalidValidity,
+    /// The CA's certificate and key are not a CA's pair.
+    #[error("the CA certificate and key cannot sign: {0}")]
+    InvalidCa(String),
+    /// The CA has expired: nothing it signs would be accepted.
+    #[error("the CA certificate has expired: make a new PKI with pki init --force")]
+    CaExpired,
+    /// Removing a file failed.
+    #[error("{path}: {source}")]
+    Remove {
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// The system's random number generator failed.
     #[error("the system random number generator failed")]
     Random,
@@ -58,7 +74,8 @@ pub enum PkiError {
 pub struct InitOptions {
     /// Directory to write into (created if missing).
     pub dir: PathBuf,
-    /// Validity of every certificate, in days.
+    /// Validity of every leaf certificate, in days (the CA's: see
+    /// [`ca_days`]).
     pub days: u32,
     /// Extra client names, each written as `NAME_cert.pem` / `NAME_key.pem`.
     pub extra_clients: Vec<String>,
@@ -115,22 +132,26 @@ pub fn init(options: &InitOptions) -> Result<Vec<PathBuf>, PkiError> {
         }
     }
 
+    // A CRL left from another CA would make peers refuse every
+    // certificate of this one (none of them can be checked against it).
+    let old_crl = options.dir.join(CRL_FILE);
     let mut targets = vec![
         options.dir.join(CA_CERT_FILE),
         options.dir.join(CA_KEY_FILE),
+        old_crl.clone(),
     ];
     for (name, _) in &leaves {
         targets.extend(leaf_paths(&options.dir, name));
     }
     refuse_existing(targets.iter().map(PathBuf::as_path), options.force)?;
 
-    let authority = Authority::generate(options.days)?;
+    let authority = Authority::generate(ca_days(options.days))?;
     let mut files = vec![
+        (options.dir.join(CA_KEY_FILE), authority.key_pem()),
         (
             options.dir.join(CA_CERT_FILE),
             authority.cert_pem().to_owned(),
         ),
-        (options.dir.join(CA_KEY_FILE), authority.key_pem()),
     ];
     for (name, role) in &leaves {
         let sans = if role == &Role::Client {
@@ -143,7 +164,22 @@ pub fn init(options: &InitOptions) -> Result<Vec<PathBuf>, PkiError> {
         files.push((cert_path, issued.cert_pem));
         files.push((key_path, issued.key_pem));
     }
-    write_all(files, options.force)
+    let written = write_all(files, options.force)?;
+    // Only now: a crash before leaves the old CA with its revocations.
+    match std::fs::remove_file(&old_crl) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(PkiError::Remove {
+            path: old_crl,
+            source: error,
+        }),
+        _ => Ok(written),
+    }
+}
+
+/// How long `init` makes the CA last when leaves last `days`: ten years,
+/// or twice `days` if longer, so that leaves can be renewed for their full
+/// term long before the CA runs out (no leaf outlives its CA).
+pub fn ca_days(days: u32) -> u32 {
+    days.saturating_mul(2).max(3650)
 }
 
 /// Issues one more certificate from the CA in `options.dir`. Returns the
@@ -271,6 +307,35 @@ mod tests {
         let (alice, _) = parse(&dir.path().join("alice_cert.pem"));
         assert_eq!(ekus(&alice), (false, true));
         assert_eq!(sans(&alice), vec!["URI:spiffe://securemesh/client/alice"]);
+    }
+
+    #[test]
+    fn a_crl_of_the_old_ca_is_refused_or_removed_never_kept_with_a_new_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        init_in(dir.path());
+        crate::revoke(dir.path(), "client2").unwrap();
+        let crl = dir.path().join(CRL_FILE);
+        for file in std::fs::read_dir(dir.path()).unwrap() {
+            let path = file.unwrap().path();
+            if path != crl && path.is_file() {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        let refused = init(&InitOptions::new(dir.path())).unwrap_err();
+        assert!(refused.to_string().contains(CRL_FILE), "{refused}");
+        init(&InitOptions {
+            force: true,
+            ..InitOptions::new(dir.path())
+        })
+        .unwrap();
+        assert!(!crl.exists());
+    }
+
+    #[test]
+    fn the_ca_outlives_its_leaves() {
+        assert_eq!(ca_days(365), 3650);
+        assert_eq!(ca_days(5000), 10_000);
+        assert_eq!(ca_days(u32::MAX), u32::MAX);
     }
 
     #[test]

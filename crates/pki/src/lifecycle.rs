@@ -11,7 +11,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use crate::authority::{Authority, Role};
+use crate::authority::{validate_name, Authority, Role};
 use crate::files::{read, CA_CERT_FILE, CA_KEY_FILE};
 use crate::PkiError;
 
@@ -32,19 +32,34 @@ pub struct Revocation {
     pub newly_revoked: bool,
 }
 
-/// Adds a certificate to the CA's CRL (`<dir>/ca_crl.pem`), keeping the
-/// certificates revoked before. `certificate` is a name
-/// (`<dir>/<name>_cert.pem`) or the path of a PEM file, such as one that
-/// `renew` archived under `<dir>/retired/`.
+/// Adds a certificate of this CA to its CRL (`<dir>/ca_crl.pem`), keeping
+/// the certificates revoked before. `certificate` is a name
+/// (`<dir>/<name>_cert.pem`; preferred when that file exists) or the path
+/// of a PEM file, such as one that `renew` archived under
+/// `<dir>/retired/`. Holds the directory's lock (see
+/// [`securemesh_fs::lock_dir`]) while it reads and writes the CRL, so that
+/// two revocations at once both land.
 pub fn revoke(dir: &Path, certificate: &str) -> Result<Revocation, PkiError> {
-    let cert_path = if certificate.ends_with(".pem") {
+    let by_name = dir.join(format!("{certificate}_cert.pem"));
+    let cert_path = if validate_name(certificate).is_ok() && by_name.exists() {
+        by_name
+    } else if certificate.ends_with(".pem") {
         PathBuf::from(certificate)
     } else {
-        dir.join(format!("{certificate}_cert.pem"))
+        validate_name(certificate)?;
+        by_name
     };
     let parsed = parse_certificate(&read(&cert_path)?, &cert_path)?;
     if parsed.is_ca {
         return Err(unreadable(&cert_path, "is a CA certificate, not a leaf"));
+    }
+    let _lock = securemesh_fs::lock_dir(dir)?;
+    let authority = Authority::from_pem(
+        &read(&dir.join(CA_CERT_FILE))?,
+        &read(&dir.join(CA_KEY_FILE))?,
+    )?;
+    if !authority.signed(&parsed.der) {
+        return Err(unreadable(&cert_path, "was not issued by this CA"));
     }
     let serial = parsed.serial;
     let crl_path = dir.join(CRL_FILE);
@@ -65,10 +80,6 @@ pub fn revoke(dir: &Path, certificate: &str) -> Result<Revocation, PkiError> {
             invalidity_date: None,
         });
     }
-    let authority = Authority::from_pem(
-        &read(&dir.join(CA_CERT_FILE))?,
-        &read(&dir.join(CA_KEY_FILE))?,
-    )?;
     let crl = CertificateRevocationListParams {
         this_update: now,
         next_update: now + Duration::days(CRL_VALIDITY_DAYS),
@@ -91,40 +102,61 @@ pub fn revoke(dir: &Path, certificate: &str) -> Result<Revocation, PkiError> {
 }
 
 /// Issues `<dir>/<name>` again from the CA: same role and names, a new key,
-/// a new serial and a fresh validity of `days`. The old certificate stays
-/// valid until it expires or is revoked; it is kept as
-/// `<dir>/retired/<name>_<serial>_cert.pem` so that `revoke` can name it.
-/// Returns the paths written, the archived one first.
+/// a new serial and a fresh validity of `days` (within the CA's). Only a
+/// certificate this CA issued is renewed. The old certificate stays valid
+/// until it expires or is revoked; it is kept, with its key, as
+/// `<dir>/retired/<name>_<serial>_cert.pem` (and `..._key.pem`) so that
+/// `revoke` can name it and a crash between writing the new key and the
+/// new certificate loses nothing. Returns the paths written, the archived
+/// certificate first.
 pub fn renew(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>, PkiError> {
-    let cert_path = dir.join(format!("{name}_cert.pem"));
-    let current_pem = read(&cert_path)?;
-    let current = parse_certificate(&current_pem, &cert_path)?;
-    if current.is_ca || name == "ca" {
+    if name == "ca" {
         return Err(unreadable(
-            &cert_path,
+            &dir.join(CA_CERT_FILE),
             "is the CA certificate: it is not renewed this way",
         ));
+    }
+    validate_name(name)?;
+    let _lock = securemesh_fs::lock_dir(dir)?;
+    let cert_path = dir.join(format!("{name}_cert.pem"));
+    let key_path = dir.join(format!("{name}_key.pem"));
+    let current_pem = read(&cert_path)?;
+    let current = parse_certificate(&current_pem, &cert_path)?;
+    if current.is_ca {
+        return Err(unreadable(
+            &cert_path,
+            "is a CA certificate: it is not renewed this way",
+        ));
+    }
+    let authority = Authority::from_pem(
+        &read(&dir.join(CA_CERT_FILE))?,
+        &read(&dir.join(CA_KEY_FILE))?,
+    )?;
+    if !authority.signed(&current.der) {
+        return Err(unreadable(&cert_path, "was not issued by this CA"));
     }
     let serial: String = current
         .serial
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect();
-    let archived = dir
-        .join("retired")
-        .join(format!("{name}_{serial}_cert.pem"));
+    let retired = dir.join("retired");
+    let archived = retired.join(format!("{name}_{serial}_cert.pem"));
     securemesh_fs::write_file(
         &archived,
         current_pem.as_bytes(),
         securemesh_fs::PUBLIC,
         true,
     )?;
-    let authority = Authority::from_pem(
-        &read(&dir.join(CA_CERT_FILE))?,
-        &read(&dir.join(CA_KEY_FILE))?,
-    )?;
+    if let Ok(current_key) = read(&key_path) {
+        securemesh_fs::write_file(
+            &retired.join(format!("{name}_{serial}_key.pem")),
+            current_key.as_bytes(),
+            securemesh_fs::PRIVATE,
+            true,
+        )?;
+    }
     let issued = authority.issue(name, current.role, &current.host_names, days)?;
-    let key_path = dir.join(format!("{name}_key.pem"));
     securemesh_fs::write_file(
         &key_path,
         issued.key_pem.as_bytes(),
@@ -182,6 +214,8 @@ struct Parsed {
     /// certificate carries.
     host_names: Vec<String>,
     fingerprint: Vec<u8>,
+    /// The certificate itself, DER.
+    der: Vec<u8>,
 }
 
 fn unreadable(path: &Path, what: &str) -> PkiError {
@@ -261,6 +295,7 @@ fn parse_certificate(pem: &str, path: &Path) -> Result<Parsed, PkiError> {
         names,
         host_names,
         fingerprint: Sha256::digest(&block.contents).to_vec(),
+        der: block.contents.clone(),
     })
 }
 
@@ -342,16 +377,82 @@ mod tests {
         assert_ne!(after.serial, before.serial);
         assert_ne!(read(&dir.path().join("server_key.pem")).unwrap(), old_key);
         assert_eq!(after.role, Role::Server);
-        // The old certificate was archived and can still be revoked.
-        let retired: Vec<_> = std::fs::read_dir(dir.path().join("retired"))
+        // The old certificate was archived with its key, and can still be
+        // revoked.
+        let mut retired: Vec<_> = std::fs::read_dir(dir.path().join("retired"))
             .unwrap()
             .map(|entry| entry.unwrap().path())
             .collect();
-        assert_eq!(retired.len(), 1);
+        retired.sort();
+        assert_eq!(retired.len(), 2, "{retired:?}");
+        assert!(retired[0].to_string_lossy().ends_with("_cert.pem"));
+        assert_eq!(read(&retired[1]).unwrap(), old_key);
+        assert_eq!(securemesh_fs_mode(&retired[1]), 0o600);
         revoke(dir.path(), retired[0].to_str().unwrap()).unwrap();
         assert_eq!(revoked_serials(dir.path()).0, vec![before.serial.clone()]);
         assert_eq!(after.names, before.names);
         assert!(after.names.contains(&"DNS:mesh.test".to_string()));
+    }
+
+    fn securemesh_fs_mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn only_certificates_of_this_ca_are_revoked_or_renewed() {
+        let dir = pki();
+        let other = pki();
+        let foreign = other.path().join("client_cert.pem");
+        let refused = revoke(dir.path(), foreign.to_str().unwrap()).unwrap_err();
+        assert!(
+            refused.to_string().contains("not issued by this CA"),
+            "{refused}"
+        );
+        assert!(!dir.path().join(CRL_FILE).exists());
+        // A foreign certificate dropped in under a name of ours is not
+        // signed again with its names.
+        std::fs::copy(&foreign, dir.path().join("planted_cert.pem")).unwrap();
+        let refused = renew(dir.path(), "planted", 30).unwrap_err();
+        assert!(
+            refused.to_string().contains("not issued by this CA"),
+            "{refused}"
+        );
+        // Names that leave the directory are refused before anything is
+        // read or written.
+        for name in ["../client", "a/b"] {
+            assert!(matches!(
+                renew(dir.path(), name, 30),
+                Err(PkiError::InvalidName(_))
+            ));
+        }
+        assert!(!dir.path().join("retired").exists());
+    }
+
+    #[test]
+    fn a_name_in_the_directory_wins_over_a_file_of_the_same_name() {
+        let dir = pki();
+        std::fs::copy(
+            dir.path().join("client_cert.pem"),
+            dir.path().join("x.pem_cert.pem"),
+        )
+        .unwrap();
+        // "x.pem" names x.pem_cert.pem here, not ./x.pem.
+        assert!(revoke(dir.path(), "x.pem").unwrap().newly_revoked);
+    }
+
+    #[test]
+    fn revocations_at_the_same_time_all_land() {
+        let dir = pki();
+        let names = ["client", "client2", "server", "coordinator"];
+        std::thread::scope(|scope| {
+            for name in names {
+                let dir = dir.path();
+                scope.spawn(move || revoke(dir, name).unwrap());
+            }
+        });
+        let (serials, number) = revoked_serials(dir.path());
+        assert_eq!((serials.len(), number), (names.len(), names.len() as u64));
     }
 
     #[test]
