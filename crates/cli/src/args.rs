@@ -306,12 +306,24 @@ pub struct KeygenArgs {
     #[arg(long, env = "SECUREMESH_CERTS", default_value = "certs")]
     pub certs: PathBuf,
     /// Overwrite an existing file.
-    #[arg(long, conflicts_with = "rotate")]
+    #[arg(long, group = "edit")]
     pub force: bool,
     /// Put a new key first in the existing file and keep the old ones, so
     /// that tokens made under them still decrypt.
-    #[arg(long)]
+    #[arg(long, group = "edit")]
     pub rotate: bool,
+    /// Add a new key second in the existing file: servers accept it once
+    /// reloaded, nobody encrypts under it yet (then --promote).
+    #[arg(long, group = "edit")]
+    pub stage: bool,
+    /// Make the second key the first (the one clients encrypt under); the
+    /// former first key still decrypts.
+    #[arg(long, group = "edit")]
+    pub promote: bool,
+    /// Keep only the first N keys: tokens under the others stop decrypting
+    /// once servers reload.
+    #[arg(long, value_name = "N", group = "edit", value_parser = at_least_one)]
+    pub keep: Option<usize>,
 }
 
 /// Certificate, key and CA of one party; defaults come from `--certs`.

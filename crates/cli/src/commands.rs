@@ -126,18 +126,41 @@ fn print_written(paths: &[std::path::PathBuf]) {
 }
 
 fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    use securemesh_crypto::{edit_key_file, KeyFileEdit};
     let out = key_file(&args.out, &args.certs);
-    if args.rotate {
-        let keys = securemesh_crypto::rotate_key_file(&out)?;
-        println!(
-            "rotated {}: a new key first, {} older kept (send SIGHUP to every server before \
-             clients use the new key)",
-            out.display(),
-            keys - 1
-        );
+    let edit = if args.rotate {
+        KeyFileEdit::Rotate
+    } else if args.stage {
+        KeyFileEdit::Stage
+    } else if args.promote {
+        KeyFileEdit::Promote
+    } else if let Some(count) = args.keep {
+        KeyFileEdit::Keep(count)
     } else {
         securemesh_crypto::write_new_key_file(&out, args.force)?;
         println!("wrote {}", out.display());
+        return Ok(());
+    };
+    let keys = edit_key_file(&out, edit)?;
+    let out = out.display();
+    match edit {
+        KeyFileEdit::Rotate => println!(
+            "rotated {out}: a new key first, {} older kept (send SIGHUP to every server before \
+             clients use the new key, or use --stage then --promote)",
+            keys - 1
+        ),
+        KeyFileEdit::Stage => println!(
+            "staged a new key second in {out}: send SIGHUP to every server, then run keygen \
+             --promote"
+        ),
+        KeyFileEdit::Promote => println!(
+            "promoted the staged key of {out}: clients that load the file encrypt under it; \
+             the former first key still decrypts"
+        ),
+        KeyFileEdit::Keep(_) => println!(
+            "{out} keeps {keys} key(s): tokens under the dropped ones stop decrypting when \
+             servers reload"
+        ),
     }
     Ok(())
 }

@@ -864,6 +864,25 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     );
     assert!(old.status.success(), "{}", text(&old));
 
+    // A staged rotation keeps no order between servers and clients: the
+    // staged key reaches the servers first, and clients encrypt under it
+    // once promoted, without the servers reloading again.
+    let staged = securemesh(&["keygen", "--stage"], work);
+    assert!(staged.status.success(), "{}", text(&staged));
+    for (port, server) in &mesh.servers {
+        mesh.reload(&format!("server-{port}"), server);
+    }
+    let promoted = securemesh(&["keygen", "--promote"], work);
+    assert!(promoted.status.success(), "{}", text(&promoted));
+    let after = mesh.client(&["--requests", "20", "--concurrency", "4", "--json"]);
+    assert!(after.status.success(), "{}", text(&after));
+    let kept = securemesh(&["keygen", "--keep", "1"], work);
+    assert!(kept.status.success(), "{}", text(&kept));
+    let keys = std::fs::read_to_string(work.join("certs/encryption_key.txt")).unwrap();
+    assert_eq!(keys.lines().count(), 1);
+    let both = securemesh(&["keygen", "--stage", "--promote"], work);
+    assert!(!both.status.success(), "{}", text(&both));
+
     // A revoked server certificate: the coordinator, reloaded with the new
     // CRL, refuses the servers (calls fail) until they present a renewed
     // one; no process restarts.

@@ -25,6 +25,12 @@ pub enum KeyFileError {
     /// The file holds no key at all.
     #[error("{0}: no Fernet key found")]
     Empty(PathBuf),
+    /// A promotion asked of a file with one key.
+    #[error("{0}: one key only, none staged to promote (keygen --stage first)")]
+    NothingToPromote(PathBuf),
+    /// Keeping no key at all was asked.
+    #[error("at least one key must be kept")]
+    KeepNone,
     /// A line is not a 32-byte base64url key. The line itself is not shown:
     /// it may be a secret with a typo.
     #[error("{path}: line {line} is not a valid Fernet key (32 bytes, base64url)")]
@@ -59,9 +65,33 @@ pub fn write_new_key_file(path: &Path, force: bool) -> Result<(), KeyFileError> 
 /// existing keys after it (they still decrypt); the file stays mode 0600.
 /// Returns how many keys the file now holds.
 pub fn rotate_key_file(path: &Path) -> Result<usize, KeyFileError> {
-    // Two rotations at once must not lose one's key.
+    edit_key_file(path, KeyFileEdit::Rotate)
+}
+
+/// A change to a key file's list of keys (the first encrypts; every one
+/// decrypts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFileEdit {
+    /// A new key first, at once: whoever loads the file encrypts under it,
+    /// so servers must have loaded it before clients do.
+    Rotate,
+    /// A new key second: servers that load the file accept it, and nobody
+    /// encrypts under it yet. The first step of a rotation without an
+    /// order to keep: stage, reload every server, then promote.
+    Stage,
+    /// The second key first, the first one second (it still decrypts).
+    Promote,
+    /// Only the first `n` keys (at least one) stay: tokens under the others
+    /// no longer decrypt once servers reload.
+    Keep(usize),
+}
+
+/// Applies `edit` to the key file at `path` (which must exist), rewriting
+/// it with mode 0600 under the lock of its directory, so that two edits at
+/// once do not lose one. Returns how many keys the file now holds.
+pub fn edit_key_file(path: &Path, edit: KeyFileEdit) -> Result<usize, KeyFileError> {
     let _lock = securemesh_fs::lock_dir(path.parent().unwrap_or(Path::new("")))?;
-    let mut keys = vec![generate_key()];
+    let mut keys = Vec::new();
     for (line, key) in read_key_lines(path)? {
         if fernet::Fernet::new(&key).is_none() {
             return Err(KeyFileError::InvalidKey {
@@ -70,6 +100,16 @@ pub fn rotate_key_file(path: &Path) -> Result<usize, KeyFileError> {
             });
         }
         keys.push(key);
+    }
+    match edit {
+        KeyFileEdit::Rotate => keys.insert(0, generate_key()),
+        KeyFileEdit::Stage => keys.insert(1, generate_key()),
+        KeyFileEdit::Promote if keys.len() < 2 => {
+            return Err(KeyFileError::NothingToPromote(path.to_path_buf()))
+        }
+        KeyFileEdit::Promote => keys.swap(0, 1),
+        KeyFileEdit::Keep(0) => return Err(KeyFileError::KeepNone),
+        KeyFileEdit::Keep(count) => keys.truncate(count),
     }
     let contents = keys
         .iter()
@@ -121,6 +161,37 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         assert!(rotate_key_file(&dir.path().join("missing.txt")).is_err());
+    }
+
+    #[test]
+    fn a_staged_key_decrypts_first_and_encrypts_once_promoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.txt");
+        write_new_key_file(&path, false).unwrap();
+        let lines = || -> Vec<String> {
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        };
+        let original = lines();
+        assert!(matches!(
+            edit_key_file(&path, KeyFileEdit::Promote),
+            Err(KeyFileError::NothingToPromote(_))
+        ));
+        assert_eq!(edit_key_file(&path, KeyFileEdit::Stage).unwrap(), 2);
+        let staged = lines();
+        assert_eq!(staged[0], original[0], "the encrypting key is unchanged");
+        assert_eq!(edit_key_file(&path, KeyFileEdit::Promote).unwrap(), 2);
+        assert_eq!(lines(), [staged[1].clone(), original[0].clone()]);
+        assert!(matches!(
+            edit_key_file(&path, KeyFileEdit::Keep(0)),
+            Err(KeyFileError::KeepNone)
+        ));
+        assert_eq!(edit_key_file(&path, KeyFileEdit::Keep(1)).unwrap(), 1);
+        assert_eq!(lines(), [staged[1].clone()]);
+        assert_eq!(edit_key_file(&path, KeyFileEdit::Keep(5)).unwrap(), 1);
     }
 
     #[test]

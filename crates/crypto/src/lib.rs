@@ -8,5 +8,8 @@
 mod key_file;
 mod token;
 
-pub use key_file::{generate_key, rotate_key_file, write_new_key_file, KeyFileError, WriteError};
+pub use key_file::{
+    edit_key_file, generate_key, rotate_key_file, write_new_key_file, KeyFileEdit, KeyFileError,
+    WriteError,
+};
 pub use token::{sha256, unix_now, KeyRing, TokenError};
