@@ -188,7 +188,8 @@ impl BackendState {
     /// and a slow backend is avoided as its calls pile up. A hedged attempt
     /// marks its backend slow until it ends, so that the hedge (and every
     /// call meanwhile) goes to a backend without one whenever p2c sees one;
-    /// so does an attempt that failed, until its call's retries end.
+    /// so does an attempt that failed, while its call's retry picks a
+    /// backend.
     pub fn load(&self) -> u64 {
         const SLOW_WEIGHT: u64 = 1 << 32;
         self.in_flight().saturating_add(
@@ -405,16 +406,9 @@ impl tower::load::Load for Backend {
 }
 
 /// An attempt marked slow (see [`BackendState::load`]), unmarked on drop.
-/// A clone is a mark of its own.
 #[derive(Debug)]
 pub(crate) struct SlowAttempt {
     state: Arc<BackendState>,
-}
-
-impl Clone for SlowAttempt {
-    fn clone(&self) -> Self {
-        self.state.slow_attempt()
-    }
 }
 
 impl Drop for SlowAttempt {
@@ -532,7 +526,10 @@ impl tower::Service<Attempt> for Backend {
             let failed = matches!(&result, Err(status) if is_backend_failure(status));
             in_flight.finish(failed);
             match &result {
-                Err(status) if is_backend_failure(status) => state.call_failed(&describe(status)),
+                Err(status) if is_backend_failure(status) => {
+                    attempt.trace.failed(&state);
+                    state.call_failed(&describe(status));
+                }
                 Err(status) if status.code() == tonic::Code::DeadlineExceeded => {}
                 _ => state.call_answered(),
             }

@@ -65,11 +65,17 @@ pub struct Attempt {
     pub trace: Arc<CallTrace>,
 }
 
-/// What happened to a call inside the balancer, for its audit line.
+/// What happened to a call inside the balancer, for its audit line and
+/// its retries.
 #[derive(Debug, Default)]
 pub struct CallTrace {
     attempts: std::sync::atomic::AtomicU32,
     last_backend: std::sync::Mutex<Option<Arc<backend::BackendState>>>,
+    /// Backends this call's attempts failed on since its last retry.
+    failed_on: std::sync::Mutex<Vec<Arc<backend::BackendState>>>,
+    /// Marks that keep the balancer off those backends while it picks the
+    /// retry's backend (see [`CallTrace::avoid_failed`]).
+    avoiding: std::sync::Mutex<Vec<backend::SlowAttempt>>,
 }
 
 impl CallTrace {
@@ -88,10 +94,29 @@ impl CallTrace {
         lock(&self.last_backend).clone()
     }
 
+    /// An attempt of this call was sent to `backend`: the balancer has
+    /// picked, so the backends avoided for the pick are avoided no more.
     pub(crate) fn attempted(&self, backend: &Arc<backend::BackendState>) {
         self.attempts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *lock(&self.last_backend) = Some(backend.clone());
+        let picked = std::mem::take(&mut *lock(&self.avoiding));
+        drop(picked);
+    }
+
+    /// An attempt of this call failed on `backend` (it could not serve).
+    pub(crate) fn failed(&self, backend: &Arc<backend::BackendState>) {
+        lock(&self.failed_on).push(backend.clone());
+    }
+
+    /// Before a retry: marks every backend an attempt failed on since the
+    /// last retry as slow until the retry's attempt has a backend, so that
+    /// the balancer picks one of them only when every backend it compares
+    /// is marked. Other calls meanwhile avoid them too, for that moment.
+    pub(crate) fn avoid_failed(&self) {
+        let failed = std::mem::take(&mut *lock(&self.failed_on));
+        let marks = failed.iter().map(|backend| backend.slow_attempt());
+        lock(&self.avoiding).extend(marks);
     }
 }
 
@@ -371,6 +396,21 @@ mod tests {
             );
         }
         assert_eq!(retries_without_backend(), before);
+    }
+
+    #[test]
+    fn failed_backends_are_avoided_only_while_the_retry_picks() {
+        let trace = CallTrace::default();
+        let (failed, other) = (testing::backend_state(), testing::backend_state());
+        trace.attempted(&failed);
+        trace.failed(&failed);
+        trace.avoid_failed();
+        assert!(failed.load() >= 1 << 32, "not marked");
+        trace.attempted(&other);
+        assert_eq!(failed.load(), 0, "still marked after the pick");
+        // Each failure is avoided once: a later retry marks only newer ones.
+        trace.avoid_failed();
+        assert_eq!(failed.load(), 0);
     }
 
     #[test]

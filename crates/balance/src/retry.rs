@@ -6,11 +6,12 @@
 //! are. Retries are bounded per call and by a [`TpsBudget`] shared by all
 //! calls, so that a full outage does not multiply load. The retry goes back
 //! through the balancer, which avoids the backends that failed this call:
-//! until the call ends, each is marked slow (see
-//! [`BackendState::load`](crate::backend::BackendState::load)), so the
-//! balancer picks one only when every other it compares is marked too. With
-//! the default ejection policy the failure also ejects the backend, unless
-//! it is the last one.
+//! until the retry's attempt has a backend, each is marked slow (see
+//! [`BackendState::load`](crate::backend::BackendState::load) and
+//! [`CallTrace::avoid_failed`](crate::CallTrace::avoid_failed)), so the
+//! balancer picks one only when every other it compares is marked too.
+//! With the default ejection policy the failure also ejects the backend,
+//! unless it is the last one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use securemesh_telemetry::metrics;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::BoxError;
 
-use crate::backend::{is_backend_failure, SlowAttempt};
+use crate::backend::is_backend_failure;
 use crate::Attempt;
 
 /// A retry policy for `Submit`, cloned for every call.
@@ -30,8 +31,6 @@ pub struct RetryPolicy {
     retries_left: usize,
     max_attempts: u32,
     deposited: bool,
-    /// The backends this call failed on, avoided by its retries.
-    failed_on: Vec<SlowAttempt>,
 }
 
 impl RetryPolicy {
@@ -44,7 +43,6 @@ impl RetryPolicy {
             retries_left: max_retries,
             max_attempts: max_attempts(max_retries),
             deposited: false,
-            failed_on: Vec::new(),
         }
     }
 }
@@ -102,12 +100,10 @@ impl tower::retry::Policy<Attempt, SubmitReply, BoxError> for RetryPolicy {
         }
         metrics().retry_budget_exhausted.set(0);
         match request.trace.last_backend() {
-            Some(backend) => {
-                backend.count_retry();
-                self.failed_on.push(backend.slow_attempt());
-            }
+            Some(backend) => backend.count_retry(),
             None => metrics().backend_retries.with_label_values(&["none"]).inc(),
         }
+        request.trace.avoid_failed();
         self.retries_left -= 1;
         Some(std::future::ready(()))
     }
