@@ -108,7 +108,8 @@ pub async fn serve(
         closing_seen.clone(),
     ));
     securemesh::add_reflection(&mut routes)?;
-    let following = tokio::spawn(follow_rotation(health.clone(), serving));
+    // Ends with this function, however it ends (dropped included).
+    let following = AbortOnDrop(tokio::spawn(follow_rotation(health.clone(), serving)));
     let front = Arc::new(Front {
         coordinator,
         authorization,
@@ -124,7 +125,7 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     let drain = async {
         shutdown.await;
-        following.abort();
+        following.0.abort();
         health
             .set_service_status(DATA_SERVICE_NAME, ServingStatus::NotServing)
             .await;
@@ -166,6 +167,15 @@ pub async fn serve(
         connections.abort_all();
     }
     Ok(())
+}
+
+/// A task that ends with its owner: aborted when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Reports the DataService `SERVING` while at least one backend is in
@@ -327,6 +337,9 @@ impl Front {
         mut respond: SendResponse<Bytes>,
         peer: securemesh_tls::PeerInfo,
     ) {
+        // The caller's deadline counts from here, a password check
+        // included.
+        let arrived = tokio::time::Instant::now();
         if let Some(refusal) = refuse_as_http(request.method(), request.headers()) {
             let _ = respond.send_response(refusal, true);
             return;
@@ -349,9 +362,9 @@ impl Front {
                 Err(status) => Err(status),
                 Ok(request) => {
                     let (metadata, extensions, ()) = request.into_parts();
-                    let context = self
-                        .coordinator
-                        .context(&metadata, extensions.get::<Caller>());
+                    let context =
+                        self.coordinator
+                            .context(&metadata, extensions.get::<Caller>(), arrived);
                     // The deadline holds from the call's arrival: a message that
                     // never finishes arriving does not hold the stream forever.
                     let reading = read_message(body, self.max_message_bytes);

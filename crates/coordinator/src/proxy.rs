@@ -65,12 +65,13 @@ impl CallContext {
 }
 
 impl Coordinator {
-    /// The context of a call that arrived just now with `metadata`; the
-    /// caller is the one [`securemesh_tls::Authorization`] established.
+    /// The context of a call that `arrived` with `metadata`; the caller is
+    /// the one [`securemesh_tls::Authorization`] established.
     pub(crate) fn context(
         &self,
         metadata: &tonic::metadata::MetadataMap,
         caller: Option<&securemesh_tls::Caller>,
+        arrived: tokio::time::Instant,
     ) -> CallContext {
         CallContext {
             deadline: call_deadline(
@@ -78,7 +79,7 @@ impl Coordinator {
                     .get("grpc-timeout")
                     .and_then(|value| value.to_str().ok()),
                 self.request_timeout,
-                tokio::time::Instant::now(),
+                arrived,
             ),
             request_id: securemesh::request_id::of(metadata),
             caller: caller

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
@@ -205,28 +205,59 @@ impl Credentials {
     /// when a few are waiting already, a password is refused as
     /// [`Refusal::Busy`] without hashing.
     pub fn verify(&self, authorization: Option<&str>) -> Result<String, Refusal> {
+        self.verify_with(authorization, None)
+    }
+
+    /// A place among the password checks allowed at once, taken ahead of
+    /// [`Credentials::verify_in_turn`]: an async caller takes it before it
+    /// hands the check to another thread, so that a flood is refused as
+    /// [`Refusal::Busy`] on the spot instead of queueing threads. `None`
+    /// when the places are taken.
+    pub fn hashing_turn(&self) -> Option<HashingTurn> {
+        CheckInProgress::enter(&self.hashing.checks).map(HashingTurn)
+    }
+
+    /// [`Credentials::verify`] with a place taken by
+    /// [`Credentials::hashing_turn`].
+    pub fn verify_in_turn(
+        &self,
+        authorization: Option<&str>,
+        turn: HashingTurn,
+    ) -> Result<String, Refusal> {
+        self.verify_with(authorization, Some(turn.0))
+    }
+
+    fn verify_with(
+        &self,
+        authorization: Option<&str>,
+        turn: Option<CheckInProgress>,
+    ) -> Result<String, Refusal> {
         let header = authorization.ok_or(Refusal::Missing)?.trim();
         let (scheme, value) = header.split_once(' ').ok_or(Refusal::Malformed)?;
         match scheme.to_ascii_lowercase().as_str() {
-            "basic" => self.verify_basic(value.trim()),
+            "basic" => self.verify_basic(value.trim(), turn),
             "bearer" => self.verify_bearer(value.trim()),
             _ => Err(Refusal::Malformed),
         }
     }
 
-    fn verify_basic(&self, encoded: &str) -> Result<String, Refusal> {
+    fn verify_basic(
+        &self,
+        encoded: &str,
+        turn: Option<CheckInProgress>,
+    ) -> Result<String, Refusal> {
         let (user, password) = decode_basic(encoded)?;
         let Some(hash) = self.users.get(&user) else {
             // Spend the same argon2 work as for a real user, so that timing
             // does not tell which user names exist.
-            self.hashing.verify(dummy_hash(), &password)?;
+            self.hashing.verify(dummy_hash(), &password, turn)?;
             return Err(Refusal::Invalid);
         };
         let remembered = remembered_key(hash, &password);
         if self.recently_verified(&remembered) {
             return Ok(user);
         }
-        if !self.hashing.verify(hash, &password)? {
+        if !self.hashing.verify(hash, &password, turn)? {
             return Err(Refusal::Invalid);
         }
         self.remember(remembered);
@@ -357,14 +388,23 @@ fn remembered_key(hash: &str, password: &str) -> [u8; 32] {
 #[derive(Default)]
 struct PasswordHashing {
     memory: Mutex<Vec<Block>>,
-    checks: AtomicUsize,
+    checks: Arc<AtomicUsize>,
 }
 
 impl PasswordHashing {
-    /// Whether `password` matches the argon2 `hash`; `Busy` when
-    /// [`PASSWORD_CHECKS_AT_ONCE`] checks are running or waiting already.
-    fn verify(&self, hash: &str, password: &str) -> Result<bool, Refusal> {
-        let _turn = CheckInProgress::enter(&self.checks).ok_or(Refusal::Busy)?;
+    /// Whether `password` matches the argon2 `hash`, in `turn` if one was
+    /// taken ahead; `Busy` when [`PASSWORD_CHECKS_AT_ONCE`] checks are
+    /// running or waiting already.
+    fn verify(
+        &self,
+        hash: &str,
+        password: &str,
+        turn: Option<CheckInProgress>,
+    ) -> Result<bool, Refusal> {
+        let _turn = match turn {
+            Some(turn) => turn,
+            None => CheckInProgress::enter(&self.checks).ok_or(Refusal::Busy)?,
+        };
         let mut memory = self
             .memory
             .lock()
@@ -373,25 +413,29 @@ impl PasswordHashing {
     }
 }
 
-/// One password check counted in; counted out when dropped.
-struct CheckInProgress<'a>(&'a AtomicUsize);
+/// A place among the password checks allowed at once, taken by
+/// [`Credentials::hashing_turn`]; given back when dropped.
+#[derive(Debug)]
+pub struct HashingTurn(CheckInProgress);
 
-impl<'a> CheckInProgress<'a> {
-    fn enter(checks: &'a AtomicUsize) -> Option<Self> {
+/// One password check counted in; counted out when dropped.
+#[derive(Debug)]
+struct CheckInProgress(Arc<AtomicUsize>);
+
+impl CheckInProgress {
+    fn enter(checks: &Arc<AtomicUsize>) -> Option<Self> {
         let before = checks.fetch_add(1, Ordering::AcqRel);
-        let entered = CheckInProgress(checks);
+        let entered = CheckInProgress(checks.clone());
         (before < PASSWORD_CHECKS_AT_ONCE).then_some(entered)
     }
 }
 
-impl Drop for CheckInProgress<'_> {
+impl Drop for CheckInProgress {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// Whether `password` matches the argon2 PHC string `hash`, hashing into
-/// `memory` (grown to what the hash's parameters need, then kept).
 /// Whether `hash` is an argon2 hash this file may hold: a variant argon2
 /// knows, with parameters within bounds.
 fn usable_hash(hash: &str) -> bool {
@@ -405,6 +449,8 @@ fn usable_hash(hash: &str) -> bool {
     })
 }
 
+/// Whether `password` matches the argon2 PHC string `hash`, hashing into
+/// `memory` (grown to what the hash's parameters need, then kept).
 fn argon2_matches(hash: &str, password: &str, memory: &mut Vec<Block>) -> bool {
     let Ok(parsed) = PasswordHash::new(hash) else {
         return false;
@@ -600,16 +646,41 @@ mod tests {
                 .hash_password(b"tr0ub4dor", &salt)
                 .unwrap()
                 .to_string();
-            assert_eq!(hashing.verify(&hash, "tr0ub4dor"), Ok(true), "{hash}");
-            assert_eq!(hashing.verify(&hash, "tr0ub4dor&3"), Ok(false), "{hash}");
+            assert_eq!(hashing.verify(&hash, "tr0ub4dor", None), Ok(true), "{hash}");
+            assert_eq!(
+                hashing.verify(&hash, "tr0ub4dor&3", None),
+                Ok(false),
+                "{hash}"
+            );
         }
         // The largest parameters so far set the size of the one block kept.
         let kept = hashing.memory.lock().unwrap().len();
         assert_eq!(kept * std::mem::size_of::<Block>(), 19456 * 1024);
         assert_eq!(
-            hashing.verify("$argon2id$v=19$m=64,t=1,p=1$bad", "x"),
+            hashing.verify("$argon2id$v=19$m=64,t=1,p=1$bad", "x", None),
             Ok(false)
         );
+    }
+
+    #[test]
+    fn places_taken_ahead_count_and_are_given_back() {
+        let (_dir, path, _token) = file();
+        let credentials = Credentials::from_file(&path).unwrap();
+        let turns: Vec<HashingTurn> = std::iter::from_fn(|| credentials.hashing_turn())
+            .take(PASSWORD_CHECKS_AT_ONCE + 1)
+            .collect();
+        assert_eq!(turns.len(), PASSWORD_CHECKS_AT_ONCE);
+        let guess = basic_header("alice", "a guess");
+        assert_eq!(credentials.verify(Some(&guess)), Err(Refusal::Busy));
+        let mut turns = turns.into_iter();
+        let right = basic_header("alice", "correct horse");
+        let turn = turns.next().unwrap();
+        assert_eq!(
+            credentials.verify_in_turn(Some(&right), turn),
+            Ok("alice".into())
+        );
+        drop(turns);
+        assert_eq!(credentials.hashing.checks.load(Ordering::Acquire), 0);
     }
 
     #[test]

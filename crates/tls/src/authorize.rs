@@ -148,15 +148,24 @@ impl Authorization {
         match self.first_pass(&request)? {
             FirstPass::Admitted(caller) => Ok(with_caller(request, caller)),
             FirstPass::PasswordToHash(pending) => {
-                let credentials = Arc::clone(&pending.credentials);
-                let header = pending.header.clone();
-                let verdict =
-                    tokio::task::spawn_blocking(move || credentials.verify(header.as_deref()))
+                // The place among the checks allowed at once is taken here,
+                // so that a flood is refused at once rather than queued on
+                // the blocking pool.
+                let verdict = match pending.credentials.hashing_turn() {
+                    None => Err(Refusal::Busy),
+                    Some(turn) => {
+                        let credentials = Arc::clone(&pending.credentials);
+                        let header = pending.header.clone();
+                        tokio::task::spawn_blocking(move || {
+                            credentials.verify_in_turn(header.as_deref(), turn)
+                        })
                         .await
                         .map_err(|failed| {
                             tracing::error!(%failed, "the password check did not finish");
                             Status::internal("the password check did not finish")
-                        })?;
+                        })?
+                    }
+                };
                 let caller = pending.conclude(&request, verdict, &self.refusal_warnings)?;
                 Ok(with_caller(request, caller))
             }
