@@ -11,6 +11,7 @@
 
 use std::io::IsTerminal as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
@@ -24,36 +25,37 @@ use crate::args::{LogArgs, LogFormat, LogRotation};
 /// dropped.
 const STDERR_BACKLOG_LINES: usize = 16_384;
 
-/// The writer threads (the log file's first), until [`finish`] flushes and
-/// ends them.
-static WRITERS: Mutex<Vec<WorkerGuard>> = Mutex::new(Vec::new());
+/// The writer threads, until [`finish`] flushes and ends them.
+static FILE_WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+static STDERR_WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
 
 /// The lines standard error could not take.
 static STDERR_DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Set by the first [`finish`]: the others do nothing.
+static FINISHED: AtomicBool = AtomicBool::new(false);
 
 /// Installs the global subscriber, logging at `default` (`info`, `warn`,
 /// ...) unless `RUST_LOG` says otherwise. Call [`finish`] before the
 /// process exits, or the last lines may be lost.
 pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<()> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let mut guards = Vec::new();
-    let file = match &args.log_file {
+    let (file, file_guard) = match &args.log_file {
         Some(path) => {
             let (writer, guard) = NonBlockingBuilder::default()
                 .lossy(false)
                 .thread_name("securemesh-log-file")
                 .finish(appender(path, args.log_rotation)?);
-            guards.push(guard);
-            Some(format_layer(args.log_format, writer, false).with_filter(filter()))
+            let layer = format_layer(args.log_format, writer, false).with_filter(filter());
+            (Some(layer), Some(guard))
         }
-        None => None,
+        None => (None, None),
     };
-    let (stderr, guard) = NonBlockingBuilder::default()
+    let (stderr, stderr_guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(STDERR_BACKLOG_LINES)
         .thread_name("securemesh-log-stderr")
         .finish(std::io::stderr());
-    guards.push(guard);
     let dropped = stderr.error_counter();
     let terminal = format_layer(args.log_format, stderr, std::io::stderr().is_terminal())
         .with_filter(filter());
@@ -62,7 +64,8 @@ pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<()> {
         .with(file)
         .try_init()?;
     let _ = STDERR_DROPPED.set(dropped);
-    *WRITERS.lock().unwrap_or_else(PoisonError::into_inner) = guards;
+    *lock(&FILE_WRITER) = file_guard;
+    *lock(&STDERR_WRITER) = Some(stderr_guard);
     Ok(())
 }
 
@@ -77,8 +80,12 @@ impl Drop for FinishOnDrop {
 
 /// Says how many lines standard error dropped, if any, then writes out
 /// what is still buffered (waiting a moment at most for each writer) and
-/// stops the writers. Events logged afterwards are lost.
+/// stops the writers; only the first call does anything. Events logged
+/// afterwards are lost.
 pub fn finish() {
+    if FINISHED.swap(true, Ordering::AcqRel) {
+        return;
+    }
     let dropped = STDERR_DROPPED.get().map_or(0, ErrorCounter::dropped_lines);
     if dropped > 0 {
         tracing::warn!(
@@ -86,8 +93,19 @@ pub fn finish() {
             "log lines for standard error were dropped: it was not read fast enough"
         );
     }
-    let writers = std::mem::take(&mut *WRITERS.lock().unwrap_or_else(PoisonError::into_inner));
-    drop(writers);
+    drop(lock(&FILE_WRITER).take());
+    let stderr = lock(&STDERR_WRITER).take();
+    if dropped > 0 {
+        // Its backlog is full: dropping the guard would wait in vain, then
+        // print its complaint on standard output, into a command's output.
+        std::mem::forget(stderr);
+    } else {
+        drop(stderr);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn format_layer<S, W>(format: LogFormat, writer: W, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
