@@ -139,8 +139,10 @@ async fn sync_and_watch(
 struct Registrations {
     /// The registrations whose backend is in the set: key → URL.
     by_key: BTreeMap<String, String>,
-    /// Registrations beyond `limit`, waiting for room.
+    /// Registrations beyond `limit`, waiting for room (at most `limit`).
     waiting: BTreeMap<String, ServerRecord>,
+    /// Whether a registration was left out for want of room to wait.
+    left_out: bool,
     /// The most registrations in the set at once.
     limit: usize,
     members: Arc<dyn Membership>,
@@ -153,6 +155,7 @@ impl Registrations {
         Self {
             by_key: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            left_out: false,
             limit,
             members,
             read_once: false,
@@ -180,17 +183,14 @@ impl Registrations {
             }
             None => {}
         }
+        self.place(key, record);
+        self.fill();
+    }
+
+    /// `key`'s backend joins the set if there is room; else it waits.
+    fn place(&mut self, key: &str, record: ServerRecord) {
         if self.by_key.len() >= self.limit {
-            let url = record.url.clone();
-            if self.waiting.insert(key.to_owned(), record).is_none() {
-                tracing::warn!(
-                    %key,
-                    %url,
-                    limit = self.limit,
-                    waiting = self.waiting.len(),
-                    "too many backends registered in etcd: this one waits until another leaves"
-                );
-            }
+            self.wait(key, record);
             return;
         }
         self.waiting.remove(key);
@@ -205,17 +205,44 @@ impl Registrations {
         }
     }
 
+    /// Keeps `key` waiting for room, as long as the waiting list itself
+    /// has room (as many as the set); the first to wait, and the first left
+    /// out, are logged.
+    fn wait(&mut self, key: &str, record: ServerRecord) {
+        if self.waiting.len() >= self.limit && !self.waiting.contains_key(key) {
+            if !self.left_out {
+                self.left_out = true;
+                tracing::warn!(%key, limit = self.limit, "too many registrations in etcd: ignoring more until a resync");
+            }
+            return;
+        }
+        if self.waiting.is_empty() {
+            tracing::warn!(
+                %key,
+                url = %record.url,
+                limit = self.limit,
+                "too many backends registered in etcd: more wait until others leave"
+            );
+        }
+        self.waiting.insert(key.to_owned(), record);
+    }
+
+    /// Lets waiting registrations in while there is room.
+    fn fill(&mut self) {
+        while self.by_key.len() < self.limit {
+            let Some((key, record)) = self.waiting.pop_first() else {
+                break;
+            };
+            self.place(&key, record);
+        }
+    }
+
     /// A key was deleted (by its server, or when its lease expired): its
     /// backend leaves, and a waiting registration may take its place.
     fn delete(&mut self, key: &str) {
         self.waiting.remove(key);
         if self.forget(key) {
-            while self.by_key.len() < self.limit {
-                let Some((key, record)) = self.waiting.pop_first() else {
-                    break;
-                };
-                self.admit(&key, record);
-            }
+            self.fill();
         }
     }
 
@@ -234,7 +261,19 @@ impl Registrations {
     fn replace_all<'a>(&mut self, listing: impl Iterator<Item = (String, &'a [u8])>) {
         let listing: BTreeMap<String, &[u8]> = listing.collect();
         self.read_once = true;
+        self.left_out = false;
+        // What waits is what the listing says, before room is made below.
         self.waiting.retain(|key, _| listing.contains_key(key));
+        for (key, record) in self.waiting.iter_mut() {
+            match listing
+                .get(key)
+                .and_then(|value| serde_json::from_slice::<ServerRecord>(value).ok())
+            {
+                Some(listed) => *record = listed,
+                None => record.url.clear(),
+            }
+        }
+        self.waiting.retain(|_, record| !record.url.is_empty());
         let gone: Vec<String> = self
             .by_key
             .keys()
@@ -363,6 +402,43 @@ mod tests {
             ["-https://d:2", "+https://f:1", "-https://e:1"]
         );
         assert!(registrations.waiting.is_empty());
+    }
+
+    #[test]
+    fn a_resync_lets_in_what_waits_as_listed_and_the_waiting_list_is_bounded() {
+        let (recorded, mut registrations) = registrations();
+        for server in ["a", "b", "c", "d"] {
+            registrations.put(
+                &format!("/p/{server}"),
+                &record(&format!("https://{server}:1")),
+            );
+        }
+        taken(&recorded);
+        let (a, b, d) = (
+            record("https://a:1"),
+            record("https://b:1"),
+            record("https://d:2"),
+        );
+        registrations.replace_all(
+            [
+                ("/p/a".to_owned(), a.as_slice()),
+                ("/p/b".to_owned(), b.as_slice()),
+                ("/p/d".to_owned(), d.as_slice()),
+            ]
+            .into_iter(),
+        );
+        // The waiting d takes c's place with its listed URL, never its old.
+        assert_eq!(taken(&recorded), ["-https://c:1", "+https://d:2"]);
+        // Three may wait (as many as the set holds); more are left out.
+        for server in ["e", "f", "g", "h"] {
+            registrations.put(
+                &format!("/p/{server}"),
+                &record(&format!("https://{server}:1")),
+            );
+        }
+        assert_eq!(registrations.waiting.len(), 3);
+        assert!(!registrations.waiting.contains_key("/p/h"));
+        assert!(taken(&recorded).is_empty());
     }
 
     #[test]
