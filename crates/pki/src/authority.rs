@@ -193,7 +193,7 @@ impl Authority {
             return Err(PkiError::InvalidValidity);
         }
         let now = OffsetDateTime::now_utc();
-        let not_after = (now + Duration::days(i64::from(days))).min(self.not_after);
+        let not_after = days_after(now, days)?.min(self.not_after);
         if not_after <= now {
             return Err(PkiError::CaExpired);
         }
@@ -303,9 +303,16 @@ fn set_validity_and_serial(params: &mut CertificateParams, days: u32) -> Result<
     }
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(i64::from(days));
+    params.not_after = days_after(now, days)?;
     params.serial_number = Some(random_serial()?);
     Ok(())
+}
+
+/// `days` days after `now`, if X.509 can say it (up to the year 9999).
+fn days_after(now: OffsetDateTime, days: u32) -> Result<OffsetDateTime, PkiError> {
+    now.checked_add(Duration::days(i64::from(days)))
+        .filter(|end| end.year() <= 9999)
+        .ok_or(PkiError::InvalidValidity)
 }
 
 /// 16 random bytes, so that re-issuing never repeats a serial (revocation
@@ -365,6 +372,19 @@ mod tests {
         assert!(leaf.validity().not_after <= ca_cert.validity().not_after);
         let constraints = ca_cert.basic_constraints().unwrap().unwrap().value;
         assert_eq!(constraints.path_len_constraint, Some(0));
+    }
+
+    #[test]
+    fn a_validity_past_the_year_9999_is_refused_not_a_panic() {
+        assert!(matches!(
+            Authority::generate(u32::MAX),
+            Err(PkiError::InvalidValidity)
+        ));
+        let ca = Authority::generate(1).unwrap();
+        assert!(matches!(
+            ca.issue("a", Role::Client, &[], u32::MAX),
+            Err(PkiError::InvalidValidity)
+        ));
     }
 
     #[test]

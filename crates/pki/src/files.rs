@@ -143,6 +143,9 @@ pub fn init(options: &InitOptions) -> Result<Vec<PathBuf>, PkiError> {
     for (name, _) in &leaves {
         targets.extend(leaf_paths(&options.dir, name));
     }
+    // A revocation under way must not write the old CA's CRL back after
+    // it is removed below.
+    let _lock = securemesh_fs::lock_dir(&options.dir)?;
     refuse_existing(targets.iter().map(PathBuf::as_path), options.force)?;
 
     let authority = Authority::generate(ca_days(options.days))?;
@@ -186,6 +189,7 @@ pub fn ca_days(days: u32) -> u32 {
 /// paths written.
 pub fn issue(options: &IssueOptions) -> Result<Vec<PathBuf>, PkiError> {
     let targets = leaf_paths(&options.dir, &options.name);
+    let _lock = securemesh_fs::lock_dir(&options.dir)?;
     refuse_existing(targets.iter().map(PathBuf::as_path), options.force)?;
     let authority = Authority::from_pem(
         &read(&options.dir.join(CA_CERT_FILE))?,
@@ -335,7 +339,11 @@ mod tests {
     fn the_ca_outlives_its_leaves() {
         assert_eq!(ca_days(365), 3650);
         assert_eq!(ca_days(5000), 10_000);
-        assert_eq!(ca_days(u32::MAX), u32::MAX);
+        assert!(init(&InitOptions {
+            days: u32::MAX,
+            ..InitOptions::new(tempfile::tempdir().unwrap().path())
+        })
+        .is_err_and(|error| matches!(error, PkiError::InvalidValidity)));
     }
 
     #[test]
