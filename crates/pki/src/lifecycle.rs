@@ -54,13 +54,7 @@ pub fn revoke(dir: &Path, certificate: &str) -> Result<Revocation, PkiError> {
         return Err(unreadable(&cert_path, "is a CA certificate, not a leaf"));
     }
     let _lock = securemesh_fs::lock_dir(dir)?;
-    let authority = Authority::from_pem(
-        &read(&dir.join(CA_CERT_FILE))?,
-        &read(&dir.join(CA_KEY_FILE))?,
-    )?;
-    if !authority.signed(&parsed.der) {
-        return Err(unreadable(&cert_path, "was not issued by this CA"));
-    }
+    let authority = issuing_authority(dir, &parsed, &cert_path)?;
     let serial = parsed.serial;
     let crl_path = dir.join(CRL_FILE);
     let (mut revoked, number) = if crl_path.exists() {
@@ -128,13 +122,7 @@ pub fn renew(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>, PkiError
             "is a CA certificate: it is not renewed this way",
         ));
     }
-    let authority = Authority::from_pem(
-        &read(&dir.join(CA_CERT_FILE))?,
-        &read(&dir.join(CA_KEY_FILE))?,
-    )?;
-    if !authority.signed(&current.der) {
-        return Err(unreadable(&cert_path, "was not issued by this CA"));
-    }
+    let authority = issuing_authority(dir, &current, &cert_path)?;
     let serial: String = current
         .serial
         .iter()
@@ -216,6 +204,19 @@ struct Parsed {
     fingerprint: Vec<u8>,
     /// The certificate itself, DER.
     der: Vec<u8>,
+}
+
+/// The CA of `dir`, once it is known to have signed `certificate` (read
+/// from `path`).
+fn issuing_authority(dir: &Path, certificate: &Parsed, path: &Path) -> Result<Authority, PkiError> {
+    let authority = Authority::from_pem(
+        &read(&dir.join(CA_CERT_FILE))?,
+        &read(&dir.join(CA_KEY_FILE))?,
+    )?;
+    if !authority.signed(&certificate.der) {
+        return Err(unreadable(path, "was not issued by this CA"));
+    }
+    Ok(authority)
 }
 
 fn unreadable(path: &Path, what: &str) -> PkiError {
