@@ -336,7 +336,7 @@ fn append(path: &Path, kind: &str, name: &str, secret: &str) -> Result<(), Crede
         return Err(CredentialsError::InvalidName(name.to_owned()));
     }
     // Two additions at once must not lose one.
-    let _lock = securemesh_fs::lock_dir(path.parent().unwrap_or(Path::new("")))?;
+    let _lock = securemesh_fs::lock_dir_of(path)?;
     let mut text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {

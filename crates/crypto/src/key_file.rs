@@ -90,7 +90,7 @@ pub enum KeyFileEdit {
 /// it with mode 0600 under the lock of its directory, so that two edits at
 /// once do not lose one. Returns how many keys the file now holds.
 pub fn edit_key_file(path: &Path, edit: KeyFileEdit) -> Result<usize, KeyFileError> {
-    let _lock = securemesh_fs::lock_dir(path.parent().unwrap_or(Path::new("")))?;
+    let _lock = securemesh_fs::lock_dir_of(path)?;
     let mut keys = Vec::new();
     for (line, key) in read_key_lines(path)? {
         if fernet::Fernet::new(&key).is_none() {

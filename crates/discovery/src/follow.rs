@@ -263,17 +263,13 @@ impl Registrations {
         self.read_once = true;
         self.left_out = false;
         // What waits is what the listing says, before room is made below.
-        self.waiting.retain(|key, _| listing.contains_key(key));
-        for (key, record) in self.waiting.iter_mut() {
-            match listing
-                .get(key)
-                .and_then(|value| serde_json::from_slice::<ServerRecord>(value).ok())
-            {
-                Some(listed) => *record = listed,
-                None => record.url.clear(),
-            }
-        }
-        self.waiting.retain(|_, record| !record.url.is_empty());
+        self.waiting = std::mem::take(&mut self.waiting)
+            .into_keys()
+            .filter_map(|key| {
+                let listed = serde_json::from_slice::<ServerRecord>(listing.get(&key)?).ok()?;
+                Some((key, listed))
+            })
+            .collect();
         let gone: Vec<String> = self
             .by_key
             .keys()

@@ -140,6 +140,12 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, WriteError> {
     Ok(DirLock { _held: held })
 }
 
+/// [`lock_dir`] on the directory of the file at `path`, for a change to
+/// that file.
+pub fn lock_dir_of(path: &Path) -> Result<DirLock, WriteError> {
+    lock_dir(path.parent().unwrap_or(Path::new("")))
+}
+
 /// Logs a warning when the secret at `path` (`what`: "private key", ...)
 /// is open to anyone but its owner, as ssh does for keys; `true` when it
 /// warned. It does not refuse: secrets mounted by an orchestrator are often
