@@ -89,48 +89,145 @@ pub enum KeyFileEdit {
 /// Applies `edit` to the key file at `path` (which must exist), rewriting
 /// it with mode 0600 under the lock of its directory, so that two edits at
 /// once do not lose one. Returns how many keys the file now holds.
+///
+/// Comments and blank lines stay: a comment block directly above a key (no
+/// blank line between) travels with that key when keys move or go, and
+/// every other line keeps its place.
 pub fn edit_key_file(path: &Path, edit: KeyFileEdit) -> Result<usize, KeyFileError> {
     let _lock = securemesh_fs::lock_dir_of(path)?;
-    let mut keys = Vec::new();
-    for (line, key) in read_key_lines(path)? {
-        if fernet::Fernet::new(&key).is_none() {
+    let text = read_key_file_text(path)?;
+    let mut lines = KeyFileLines::parse(&text);
+    for (line, key) in lines.keys() {
+        if fernet::Fernet::new(key).is_none() {
             return Err(KeyFileError::InvalidKey {
                 path: path.to_path_buf(),
                 line,
             });
         }
-        keys.push(key);
     }
+    let slots = lines.key_slots();
+    let Some(&first) = slots.first() else {
+        return Err(KeyFileError::Empty(path.to_path_buf()));
+    };
     match edit {
-        KeyFileEdit::Rotate => keys.insert(0, generate_key()),
-        KeyFileEdit::Stage => keys.insert(1, generate_key()),
-        KeyFileEdit::Promote if keys.len() < 2 => {
-            return Err(KeyFileError::NothingToPromote(path.to_path_buf()))
-        }
-        KeyFileEdit::Promote => keys.swap(0, 1),
+        KeyFileEdit::Rotate => lines.insert_key(first, generate_key()),
+        KeyFileEdit::Stage => lines.insert_key(first + 1, generate_key()),
+        KeyFileEdit::Promote => match slots.get(1) {
+            Some(&second) => lines.0.swap(first, second),
+            None => return Err(KeyFileError::NothingToPromote(path.to_path_buf())),
+        },
         KeyFileEdit::Keep(0) => return Err(KeyFileError::KeepNone),
-        KeyFileEdit::Keep(count) => keys.truncate(count),
+        KeyFileEdit::Keep(count) => {
+            for &slot in slots.iter().skip(count).rev() {
+                lines.0.remove(slot);
+            }
+        }
     }
-    let contents = keys
-        .iter()
-        .map(|key| format!("{key}\n"))
-        .collect::<String>();
-    securemesh_fs::write_file(path, contents.as_bytes(), securemesh_fs::PRIVATE, true)?;
-    Ok(keys.len())
+    securemesh_fs::write_file(
+        path,
+        lines.render().as_bytes(),
+        securemesh_fs::PRIVATE,
+        true,
+    )?;
+    Ok(lines.key_slots().len())
+}
+
+/// A key file's lines as an edit sees them.
+struct KeyFileLines(Vec<KeyFileLine>);
+
+/// One line of a key file, or a key with the comment block above it.
+enum KeyFileLine {
+    /// A key, its 1-based line number (0 for a new key) and the comment
+    /// lines directly above it.
+    Key {
+        key: String,
+        line: usize,
+        notes: Vec<String>,
+    },
+    /// A blank line, or a comment not directly above a key: kept as written.
+    Other(String),
+}
+
+impl KeyFileLines {
+    fn parse(text: &str) -> Self {
+        let mut lines = Vec::new();
+        let mut notes = Vec::new();
+        for (index, raw) in text.lines().enumerate() {
+            let trimmed = raw.trim();
+            if trimmed.starts_with('#') {
+                notes.push(raw.to_owned());
+            } else if trimmed.is_empty() {
+                lines.extend(notes.drain(..).map(KeyFileLine::Other));
+                lines.push(KeyFileLine::Other(raw.to_owned()));
+            } else {
+                lines.push(KeyFileLine::Key {
+                    key: trimmed.to_owned(),
+                    line: index + 1,
+                    notes: std::mem::take(&mut notes),
+                });
+            }
+        }
+        lines.extend(notes.into_iter().map(KeyFileLine::Other));
+        Self(lines)
+    }
+
+    /// Every key with its line number, in order.
+    fn keys(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.0.iter().filter_map(|entry| match entry {
+            KeyFileLine::Key { key, line, .. } => Some((*line, key.as_str())),
+            KeyFileLine::Other(_) => None,
+        })
+    }
+
+    /// Where the keys are among the lines.
+    fn key_slots(&self) -> Vec<usize> {
+        (0..self.0.len())
+            .filter(|&index| matches!(self.0[index], KeyFileLine::Key { .. }))
+            .collect()
+    }
+
+    fn insert_key(&mut self, slot: usize, key: String) {
+        let entry = KeyFileLine::Key {
+            key,
+            line: 0,
+            notes: Vec::new(),
+        };
+        self.0.insert(slot, entry);
+    }
+
+    fn render(&self) -> String {
+        let mut text = String::new();
+        for entry in &self.0 {
+            match entry {
+                KeyFileLine::Key { key, notes, .. } => {
+                    for note in notes {
+                        text.push_str(note);
+                        text.push('\n');
+                    }
+                    text.push_str(key);
+                }
+                KeyFileLine::Other(line) => text.push_str(line),
+            }
+            text.push('\n');
+        }
+        text
+    }
+}
+
+fn read_key_file_text(path: &Path) -> Result<String, KeyFileError> {
+    securemesh_fs::warn_if_exposed(path, "Fernet key file");
+    std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Reads every key line of a key file, skipping blank lines and `#` comments.
 pub(crate) fn read_key_lines(path: &Path) -> Result<Vec<(usize, String)>, KeyFileError> {
-    securemesh_fs::warn_if_exposed(path, "Fernet key file");
-    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let keys: Vec<(usize, String)> = text
-        .lines()
-        .enumerate()
-        .map(|(index, line)| (index + 1, line.trim().to_owned()))
-        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+    let text = read_key_file_text(path)?;
+    let keys: Vec<(usize, String)> = KeyFileLines::parse(&text)
+        .keys()
+        .map(|(line, key)| (line, key.to_owned()))
         .collect();
     if keys.is_empty() {
         return Err(KeyFileError::Empty(path.to_path_buf()));
@@ -192,6 +289,64 @@ mod tests {
         assert_eq!(edit_key_file(&path, KeyFileEdit::Keep(1)).unwrap(), 1);
         assert_eq!(lines(), [staged[1].clone()]);
         assert_eq!(edit_key_file(&path, KeyFileEdit::Keep(5)).unwrap(), 1);
+    }
+
+    #[test]
+    fn edits_keep_comments_and_move_a_key_with_the_comment_above_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.txt");
+        let (old, older) = (generate_key(), generate_key());
+        let written = format!(
+            "# securemesh Fernet keys: the first encrypts\n\n# since March\n{old}\n\n# since January\n{older}\n# end\n"
+        );
+        std::fs::write(&path, &written).unwrap();
+
+        assert_eq!(edit_key_file(&path, KeyFileEdit::Stage).unwrap(), 3);
+        let staged = std::fs::read_to_string(&path).unwrap();
+        let new = staged.lines().nth(4).unwrap().to_owned();
+        assert_eq!(
+            staged,
+            format!(
+                "# securemesh Fernet keys: the first encrypts\n\n# since March\n{old}\n{new}\n\n# since January\n{older}\n# end\n"
+            )
+        );
+
+        edit_key_file(&path, KeyFileEdit::Promote).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!(
+                "# securemesh Fernet keys: the first encrypts\n\n{new}\n# since March\n{old}\n\n# since January\n{older}\n# end\n"
+            )
+        );
+
+        assert_eq!(edit_key_file(&path, KeyFileEdit::Keep(2)).unwrap(), 2);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!(
+                "# securemesh Fernet keys: the first encrypts\n\n{new}\n# since March\n{old}\n\n# end\n"
+            )
+        );
+
+        let keys = read_key_lines(&path).unwrap();
+        assert_eq!(keys, [(3, new), (5, old)]);
+    }
+
+    #[test]
+    fn an_edit_refuses_a_bad_key_and_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.txt");
+        let written = format!("# keys\n{}\nnot-a-key\n", generate_key());
+        std::fs::write(&path, &written).unwrap();
+        assert!(matches!(
+            edit_key_file(&path, KeyFileEdit::Rotate),
+            Err(KeyFileError::InvalidKey { line: 3, .. })
+        ));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), written);
+        std::fs::write(&path, "# only a comment\n").unwrap();
+        assert!(matches!(
+            edit_key_file(&path, KeyFileEdit::Rotate),
+            Err(KeyFileError::Empty(_))
+        ));
     }
 
     #[test]
