@@ -50,6 +50,18 @@ pub struct LogArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// How many log lines may wait for a slow standard error; lines beyond
+    /// that are dropped (and counted on the way out), so that a standard
+    /// error nobody reads cannot stop the service.
+    #[arg(
+        long,
+        global = true,
+        env = "SECUREMESH_STDERR_BACKLOG",
+        default_value_t = 16_384,
+        value_parser = clap::value_parser!(u32).range(1..),
+        value_name = "LINES"
+    )]
+    pub stderr_backlog: u32,
 }
 
 /// How log files rotate.

@@ -526,15 +526,15 @@ fn check_advertised(url: &str, files: &securemesh_tls::TlsFiles) -> anyhow::Resu
         _ => authority.as_str(),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let names = files.dialling_names()?;
-    anyhow::ensure!(
-        files.certificate_covers(host)?,
+    if files.certificate_covers(host)? {
+        return Ok(());
+    }
+    anyhow::bail!(
         "--advertise {url}: {host} is not among the names of {} ({}), so coordinators would \
          refuse it; issue a certificate with `securemesh pki issue NAME --role server --san {host}`",
         files.cert.display(),
-        names.join(", ")
-    );
-    Ok(())
+        files.dialling_names()?.join(", ")
+    )
 }
 
 /// The `host:port` of a URL such as `https://10.0.0.5:5001/`: the one

@@ -21,10 +21,6 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::args::{LogArgs, LogFormat, LogRotation};
 
-/// How many lines may wait for a slow standard error before new ones are
-/// dropped.
-const STDERR_BACKLOG_LINES: usize = 16_384;
-
 /// The writer threads, until [`finish`] flushes and ends them.
 static FILE_WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
 static STDERR_WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
@@ -53,7 +49,7 @@ pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<()> {
     };
     let (stderr, stderr_guard) = NonBlockingBuilder::default()
         .lossy(true)
-        .buffered_lines_limit(STDERR_BACKLOG_LINES)
+        .buffered_lines_limit(usize::try_from(args.stderr_backlog).unwrap_or(usize::MAX))
         .thread_name("securemesh-log-stderr")
         .finish(std::io::stderr());
     let dropped = stderr.error_counter();

@@ -1214,7 +1214,8 @@ fn a_standard_error_nobody_reads_neither_stops_a_server_nor_costs_the_log_file_a
     let port = free_port();
     // Standard error is a pipe that this test never reads: it is full
     // after 64 KiB, a few calls' worth of trace lines, and the backlog
-    // after it is full well before the last call.
+    // of 256 lines after it is full well before the last call (the audit
+    // lines alone would fill both).
     let mut server = Command::new(BINARY)
         .args([
             "server",
@@ -1225,6 +1226,8 @@ fn a_standard_error_nobody_reads_neither_stops_a_server_nor_costs_the_log_file_a
             "logs/unread.txt",
             "--log-format",
             "json",
+            "--stderr-backlog",
+            "256",
         ])
         .current_dir(work)
         .env("RUST_LOG", "trace")
