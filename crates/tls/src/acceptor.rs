@@ -177,7 +177,8 @@ fn full(connections: &Semaphore) -> bool {
 
 fn refuse_over_limit(peer: SocketAddr, limit: usize) {
     metrics().connections_refused.inc();
-    if let Some(held_back) = CONNECTION_EVENTS.admit("over_connection_limit") {
+    if let Some(held_back) = CONNECTION_EVENTS.admit("over_connection_limit", tracing::Level::WARN)
+    {
         tracing::warn!(
             %peer,
             limit,
@@ -231,7 +232,9 @@ async fn accept_loop(
                 };
                 if !taken {
                     metrics().connections_refused.inc();
-                    if let Some(held_back) = CONNECTION_EVENTS.admit("over_handshake_limit") {
+                    if let Some(held_back) =
+                        CONNECTION_EVENTS.admit("over_handshake_limit", tracing::Level::WARN)
+                    {
                         tracing::warn!(
                             %peer,
                             limit = limits.max_handshakes,
@@ -258,7 +261,9 @@ async fn accept_loop(
             }
             Err(error) => {
                 // Typically EMFILE: back off briefly instead of spinning.
-                if let Some(held_back) = CONNECTION_EVENTS.admit("accept_failed") {
+                if let Some(held_back) =
+                    CONNECTION_EVENTS.admit("accept_failed", tracing::Level::WARN)
+                {
                     tracing::warn!(%error, held_back, "accepting a connection failed");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -284,7 +289,7 @@ async fn handshake(
                 .handshake_failures
                 .with_label_values(&["displaced"])
                 .inc();
-            if let Some(held_back) = CONNECTION_EVENTS.admit("displaced") {
+            if let Some(held_back) = CONNECTION_EVENTS.admit("displaced", tracing::Level::INFO) {
                 tracing::info!(
                     %peer,
                     limit = limits.max_handshakes,
@@ -323,7 +328,7 @@ async fn handshake(
                 .handshake_failures
                 .with_label_values(&[reason])
                 .inc();
-            if let Some(held_back) = CONNECTION_EVENTS.admit(reason) {
+            if let Some(held_back) = CONNECTION_EVENTS.admit(reason, tracing::Level::INFO) {
                 tracing::info!(%peer, %error, reason, held_back, "TLS handshake refused");
             }
         }
@@ -332,7 +337,7 @@ async fn handshake(
                 .handshake_failures
                 .with_label_values(&["timeout"])
                 .inc();
-            if let Some(held_back) = CONNECTION_EVENTS.admit("timeout") {
+            if let Some(held_back) = CONNECTION_EVENTS.admit("timeout", tracing::Level::INFO) {
                 tracing::info!(
                     %peer,
                     timeout_ms = timeout.as_millis() as u64,

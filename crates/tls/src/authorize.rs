@@ -68,7 +68,7 @@ pub struct Authorization {
     forwarders: BTreeSet<String>,
     credentials: Option<Arc<RwLock<Arc<Credentials>>>>,
     /// The warnings about refused calls, shared by every clone.
-    refusal_warnings: Arc<LogThrottle>,
+    refusal_warnings: LogThrottle,
 }
 
 impl Authorization {
@@ -78,7 +78,7 @@ impl Authorization {
             allowed: None,
             forwarders: BTreeSet::new(),
             credentials: None,
-            refusal_warnings: Arc::new(LogThrottle::new(REFUSAL_WARNINGS_EVERY)),
+            refusal_warnings: LogThrottle::new(REFUSAL_WARNINGS_EVERY),
         }
     }
 
@@ -88,7 +88,7 @@ impl Authorization {
             allowed: Some(allowed.into_iter().collect()),
             forwarders: BTreeSet::new(),
             credentials: None,
-            refusal_warnings: Arc::new(LogThrottle::new(REFUSAL_WARNINGS_EVERY)),
+            refusal_warnings: LogThrottle::new(REFUSAL_WARNINGS_EVERY),
         }
     }
 
@@ -101,7 +101,7 @@ impl Authorization {
             allowed: Some(allowed),
             forwarders: [COORDINATOR_IDENTITY.to_owned()].into(),
             credentials: None,
-            refusal_warnings: Arc::new(LogThrottle::new(REFUSAL_WARNINGS_EVERY)),
+            refusal_warnings: LogThrottle::new(REFUSAL_WARNINGS_EVERY),
         }
     }
 
@@ -180,7 +180,10 @@ impl Authorization {
         if let Some(allowed) = &self.allowed {
             if !allowed.contains(&peer) {
                 audit_refusal(request, &peer, "PERMISSION_DENIED");
-                if let Some(held_back) = self.refusal_warnings.admit("identity_not_allowed") {
+                if let Some(held_back) = self
+                    .refusal_warnings
+                    .admit("identity_not_allowed", tracing::Level::WARN)
+                {
                     tracing::warn!(%peer, held_back, "call refused: identity not allowed");
                 }
                 return Err(Status::permission_denied(format!(
@@ -198,7 +201,10 @@ impl Authorization {
             Some(claimed) => {
                 // Debug-quoted: the value is the caller's, and must not
                 // pass for fields of the log line.
-                if let Some(held_back) = self.refusal_warnings.admit("caller_header_ignored") {
+                if let Some(held_back) = self
+                    .refusal_warnings
+                    .admit("caller_header_ignored", tracing::Level::WARN)
+                {
                     tracing::warn!(%peer, ?claimed, held_back, "ignoring a caller header from a peer that is not a forwarder");
                 }
                 None
@@ -282,14 +288,15 @@ impl PendingPassword {
             // credentials: the caller may try again.
             Err(refusal @ Refusal::Busy) => {
                 audit_refusal(request, &peer, "RESOURCE_EXHAUSTED");
-                if let Some(held_back) = warnings.admit("credentials_busy") {
+                if let Some(held_back) = warnings.admit("credentials_busy", tracing::Level::WARN) {
                     tracing::warn!(%peer, %refusal, held_back, "call refused: credentials");
                 }
                 Err(Status::resource_exhausted(refusal.to_string()))
             }
             Err(refusal) => {
                 audit_refusal(request, &peer, "UNAUTHENTICATED");
-                if let Some(held_back) = warnings.admit("credentials_refused") {
+                if let Some(held_back) = warnings.admit("credentials_refused", tracing::Level::WARN)
+                {
                     tracing::warn!(%peer, %refusal, held_back, "call refused: credentials");
                 }
                 Err(Status::unauthenticated(refusal.to_string()))
