@@ -60,6 +60,11 @@ pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<()> {
         .with(file)
         .try_init()?;
     let _ = STDERR_DROPPED.set(dropped);
+    if let Some(path) = &args.log_file {
+        if args.log_rotation == LogRotation::Never {
+            securemesh_fs::warn_if_exposed(path, "log file");
+        }
+    }
     *lock(&FILE_WRITER) = file_guard;
     *lock(&STDERR_WRITER) = Some(stderr_guard);
     Ok(())
@@ -119,6 +124,33 @@ where
     }
 }
 
+/// Makes the process create its files readable by their owner only (umask
+/// 077), as servers and the coordinator do: their log files hold the audit
+/// trail and, unless `--hide-plaintext`, the plaintext of accepted calls,
+/// and the files of a daily rotation are created by the appender with
+/// whatever mode the umask leaves. Files written through
+/// the file-writing helpers of the library crates get their mode
+/// explicitly either way.
+pub fn keep_created_files_private() {
+    #[cfg(unix)]
+    {
+        use nix::sys::stat::{umask, Mode};
+        umask(Mode::from_bits_truncate(0o077));
+    }
+}
+
+/// Creates the log file at `path`, if missing, readable by its owner only.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.append(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    options.open(path).map(drop)
+}
+
 /// Appends to `path`, or with daily rotation to `path.YYYY-MM-DD`.
 fn appender(
     path: &Path,
@@ -133,7 +165,11 @@ fn appender(
         .ok_or_else(|| anyhow::anyhow!("--log-file {} names no file", path.display()))?;
     std::fs::create_dir_all(directory)?;
     let rotation = match rotation {
-        LogRotation::Never => tracing_appender::rolling::Rotation::NEVER,
+        LogRotation::Never => {
+            // The appender would create it with the umask's mode.
+            create_private(path)?;
+            tracing_appender::rolling::Rotation::NEVER
+        }
         LogRotation::Daily => tracing_appender::rolling::Rotation::DAILY,
     };
     Ok(tracing_appender::rolling::RollingFileAppender::builder()

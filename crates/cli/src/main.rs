@@ -12,6 +12,9 @@ use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
+    if cli.command.serves() {
+        logging::keep_created_files_private();
+    }
     if let Err(error) = logging::init(cli.command.default_log_level(), &cli.log) {
         eprintln!(
             "securemesh: cannot set up logging: {}",

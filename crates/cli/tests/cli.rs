@@ -1364,6 +1364,13 @@ fn json_log_files_follow_one_call_across_processes_by_request_id() {
         })
         .expect("a dated coordinator log file (daily rotation)");
     assert!(logs.join("client-log.txt").exists());
+    // Logs may hold plaintext: every file is its owner's alone, the ones a
+    // daily rotation creates included.
+    for log in [&server_log, &coordinator_log, &logs.join("client-log.txt")] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(log).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", log.display());
+    }
 
     let at_coordinator = audit_lines(&coordinator_log, "trace-me-42");
     assert_eq!(at_coordinator.len(), 1, "{at_coordinator:?}");
