@@ -682,6 +682,9 @@ fn a_draining_server_reports_not_serving_still_serves_then_exits_zero() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The process as a whole too: what probes without a service name see.
+    let overall = mesh.grpcurl(port, &["-d", "{}"], &["grpc.health.v1.Health/Check"]);
+    assert!(text(&overall).contains("NOT_SERVING"), "{}", text(&overall));
     let call = mesh.grpcurl(port, &["-d", &body], &["securemesh.v1.DataService/Submit"]);
     assert!(
         call.status.success(),

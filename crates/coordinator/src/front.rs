@@ -126,9 +126,7 @@ pub async fn serve(
     let drain = async {
         shutdown.await;
         following.0.abort();
-        health
-            .set_service_status(DATA_SERVICE_NAME, ServingStatus::NotServing)
-            .await;
+        securemesh_tls::report_draining(&health, DATA_SERVICE_NAME).await;
         if !options.drain_delay.is_zero() {
             tracing::info!(
                 delay_ms = options.drain_delay.as_millis() as u64,
@@ -182,7 +180,7 @@ impl Drop for AbortOnDrop {
 /// rotation and `NOT_SERVING` while none is, so that a client balancing
 /// over several coordinators moves away from one that cannot serve. (The
 /// overall status, the empty service name, stays `SERVING`: the process
-/// itself is fine.)
+/// itself is fine. It turns `NOT_SERVING` only when the process drains.)
 async fn follow_rotation(
     health: tonic_health::server::HealthReporter,
     mut serving: watch::Receiver<bool>,

@@ -24,6 +24,7 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::oneshot;
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus as HealthStatus;
 
 /// A PKI and a Fernet key in a temporary directory.
 struct Material {
@@ -1838,6 +1839,22 @@ async fn the_coordinator_refuses_what_is_not_exactly_one_grpc_message() {
     assert_eq!(client.submit(b"after").await.unwrap().server_id, a.id());
 }
 
+/// The health status of the process as a whole (the empty service name)
+/// at `url`.
+async fn overall_health(material: &Material, url: &str) -> HealthStatus {
+    let tls = securemesh_tls::client_tls_config(&material.files("client")).unwrap();
+    let endpoint = tls
+        .apply(tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap())
+        .unwrap();
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(endpoint.connect().await.unwrap());
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    let status = health.check(request).await.unwrap().into_inner().status;
+    HealthStatus::try_from(status).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_coordinator_reports_not_serving_then_goes_away() {
     let material = Material::new();
@@ -1863,6 +1880,12 @@ async fn a_draining_coordinator_reports_not_serving_then_goes_away() {
     let not_ready =
         securemesh_client::wait_until_serving(&url, tls, Duration::from_millis(300)).await;
     assert!(not_ready.is_err(), "still SERVING while draining");
+    // So does the process as a whole, which probes without a service name
+    // (a Kubernetes readiness probe, grpc_health_probe) ask about.
+    assert_eq!(
+        overall_health(&material, &url).await,
+        HealthStatus::NotServing
+    );
     client.submit(b"during the drain").await.unwrap();
 
     // After the delay the coordinator stops, and the port is closed.

@@ -19,6 +19,17 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
 
+/// Reports `service` and the process as a whole (the empty service name,
+/// which probes that name no service ask about) `NOT_SERVING`: the process
+/// is draining, and whoever probes it should send its calls elsewhere.
+pub async fn report_draining(reporter: &HealthReporter, service: &str) {
+    for name in [service, ""] {
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+}
+
 /// The health service reporting `reporter`'s statuses, whose watches end
 /// once `ending` turns `true`.
 pub fn ending_health(

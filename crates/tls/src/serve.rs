@@ -114,7 +114,7 @@ where
         let delay = options.drain_delay;
         async move {
             shutdown.await;
-            health.set_not_serving::<S>().await;
+            crate::report_draining(&health, S::NAME).await;
             if !delay.is_zero() {
                 tracing::info!(delay_ms = delay.as_millis() as u64, "draining: NOT_SERVING");
                 tokio::time::sleep(delay).await;
