@@ -774,3 +774,53 @@ async fn case_13_a_dead_member_in_the_url_costs_nothing() {
         assert_eq!(log.matches("registered in etcd key=").count(), 1, "{log}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_14_a_member_without_a_leader_is_left_for_one_with_a_leader() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    // Fast elections, so that a member notices within a second that it has
+    // no leader.
+    let [first, mut second] = Etcd::launch_pair(
+        cluster.work.path(),
+        &["--heartbeat-interval", "50", "--election-timeout", "250"],
+    );
+    start_registered(&mut cluster, &second, 2, &[]).await;
+    // The coordinator follows through the first member only.
+    cluster.add_coordinator(&discovery_args(&first, &[])).await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &server_ids(&cluster)).await;
+
+    // The second member goes, and the first, alone, has no leader: it
+    // still answers, but learns of no change any more. The coordinator's
+    // watch is cancelled instead of waiting for events that cannot come.
+    second.kill();
+    let noticed = until_logged(
+        &cluster,
+        "coordinator-1",
+        &["lost etcd: keeping the last known backends"],
+        Duration::from_secs(10),
+    )
+    .await;
+    println!(
+        "discovery 14: the leaderless member left after {} ms",
+        noticed.as_millis()
+    );
+    client.submit(b"still served").await.unwrap();
+
+    // Once the cluster has a leader again, the coordinator reads the
+    // registrations afresh.
+    second.start();
+    let started = Instant::now();
+    loop {
+        let log = cluster.log("coordinator-1");
+        if log.matches("read the registrations in etcd").count() >= 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "not following again:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -25,8 +25,15 @@ pub enum EtcdUrlError {
     #[error("an etcd URL starts with etcd:// (etcd://HOST:PORT[,HOST:PORT...][/PREFIX])")]
     Scheme,
     /// No `HOST:PORT` was given, or one is malformed.
-    #[error("{0:?} is not HOST:PORT")]
+    #[error("{0:?} is not HOST:PORT (HOST: a name, an IPv4 address or an [IPv6] address)")]
     Endpoint(String),
+    /// A `USER:PASSWORD@` in the URL, which is logged and shown on the
+    /// status page. The URL itself is not repeated.
+    #[error(
+        "the etcd URL holds a user or password (USER:PASSWORD@): it would be logged and shown \
+         on /status; give --etcd-user, and the password in SECUREMESH_ETCD_PASSWORD"
+    )]
+    Credentials,
 }
 
 /// TLS toward etcd: the CA that signed etcd's certificate, when etcd
@@ -96,12 +103,15 @@ impl FromStr for EtcdConfig {
             Some(slash) => rest.split_at(slash),
             None => (rest, ""),
         };
+        if hosts.contains('@') {
+            return Err(EtcdUrlError::Credentials);
+        }
         let endpoints = hosts
             .split(',')
             .map(|endpoint| {
                 let valid = endpoint
                     .rsplit_once(':')
-                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+                    .is_some_and(|(host, port)| valid_host(host) && port.parse::<u16>().is_ok());
                 if valid {
                     Ok(endpoint.to_owned())
                 } else {
@@ -228,7 +238,12 @@ impl EtcdConfig {
             (None, Some(unreachable)) => return Err(unreachable),
             (None, None) => return Err(DiscoveryError::NoMembers),
         };
-        let mut options = ConnectOptions::new();
+        // A member cut off from the others' quorum still answers pings but
+        // no longer learns of changes: with this, its watches are cancelled
+        // once it has had no leader for a few election timeouts (and other
+        // requests fail), so that discovery moves on to another member
+        // instead of following a list that no longer changes.
+        let mut options = ConnectOptions::new().with_require_leader(true);
         if let Some(auth) = &self.auth {
             // etcd's tokens expire (5 minutes by default): a request that
             // meets an expired one authenticates again and is repeated.
@@ -242,6 +257,21 @@ impl EtcdConfig {
         ))
         .await
     }
+}
+
+/// Whether `host` is `[IPV6]`, an IPv4 address or a DNS name (letters,
+/// digits, `-` and `.`, starting with a letter or digit).
+fn valid_host(host: &str) -> bool {
+    if let Some(inside) = host
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+    {
+        return inside.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    host.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
 }
 
 /// `request`, bounded by [`REQUEST_TIMEOUT`].
@@ -298,6 +328,18 @@ mod tests {
     }
 
     #[test]
+    fn refuses_credentials_in_the_url_without_repeating_them() {
+        for url in [
+            "etcd://root:hunter2@10.0.0.1:2379",
+            "etcd://10.0.0.2:2379,root:hunter2@10.0.0.1:2379/p",
+        ] {
+            let refused = url.parse::<EtcdConfig>().unwrap_err();
+            assert_eq!(refused, EtcdUrlError::Credentials);
+            assert!(!refused.to_string().contains("hunter2"), "{refused}");
+        }
+    }
+
+    #[test]
     fn refuses_what_is_not_an_etcd_url() {
         assert_eq!(
             "http://127.0.0.1:2379".parse::<EtcdConfig>().unwrap_err(),
@@ -310,6 +352,10 @@ mod tests {
             "etcd://127.0.0.1:99999",
             "etcd://127.0.0.1:2379,/p",
             "etcd://:2379",
+            "etcd://::1:2379",
+            "etcd://[not-v6]:2379",
+            "etcd://10.0.0.1 :2379",
+            "etcd://-x:2379",
         ] {
             assert!(
                 matches!(bad.parse::<EtcdConfig>(), Err(EtcdUrlError::Endpoint(_))),
