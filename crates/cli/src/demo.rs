@@ -238,14 +238,17 @@ impl Mesh {
     fn start(&mut self, label: &'static str, mut args: Vec<String>) -> anyhow::Result<()> {
         args.extend(["--certs".to_owned(), self.certs.display().to_string()]);
         println!("$ securemesh {}", args.join(" "));
-        let mut child = Command::new(&self.exe)
-            .args(&args)
-            .env("RUST_LOG", "info")
-            // The lab says where each process listens; the caller's own
-            // settings must not contradict it.
-            .env_remove("SECUREMESH_SERVER_LISTEN")
-            .env_remove("SECUREMESH_COORDINATOR_LISTEN")
-            .env_remove("SECUREMESH_LISTEN")
+        let mut command = Command::new(&self.exe);
+        command.args(&args).env("RUST_LOG", "info");
+        // The lab says how each process runs; the caller's own settings
+        // (a certificate, a server id, a metrics port, a registry...) must
+        // not change that behind its back.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("SECUREMESH_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -613,6 +613,14 @@ fn the_demo_runs_the_whole_lab_and_exits_zero() {
         .arg(format!("{},{}", ports[0], ports[1]))
         .arg("--coordinator-port")
         .arg(ports[2].to_string())
+        // Settings of the caller's that the lab's processes must not
+        // inherit: every server would take one id, and every process one
+        // metrics port.
+        .env("SECUREMESH_SERVER_ID", "one-for-all")
+        .env(
+            "SECUREMESH_METRICS_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .current_dir(work.path())
         .output()
         .unwrap();
