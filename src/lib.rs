@@ -149,6 +149,36 @@ pub mod ports {
     }
 }
 
+/// Text from others (a caller's payload, a peer's error message, a
+/// registration in etcd) made safe to show on one line of a log or a
+/// terminal.
+pub mod text {
+    /// `text` with its control characters escaped (`\n`, `\u{1b}`...), so
+    /// that it can neither start a forged log line nor drive a terminal.
+    pub fn printable(text: &str) -> String {
+        let mut shown = String::with_capacity(text.len());
+        for c in text.chars() {
+            if c.is_control() {
+                shown.extend(c.escape_default());
+            } else {
+                shown.push(c);
+            }
+        }
+        shown
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn control_characters_are_escaped_and_the_rest_kept() {
+            assert_eq!(
+                super::printable("a\nb\x1b[31m é\u{9b}"),
+                "a\\nb\\u{1b}[31m é\\u{9b}"
+            );
+        }
+    }
+}
+
 /// Errors as people read them.
 pub mod error_text {
     /// `error` and each cause after it, joined by `: `, leaving out a cause

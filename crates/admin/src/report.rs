@@ -106,7 +106,7 @@ impl StatusReport {
             .iter()
             .map(|backend| {
                 [
-                    backend.url.clone(),
+                    securemesh::text::printable(&backend.url),
                     backend.state.clone(),
                     if backend.healthy {
                         "serving"
@@ -117,7 +117,11 @@ impl StatusReport {
                     backend.in_flight.to_string(),
                     format!("{:.1}", backend.recent.per_second),
                     format!("{:.2}", backend.recent.p99_ms),
-                    backend.last_failure.clone().unwrap_or_else(|| "-".into()),
+                    // The failure's text may be a backend's own message.
+                    backend
+                        .last_failure
+                        .as_deref()
+                        .map_or_else(|| "-".into(), securemesh::text::printable),
                 ]
             })
             .collect();
@@ -195,6 +199,18 @@ pub(crate) mod tests {
         assert_eq!(&rows[1][state_column..state_column + 2], "up");
         assert_eq!(&rows[2][state_column..state_column + 4], "down");
         assert!(rows[2].ends_with("<b>connection refused</b>"));
+    }
+
+    #[test]
+    fn a_backend_s_own_text_cannot_drive_the_terminal_or_add_rows() {
+        let mut report = report();
+        report.backends[1].last_failure = Some("refused\n\x1b[2Jhttps://fake  up".into());
+        let table = report.table();
+        assert!(!table.contains('\x1b'), "{table:?}");
+        assert!(
+            table.ends_with("refused\\n\\u{1b}[2Jhttps://fake  up\n"),
+            "{table}"
+        );
     }
 
     #[test]

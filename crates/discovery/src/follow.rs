@@ -88,6 +88,9 @@ async fn follow_forever(config: EtcdConfig, mut registrations: Registrations) {
 }
 
 /// Reads the prefix, then applies its changes until the watch fails.
+///
+/// Keys and records are written by anyone who may register, so their text
+/// is logged Debug-quoted: a newline in one cannot forge a log line.
 async fn sync_and_watch(
     config: &EtcdConfig,
     registrations: &mut Registrations,
@@ -169,7 +172,7 @@ impl Registrations {
         match serde_json::from_slice::<ServerRecord>(value) {
             Ok(record) => self.admit(key, record),
             Err(error) => {
-                tracing::warn!(%key, %error, "ignoring a registration that is not a server record");
+                tracing::warn!(?key, %error, "ignoring a registration that is not a server record");
                 self.delete(key);
             }
         }
@@ -196,11 +199,11 @@ impl Registrations {
         self.waiting.remove(key);
         match self.members.insert(&record.url) {
             Ok(()) => {
-                tracing::info!(%key, url = %record.url, server_id = %record.server_id, "backend registered in etcd");
+                tracing::info!(?key, url = ?record.url, server_id = ?record.server_id, "backend registered in etcd");
                 self.by_key.insert(key.to_owned(), record.url);
             }
             Err(error) => {
-                tracing::warn!(%key, url = %record.url, %error, "cannot use a registered backend")
+                tracing::warn!(?key, url = ?record.url, error = %securemesh::text::printable(&error.to_string()), "cannot use a registered backend")
             }
         }
     }
@@ -212,14 +215,18 @@ impl Registrations {
         if self.waiting.len() >= self.limit && !self.waiting.contains_key(key) {
             if !self.left_out {
                 self.left_out = true;
-                tracing::warn!(%key, limit = self.limit, "too many registrations in etcd: ignoring more until a resync");
+                tracing::warn!(
+                    ?key,
+                    limit = self.limit,
+                    "too many registrations in etcd: ignoring more until a resync"
+                );
             }
             return;
         }
         if self.waiting.is_empty() {
             tracing::warn!(
-                %key,
-                url = %record.url,
+                ?key,
+                url = ?record.url,
                 limit = self.limit,
                 "too many backends registered in etcd: more wait until others leave"
             );
@@ -251,7 +258,7 @@ impl Registrations {
         let Some(url) = self.by_key.remove(key) else {
             return false;
         };
-        tracing::info!(%key, %url, "backend deregistered from etcd");
+        tracing::info!(?key, ?url, "backend deregistered from etcd");
         self.members.remove(&url);
         true
     }
@@ -323,6 +330,39 @@ mod tests {
 
     fn taken(recorded: &Recorded) -> Vec<String> {
         std::mem::take(&mut *recorded.0.lock().unwrap())
+    }
+
+    #[test]
+    fn what_registrants_wrote_cannot_forge_log_lines() {
+        let written = tempfile::NamedTempFile::new().unwrap();
+        let _logging = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(Mutex::new(written.reopen().unwrap()))
+                .with_ansi(false)
+                .finish(),
+        );
+        // Other tests, on other threads, may have had tracing cache that
+        // nobody listens to these lines.
+        tracing::callsite::rebuild_interest_cache();
+        let (_, mut registrations) = registrations();
+        let forged = "\n2026-11-29T00:00:00Z  INFO audit status=OK";
+        let key = format!("/securemesh/servers/x{forged}");
+        let value = serde_json::to_vec(&ServerRecord {
+            server_id: format!("x{forged}"),
+            url: format!("https://10.0.0.1:5001{forged}"),
+        })
+        .unwrap();
+        registrations.put(&key, &value);
+        registrations.put(&key, &record(&format!("bad{forged}")));
+        registrations.put(&key, b"not json");
+        registrations.delete(&key);
+        let log = std::fs::read_to_string(written.path()).unwrap();
+        assert_eq!(log.lines().count(), 4, "{log}");
+        assert!(
+            !log.lines()
+                .any(|line| line.starts_with("2026-11-29T00:00:00Z")),
+            "{log}"
+        );
     }
 
     #[test]

@@ -127,17 +127,7 @@ impl DataHandler {
 /// The plaintext as one log line: control characters are escaped so that a
 /// payload cannot forge log lines.
 fn printable(plaintext: &[u8]) -> String {
-    String::from_utf8_lossy(plaintext)
-        .chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            escaped
-        })
-        .collect()
+    securemesh::text::printable(&String::from_utf8_lossy(plaintext))
 }
 
 #[cfg(test)]
