@@ -475,7 +475,7 @@ pub struct ServerArgs {
     pub etcd: EtcdArgs,
     /// Refuse tokens older than this ("token expired"), in whole seconds
     /// (Fernet timestamps are seconds); 0s accepts any age.
-    #[arg(long, env = "SECUREMESH_TOKEN_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
+    #[arg(long, env = "SECUREMESH_TOKEN_TTL", value_parser = token_ttl, default_value = "5m")]
     pub token_ttl: Duration,
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -547,10 +547,10 @@ pub struct ServeArgs {
     pub handshake_timeout: Duration,
     /// On SIGTERM/Ctrl-C, keep serving this long while health reports
     /// NOT_SERVING, so that callers move their traffic away first.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    #[arg(long, value_parser = duration, default_value = "0s")]
     pub drain_delay: Duration,
     /// Then give in-flight calls this long to finish.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, value_parser = duration, default_value = "10s")]
     pub drain_grace: Duration,
     /// Calls in flight allowed per connection.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
@@ -568,7 +568,7 @@ pub struct ServeArgs {
     pub max_handshakes: usize,
     /// Ping each caller's HTTP/2 connection this often (`0s`: never), so
     /// that one whose peer vanished without closing it is noticed.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    #[arg(long, value_parser = duration, default_value = "30s")]
     pub caller_keepalive_interval: Duration,
     /// A caller that leaves a ping unanswered this long is disconnected.
     #[arg(long, value_parser = positive_duration, default_value = "10s")]
@@ -704,6 +704,7 @@ pub struct CoordinatorArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("load").args(["requests", "duration"]).multiple(true)))]
 pub struct ClientArgs {
     /// Coordinator (or server) URL; repeat to balance and fail over between
     /// several coordinators.
@@ -764,23 +765,24 @@ pub struct ClientArgs {
     pub duration: Option<Duration>,
     /// Load mode: submissions in flight at once (with --rate: the most
     /// allowed in flight).
-    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    #[arg(long, requires = "load", default_value_t = 8, value_parser = at_least_one)]
     pub concurrency: usize,
     /// Load mode: spread the submissions over this many connections (one
     /// client, HTTP/2 connection and balancer each), as ghz does.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, requires = "load", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub connections: u16,
     /// Load mode, open loop: start this many submissions a second on a
     /// fixed schedule; latency counts from when each was due, so stalls
     /// are not hidden (coordinated omission).
-    #[arg(long, value_parser = positive_rate)]
+    #[arg(long, requires = "load", value_parser = positive_rate)]
     pub rate: Option<f64>,
     /// Load mode: also count answers per time bucket of this width (e.g.
     /// 100ms, at least 1ms; the first 10,000 buckets), to watch a
     /// failover; printed as `timeline` with --json.
-    #[arg(long, value_parser = timeline_bucket)]
+    #[arg(long, requires = "load", value_parser = timeline_bucket)]
     pub timeline: Option<Duration>,
-    /// Print the load summary as one JSON object.
+    /// Print the outcome (the load summary, or the one call's answer) as
+    /// one JSON object.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -844,16 +846,40 @@ fn hedging_delay(text: &str) -> Result<HedgingDelay, String> {
     if text == "off" {
         return Ok(HedgingDelay(None));
     }
-    match humantime::parse_duration(text) {
+    match duration(text) {
         Ok(delay) if !delay.is_zero() => Ok(HedgingDelay(Some(delay))),
         Ok(_) => Err("a zero delay would send every call twice; say `off` to never hedge".into()),
         Err(error) => Err(format!("{error} (a duration such as 50ms, or `off`)")),
     }
 }
 
+/// The longest duration a flag takes: beyond any use, and short enough
+/// that adding it to a clock reading cannot overflow (which panics).
+const LONGEST_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// A duration such as `100ms` or `5m`, up to a hundred years.
+fn duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration <= LONGEST_DURATION => Ok(duration),
+        Ok(_) => Err("must be at most 100 years".to_owned()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// A token's greatest age: whole seconds, as Fernet timestamps are (a
+/// fraction would be dropped, and `500ms` would refuse every token stamped
+/// in an earlier second).
+fn token_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = duration(text)?;
+    if ttl.subsec_nanos() != 0 {
+        return Err("Fernet timestamps are whole seconds: give whole seconds (0s: any age)".into());
+    }
+    Ok(ttl)
+}
+
 /// A duration above zero (e.g. `100ms`).
 fn positive_duration(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text) {
+    match duration(text) {
         Ok(duration) if !duration.is_zero() => Ok(duration),
         Ok(_) => Err("must be more than zero".to_owned()),
         Err(error) => Err(error.to_string()),
@@ -864,7 +890,7 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
 /// keeps apart.
 fn timeline_bucket(text: &str) -> Result<Duration, String> {
     let shortest = securemesh_client::load::SHORTEST_TIMELINE_BUCKET;
-    match humantime::parse_duration(text) {
+    match duration(text) {
         Ok(width) if width >= shortest => Ok(width),
         Ok(_) => Err(format!(
             "must be at least {}",
@@ -928,7 +954,7 @@ fn positive_rate(text: &str) -> Result<f64, String> {
 
 /// An etcd lease's lifetime: whole seconds, at least one (etcd's unit).
 fn lease_ttl(text: &str) -> Result<Duration, String> {
-    let ttl = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    let ttl = duration(text)?;
     if ttl.as_secs() == 0 || ttl.subsec_nanos() != 0 {
         return Err("etcd leases last whole seconds: give at least 1s".into());
     }
@@ -954,6 +980,43 @@ mod tests {
             let expected = format!("SECUREMESH_{}", name.to_uppercase().replace('-', "_"));
             assert_eq!(env, Some(expected.as_str()), "--{name}");
         }
+    }
+
+    #[test]
+    fn durations_past_a_hundred_years_and_token_ttls_in_fractions_are_refused() {
+        assert!(duration("99years").is_ok());
+        assert!(duration("101years").is_err());
+        let client = |flag: &str, value: &str| {
+            Cli::try_parse_from(["securemesh", "client", "--requests", "1", flag, value])
+        };
+        assert!(client("--timeout", "500000000000y").is_err());
+        assert!(client("--duration", "500000000000y").is_err());
+        assert!(client("--timeout", "1h").is_ok());
+        assert_eq!(token_ttl("0s"), Ok(Duration::ZERO));
+        assert_eq!(token_ttl("2m"), Ok(Duration::from_secs(120)));
+        for refused in ["500ms", "1500ms", "1000000000000y"] {
+            assert!(token_ttl(refused).is_err(), "{refused}");
+        }
+    }
+
+    #[test]
+    fn load_settings_come_with_a_load() {
+        let client = |args: &[&str]| {
+            let mut all = vec!["securemesh", "client"];
+            all.extend(args);
+            Cli::try_parse_from(all)
+        };
+        for setting in [
+            ["--concurrency", "4"],
+            ["--connections", "2"],
+            ["--rate", "100"],
+            ["--timeline", "100ms"],
+        ] {
+            assert!(client(&setting).is_err(), "{setting:?} alone");
+            assert!(client(&[&setting[..], &["--requests", "9"]].concat()).is_ok());
+            assert!(client(&[&setting[..], &["--duration", "1s"]].concat()).is_ok());
+        }
+        assert!(client(&["--json"]).is_ok());
     }
 
     #[test]

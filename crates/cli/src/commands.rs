@@ -470,21 +470,39 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         (None, Some(_)) => usize::MAX,
         (None, None) => {
             let request_id = securemesh::request_id::new();
-            return Ok(
-                match client.submit_as(message.as_bytes(), &request_id).await {
-                    Ok(reply) => {
-                        println!(
-                            "[{}] Success: result={} server={}",
-                            args.name, reply.result, reply.server_id
-                        );
-                        ExitCode::SUCCESS
-                    }
-                    Err(error) => {
-                        println!("[{}] Failed: {error} (request id {request_id})", args.name);
-                        ExitCode::FAILURE
-                    }
-                },
-            );
+            let answer = client.submit_as(message.as_bytes(), &request_id).await;
+            let succeeded = answer.is_ok();
+            match (answer, args.json) {
+                (Ok(reply), false) => println!(
+                    "[{}] Success: result={} server={}",
+                    args.name, reply.result, reply.server_id
+                ),
+                (Err(error), false) => {
+                    println!("[{}] Failed: {error} (request id {request_id})", args.name)
+                }
+                (Ok(reply), true) => println!(
+                    "{}",
+                    serde_json::json!({
+                        "ok": true,
+                        "result": reply.result,
+                        "server": reply.server_id,
+                        "request_id": request_id,
+                    })
+                ),
+                (Err(error), true) => println!(
+                    "{}",
+                    serde_json::json!({
+                        "ok": false,
+                        "error": error.to_string(),
+                        "request_id": request_id,
+                    })
+                ),
+            }
+            return Ok(if succeeded {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
     };
 

@@ -382,6 +382,13 @@ fn separate_processes_serve_fail_over_and_stop_cleanly() {
         "from two",
     ]);
     assert!(two.status.success(), "{}", text(&two));
+    let one_in_json = mesh.client(&["--json"]);
+    assert!(one_in_json.status.success(), "{}", text(&one_in_json));
+    let answer: serde_json::Value = serde_json::from_slice(&one_in_json.stdout).unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["result"], "ok", "{answer}");
+    assert!(answer["server"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(answer["request_id"].is_string(), "{answer}");
 
     let load = mesh.client(&[
         "--requests",
