@@ -575,6 +575,10 @@ fn python_grpcio_client_interoperates_both_ways() {
     let rust_token = String::from_utf8(rust_token.stdout).unwrap();
 
     let certs = mesh.certs();
+    // A key file with a comment, as people annotate them: not a key.
+    let key_file = certs.join("encryption_key.txt");
+    let keys = std::fs::read_to_string(&key_file).unwrap();
+    std::fs::write(&key_file, format!("# made by keygen\n\n{keys}")).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/python_client.py");
     let run = tool("python3")
         .arg(script)

@@ -50,8 +50,11 @@ pub fn generate_key() -> String {
 /// Writes a new random key to `path` with mode 0600 and returns nothing but
 /// success: the key itself stays in the file.
 ///
-/// Refuses to replace an existing file unless `force` is set.
+/// Refuses to replace an existing file unless `force` is set. Takes the
+/// lock of the file's directory, as [`edit_key_file`] does, so that a
+/// forced replacement and an edit under way do not lose one another.
 pub fn write_new_key_file(path: &Path, force: bool) -> Result<(), KeyFileError> {
+    let _lock = securemesh_fs::lock_dir_of(path)?;
     let line = format!("{}\n", generate_key());
     Ok(securemesh_fs::write_file(
         path,
@@ -347,6 +350,22 @@ mod tests {
             edit_key_file(&path, KeyFileEdit::Rotate),
             Err(KeyFileError::Empty(_))
         ));
+    }
+
+    #[test]
+    fn a_forced_new_key_waits_for_an_edit_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.txt");
+        write_new_key_file(&path, false).unwrap();
+        let edit_under_way = securemesh_fs::lock_dir_of(&path).unwrap();
+        let forced = std::thread::spawn({
+            let path = path.clone();
+            move || write_new_key_file(&path, true)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!forced.is_finished(), "replaced the file during an edit");
+        drop(edit_under_way);
+        forced.join().unwrap().unwrap();
     }
 
     #[test]

@@ -32,8 +32,14 @@ def main() -> int:
     from cryptography.fernet import Fernet, InvalidToken
     from securemesh.v1 import data_pb2, data_pb2_grpc
 
+    # The first key encrypts; blank lines and `#` comments are not keys.
     with open(args.fernet_key, "rb") as handle:
-        fernet = Fernet(handle.read().split()[0])
+        keys = [
+            line.strip()
+            for line in handle
+            if line.strip() and not line.strip().startswith(b"#")
+        ]
+    fernet = Fernet(keys[0])
 
     def read(path):
         with open(path, "rb") as handle:
