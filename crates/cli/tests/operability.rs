@@ -175,6 +175,33 @@ async fn metrics_pass_promtool_and_follow_calls_refusals_and_a_failover() {
         ),
         0.0
     );
+    for limit in ["connections", "handshakes"] {
+        let refused = format!("securemesh_connections_refused_total{{limit=\"{limit}\"}}");
+        assert_eq!(exported(&metrics, &refused), 0.0);
+    }
+    assert!(exported(&metrics, "securemesh_connections_open") >= 1.0);
+    // Connections that never start their handshake count as handshakes in
+    // progress, not as open connections, until they go.
+    let coordinator = cluster.coordinator_urls()[0].replace("https://", "");
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(&coordinator).await.unwrap());
+    }
+    let handshaking = |wanted: f64| async move {
+        let started = Instant::now();
+        loop {
+            let metrics = scrape(observed.coordinator_admin).await;
+            if exported(&metrics, "securemesh_tls_handshakes_in_progress") == wanted {
+                return metrics;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "{metrics}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    handshaking(3.0).await;
+    drop(silent);
+    handshaking(0.0).await;
+
     let mut served = 0.0;
     for admin in &observed.server_admins {
         let metrics = scrape(*admin).await;

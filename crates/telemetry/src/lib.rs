@@ -30,10 +30,13 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     /// TLS handshakes that failed, by `reason`.
     pub handshake_failures: IntCounterVec,
-    /// Connections open now (handshaking or established).
+    /// Connections open now, past their handshake.
     pub connections_open: IntGauge,
-    /// Connections closed on arrival because the limit was reached.
-    pub connections_refused: IntCounter,
+    /// TLS handshakes in progress now.
+    pub handshakes_in_progress: IntGauge,
+    /// Connections closed on arrival, by the `limit` that was reached
+    /// (`connections` or `handshakes`).
+    pub connections_refused: IntCounterVec,
     /// Tokens a server refused, by `reason`.
     pub token_refusals: IntCounterVec,
     /// 1 while a backend is in rotation, by `backend`.
@@ -156,12 +159,19 @@ impl Metrics {
             connections_open: gauge(
                 r,
                 "securemesh_connections_open",
-                "Connections open now (handshaking or established).",
+                "Connections open now, past their TLS handshake.",
             ),
-            connections_refused: counter(
+            handshakes_in_progress: gauge(
+                r,
+                "securemesh_tls_handshakes_in_progress",
+                "TLS handshakes in progress now.",
+            ),
+            connections_refused: counters(
                 r,
                 "securemesh_connections_refused_total",
-                "Connections closed on arrival because the connection limit was reached.",
+                "Connections closed on arrival, by the limit reached: connections \
+                 (--max-connections) or handshakes (--max-handshakes).",
+                &["limit"],
             ),
             token_refusals: counters(
                 r,
@@ -509,6 +519,23 @@ mod tests {
             text.contains("# TYPE securemesh_requests_total counter"),
             "{text}"
         );
+        // Every family exported has its help and its type, and a counter's
+        // name ends in _total.
+        for family in metrics().registry.gather() {
+            let name = family.name();
+            assert!(!family.help().is_empty(), "{name} has no help");
+            let kind = match family.get_field_type() {
+                prometheus::proto::MetricType::COUNTER => "counter",
+                prometheus::proto::MetricType::GAUGE => "gauge",
+                prometheus::proto::MetricType::HISTOGRAM => "histogram",
+                other => panic!("{name} is a {other:?}"),
+            };
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}");
+            assert!(text.contains(&format!("# TYPE {name} {kind}\n")), "{name}");
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "{name}");
+            }
+        }
         assert!(text.contains("securemesh_requests_total{method=\"/test.Method\",status=\"OK\"} 1"));
         assert!(text.contains(
             "securemesh_request_duration_seconds_bucket{method=\"/test.Method\",le=\"0.0001\"}"

@@ -105,6 +105,10 @@ impl TlsIncoming {
     /// most `max_connections` authenticated connections are kept.
     pub fn new(listener: TcpListener, config: ReloadableConfig, options: &ServeOptions) -> Self {
         Metrics::declare_reasons(&metrics().handshake_failures, &HANDSHAKE_FAILURE_REASONS);
+        Metrics::declare_reasons(
+            &metrics().connections_refused,
+            &["connections", "handshakes"],
+        );
         let (sender, receiver) = mpsc::channel(READY_QUEUE);
         let limits = Limits {
             handshake_timeout: options.handshake_timeout,
@@ -149,9 +153,17 @@ struct InProgress {
     handshakes: Handshakes,
 }
 
+impl InProgress {
+    fn new(number: u64, handshakes: Handshakes) -> Self {
+        metrics().handshakes_in_progress.inc();
+        Self { number, handshakes }
+    }
+}
+
 impl Drop for InProgress {
     fn drop(&mut self) {
         lock(&self.handshakes).remove(&self.number);
+        metrics().handshakes_in_progress.dec();
     }
 }
 
@@ -176,7 +188,10 @@ fn full(connections: &Semaphore) -> bool {
 }
 
 fn refuse_over_limit(peer: SocketAddr, limit: usize) {
-    metrics().connections_refused.inc();
+    metrics()
+        .connections_refused
+        .with_label_values(&["connections"])
+        .inc();
     if let Some(held_back) = CONNECTION_EVENTS.admit("over_connection_limit", tracing::Level::WARN)
     {
         tracing::warn!(
@@ -231,7 +246,10 @@ async fn accept_loop(
                     room
                 };
                 if !taken {
-                    metrics().connections_refused.inc();
+                    metrics()
+                        .connections_refused
+                        .with_label_values(&["handshakes"])
+                        .inc();
                     if let Some(held_back) =
                         CONNECTION_EVENTS.admit("over_handshake_limit", tracing::Level::WARN)
                     {
@@ -245,10 +263,7 @@ async fn accept_loop(
                     drop(stream);
                     continue;
                 }
-                let in_progress = InProgress {
-                    number: arrivals,
-                    handshakes: limits.handshakes.clone(),
-                };
+                let in_progress = InProgress::new(arrivals, limits.handshakes.clone());
                 tokio::spawn(handshake(
                     stream,
                     peer,
