@@ -177,6 +177,9 @@ fn refuse_the_old_listen_variable(instead: &str) -> anyhow::Result<()> {
 }
 
 async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    // From here on, SIGTERM starts a drain and SIGHUP a reload, whenever
+    // they come: their default actions would end the process mid-start.
+    let (stop_signals, hangups) = (StopSignals::new(), Hangups::listen());
     refuse_the_old_listen_variable("SECUREMESH_SERVER_LISTEN")?;
     crate::args::warn_about_bare_identities(&args.allow);
     let address = args
@@ -246,7 +249,7 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         tracing::info!(key = %etcd.key_of(&server_id), url = %record.url, "registering in etcd");
         securemesh_discovery::register(etcd, record, args.register_ttl)
     });
-    reload_on_sighup({
+    reload_on_sighup(hangups, {
         let (tls, handler, authorization) = (tls.clone(), handler.clone(), authorization.clone());
         let serve_args = args.serve.clone();
         let checked_crl = AtomicBool::new(tls_args.crl().is_some());
@@ -271,7 +274,7 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         securemesh_tls::authorized_data_service(handler, authorization, args.max_message_size),
         args.serve.options(),
         async {
-            shutdown_signal().await;
+            shutdown_signal(stop_signals).await;
             // Leave the registry first: coordinators stop sending new calls
             // here while the calls in flight drain.
             if let Some(registration) = registration {
@@ -285,6 +288,8 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    // As for a server: signals are caught from the start.
+    let (stop_signals, hangups) = (StopSignals::new(), Hangups::listen());
     refuse_the_old_listen_variable("SECUREMESH_COORDINATOR_LISTEN")?;
     crate::args::warn_about_bare_identities(&args.allow);
     let tls_args = args.tls.clone();
@@ -352,7 +357,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     } else {
         Authorization::only(args.allow.iter().cloned())
     })?;
-    reload_on_sighup({
+    reload_on_sighup(hangups, {
         let (server_tls, pool) = (server_tls.clone(), coordinator.pool().clone());
         let (authorization, serve_args) = (authorization.clone(), args.serve.clone());
         let loaded_identity = std::sync::Mutex::new(identity_bytes(
@@ -425,7 +430,7 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         authorization,
         args.max_message_size,
         args.serve.options(),
-        shutdown_signal(),
+        shutdown_signal(stop_signals),
     )
     .await?;
     tracing::info!("coordinator stopped");
@@ -635,15 +640,38 @@ fn identity_bytes(files: &securemesh_tls::TlsFiles, crl: Option<&std::path::Path
     bytes
 }
 
+/// SIGHUP, listened for from creation on: one that arrives before the
+/// reloads are set up waits for them instead of ending the process.
+struct Hangups {
+    #[cfg(unix)]
+    listener: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listener = signal(SignalKind::hangup())
+                .inspect_err(|_| tracing::warn!("cannot listen for SIGHUP: reloading is off"))
+                .ok();
+            Self { listener }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+}
+
 /// On every SIGHUP, runs `reload` (read certificates, CRL and keys again)
 /// on tokio's blocking pool, since it reads files; if it fails, the process
 /// keeps what it had and says why.
-fn reload_on_sighup(reload: impl Fn() -> anyhow::Result<()> + Send + Sync + 'static) {
+fn reload_on_sighup(
+    hangups: Hangups,
+    reload: impl Fn() -> anyhow::Result<()> + Send + Sync + 'static,
+) {
     #[cfg(unix)]
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP: reloading is off");
+        let Some(mut hangups) = hangups.listener else {
             return;
         };
         let reload = Arc::new(reload);
@@ -665,9 +693,9 @@ fn reload_on_sighup(reload: impl Fn() -> anyhow::Result<()> + Send + Sync + 'sta
     });
 }
 
-/// Completes on Ctrl-C or SIGTERM; a second one ends the process at once.
-pub async fn shutdown_signal() {
-    let mut signals = StopSignals::new();
+/// Completes on the first Ctrl-C or SIGTERM `signals` catch; a second one
+/// ends the process at once.
+async fn shutdown_signal(mut signals: StopSignals) {
     signals.next().await;
     tracing::info!("shutdown requested");
     // A second signal means "now": an operator who does not want to wait
