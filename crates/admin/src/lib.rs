@@ -16,13 +16,16 @@ mod report;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::header;
-use axum::response::{Html, IntoResponse, Json};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 pub use client::{fetch, fetch_status, FetchError};
 pub use report::{BackendStatus, StatusReport};
@@ -61,20 +64,130 @@ struct Admin {
     status: StatusSource,
 }
 
-/// Serves `/metrics`, `/status` and `/` on `listener` until `shutdown`.
+/// Admin connections served at once; more wait in the kernel's backlog.
+/// Scrapers and a few people need a handful: a crowd of idle connections
+/// must not take the file descriptors the service itself needs.
+const MOST_CONNECTIONS: usize = 64;
+
+/// A request's headers must have arrived this long after its connection
+/// opened (or its last answer), or the connection is closed.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `/metrics`, `/status` and `/` on `listener` until `shutdown`
+/// (connections already open are served to their end).
+///
+/// At most [`MOST_CONNECTIONS`] at once, each closed if a request's headers
+/// take longer than [`HEADER_READ_TIMEOUT`]. On a loopback address, a
+/// request must name a loopback host (`Host: localhost:PORT`,
+/// `127.0.0.1:PORT` or `[::1]:PORT`), else it gets `421 Misdirected
+/// Request`: a web page the local browser loads from a name that resolves
+/// to 127.0.0.1 (DNS rebinding) cannot read the status.
 pub async fn serve(
     listener: TcpListener,
     status: StatusSource,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    serve_within(
+        listener,
+        status,
+        shutdown,
+        MOST_CONNECTIONS,
+        HEADER_READ_TIMEOUT,
+    )
+    .await
+}
+
+/// [`serve`] with `most_connections` at once and `header_read_timeout`.
+async fn serve_within(
+    listener: TcpListener,
+    status: StatusSource,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    most_connections: usize,
+    header_read_timeout: Duration,
+) -> std::io::Result<()> {
+    let loopback_only = listener.local_addr()?.ip().is_loopback();
+    let mut app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/status", get(status_json))
         .route("/", get(status_page))
         .with_state(Admin { status });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    if loopback_only {
+        app = app.layer(axum::middleware::from_fn(only_loopback_hosts));
+    }
+    let permits = Arc::new(Semaphore::new(most_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_closed) => return Ok(()),
+            },
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::debug!(%error, "admin listener: accepting failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(error) = http.serve_connection(io, service).await {
+                tracing::debug!(%error, "admin connection ended");
+            }
+        });
+    }
+}
+
+/// Answers `421 Misdirected Request` to a request whose `Host` is not a
+/// loopback name or address.
+async fn only_loopback_hosts(request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or_default();
+    if is_loopback_host(host) {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            "the admin listener answers requests for localhost, 127.0.0.1 or [::1] only\n",
+        )
+            .into_response()
+    }
+}
+
+/// Whether `host` (a `Host` header: a name or address, and maybe a port)
+/// is `localhost`, an address in 127.0.0.0/8, or `[::1]`.
+fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((inside, port)) if port.is_empty() || port.starts_with(':') => {
+                return inside
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok_and(|address| address.is_loopback());
+            }
+            _ => return false,
+        }
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _port)| name)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|address| address.is_loopback())
 }
 
 async fn metrics_text() -> impl IntoResponse {
@@ -98,6 +211,95 @@ async fn status_page(State(admin): State<Admin>) -> Html<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// An admin listener on a free loopback port with `most_connections`
+    /// and a header timeout of 300 ms.
+    async fn admin(most_connections: usize) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let status: StatusSource = Arc::new(report::tests::report);
+        tokio::spawn(serve_within(
+            listener,
+            status,
+            std::future::pending(),
+            most_connections,
+            Duration::from_millis(300),
+        ));
+        address
+    }
+
+    /// The status line of the answer to `GET /status` with `host`.
+    async fn status_line(address: SocketAddr, host: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request = format!("GET /status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer.lines().next().unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn loopback_hosts_are_told_from_others() {
+        for host in [
+            "localhost",
+            "LOCALHOST:9100",
+            "127.0.0.1:9100",
+            "127.1.2.3",
+            "[::1]:9100",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example:9100",
+            "localhost.evil.example",
+            "10.0.0.1:9100",
+            "[::2]:9100",
+            "[::1]x",
+            "[::1",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
+
+    #[tokio::test]
+    async fn on_loopback_a_request_for_another_host_is_misdirected() {
+        let address = admin(8).await;
+        let port = address.port();
+        for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+            assert_eq!(status_line(address, &host).await, "HTTP/1.1 200 OK");
+        }
+        let rebound = status_line(address, &format!("attacker.example:{port}")).await;
+        assert_eq!(rebound, "HTTP/1.1 421 Misdirected Request");
+        // What securemesh status sends.
+        fetch_status(address).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn silent_connections_are_closed_and_cannot_crowd_out_a_request() {
+        let address = admin(2).await;
+        let started = Instant::now();
+        let mut silent = Vec::new();
+        for _ in 0..2 {
+            silent.push(tokio::net::TcpStream::connect(address).await.unwrap());
+        }
+        // Both places are taken: the request waits until the header timeout
+        // closes the silent connections, then is answered.
+        let answered =
+            tokio::time::timeout(Duration::from_secs(5), status_line(address, "localhost")).await;
+        assert_eq!(answered.as_deref(), Ok("HTTP/1.1 200 OK"));
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        for mut connection in silent {
+            let mut rest = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), connection.read_to_end(&mut rest))
+                    .await;
+            assert!(matches!(read, Ok(Ok(_))), "still open: {read:?}");
+        }
+    }
 
     #[test]
     fn a_port_alone_means_loopback() {
