@@ -183,7 +183,9 @@ pub enum CredentialsCommand {
 pub struct CredentialsUserArgs {
     /// User name.
     pub name: String,
-    /// The password (not `SECUREMESH_PASSWORD`, which is the client's).
+    /// The password (not `SECUREMESH_PASSWORD`, which is the client's;
+    /// prefer the variable or the prompt: a command line is visible to
+    /// every local user).
     #[arg(long, env = "SECUREMESH_NEW_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
     #[command(flatten)]
@@ -719,7 +721,8 @@ pub struct ClientArgs {
     /// User name for Basic credentials.
     #[arg(long, env = "SECUREMESH_USER", requires = "password")]
     pub user: Option<String>,
-    /// Password for Basic credentials.
+    /// Password for Basic credentials (prefer the environment variable: a
+    /// command line is visible to every local user).
     #[arg(
         long,
         env = "SECUREMESH_PASSWORD",
@@ -727,7 +730,7 @@ pub struct ClientArgs {
         requires = "user"
     )]
     pub password: Option<String>,
-    /// Bearer token.
+    /// Bearer token (prefer the environment variable, as for --password).
     #[arg(
         long,
         env = "SECUREMESH_TOKEN",

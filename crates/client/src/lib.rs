@@ -37,6 +37,9 @@ pub enum ClientError {
         /// What tonic said.
         source: tonic::transport::Error,
     },
+    /// A target that is not `https://`: securemesh speaks mutual TLS only.
+    #[error("target {0}: not an https:// URL (securemesh speaks mutual TLS only)")]
+    NotHttps(String),
     /// The call failed with a gRPC status.
     #[error("{} {}", code_name(.0.code()), .0.message())]
     Status(#[from] tonic::Status),
@@ -66,7 +69,9 @@ impl ClientError {
             ClientError::Status(status) => code_name(status.code()),
             ClientError::DigestMismatch => "DIGEST_MISMATCH",
             ClientError::UnexpectedResult(_) => "UNEXPECTED_RESULT",
-            ClientError::Target(_) | ClientError::Endpoint { .. } => "INVALID_TARGET",
+            ClientError::Target(_) | ClientError::Endpoint { .. } | ClientError::NotHttps(_) => {
+                "INVALID_TARGET"
+            }
             ClientError::NotReady { .. } => "NOT_READY",
         }
     }
@@ -197,6 +202,11 @@ impl Client {
 }
 
 fn endpoint(target: &str, tls: ClientTls) -> Result<Endpoint, ClientError> {
+    // tonic would speak plaintext to an http:// URL, TLS configuration or
+    // not; the balancer refuses one too.
+    if !target.starts_with("https://") {
+        return Err(ClientError::NotHttps(target.to_owned()));
+    }
     let invalid = |source| ClientError::Endpoint {
         target: target.to_owned(),
         source,

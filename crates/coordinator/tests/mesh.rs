@@ -1855,6 +1855,19 @@ async fn overall_health(material: &Material, url: &str) -> HealthStatus {
     HealthStatus::try_from(status).unwrap()
 }
 
+#[tokio::test]
+async fn a_readiness_check_refuses_a_plaintext_url() {
+    let material = Material::new();
+    let tls = securemesh_tls::client_tls_config(&material.files("client")).unwrap();
+    let refused =
+        securemesh_client::wait_until_serving("http://127.0.0.1:1", tls, Duration::from_secs(1))
+            .await;
+    assert!(
+        matches!(refused, Err(securemesh_client::ClientError::NotHttps(_))),
+        "{refused:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_coordinator_reports_not_serving_then_goes_away() {
     let material = Material::new();
