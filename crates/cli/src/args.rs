@@ -522,14 +522,10 @@ impl EtcdArgs {
         config: securemesh_discovery::EtcdConfig,
         crl: Option<PathBuf>,
     ) -> anyhow::Result<securemesh_discovery::EtcdConfig> {
-        let tls = self
-            .etcd_ca
-            .clone()
-            .map(|ca| securemesh_discovery::EtcdTls {
-                ca,
-                identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
-                crl,
-            });
+        let tls = self.etcd_ca.clone().map(|ca| {
+            let identity = self.etcd_cert.clone().zip(self.etcd_key.clone());
+            securemesh_discovery::EtcdTls::new(ca, identity, crl)
+        });
         let auth = self
             .etcd_user
             .clone()

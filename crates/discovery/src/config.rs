@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions};
@@ -44,20 +45,45 @@ pub struct EtcdTls {
     pub ca: PathBuf,
     /// Our certificate and key (PEM), for etcd's `--client-cert-auth`.
     pub identity: Option<(PathBuf, PathBuf)>,
-    /// Our CA's CRL (PEM), read at every connection if the file exists: an
-    /// etcd certificate it revokes is refused (one from another CA is
-    /// judged by its own CA alone).
+    /// Our CA's CRL (PEM), read at every connection once the file exists
+    /// (the first revocation writes it): an etcd certificate it revokes is
+    /// refused (one from another CA is judged by its own CA alone). Once
+    /// seen, a CRL that is gone refuses the connection rather than let it
+    /// go unchecked.
     pub crl: Option<PathBuf>,
+    /// Whether the CRL file has existed at a connection; shared by clones.
+    crl_seen: Arc<AtomicBool>,
 }
 
 impl EtcdTls {
+    /// TLS toward etcd members whose certificates `ca` signed, with our
+    /// certificate and key for etcd's `--client-cert-auth`, and our CA's
+    /// CRL.
+    pub fn new(ca: PathBuf, identity: Option<(PathBuf, PathBuf)>, crl: Option<PathBuf>) -> Self {
+        Self {
+            ca,
+            identity,
+            crl,
+            crl_seen: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
     /// The rustls verifier and identity for a connection made now.
     fn client_tls(&self) -> Result<ClientTls, DiscoveryError> {
         let identity = self
             .identity
             .as_ref()
             .map(|(cert, key)| (cert.as_path(), key.as_path()));
-        let crl = self.crl.as_deref().filter(|crl| crl.exists());
+        let crl = match self.crl.as_deref() {
+            Some(crl) if crl.exists() => {
+                self.crl_seen.store(true, Ordering::Relaxed);
+                Some(crl)
+            }
+            Some(crl) if self.crl_seen.load(Ordering::Relaxed) => {
+                return Err(DiscoveryError::CrlGone(crl.to_path_buf()));
+            }
+            _ => None,
+        };
         Ok(securemesh_tls::foreign_server_tls(&self.ca, identity, crl)?)
     }
 }
@@ -418,12 +444,27 @@ mod tests {
         let config = "etcd://127.0.0.1:2379"
             .parse::<EtcdConfig>()
             .unwrap()
-            .with_tls(Some(EtcdTls {
-                ca: PathBuf::from("/nonexistent/ca_cert.pem"),
-                identity: None,
-                crl: None,
-            }));
+            .with_tls(Some(EtcdTls::new(
+                PathBuf::from("/nonexistent/ca_cert.pem"),
+                None,
+                None,
+            )));
         let error = config.check().unwrap_err().to_string();
         assert!(error.contains("/nonexistent/ca_cert.pem"), "{error}");
+    }
+
+    #[test]
+    fn a_crl_that_was_there_and_is_gone_refuses_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let crl = dir.path().join("ca_crl.pem");
+        // The CA is missing too, which is found after the CRL is judged.
+        let tls = EtcdTls::new(dir.path().join("ca_cert.pem"), None, Some(crl.clone()));
+        // No CRL yet (nothing revoked so far): not a refusal of its own.
+        assert!(matches!(tls.client_tls(), Err(DiscoveryError::Tls(_))));
+        std::fs::write(&crl, "a CRL").unwrap();
+        assert!(matches!(tls.client_tls(), Err(DiscoveryError::Tls(_))));
+        std::fs::remove_file(&crl).unwrap();
+        let clone = tls.clone();
+        assert!(matches!(clone.client_tls(), Err(DiscoveryError::CrlGone(path)) if path == crl));
     }
 }

@@ -32,6 +32,13 @@ pub enum DiscoveryError {
     /// TLS toward etcd could not be set up (a file missing or unusable).
     #[error("TLS toward etcd: {0}")]
     Tls(#[from] securemesh_tls::TlsError),
+    /// Our CA's CRL was there at an earlier connection and is gone now:
+    /// etcd's certificate is not trusted unchecked.
+    #[error(
+        "{0}: our CA's revocation list is gone since the last connection to etcd; restore it \
+         (refusing to trust etcd's certificate without it)"
+    )]
+    CrlGone(std::path::PathBuf),
     /// A channel to etcd could not be set up (a member's address that is
     /// not a URL, or TLS the transport refused).
     #[error("channel to etcd: {0}")]
