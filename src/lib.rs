@@ -88,26 +88,20 @@ pub mod request_id {
 /// name a server's port before the server binds it (and may restart it on
 /// the same port).
 pub mod ports {
-    use std::fs::File;
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::Mutex;
 
     /// The lowest port handed out.
     const LOWEST: u32 = 10_000;
 
-    /// A port on 127.0.0.1 that nobody listens on right now, and that no
-    /// other process picks with this function while this one lives.
+    /// A port on 127.0.0.1 that nobody listens on right now.
     ///
     /// It comes from below the kernel's range for outgoing connections,
     /// so that no connection (of this process or of the ones it started)
     /// can take it between this check and the server's `bind`, as a port
     /// from `bind(0)` could. Threads of one process get distinct ports from
     /// a shared counter; processes start at different places, by their
-    /// process id, and each holds a lock on a file per port it picked
-    /// (in the temporary directory), which the others skip: two test
-    /// binaries, or a test and the bench lab it starts, cannot both hand
-    /// out a port before either binds it.
+    /// process id.
     pub fn free_loopback_port() -> std::io::Result<u16> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let below = ephemeral_range_start().max(LOWEST + 1_000);
@@ -118,7 +112,7 @@ pub mod ports {
             let Ok(port) = u16::try_from(LOWEST + offset) else {
                 continue;
             };
-            if reserve(port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return Ok(port);
             }
         }
@@ -126,27 +120,6 @@ pub mod ports {
             std::io::ErrorKind::AddrInUse,
             format!("no free port on 127.0.0.1 between {LOWEST} and {below}"),
         ))
-    }
-
-    /// Whether `port` is now this process's to hand out: its lock file is
-    /// locked by this process until it exits. Without a temporary
-    /// directory to lock in, every port counts as reserved.
-    fn reserve(port: u16) -> bool {
-        static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());
-        let dir = std::env::temp_dir().join("securemesh-ports");
-        if std::fs::create_dir_all(&dir).is_err() {
-            return true;
-        }
-        let Ok(file) = File::create(dir.join(format!("{port}.lock"))) else {
-            return true;
-        };
-        if file.try_lock().is_err() {
-            return false;
-        }
-        HELD.lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .push(file);
-        true
     }
 
     /// The first port of the kernel's range for outgoing connections.
@@ -172,17 +145,6 @@ pub mod ports {
                 assert!(u32::from(port) < ephemeral_range_start().max(LOWEST + 1_000));
                 assert!(TcpListener::bind(("127.0.0.1", port)).is_ok());
             }
-        }
-
-        #[test]
-        fn a_port_one_process_picked_is_not_another_s() {
-            let port = free_loopback_port().unwrap();
-            // Another process's view: the lock file is held.
-            let lock = std::env::temp_dir()
-                .join("securemesh-ports")
-                .join(format!("{port}.lock"));
-            let other = File::open(lock).unwrap();
-            assert!(other.try_lock().is_err(), "port {port} is not reserved");
         }
     }
 }
