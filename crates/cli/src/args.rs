@@ -150,15 +150,15 @@ pub struct StatusArgs {
 }
 
 impl Command {
-    /// The default log level: long-running roles log `info`; one-shot
-    /// commands only warnings; the benchmark only errors (it counts what
-    /// fails itself, and its own clients' transient warnings are noise).
     /// Whether the command runs a server or a coordinator, whose log files
     /// may hold plaintext and are kept private.
     pub fn serves(&self) -> bool {
         matches!(self, Command::Server(_) | Command::Coordinator(_))
     }
 
+    /// The default log level: long-running roles log `info`; one-shot
+    /// commands only warnings; the benchmark only errors (it counts what
+    /// fails itself, and its own clients' transient warnings are noise).
     pub fn default_log_level(&self) -> &'static str {
         match self {
             Command::Server(_) | Command::Coordinator(_) | Command::Demo(_) => "info",

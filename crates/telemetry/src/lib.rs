@@ -521,7 +521,11 @@ mod tests {
         );
         // Every family exported has its help and its type, and a counter's
         // name ends in _total.
-        for family in metrics().registry.gather() {
+        // One gathering for both the text and the families, since other
+        // tests add and remove series meanwhile.
+        let families = metrics().registry.gather();
+        let text = TextEncoder::new().encode_to_string(&families).unwrap();
+        for family in families {
             let name = family.name();
             assert!(!family.help().is_empty(), "{name} has no help");
             let kind = match family.get_field_type() {

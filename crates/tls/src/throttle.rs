@@ -95,8 +95,9 @@ impl LogThrottle {
                 wake_at = quiet_until;
                 continue;
             }
+            // The summary does not count as the kind's line: the next
+            // event is logged in full.
             let held_back = std::mem::take(&mut window.held_back);
-            window.logged_at = now;
             window.summary_due = false;
             drop(kinds);
             if level <= Level::WARN {
