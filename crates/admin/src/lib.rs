@@ -73,11 +73,27 @@ const MOST_CONNECTIONS: usize = 64;
 /// opened (or its last answer), or the connection is closed.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A connection is closed this long after it opened, whatever it is doing:
+/// a client that sends requests and never reads the answers stalls the
+/// server's writes, which no header timeout notices, and would otherwise
+/// keep its place for good. Scrapers and the status page reconnect.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// How many admin connections are served at once and how long each may
+/// take over what.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    most_connections: usize,
+    header_read_timeout: Duration,
+    connection_lifetime: Duration,
+}
+
 /// Serves `/metrics`, `/status` and `/` on `listener` until `shutdown`
 /// (connections already open are served to their end).
 ///
 /// At most [`MOST_CONNECTIONS`] at once, each closed if a request's headers
-/// take longer than [`HEADER_READ_TIMEOUT`]. On a loopback address, a
+/// take longer than [`HEADER_READ_TIMEOUT`], and in any case after
+/// [`CONNECTION_LIFETIME`]. On a loopback address, a
 /// request must name a loopback host (`Host: localhost:PORT`,
 /// `127.0.0.1:PORT` or `[::1]:PORT`), else it gets `421 Misdirected
 /// Request`: a web page the local browser loads from a name that resolves
@@ -87,23 +103,20 @@ pub async fn serve(
     status: StatusSource,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_within(
-        listener,
-        status,
-        shutdown,
-        MOST_CONNECTIONS,
-        HEADER_READ_TIMEOUT,
-    )
-    .await
+    let limits = Limits {
+        most_connections: MOST_CONNECTIONS,
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        connection_lifetime: CONNECTION_LIFETIME,
+    };
+    serve_within(listener, status, shutdown, limits).await
 }
 
-/// [`serve`] with `most_connections` at once and `header_read_timeout`.
+/// [`serve`] within `limits`.
 async fn serve_within(
     listener: TcpListener,
     status: StatusSource,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    most_connections: usize,
-    header_read_timeout: Duration,
+    limits: Limits,
 ) -> std::io::Result<()> {
     let loopback_only = listener.local_addr()?.ip().is_loopback();
     let mut app = Router::new()
@@ -114,7 +127,7 @@ async fn serve_within(
     if loopback_only {
         app = app.layer(axum::middleware::from_fn(only_loopback_hosts));
     }
-    let permits = Arc::new(Semaphore::new(most_connections));
+    let permits = Arc::new(Semaphore::new(limits.most_connections));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -141,10 +154,13 @@ async fn serve_within(
             let _permit = permit;
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
+                .header_read_timeout(limits.header_read_timeout);
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(error) = http.serve_connection(io, service).await {
-                tracing::debug!(%error, "admin connection ended");
+            let connection = http.serve_connection(io, service);
+            match tokio::time::timeout(limits.connection_lifetime, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%error, "admin connection ended"),
+                Err(_elapsed) => tracing::debug!("admin connection closed: open too long"),
             }
         });
     }
@@ -214,18 +230,22 @@ mod tests {
     use std::time::Instant;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    /// An admin listener on a free loopback port with `most_connections`
-    /// and a header timeout of 300 ms.
+    /// An admin listener on a free loopback port with `most_connections`,
+    /// a header timeout of 300 ms and connections that live 1 s at most.
     async fn admin(most_connections: usize) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let status: StatusSource = Arc::new(report::tests::report);
+        let limits = Limits {
+            most_connections,
+            header_read_timeout: Duration::from_millis(300),
+            connection_lifetime: Duration::from_secs(1),
+        };
         tokio::spawn(serve_within(
             listener,
             status,
             std::future::pending(),
-            most_connections,
-            Duration::from_millis(300),
+            limits,
         ));
         address
     }
@@ -299,6 +319,24 @@ mod tests {
                     .await;
             assert!(matches!(read, Ok(Ok(_))), "still open: {read:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_reads_its_answers_loses_its_place() {
+        let address = admin(1).await;
+        let mut greedy = tokio::net::TcpStream::connect(address).await.unwrap();
+        // Far more answers than the socket buffers hold: the server's
+        // writes stall while the header timeout sees requests arrive.
+        let requests = "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(20_000);
+        let writer = tokio::spawn(async move {
+            let _ = greedy.write_all(requests.as_bytes()).await;
+            greedy
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let answered =
+            tokio::time::timeout(Duration::from_secs(5), status_line(address, "localhost")).await;
+        assert_eq!(answered.as_deref(), Ok("HTTP/1.1 200 OK"));
+        drop(writer.await);
     }
 
     #[test]
