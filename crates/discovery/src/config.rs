@@ -125,13 +125,15 @@ impl FromStr for EtcdConfig {
 
     fn from_str(url: &str) -> Result<Self, Self::Err> {
         let rest = url.strip_prefix("etcd://").ok_or(EtcdUrlError::Scheme)?;
+        // Anywhere, not only before the path: a password may hold a `/`,
+        // and the part before it would be repeated as a bad endpoint.
+        if rest.contains('@') {
+            return Err(EtcdUrlError::Credentials);
+        }
         let (hosts, path) = match rest.find('/') {
             Some(slash) => rest.split_at(slash),
             None => (rest, ""),
         };
-        if hosts.contains('@') {
-            return Err(EtcdUrlError::Credentials);
-        }
         let endpoints = hosts
             .split(',')
             .map(|endpoint| {
@@ -285,8 +287,9 @@ impl EtcdConfig {
     }
 }
 
-/// Whether `host` is `[IPV6]`, an IPv4 address or a DNS name (letters,
-/// digits, `-` and `.`, starting with a letter or digit).
+/// Whether `host` is `[IPV6]`, an IPv4 address or a host name (letters,
+/// digits, `-`, `_` and `.`, starting with a letter or digit; `_` is not
+/// DNS but container runtimes name hosts with it).
 fn valid_host(host: &str) -> bool {
     if let Some(inside) = host
         .strip_prefix('[')
@@ -297,7 +300,7 @@ fn valid_host(host: &str) -> bool {
     host.starts_with(|c: char| c.is_ascii_alphanumeric())
         && host
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// `request`, bounded by [`REQUEST_TIMEOUT`].
@@ -351,6 +354,8 @@ mod tests {
         }
         let ipv6: EtcdConfig = "etcd://[::1]:2379".parse().unwrap();
         assert_eq!(ipv6.endpoints, ["[::1]:2379"]);
+        let compose: EtcdConfig = "etcd://mesh_etcd_1:2379".parse().unwrap();
+        assert_eq!(compose.endpoints, ["mesh_etcd_1:2379"]);
     }
 
     #[test]
@@ -358,6 +363,8 @@ mod tests {
         for url in [
             "etcd://root:hunter2@10.0.0.1:2379",
             "etcd://10.0.0.2:2379,root:hunter2@10.0.0.1:2379/p",
+            // The part before a `/` in the password is not an endpoint.
+            "etcd://root:hunter2/more@10.0.0.1:2379",
         ] {
             let refused = url.parse::<EtcdConfig>().unwrap_err();
             assert_eq!(refused, EtcdUrlError::Credentials);
@@ -382,6 +389,7 @@ mod tests {
             "etcd://[not-v6]:2379",
             "etcd://10.0.0.1 :2379",
             "etcd://-x:2379",
+            "etcd://_x:2379",
         ] {
             assert!(
                 matches!(bad.parse::<EtcdConfig>(), Err(EtcdUrlError::Endpoint(_))),

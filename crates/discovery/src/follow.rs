@@ -8,6 +8,8 @@ use std::sync::Arc;
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::task::JoinHandle;
 
+use securemesh::text::printable;
+
 use crate::config::within;
 use crate::{Backoff, DiscoveryError, EtcdConfig, ServerRecord};
 
@@ -90,7 +92,8 @@ async fn follow_forever(config: EtcdConfig, mut registrations: Registrations) {
 /// Reads the prefix, then applies its changes until the watch fails.
 ///
 /// Keys and records are written by anyone who may register, so their text
-/// is logged Debug-quoted: a newline in one cannot forge a log line.
+/// is logged through [`printable`]: a newline in one cannot forge a log
+/// line, and a JSON log gets the value without extra quotes.
 async fn sync_and_watch(
     config: &EtcdConfig,
     registrations: &mut Registrations,
@@ -172,7 +175,7 @@ impl Registrations {
         match serde_json::from_slice::<ServerRecord>(value) {
             Ok(record) => self.admit(key, record),
             Err(error) => {
-                tracing::warn!(?key, %error, "ignoring a registration that is not a server record");
+                tracing::warn!(key = %printable(key), error = %printable(&error.to_string()), "ignoring a registration that is not a server record");
                 self.delete(key);
             }
         }
@@ -199,11 +202,11 @@ impl Registrations {
         self.waiting.remove(key);
         match self.members.insert(&record.url) {
             Ok(()) => {
-                tracing::info!(?key, url = ?record.url, server_id = ?record.server_id, "backend registered in etcd");
+                tracing::info!(key = %printable(key), url = %printable(&record.url), server_id = %printable(&record.server_id), "backend registered in etcd");
                 self.by_key.insert(key.to_owned(), record.url);
             }
             Err(error) => {
-                tracing::warn!(?key, url = ?record.url, error = %securemesh::text::printable(&error.to_string()), "cannot use a registered backend")
+                tracing::warn!(key = %printable(key), url = %printable(&record.url), error = %printable(&error.to_string()), "cannot use a registered backend")
             }
         }
     }
@@ -216,7 +219,7 @@ impl Registrations {
             if !self.left_out {
                 self.left_out = true;
                 tracing::warn!(
-                    ?key,
+                    key = %printable(key),
                     limit = self.limit,
                     "too many registrations in etcd: ignoring more until a resync"
                 );
@@ -225,8 +228,8 @@ impl Registrations {
         }
         if self.waiting.is_empty() {
             tracing::warn!(
-                ?key,
-                url = ?record.url,
+                key = %printable(key),
+                url = %printable(&record.url),
                 limit = self.limit,
                 "too many backends registered in etcd: more wait until others leave"
             );
@@ -258,7 +261,7 @@ impl Registrations {
         let Some(url) = self.by_key.remove(key) else {
             return false;
         };
-        tracing::info!(?key, ?url, "backend deregistered from etcd");
+        tracing::info!(key = %printable(key), url = %printable(&url), "backend deregistered from etcd");
         self.members.remove(&url);
         true
     }
@@ -358,6 +361,13 @@ mod tests {
         registrations.delete(&key);
         let log = std::fs::read_to_string(written.path()).unwrap();
         assert_eq!(log.lines().count(), 4, "{log}");
+        // Escaped, not quoted: a JSON log carries the value as it is.
+        assert_eq!(
+            log.matches(r"key=/securemesh/servers/x\n2026-11-29T00:00:00Z  INFO")
+                .count(),
+            4,
+            "{log}"
+        );
         assert!(
             !log.lines()
                 .any(|line| line.starts_with("2026-11-29T00:00:00Z")),
