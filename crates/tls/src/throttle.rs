@@ -65,7 +65,14 @@ impl LogThrottle {
             if !window.summary_due {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     window.summary_due = true;
-                    runtime.spawn(self.clone().summarize(kind, level));
+                    // Unlocked first: a runtime that is shutting down
+                    // drops the task at once, and its guard locks.
+                    drop(kinds);
+                    let due = SummaryDue {
+                        throttle: self.clone(),
+                        kind,
+                    };
+                    runtime.spawn(self.clone().summarize(kind, level, due));
                 }
             }
             return None;
@@ -77,7 +84,11 @@ impl LogThrottle {
     /// Waits until `kind` has had no line held back for an interval, then
     /// logs how many are held back, unless a line of the kind took the
     /// count first.
-    async fn summarize(self, kind: &'static str, level: Level) {
+    ///
+    /// However the task ends, even dropped unpolled with its runtime, `due`
+    /// goes with it and the next burst may have a summary of its own.
+    async fn summarize(self, kind: &'static str, level: Level, due: SummaryDue) {
+        let _due = due;
         let mut wake_at = Instant::now() + self.interval;
         loop {
             tokio::time::sleep_until(wake_at).await;
@@ -87,7 +98,6 @@ impl LogThrottle {
                 return;
             };
             if window.held_back == 0 {
-                window.summary_due = false;
                 return;
             }
             let quiet_until = window.last_held_back_at + self.interval;
@@ -98,7 +108,6 @@ impl LogThrottle {
             // The summary does not count as the kind's line: the next
             // event is logged in full.
             let held_back = std::mem::take(&mut window.held_back);
-            window.summary_due = false;
             drop(kinds);
             if level <= Level::WARN {
                 tracing::warn!(kind, held_back, "log lines of this kind held back");
@@ -113,6 +122,22 @@ impl LogThrottle {
         self.kinds
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+/// Clears its kind's `summary_due` when the task that owes the summary
+/// ends.
+struct SummaryDue {
+    throttle: LogThrottle,
+    kind: &'static str,
+}
+
+impl Drop for SummaryDue {
+    fn drop(&mut self) {
+        let mut kinds = self.throttle.lock();
+        if let Some((_, window)) = kinds.iter_mut().find(|(known, _)| *known == self.kind) {
+            window.summary_due = false;
+        }
     }
 }
 
@@ -137,6 +162,35 @@ mod tests {
         assert_eq!(throttle.admit("refused", Level::WARN), Some(5));
         assert_eq!(throttle.admit("refused", Level::WARN), None);
         assert_eq!(throttle.admit("timeout", Level::INFO), Some(0));
+    }
+
+    #[test]
+    fn a_summary_lost_with_its_runtime_is_owed_again_by_the_next_burst() {
+        let throttle = LogThrottle::new(Duration::from_millis(50));
+        let burst = || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                throttle.admit("refused", Level::WARN);
+                throttle.admit("refused", Level::WARN);
+            });
+            // The runtime ends with the summary task unfinished.
+        };
+        let summary_due = || throttle.lock()[0].1.summary_due;
+        burst();
+        assert!(!summary_due());
+        std::thread::sleep(Duration::from_millis(60));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            assert_eq!(throttle.admit("refused", Level::WARN), Some(1));
+            assert_eq!(throttle.admit("refused", Level::WARN), None);
+            assert!(summary_due(), "the next burst owes a summary again");
+        });
     }
 
     #[tokio::test(start_paused = true)]
