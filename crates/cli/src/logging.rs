@@ -61,8 +61,8 @@ pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<()> {
         .try_init()?;
     let _ = STDERR_DROPPED.set(dropped);
     if let Some(path) = &args.log_file {
-        if args.log_rotation == LogRotation::Never {
-            securemesh_fs::warn_if_exposed(path, "log file");
+        if let Some(appended) = file_appended_to(path, args.log_rotation) {
+            securemesh_fs::warn_if_exposed(&appended, "log file");
         }
     }
     *lock(&FILE_WRITER) = file_guard;
@@ -152,6 +152,37 @@ fn create_private(path: &Path) -> std::io::Result<()> {
 }
 
 /// Appends to `path`, or with daily rotation to `path.YYYY-MM-DD`.
+/// The file that existed before and that lines go on to: `path` itself,
+/// or with a daily rotation its newest `path.YYYY-MM-DD` (today's, or the
+/// one before; either holds lines as private as the new ones). Files the
+/// process creates are private already.
+fn file_appended_to(path: &Path, rotation: LogRotation) -> Option<std::path::PathBuf> {
+    match rotation {
+        LogRotation::Never => Some(path.to_owned()),
+        LogRotation::Daily => {
+            let name = path.file_name()?.to_str()?;
+            let directory = path
+                .parent()
+                .filter(|parent| !parent.as_os_str().is_empty())
+                .unwrap_or_else(|| Path::new("."));
+            std::fs::read_dir(directory)
+                .ok()?
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name())
+                .filter_map(|file| {
+                    let date = file.to_str()?.strip_prefix(name)?.strip_prefix('.')?;
+                    let dated = date.len() == 10
+                        && date.char_indices().all(|(at, c)| match at {
+                            4 | 7 => c == '-',
+                            _ => c.is_ascii_digit(),
+                        });
+                    dated.then(|| directory.join(&file))
+                })
+                .max()
+        }
+    }
+}
+
 fn appender(
     path: &Path,
     rotation: LogRotation,
@@ -176,4 +207,34 @@ fn appender(
         .rotation(rotation)
         .filename_prefix(name.to_string_lossy())
         .build(directory)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_existing_log_file_is_checked_where_lines_go_on() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("server.log");
+        assert_eq!(
+            file_appended_to(&path, LogRotation::Never).as_deref(),
+            Some(path.as_path())
+        );
+        assert_eq!(file_appended_to(&path, LogRotation::Daily), None);
+        for other in [
+            "server.log",
+            "server.log.old",
+            "server.log.2026-1-1",
+            "server.logx.2027-01-01",
+            "server.log.2025-11-29",
+            "server.log.2026-11-28",
+        ] {
+            std::fs::write(directory.path().join(other), "").unwrap();
+        }
+        assert_eq!(
+            file_appended_to(&path, LogRotation::Daily),
+            Some(directory.path().join("server.log.2026-11-28"))
+        );
+    }
 }
