@@ -201,10 +201,19 @@ impl Client {
     }
 }
 
+/// Whether `target` is an `https://` URL, the scheme in any case (as
+/// tonic reads it).
+fn is_https(target: &str) -> bool {
+    use tonic::codegen::http::uri::{Scheme, Uri};
+    target
+        .parse::<Uri>()
+        .is_ok_and(|uri| uri.scheme() == Some(&Scheme::HTTPS))
+}
+
 fn endpoint(target: &str, tls: ClientTls) -> Result<Endpoint, ClientError> {
     // tonic would speak plaintext to an http:// URL, TLS configuration or
     // not; the balancer refuses one too.
-    if !target.starts_with("https://") {
+    if !is_https(target) {
         return Err(ClientError::NotHttps(target.to_owned()));
     }
     let invalid = |source| ClientError::Endpoint {
@@ -250,5 +259,30 @@ pub async fn wait_until_serving(
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_https_urls_are_targets_whatever_the_case_of_their_scheme() {
+        for target in [
+            "https://127.0.0.1:8000",
+            "HTTPS://localhost:8000",
+            "Https://[::1]:1",
+        ] {
+            assert!(is_https(target), "{target}");
+        }
+        for target in [
+            "http://127.0.0.1:8000",
+            "HTTP://127.0.0.1:8000",
+            "127.0.0.1:8000",
+            "https//127.0.0.1:8000",
+            "",
+        ] {
+            assert!(!is_https(target), "{target}");
+        }
     }
 }
