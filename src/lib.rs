@@ -149,6 +149,90 @@ pub mod ports {
     }
 }
 
+/// The processes a lab starts (the demo's and the benchmark's servers,
+/// coordinator and nginx): how they are kept apart from the caller's
+/// settings and from outliving the lab.
+pub mod children {
+    use std::process::Command;
+
+    /// Makes `command` a lab process:
+    ///
+    /// - it inherits none of the caller's `SECUREMESH_*` variables (a
+    ///   certificate, a server id, a metrics port, a registry...), which
+    ///   would change how the lab runs behind its back;
+    /// - on Linux, it gets SIGTERM when the thread that starts it ends, the
+    ///   whole lab killed by SIGKILL included, so that a killed demo or
+    ///   benchmark leaves no server holding its port. Start it from a
+    ///   thread that lives as long as the lab (the main thread, a runtime
+    ///   worker), not from a pool thread that may end when idle.
+    pub fn for_lab(command: &mut Command) -> &mut Command {
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("SECUREMESH_") {
+                command.env_remove(name);
+            }
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt as _;
+            let parent = nix::unistd::getpid();
+            // SAFETY: between fork and exec only async-signal-safe calls
+            // are allowed; prctl and getppid are single system calls that
+            // neither allocate nor lock.
+            unsafe {
+                command.pre_exec(move || {
+                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+                    // The parent may have ended before the line above.
+                    if nix::unistd::getppid() != parent {
+                        return Err(std::io::Error::other("the lab ended while starting"));
+                    }
+                    Ok(())
+                });
+            }
+        }
+        command
+    }
+
+    #[cfg(all(test, target_os = "linux"))]
+    mod tests {
+        use super::*;
+        use std::os::unix::process::ExitStatusExt as _;
+        use std::time::{Duration, Instant};
+
+        #[test]
+        fn a_lab_process_ends_with_the_thread_that_started_it() {
+            let mut child =
+                std::thread::spawn(|| for_lab(Command::new("sleep").arg("30")).spawn().unwrap())
+                    .join()
+                    .unwrap();
+            let started = Instant::now();
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if started.elapsed() > Duration::from_secs(5) {
+                    let _ = child.kill();
+                    panic!("the lab process outlived its parent thread");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let sigterm = nix::sys::signal::Signal::SIGTERM as i32;
+            assert_eq!(status.signal(), Some(sigterm));
+        }
+
+        #[test]
+        fn a_lab_process_inherits_no_securemesh_setting() {
+            std::env::set_var("SECUREMESH_CHILDREN_TEST_SETTING", "set by the caller");
+            let output = for_lab(Command::new("env").env("SECUREMESH_OWN", "the lab's"))
+                .output()
+                .unwrap();
+            let environment = String::from_utf8(output.stdout).unwrap();
+            assert!(!environment.contains("SECUREMESH_CHILDREN_TEST_SETTING"));
+            assert!(environment.contains("SECUREMESH_OWN=the lab's"));
+            assert!(environment.contains("PATH="));
+        }
+    }
+}
+
 /// Text from others (a caller's payload, a peer's error message, a
 /// registration in etcd) made safe to show on one line of a log or a
 /// terminal.

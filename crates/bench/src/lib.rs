@@ -305,8 +305,10 @@ pub struct FaultRun {
 }
 
 impl Timeline {
+    /// Successful calls per second in `bucket`: calls failed fast by a
+    /// proxy are no recovery.
     fn rate(&self, bucket: &load::Bucket) -> f64 {
-        (bucket.ok + bucket.failed) as f64 / self.bucket_s
+        bucket.ok as f64 / self.bucket_s
     }
 
     fn fault_bucket(&self) -> usize {
@@ -817,6 +819,13 @@ mod tests {
             "the median run is one that never recovered"
         );
         assert!(Timeline::median_of(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn calls_failed_fast_are_no_recovery() {
+        let mut failing_fast = timeline(&[50, 100, 100, 10, 100], 0.302);
+        failing_fast.summary.timeline[3].failed = 90;
+        assert!((failing_fast.recovery_ms().unwrap() - 198.0).abs() < 0.01);
     }
 
     #[test]

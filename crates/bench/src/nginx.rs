@@ -26,15 +26,20 @@ pub fn binary() -> Result<PathBuf, BenchError> {
     let root = nix::unistd::Uid::effective().is_root();
     if root && Path::new("/usr/bin/apt-get").is_file() {
         eprintln!("nginx is missing: installing Debian's nginx package");
-        let installed = std::process::Command::new("apt-get")
-            .args(["install", "-y", "-qq", "nginx"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .map_err(|source| BenchError::Spawn {
-                what: "apt-get install nginx".into(),
-                source,
-            })?;
-        if installed.success() {
+        let apt_get = |args: &[&str]| {
+            std::process::Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .map_err(|source| BenchError::Spawn {
+                    what: format!("apt-get {}", args.join(" ")),
+                    source,
+                })
+        };
+        // A fresh machine (a container) has no package lists yet.
+        let updated = apt_get(&["update", "-qq"])?;
+        let installed = updated.success() && apt_get(&["install", "-y", "-qq", "nginx"])?.success();
+        if installed {
             if let Some(found) = find() {
                 return Ok(found);
             }

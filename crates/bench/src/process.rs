@@ -51,7 +51,7 @@ impl Process {
             .open(&self.log)
             .map_err(|error| spawn("log file", error))?;
         let errors = log.try_clone().map_err(|error| spawn("log file", error))?;
-        let child = Command::new(&self.program)
+        let child = securemesh::children::for_lab(&mut Command::new(&self.program))
             .args(&self.args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

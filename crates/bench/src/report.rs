@@ -327,6 +327,12 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
     let _ = writeln!(md, "## Closed loop\n");
     let _ = writeln!(
         md,
+        "Here and below, calls per second and latencies are those of successful calls; \
+         failed calls are counted apart (a proxy that fails calls fast would otherwise \
+         look both faster and quicker to recover).\n"
+    );
+    let _ = writeln!(
+        md,
         "| concurrency | connections | route | calls/s | p50 ms | p99 ms | p99.9 ms | failed | load generator CPU µs/call | servers CPU µs/call | proxy CPU µs/call | vs direct |"
     );
     let _ = writeln!(
@@ -385,7 +391,7 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
     );
     let _ = writeln!(
         md,
-        "| route | calls/s asked | answered/s | p50 ms | p99 ms | p99.9 ms | max ms | failed |"
+        "| route | calls/s asked | ok/s | p50 ms | p99 ms | p99.9 ms | max ms | failed |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for run in &results.open {

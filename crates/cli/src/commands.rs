@@ -759,7 +759,9 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
     let dir = match &args.keep {
         Some(dir) => {
             std::fs::create_dir_all(dir)?;
-            dir.clone()
+            // nginx reads the paths in its configuration from its own
+            // prefix directory, not ours.
+            std::path::absolute(dir)?
         }
         None => temporary.path().to_owned(),
     };
@@ -784,13 +786,13 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
         securemesh_bench::svg::failover_picture(&results.timelines),
     )?;
     let profile = std::fs::read_to_string(&args.profile_notes).unwrap_or_default();
-    let command: Vec<String> = std::env::args().collect();
+    let command: Vec<String> = std::env::args().skip(1).collect();
     let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let machine = report::Machine::read();
     let markdown = report::markdown(
         &results,
         &report::Provenance {
-            command: &format!("securemesh {}", command[1..].join(" ")),
+            command: &format!("securemesh {}", command.join(" ")),
             date: &date,
             picture: &args.picture.display().to_string(),
             machine: &machine,

@@ -240,14 +240,7 @@ impl Mesh {
         println!("$ securemesh {}", args.join(" "));
         let mut command = Command::new(&self.exe);
         command.args(&args).env("RUST_LOG", "info");
-        // The lab says how each process runs; the caller's own settings
-        // (a certificate, a server id, a metrics port, a registry...) must
-        // not change that behind its back.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("SECUREMESH_") {
-                command.env_remove(name);
-            }
-        }
+        securemesh::children::for_lab(command.as_std_mut());
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

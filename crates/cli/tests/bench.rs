@@ -19,6 +19,9 @@ fn the_quick_benchmark_measures_every_route_and_writes_its_report() {
             "BENCHMARKS.md",
             "--json",
             "results.json",
+            // Relative: nginx must still find the lab's files.
+            "--keep",
+            "lab",
         ],
         work.path(),
     );
@@ -49,6 +52,9 @@ fn the_quick_benchmark_measures_every_route_and_writes_its_report() {
             "{benchmark} missing:\n{printed}"
         );
     }
+
+    assert!(work.path().join("lab/nginx/nginx.conf").is_file());
+    assert!(work.path().join("lab/certs/ca_cert.pem").is_file());
 
     let results: Value =
         serde_json::from_slice(&std::fs::read(work.path().join("results.json")).unwrap()).unwrap();

@@ -93,9 +93,12 @@ pub struct LoadSummary {
     pub failed: u64,
     /// Wall time of the run, seconds.
     pub elapsed_s: f64,
-    /// Completed submissions per second.
+    /// Successful submissions per second: a failure that comes back fast
+    /// is not throughput.
     pub rps: f64,
-    /// Median latency, milliseconds.
+    /// Median latency of the successful submissions, milliseconds (the
+    /// percentiles leave failures out, fast or slow: they are counted in
+    /// `failed` and `errors`).
     pub p50_ms: f64,
     /// 90th percentile latency, milliseconds.
     pub p90_ms: f64,
@@ -122,7 +125,8 @@ pub struct Bucket {
     pub ok: u64,
     /// Failed.
     pub failed: u64,
-    /// 99th percentile latency of the answers in the bucket, milliseconds.
+    /// 99th percentile latency of the successful answers in the bucket,
+    /// milliseconds.
     pub p99_ms: f64,
 }
 
@@ -171,10 +175,12 @@ impl Tally {
             request_id,
         } = sample;
         let micros = micros(latency);
-        if let Some(histogram) = &mut self.latencies {
-            histogram.saturating_record(micros);
-        }
         let ok = outcome.is_ok();
+        if ok {
+            if let Some(histogram) = &mut self.latencies {
+                histogram.saturating_record(micros);
+            }
+        }
         match outcome {
             Ok(reply) => {
                 self.ok += 1;
@@ -192,11 +198,11 @@ impl Tally {
                 self.timeline.resize_with(index + 1, BucketTally::default);
             }
             let bucket = &mut self.timeline[index];
-            if ok {
-                bucket.ok += 1;
-            } else {
+            if !ok {
                 bucket.failed += 1;
+                return;
             }
+            bucket.ok += 1;
             if bucket.latencies.is_none() {
                 bucket.latencies = histogram();
             }
@@ -419,7 +425,7 @@ impl Tally {
         let done = self.ok + self.failed;
         let elapsed_s = elapsed.as_secs_f64();
         let rps = if elapsed_s > 0.0 {
-            done as f64 / elapsed_s
+            self.ok as f64 / elapsed_s
         } else {
             0.0
         };
@@ -453,12 +459,12 @@ impl fmt::Display for LoadSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "requests {}  ok {}  failed {}  in {:.2} s  ({:.1} req/s)",
+            "requests {}  ok {}  failed {}  in {:.2} s  ({:.1} ok/s)",
             self.requests, self.ok, self.failed, self.elapsed_s, self.rps
         )?;
         writeln!(
             f,
-            "latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+            "ok latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
             self.p50_ms, self.p90_ms, self.p99_ms, self.p999_ms, self.max_ms
         )?;
         for (server, count) in &self.servers {
@@ -496,6 +502,32 @@ mod tests {
             ends: None,
             bar: ProgressBar::hidden(),
         }
+    }
+
+    #[test]
+    fn throughput_and_latency_count_successes_and_failures_apart() {
+        let mut tally = Tally::new();
+        let sample = |outcome, millis| Sample {
+            outcome,
+            latency: Duration::from_millis(millis),
+            bucket: Some(0),
+            request_id: "r".into(),
+        };
+        for _ in 0..10 {
+            tally.record(sample(Ok(SubmitReply::default()), 2));
+        }
+        // Failures, one fast and one timing out: neither is throughput
+        // nor a latency of the service.
+        let refused = || ClientError::Status(tonic::Status::unavailable("down"));
+        tally.record(sample(Err(refused()), 0));
+        tally.record(sample(Err(refused()), 5_000));
+        let summary = tally.summary(Duration::from_secs(1));
+        assert_eq!((summary.requests, summary.ok, summary.failed), (12, 10, 2));
+        assert_eq!(summary.rps, 10.0);
+        assert_eq!((summary.p50_ms, summary.max_ms), (2.0, 2.0));
+        let bucket = summary.timeline[0];
+        assert_eq!((bucket.ok, bucket.failed, bucket.p99_ms), (10, 2, 2.0));
+        assert_eq!(summary.errors["UNAVAILABLE"], 2);
     }
 
     #[test]
