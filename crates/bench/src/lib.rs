@@ -248,6 +248,10 @@ pub struct Memory {
     pub processes: usize,
     /// Resident set right after start, bytes.
     pub idle_bytes: u64,
+    /// Resident set just before the connections were opened, after the
+    /// load runs (what their buffers left in the allocator's keeping
+    /// included), bytes.
+    pub before_holding_bytes: u64,
     /// Resident set while holding [`Memory::connections`], bytes.
     pub loaded_bytes: u64,
     /// Client TLS connections held.
@@ -600,6 +604,7 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
             route.name(),
             options.held_connections
         );
+        let before_holding_bytes = lab.proxy(route).map_or(0, |proxy| proxy.usage().rss_bytes);
         let held = lab
             .hold_connections(route, options.held_connections)
             .await?;
@@ -609,6 +614,7 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
             route,
             processes,
             idle_bytes,
+            before_holding_bytes,
             loaded_bytes,
             connections: held.len(),
         });

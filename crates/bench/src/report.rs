@@ -413,25 +413,33 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
     let _ = writeln!(md, "\n## Memory\n");
     let _ = writeln!(
         md,
-        "| proxy | processes | RSS idle | RSS holding client connections | connections |"
+        "| proxy | processes | RSS idle | RSS after the load runs | RSS holding client connections | connections | added per connection |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
     for memory in &results.memory {
+        let added = memory
+            .loaded_bytes
+            .saturating_sub(memory.before_holding_bytes);
         let _ = writeln!(
             md,
-            "| {} | {} | {:.1} MB | {:.1} MB | {} |",
+            "| {} | {} | {:.1} MB | {:.1} MB | {:.1} MB | {} | {:.1} kB |",
             memory.route.name(),
             memory.processes,
             memory.idle_bytes as f64 / 1e6,
+            memory.before_holding_bytes as f64 / 1e6,
             memory.loaded_bytes as f64 / 1e6,
-            memory.connections
+            memory.connections,
+            added as f64 / 1e3 / memory.connections.max(1) as f64
         );
     }
     let _ = writeln!(
         md,
         "\nRSS is `VmRSS` from `/proc`, summed over nginx's master and workers (their \
          shared pages count once per process). Each held connection is a mutual-TLS \
-         HTTP/2 connection that has carried one call.\n"
+         HTTP/2 connection that has carried one call. The connections are held after \
+         the load runs, so the RSS holding them (the figure the target judges) includes \
+         what the load left in the allocator's keeping; the last column is their own \
+         cost.\n"
     );
 
     let _ = writeln!(md, "## Failover\n");

@@ -95,6 +95,10 @@ fn the_quick_benchmark_measures_every_route_and_writes_its_report() {
     assert_eq!(memory.len(), 2);
     for proxy in memory {
         assert!(proxy["loaded_bytes"].as_u64().unwrap() > 0, "{proxy}");
+        assert!(
+            proxy["before_holding_bytes"].as_u64().unwrap() > 0,
+            "{proxy}"
+        );
         assert_eq!(proxy["connections"], 50);
     }
     let timelines = results["timelines"].as_array().unwrap();
