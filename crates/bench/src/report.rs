@@ -307,7 +307,9 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
          - **nginx**: {} as a gRPC proxy over the same two servers: mutual TLS both ways \
          (`ssl_verify_client on`, `grpc_pass grpcs://`, `grpc_ssl_certificate` with the \
          coordinator's certificate, `grpc_ssl_verify on`), upstream `keepalive 512`, \
-         `grpc_next_upstream error timeout`, 1 s connect/send/read timeouts (as the \
+         `grpc_next_upstream error timeout` (adding `non_idempotent`, which lets nginx resend \
+         a POST such as a gRPC call, was tried and changes nothing: the calls in flight on a \
+         killed server still fail), 1 s connect/send/read timeouts (as the \
          coordinator's per-try timeout), no access log.\n\
          - Each proxy runs {} worker(s) (`securemesh --threads`, nginx `worker_processes`): \
          the machine's cores are shared with both servers and the load generator, and with one \
