@@ -207,8 +207,11 @@ impl KeyRing {
     /// refusing a token made more than `ttl` ago (as Python's
     /// `Fernet.decrypt(token, ttl)`) or more than 60 s in the future.
     ///
-    /// The age is judged only once the token has verified, so that a forged
-    /// token learns nothing but "invalid".
+    /// The frame (length, alphabet, version) and a timestamp from the
+    /// future are judged from the token's own text before its HMAC, as
+    /// Python's `Fernet` does: nothing of them is secret. Whether it is too
+    /// old is judged only once it has verified, so that a forged token
+    /// cannot tell an expired key's age from a wrong key.
     pub fn decrypt_with_ttl(
         &self,
         token: &[u8],
@@ -270,7 +273,9 @@ fn check_frame(token: &[u8], now: u64) -> Result<(&str, u64), TokenError> {
     let text = text.trim_end_matches(['\n', '\r']);
     let unpadded = text.trim_end_matches('=');
     let padding = text.len() - unpadded.len();
-    if padding > 2 || (padding > 0 && text.len() % 4 != 0) {
+    // Padding inside the text would end a base64 quantum early: the
+    // header below would decode to fewer than its 9 bytes.
+    if padding > 2 || (padding > 0 && text.len() % 4 != 0) || unpadded.contains('=') {
         return Err(TokenError::Malformed("not base64url"));
     }
     let bytes = match unpadded.len() % 4 {
@@ -285,11 +290,12 @@ fn check_frame(token: &[u8], now: u64) -> Result<(&str, u64), TokenError> {
     let header = LENIENT_URL_SAFE
         .decode(&unpadded[..HEADER_CHARS])
         .map_err(|_| TokenError::Malformed("not base64url"))?;
-    if header[0] != VERSION {
+    let Ok::<[u8; 9], _>([version, timestamp @ ..]) = header.try_into() else {
+        return Err(TokenError::Malformed("not base64url"));
+    };
+    if version != VERSION {
         return Err(TokenError::Malformed("unknown version"));
     }
-    let mut timestamp = [0u8; 8];
-    timestamp.copy_from_slice(&header[1..9]);
     let made_at = u64::from_be_bytes(timestamp);
     if made_at > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
         return Err(TokenError::FromTheFuture);
@@ -417,11 +423,26 @@ mod tests {
     }
 
     #[test]
+    fn padding_inside_the_header_is_malformed_not_a_panic() {
+        // 98 characters, a valid length; the header's `==` would decode to
+        // 7 bytes of its 9.
+        let token = format!("gAAAAAAAAA=={}", "A".repeat(86));
+        assert_eq!(
+            ring().decrypt(token.as_bytes()),
+            Err(TokenError::Malformed("not base64url"))
+        );
+    }
+
+    #[test]
     fn refuses_a_bad_character_or_bad_padding_anywhere_as_malformed() {
         let ring = ring();
         let token = String::from_utf8(ring.encrypt(&[7u8; 300])).unwrap();
-        for position in [0, 5, 11, 12, 200, token.len() - 2] {
-            for bad in ['+', '/', '.', ' ', '\u{e9}'] {
+        for position in [0, 5, 10, 11, 12, 200, token.len() - 2] {
+            for bad in ['+', '/', '.', ' ', '=', '\u{e9}'] {
+                if bad == '=' && position + 2 >= token.len() {
+                    // Padding where padding may be: the cases below.
+                    continue;
+                }
                 let mut chars: Vec<char> = token.chars().collect();
                 chars[position] = bad;
                 let tampered: String = chars.into_iter().collect();
