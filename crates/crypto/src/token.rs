@@ -210,8 +210,8 @@ impl KeyRing {
     /// The frame (length, alphabet, version) and a timestamp from the
     /// future are judged from the token's own text before its HMAC, as
     /// Python's `Fernet` does: nothing of them is secret. Whether it is too
-    /// old is judged only once it has verified, so that a forged token
-    /// cannot tell an expired key's age from a wrong key.
+    /// old is judged only once it has verified: a forged token is
+    /// "invalid", whatever its age.
     pub fn decrypt_with_ttl(
         &self,
         token: &[u8],
