@@ -151,7 +151,10 @@ impl BackendPool {
     /// A backend for `url`, published to the balancer, with its prober.
     fn connect(&self, url: &str) -> Result<Member, PoolError> {
         let state = BackendState::new(url.to_owned(), self.options.ejection, self.rotation.clone());
-        let (prober, channel) = self.publish(url, &state)?;
+        // The new state already counts in the rotation: a backend that
+        // cannot be published must leave it, or the pool would count it
+        // (and never fail fast, nor eject its last real backend) for good.
+        let (prober, channel) = self.publish(url, &state).inspect_err(|_| state.retire())?;
         Ok(Member {
             state,
             prober,
@@ -180,6 +183,7 @@ impl BackendPool {
         )?;
         let backend = Backend::new(state.clone(), channel.clone(), self.options.attempt_timeout);
         if !self.changes.send(Change::Insert(url.to_owned(), backend)) {
+            channel.close();
             return Err(PoolError::BalancerGone);
         }
         let prober = if self.options.health_checks {
@@ -298,6 +302,24 @@ mod tests {
             .into_iter()
             .map(|backend| backend.url)
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_cannot_be_added_leaves_no_count_behind() {
+        let (_dir, pool, discovery) = pool();
+        pool.add("https://127.0.0.1:9").unwrap();
+        let counted = pool.in_rotation();
+        for bad in ["http://10.0.0.5:5001", "not a url"] {
+            assert!(pool.add(bad).is_err(), "{bad}");
+        }
+        assert_eq!(pool.in_rotation(), counted);
+        drop(discovery);
+        assert!(matches!(
+            pool.add("https://127.0.0.1:10"),
+            Err(PoolError::BalancerGone)
+        ));
+        assert_eq!(pool.in_rotation(), counted);
+        assert_eq!(urls(&pool), ["https://127.0.0.1:9"]);
     }
 
     #[tokio::test]
