@@ -429,7 +429,7 @@ async fn read_reply<A: Message + Default>(
         return Err(from_http_status(parts.status));
     }
     // A trailers-only answer: the status is in the headers.
-    if let Some(status) = Status::from_header_map(&parts.headers) {
+    if let Some(status) = status_in(&parts.headers) {
         if status.code() != Code::Ok {
             return Err(status);
         }
@@ -446,7 +446,7 @@ async fn read_reply<A: Message + Default>(
         }
     }
     let trailers = body.trailers().await.map_err(transport_status)?;
-    match trailers.as_ref().and_then(Status::from_header_map) {
+    match trailers.as_ref().and_then(status_in) {
         Some(status) if status.code() == Code::Ok => {}
         Some(status) => return Err(status),
         None => return Err(Status::unknown("the answer ended without a grpc-status")),
@@ -455,6 +455,28 @@ async fn read_reply<A: Message + Default>(
         .into_message()
         .map_err(|error| Status::internal(format!("reply: {error}")))?;
     A::decode(message).map_err(|error| Status::internal(format!("malformed reply: {error}")))
+}
+
+/// The status in an answer's headers or trailers, as tonic reads it. A
+/// `grpc-status-details-bin` that is not base64 is left out first: tonic's
+/// reader panics on one, and an endpoint's answer must not end our task.
+fn status_in(headers: &HeaderMap) -> Option<Status> {
+    use base64::Engine as _;
+    const DETAILS: &str = "grpc-status-details-bin";
+    /// Standard base64, padded or not, as tonic decodes the details.
+    const DETAILS_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    match headers.get(DETAILS) {
+        Some(details) if DETAILS_BASE64.decode(details.as_bytes()).is_err() => {
+            let mut headers = headers.clone();
+            headers.remove(DETAILS);
+            Status::from_header_map(&headers)
+        }
+        _ => Status::from_header_map(headers),
+    }
 }
 
 /// The gRPC code of an HTTP status other than 200, as the gRPC
@@ -520,6 +542,29 @@ mod tests {
         assert_eq!(grpc_timeout(Duration::from_secs(99)), "99000000u");
         assert_eq!(grpc_timeout(Duration::from_secs(100)), "100000m");
         assert_eq!(grpc_timeout(Duration::from_secs(200_000)), "200000S");
+    }
+
+    #[test]
+    fn malformed_status_details_from_an_endpoint_are_dropped_not_a_panic() {
+        let mut headers = HeaderMap::new();
+        headers.insert("grpc-status", HeaderValue::from_static("14"));
+        headers.insert("grpc-message", HeaderValue::from_static("going%20away"));
+        headers.insert(
+            "grpc-status-details-bin",
+            HeaderValue::from_static("not base64!"),
+        );
+        let status = status_in(&headers).unwrap();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "going away");
+        assert!(status.details().is_empty());
+        // Well-formed details, padded or not, are kept.
+        for details in ["AQID", "AQI=", "AQI"] {
+            headers.insert("grpc-status-details-bin", HeaderValue::from_static(details));
+            assert!(
+                !status_in(&headers).unwrap().details().is_empty(),
+                "{details}"
+            );
+        }
     }
 
     /// A waker that counts its wakes.
