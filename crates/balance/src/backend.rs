@@ -514,6 +514,22 @@ impl tower::Service<Attempt> for Backend {
                 {
                     return Err(Status::deadline_exceeded("deadline exceeded"));
                 }
+                // With time left to the caller, a backend that gave up on
+                // the call (CANCELLED when the per-try grpc-timeout ran out,
+                // often a moment before our own timer) failed this attempt:
+                // retried elsewhere, and counted against the backend.
+                Ok(Err(status))
+                    if !securemesh::status::is_transport_failure(&status)
+                        && matches!(
+                            status.code(),
+                            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                        ) =>
+                {
+                    Err(Status::unavailable(format!(
+                        "the backend gave up on the call ({}) with time left to the caller",
+                        securemesh::status::code_name(status.code())
+                    )))
+                }
                 Ok(result) => result,
                 Err(_) if limited_by_deadline => {
                     return Err(Status::deadline_exceeded("deadline exceeded"));

@@ -677,25 +677,41 @@ async fn handshakes_without_a_valid_client_certificate_are_refused() {
     assert_eq!(client.submit(b"welcome").await.unwrap().result, "ok");
 }
 
-/// A backend whose every call fails as `UNAVAILABLE` (its health checks
-/// pass).
-struct AlwaysUnavailable;
+/// A backend whose every call fails with `code` (its health checks pass).
+#[derive(Clone, Copy)]
+struct AlwaysFailing(Code);
 
 #[tonic::async_trait]
-impl DataService for AlwaysUnavailable {
+impl DataService for AlwaysFailing {
     async fn submit(
         &self,
         _request: tonic::Request<SubmitRequest>,
     ) -> Result<tonic::Response<SubmitReply>, tonic::Status> {
-        Err(tonic::Status::unavailable("always failing"))
+        Err(tonic::Status::new(self.0, "always failing"))
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_avoids_the_backend_its_call_failed_on_even_when_it_is_not_ejected() {
+    every_call_is_retried_away_from(AlwaysFailing(Code::Unavailable)).await;
+}
+
+/// A tonic server answers CANCELLED when the grpc-timeout it was sent (the
+/// per-try timeout) runs out, often just before the coordinator's own
+/// timer: that is a failed attempt, retried, not the call's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_gives_up_on_a_call_before_the_callers_deadline_is_retried_away_from() {
+    for code in [Code::Cancelled, Code::DeadlineExceeded] {
+        every_call_is_retried_away_from(AlwaysFailing(code)).await;
+    }
+}
+
+/// Through a coordinator over a good backend and `failing` (never
+/// ejected), every call is answered by the good one.
+async fn every_call_is_retried_away_from(failing: AlwaysFailing) {
     let material = Material::new();
     let good = TestServer::start(&material, any_port());
-    let failing = TestServer::start_with(&material, any_port(), |_| AlwaysUnavailable);
+    let failing = TestServer::start_with(&material, any_port(), |_| failing);
     let client_tls = securemesh_tls::client_tls_config(&material.files("coordinator")).unwrap();
     let mut backends = BackendOptions::new(client_tls);
     // Failures never eject the failing backend: only avoiding it keeps a
