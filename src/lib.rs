@@ -38,10 +38,25 @@ pub fn add_reflection(
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    routes.add_service(configure().build_v1()?);
-    routes.add_service(configure().build_v1alpha()?);
+    routes.add_service(
+        configure()
+            .build_v1()?
+            .max_decoding_message_size(MAX_SMALL_REQUEST_BYTES),
+    );
+    routes.add_service(
+        configure()
+            .build_v1alpha()?
+            .max_decoding_message_size(MAX_SMALL_REQUEST_BYTES),
+    );
     Ok(())
 }
+
+/// The largest request message health checks and reflection accept (a
+/// service name, a symbol, a file name). tonic sets aside room for a
+/// message as soon as its 5-byte prefix declares its length: at tonic's
+/// default of 4 MiB, any peer of the CA could make a process set aside
+/// that much on every stream it opens, and send the rest slowly.
+pub const MAX_SMALL_REQUEST_BYTES: usize = 4096;
 
 /// Request ids: one per call, carried in `x-request-id` by client,
 /// coordinator and server, so that a call can be followed across processes.

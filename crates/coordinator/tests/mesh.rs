@@ -1706,9 +1706,32 @@ async fn raw_h2_request(
     body: &[u8],
     end_stream: bool,
 ) -> (http::StatusCode, Option<Code>, Vec<u8>) {
+    let submit = "/securemesh.v1.DataService/Submit";
+    raw_h2_request_to(
+        session,
+        submit,
+        method,
+        content_type,
+        headers,
+        body,
+        end_stream,
+    )
+    .await
+}
+
+/// [`raw_h2_request`] to the method at `path`.
+async fn raw_h2_request_to(
+    session: &h2::client::SendRequest<Bytes>,
+    path: &str,
+    method: http::Method,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    end_stream: bool,
+) -> (http::StatusCode, Option<Code>, Vec<u8>) {
     let mut request = http::Request::builder()
         .method(method)
-        .uri("https://localhost/securemesh.v1.DataService/Submit")
+        .uri(format!("https://localhost{path}"))
         .header("content-type", content_type)
         .header("te", "trailers");
     for (name, value) in headers {
@@ -1753,6 +1776,47 @@ fn frame(compressed: bool, declared: u32, message: &[u8]) -> Vec<u8> {
     frame.extend_from_slice(&declared.to_be_bytes());
     frame.extend_from_slice(message);
     frame
+}
+
+/// Health checks and reflection are open to every certificate of the CA:
+/// a request declaring a large message is refused at once, before any
+/// room is set aside for it, by servers and the coordinator alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_refuse_large_requests_before_reading_them() {
+    let Mesh {
+        material,
+        servers: [server],
+        coordinator,
+        ..
+    } = Mesh::<1>::start().await;
+    for address in [server.address, coordinator.address] {
+        let session = h2_session(&material, address).await;
+        for path in [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            // 4 MiB declared, 1 byte sent, the stream left open: a
+            // process that waited for the rest would never answer.
+            let body = frame(false, 4 << 20, b"x");
+            let exchange = raw_h2_request_to(
+                &session,
+                path,
+                http::Method::POST,
+                "application/grpc",
+                &[],
+                &body,
+                false,
+            );
+            let (_, code, _) = tokio::time::timeout(Duration::from_secs(5), exchange)
+                .await
+                .unwrap_or_else(|_| panic!("{address} {path}: still waiting for the message"));
+            // Reflection, a stream, ends its answer when its requests fail.
+            if path.contains("Health") {
+                assert_eq!(code, Some(Code::OutOfRange), "{address} {path}");
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,7 @@ pub fn ending_health(
         inner: HealthService::from_health_reporter(reporter),
         ending,
     })
+    .max_decoding_message_size(securemesh::MAX_SMALL_REQUEST_BYTES)
 }
 
 /// See the module documentation.
