@@ -91,6 +91,7 @@ impl DataService for DataHandler {
             status,
             latency_ms = latency.as_micros() as f64 / 1000.0,
             bytes = token.len(),
+            refused = outcome.as_ref().err().map(Status::message),
             "audit"
         );
         outcome.map(Response::new)
@@ -110,7 +111,13 @@ impl DataHandler {
                 .token_refusals
                 .with_label_values(&[reason.kind()])
                 .inc();
-            tracing::warn!(token_bytes = token.len(), %reason, "Submit refused");
+            // Any caller can send bad tokens at will: the audit line
+            // says why each was refused, this warning once a second.
+            if let Some(held_back) =
+                securemesh_tls::admit_log_line("submit_refused", tracing::Level::WARN)
+            {
+                tracing::warn!(token_bytes = token.len(), %reason, held_back, "Submit refused");
+            }
             Status::invalid_argument(format!("invalid token: {reason}"))
         })?;
         if self.print_plaintext {

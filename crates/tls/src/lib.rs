@@ -31,3 +31,4 @@ pub use identity::{caller_identity, dialling_names, peer_identity, request_ident
 pub use material::{TlsError, TlsFiles};
 pub use serve::{serve_mtls, ServeError, ServeOptions};
 pub use server::{server_config, server_tls, ReloadableConfig, ServerTls};
+pub use throttle::admit_log_line;

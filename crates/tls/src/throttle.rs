@@ -141,6 +141,14 @@ impl Drop for SummaryDue {
     }
 }
 
+/// Whether a log line of `kind` that anyone who can reach the process may
+/// cause at will (a refused token, ...) may be logged now, at `level`:
+/// `Some(lines of this kind held back since the last one)`, or `None`
+/// (counted, and summed up later). One throttle for the whole process.
+pub fn admit_log_line(kind: &'static str, level: Level) -> Option<u64> {
+    CONNECTION_EVENTS.admit(kind, level)
+}
+
 /// The throttle of the connection-level log lines of this process.
 pub(crate) static CONNECTION_EVENTS: LazyLock<LogThrottle> =
     LazyLock::new(|| LogThrottle::new(Duration::from_secs(1)));
