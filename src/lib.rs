@@ -253,17 +253,37 @@ pub mod children {
 /// terminal.
 pub mod text {
     /// `text` with its control characters escaped (`\n`, `\u{1b}`...), so
-    /// that it can neither start a forged log line nor drive a terminal.
+    /// that it can neither start a forged log line nor drive a terminal;
+    /// so are the characters that break a line or reorder or hide text in
+    /// a viewer that honours Unicode (line and paragraph separators,
+    /// bidirectional controls, invisible formatting characters).
     pub fn printable(text: &str) -> String {
         let mut shown = String::with_capacity(text.len());
         for c in text.chars() {
-            if c.is_control() {
+            if c.is_control() || is_invisible_format(c) {
                 shown.extend(c.escape_default());
             } else {
                 shown.push(c);
             }
         }
         shown
+    }
+
+    /// Line and paragraph separators and Unicode's format characters that
+    /// move, hide or join text: the bidirectional embeddings, overrides
+    /// and isolates, zero-width characters, the byte order mark.
+    fn is_invisible_format(c: char) -> bool {
+        matches!(
+            c,
+            '\u{00ad}'
+                | '\u{061c}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+        )
     }
 
     #[cfg(test)]
@@ -274,6 +294,16 @@ pub mod text {
                 super::printable("a\nb\x1b[31m é\u{9b}"),
                 "a\\nb\\u{1b}[31m é\\u{9b}"
             );
+        }
+
+        #[test]
+        fn separators_and_bidirectional_controls_are_escaped() {
+            assert_eq!(
+                super::printable("ok\u{2028}INFO audit\u{202e}txt.exe\u{200b}"),
+                "ok\\u{2028}INFO audit\\u{202e}txt.exe\\u{200b}"
+            );
+            // Letters of right-to-left scripts are text, not controls.
+            assert_eq!(super::printable("שלום مرحبا"), "שלום مرحبا");
         }
     }
 }
