@@ -163,6 +163,7 @@ type Stack = BoxCloneSyncService<Attempt, SubmitReply, BoxError>;
 pub struct Balancer {
     stack: Stack,
     pool: Arc<BackendPool>,
+    explain_failures: bool,
 }
 
 impl Balancer {
@@ -193,6 +194,7 @@ impl Balancer {
         Self {
             stack: BoxCloneSyncService::new(retry),
             pool,
+            explain_failures: options.explain_failures,
         }
     }
 
@@ -217,7 +219,7 @@ impl Balancer {
             },
             None => call.await,
         };
-        outcome.map_err(|error| into_status(error, trace.attempts() > 0))
+        outcome.map_err(|error| into_status(error, trace.attempts() > 0, self.explain_failures))
     }
 }
 
@@ -225,19 +227,23 @@ impl Balancer {
 /// endpoint become `UNAVAILABLE`. When the call did reach endpoints (and
 /// was retried here), an `UNAVAILABLE` tells the caller not to retry it
 /// again; when no endpoint was in rotation it does not, so that a client
-/// can still try another coordinator.
-fn into_status(error: BoxError, reached_endpoints: bool) -> Status {
+/// can still try another coordinator. Why the last endpoint could not be
+/// reached (an address, a certificate's names) is said only if `explain`.
+fn into_status(error: BoxError, reached_endpoints: bool, explain: bool) -> Status {
+    const UNSERVED: &str = "no backend could serve the call";
     let status = match error.downcast::<fail_fast::NoBackendInRotation>() {
         Ok(refused) => refused.into_status(),
         Err(error) => match error.downcast::<Status>() {
             Ok(status) if securemesh::status::is_transport_failure(&status) => {
-                Status::unavailable(format!(
-                    "no backend could serve the call: {}",
-                    backend::describe(&status)
-                ))
+                if explain {
+                    Status::unavailable(format!("{UNSERVED}: {}", backend::describe(&status)))
+                } else {
+                    Status::unavailable(UNSERVED)
+                }
             }
             Ok(status) => *status,
-            Err(other) => Status::unavailable(format!("no backend could serve the call: {other}")),
+            Err(other) if explain => Status::unavailable(format!("{UNSERVED}: {other}")),
+            Err(_) => Status::unavailable(UNSERVED),
         },
     };
     if reached_endpoints && status.code() == tonic::Code::Unavailable {
@@ -420,12 +426,29 @@ mod tests {
                 "no backend in rotation",
             ))
         };
-        let tried = into_status(failed(), true);
+        let tried = into_status(failed(), true, false);
         assert!(securemesh::status::forbids_retry(&tried));
-        let never_tried = into_status(failed(), false);
+        let never_tried = into_status(failed(), false, false);
         assert!(!securemesh::status::forbids_retry(&never_tried));
-        let answer = into_status(Box::new(Status::invalid_argument("bad token")), true);
+        let answer = into_status(Box::new(Status::invalid_argument("bad token")), true, false);
         assert_eq!(answer.code(), tonic::Code::InvalidArgument);
         assert!(!securemesh::status::forbids_retry(&answer));
+    }
+
+    #[test]
+    fn why_a_backend_was_unreachable_is_said_only_when_asked() {
+        let unreachable = || -> BoxError {
+            let cause = std::io::Error::other("connection refused by 10.0.0.5:5001");
+            Box::new(Status::from_error(Box::new(cause)))
+        };
+        let explained = into_status(unreachable(), true, true);
+        assert_eq!(explained.code(), tonic::Code::Unavailable);
+        assert!(
+            explained.message().contains("10.0.0.5:5001"),
+            "{explained:?}"
+        );
+        let kept = into_status(unreachable(), true, false);
+        assert_eq!(kept.code(), tonic::Code::Unavailable);
+        assert_eq!(kept.message(), "no backend could serve the call");
     }
 }
