@@ -107,6 +107,9 @@ struct Inner {
     connecting: Mutex<Option<Attempt>>,
     /// Generations of connections made so far.
     generations: std::sync::atomic::AtomicU64,
+    /// How often [`Http2Channel::close`] was called: a connection attempt
+    /// under way when it was does not become the channel's.
+    closings: std::sync::atomic::AtomicU64,
 }
 
 /// A connection attempt, shared by its callers. It runs in a task of its
@@ -148,6 +151,7 @@ impl Http2Channel {
                 current: Mutex::new(None),
                 connecting: Mutex::new(None),
                 generations: std::sync::atomic::AtomicU64::new(0),
+                closings: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -204,9 +208,13 @@ impl Http2Channel {
 
     /// Lets the open connection go: it closes once the calls in flight on
     /// it have ended, instead of staying open (and pinged) for calls that
-    /// will not come, as for a backend removed from the pool. A later call
-    /// would connect again.
+    /// will not come, as for a backend removed from the pool. A connection
+    /// being made meanwhile serves the calls waiting for it, then goes the
+    /// same way. A later call would connect again.
     pub fn close(&self) {
+        self.inner
+            .closings
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         *self.inner.current() = None;
     }
 
@@ -254,6 +262,7 @@ impl Inner {
     /// Connects, within the connect timeout, and makes the connection the
     /// channel's; then no attempt is in progress any more.
     async fn establish(self: Arc<Self>) -> Result<SendRequest<Bytes>, Arc<TransportError>> {
+        let closings = self.closings.load(std::sync::atomic::Ordering::Acquire);
         let connected = tokio::time::timeout(self.options.connect_timeout, self.connect()).await;
         let outcome = match connected {
             Ok(Ok((sender, driver))) => {
@@ -261,7 +270,12 @@ impl Inner {
                     .generations
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                     + 1;
-                *self.current() = Some((generation, sender.clone()));
+                let mut current = self.current();
+                // Under the lock `close` takes after counting itself.
+                if self.closings.load(std::sync::atomic::Ordering::Acquire) == closings {
+                    *current = Some((generation, sender.clone()));
+                }
+                drop(current);
                 tokio::spawn(drive(driver, Arc::downgrade(&self), generation));
                 Ok(sender)
             }
@@ -733,6 +747,27 @@ mod tests {
             channel.inner.open().is_none(),
             "the dead connection is still offered"
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_made_while_the_channel_closes_serves_its_call_then_goes() {
+        let (dir, tls) = pki();
+        let endpoint = crate::testing::slow_endpoint(dir.path(), Duration::from_millis(400)).await;
+        let options = ChannelOptions {
+            connect_timeout: Duration::from_secs(2),
+            ..quick()
+        };
+        let url = format!("https://127.0.0.1:{}", endpoint.port);
+        let channel = Http2Channel::new(&url, tls, options).unwrap();
+        let call = tokio::spawn({
+            let channel = channel.clone();
+            async move { health_check(&channel).await }
+        });
+        // Mid-handshake.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        channel.close();
+        assert_eq!(call.await.unwrap().unwrap().status, 1);
+        assert!(channel.inner.open().is_none(), "kept after close");
     }
 
     #[tokio::test]
