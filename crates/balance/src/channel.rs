@@ -157,9 +157,11 @@ impl Http2Channel {
     }
 
     /// Calls the unary method `path` with `message` and `metadata`; the
-    /// endpoint is told it has what is left of `timeout` when the request
-    /// leaves (`grpc-timeout`: connecting, or waiting for a stream the
-    /// endpoint allows, counts). The caller bounds the wait itself.
+    /// endpoint is told it has what is left of `timeout` once connected
+    /// (`grpc-timeout`: connecting counts). Beyond the endpoint's limit of
+    /// concurrent streams, a request waits inside h2 for one to end, and
+    /// that wait is not deducted from what the endpoint is told; the
+    /// caller bounds the whole call itself.
     pub async fn unary<Q: Message, A: Message + Default>(
         &self,
         path: &'static str,
