@@ -557,6 +557,11 @@ pub struct ServeArgs {
     /// arrival.
     #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     pub max_connections: usize,
+    /// Of those, connections allowed at once to one client identity (one
+    /// certificate's name), so that no one certificate holder can take
+    /// every place; more are closed after their handshake.
+    #[arg(long, default_value_t = 2048, value_parser = at_least_one)]
+    pub max_connections_per_identity: usize,
     /// TLS handshakes in progress allowed at once; beyond them, a new
     /// connection displaces the one that has waited longest once that one
     /// has waited a tenth of --handshake-timeout (at most 1s), and is
@@ -616,6 +621,7 @@ impl ServeArgs {
             drain_grace: self.drain_grace,
             max_concurrent_streams: self.max_concurrent_streams,
             max_connections: self.max_connections,
+            max_connections_per_identity: self.max_connections_per_identity,
             max_handshakes: self.max_handshakes,
             keepalive_interval: Some(self.caller_keepalive_interval)
                 .filter(|interval| !interval.is_zero()),

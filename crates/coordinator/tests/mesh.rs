@@ -1402,6 +1402,60 @@ impl std::io::Write for CaptureWriter {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_holder_cannot_take_every_connection() {
+    let material = Material::new();
+    let (address, _stop) = serve_with_options(
+        &material,
+        "shared",
+        1024,
+        ServeOptions {
+            max_connections: 8,
+            max_connections_per_identity: 2,
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let ca = material.dir.path().join("ca_cert.pem");
+    let (client, client2) = (material.files("client"), material.files("client2"));
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            open_tls(address, "localhost", &ca, Some(&client))
+                .await
+                .unwrap(),
+        );
+    }
+    let third = open_tls(address, "localhost", &ca, Some(&client)).await;
+    assert!(
+        third.is_err(),
+        "a third connection of one identity was kept"
+    );
+    // Another identity still gets in, and the first gets a place back when
+    // one of its connections closes.
+    held.push(
+        open_tls(address, "localhost", &ca, Some(&client2))
+            .await
+            .unwrap(),
+    );
+    held.remove(0);
+    until_tls_as(&material, address, &client).await;
+}
+
+/// Opens a connection as the holder of `files` to `address`, retrying for
+/// up to three seconds while it is refused.
+async fn until_tls_as(material: &Material, address: SocketAddr, files: &TlsFiles) {
+    let ca = material.dir.path().join("ca_cert.pem");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match open_tls(address, "localhost", &ca, Some(files)).await {
+            Ok(_) => return,
+            Err(error) => assert!(Instant::now() < deadline, "not accepted: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_time_out_and_connections_are_limited() {
     let material = Material::new();
     let (address, _stop) = serve_with_options(

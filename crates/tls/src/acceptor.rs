@@ -9,7 +9,9 @@
 //! kind: see [`crate::throttle`]) and dropped; it never stops the accept
 //! loop. At most a set number of connections are open at once;
 //! beyond that, new ones are closed at once (and logged), so that many idle
-//! or slow connections cannot exhaust the process.
+//! or slow connections cannot exhaust the process. One identity (a client
+//! certificate's name) may hold only some of them, so that one certificate
+//! holder cannot take every place from the others (the coordinator, say).
 //!
 //! Handshakes in progress have their own, smaller limit: anyone who can
 //! reach the port can start one without a certificate, so they must not take
@@ -28,7 +30,7 @@
 //! connection also ends at its first read after its client's certificate
 //! expires.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -79,21 +81,60 @@ pub struct Connection {
     _slot: Slot,
 }
 
-/// One of the listener's connection permits, counted in the
-/// `connections_open` gauge while held.
-struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+/// One of the listener's connection permits and one of its identity's
+/// places, counted in the `connections_open` gauge while held.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    identity: Option<Arc<str>>,
+    per_identity: PerIdentity,
+}
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit) -> Self {
+    /// A slot for a connection of `identity`, if it has a place left.
+    fn new(
+        permit: OwnedSemaphorePermit,
+        identity: Option<Arc<str>>,
+        per_identity: &PerIdentity,
+        most: usize,
+    ) -> Option<Self> {
+        {
+            let mut counts = lock_counts(per_identity);
+            let held = counts.entry(identity.clone()).or_default();
+            if *held >= most {
+                return None;
+            }
+            *held += 1;
+        }
         metrics().connections_open.inc();
-        Self(permit)
+        Some(Self {
+            _permit: permit,
+            identity,
+            per_identity: per_identity.clone(),
+        })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         metrics().connections_open.dec();
+        let mut counts = lock_counts(&self.per_identity);
+        if let Some(held) = counts.get_mut(&self.identity) {
+            *held -= 1;
+            if *held == 0 {
+                counts.remove(&self.identity);
+            }
+        }
     }
+}
+
+/// Connections held by each identity (`None`: a certificate that names
+/// none, all counted together).
+type PerIdentity = Arc<Mutex<HashMap<Option<Arc<str>>, usize>>>;
+
+fn lock_counts(
+    counts: &PerIdentity,
+) -> std::sync::MutexGuard<'_, HashMap<Option<Arc<str>>, usize>> {
+    counts.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 impl TlsIncoming {
@@ -107,13 +148,15 @@ impl TlsIncoming {
         Metrics::declare_reasons(&metrics().handshake_failures, &HANDSHAKE_FAILURE_REASONS);
         Metrics::declare_reasons(
             &metrics().connections_refused,
-            &["connections", "handshakes"],
+            &["connections", "handshakes", "identity"],
         );
         let (sender, receiver) = mpsc::channel(READY_QUEUE);
         let limits = Limits {
             handshake_timeout: options.handshake_timeout,
             connections: Arc::new(Semaphore::new(options.max_connections)),
             max_connections: options.max_connections,
+            per_identity: PerIdentity::default(),
+            max_per_identity: options.max_connections_per_identity.max(1),
             handshakes: Arc::new(Mutex::new(BTreeMap::new())),
             max_handshakes: options.max_handshakes.max(1),
         };
@@ -139,6 +182,8 @@ struct Limits {
     handshake_timeout: Duration,
     connections: Arc<Semaphore>,
     max_connections: usize,
+    per_identity: PerIdentity,
+    max_per_identity: usize,
     handshakes: Handshakes,
     max_handshakes: usize,
 }
@@ -322,9 +367,31 @@ async fn handshake(
                 refuse_over_limit(peer, limits.max_connections);
                 return;
             };
-            let slot = Slot::new(permit);
             let chain = stream.get_ref().1.peer_certificates();
-            let identity = chain.and_then(crate::peer_identity).map(Arc::from);
+            let identity: Option<Arc<str>> = chain.and_then(crate::peer_identity).map(Arc::from);
+            let Some(slot) = Slot::new(
+                permit,
+                identity.clone(),
+                &limits.per_identity,
+                limits.max_per_identity,
+            ) else {
+                metrics()
+                    .connections_refused
+                    .with_label_values(&["identity"])
+                    .inc();
+                if let Some(held_back) =
+                    CONNECTION_EVENTS.admit("over_identity_limit", tracing::Level::WARN)
+                {
+                    tracing::warn!(
+                        %peer,
+                        identity = %identity.as_deref().unwrap_or("none"),
+                        limit = limits.max_per_identity,
+                        held_back,
+                        "connection refused: too many connections of one identity"
+                    );
+                }
+                return;
+            };
             let expires = chain.and_then(crate::identity::valid_until).map(expires_at);
             let _ = ready
                 .send(Ok(Connection {

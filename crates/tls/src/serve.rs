@@ -43,6 +43,10 @@ pub struct ServeOptions {
     /// Authenticated connections allowed at once; more are closed on
     /// arrival.
     pub max_connections: usize,
+    /// Of those, connections allowed at once to one identity (one client
+    /// certificate's name), so that no single certificate holder can take
+    /// every place; more are closed once their handshake shows who they are.
+    pub max_connections_per_identity: usize,
     /// TLS handshakes in progress allowed at once; a new connection beyond
     /// them displaces the one that has waited longest if that one has waited
     /// a while (see [`crate::TlsIncoming`]), and is refused otherwise, so
@@ -65,6 +69,7 @@ impl Default for ServeOptions {
             drain_grace: Duration::from_secs(10),
             max_concurrent_streams: 256,
             max_connections: 4096,
+            max_connections_per_identity: 2048,
             max_handshakes: 256,
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_timeout: Duration::from_secs(10),
