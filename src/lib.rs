@@ -198,7 +198,8 @@ pub mod children {
                     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
                     // The parent may have ended before the line above.
                     if nix::unistd::getppid() != parent {
-                        return Err(std::io::Error::other("the lab ended while starting"));
+                        // No allocation here: an OS error code.
+                        return Err(nix::errno::Errno::ESRCH.into());
                     }
                     Ok(())
                 });
@@ -244,6 +245,7 @@ pub mod children {
             assert!(!environment.contains("SECUREMESH_CHILDREN_TEST_SETTING"));
             assert!(environment.contains("SECUREMESH_OWN=the lab's"));
             assert!(environment.contains("PATH="));
+            std::env::remove_var("SECUREMESH_CHILDREN_TEST_SETTING");
         }
     }
 }
@@ -269,20 +271,48 @@ pub mod text {
         shown
     }
 
+    /// [`printable`] text as the value of a `key=value` log field: in
+    /// double quotes (with `"` and `\` escaped) when it is empty or holds
+    /// a space, `=`, `"` or `\`, so that it cannot pose as more fields of
+    /// a text log line; bare otherwise, as a JSON log carries it best.
+    pub fn field(text: &str) -> String {
+        let shown = printable(text);
+        let plain = !shown.is_empty()
+            && !shown
+                .chars()
+                .any(|c| c.is_whitespace() || matches!(c, '=' | '"' | '\\'));
+        if plain {
+            return shown;
+        }
+        let mut quoted = String::with_capacity(shown.len() + 2);
+        quoted.push('"');
+        for c in shown.chars() {
+            if matches!(c, '"' | '\\') {
+                quoted.push('\\');
+            }
+            quoted.push(c);
+        }
+        quoted.push('"');
+        quoted
+    }
+
     /// Line and paragraph separators and Unicode's format characters that
-    /// move, hide or join text: the bidirectional embeddings, overrides
-    /// and isolates, zero-width characters, the byte order mark.
+    /// move or hide text: the bidirectional embeddings, overrides and
+    /// isolates, zero-width spaces and marks, the byte order mark, tags.
+    /// (The zero-width joiners stay: emoji and many scripts need them.)
     fn is_invisible_format(c: char) -> bool {
         matches!(
             c,
             '\u{00ad}'
                 | '\u{061c}'
                 | '\u{180e}'
-                | '\u{200b}'..='\u{200f}'
+                | '\u{200b}'
+                | '\u{200e}'..='\u{200f}'
                 | '\u{2028}'..='\u{202e}'
                 | '\u{2060}'..='\u{206f}'
                 | '\u{feff}'
                 | '\u{fff9}'..='\u{fffb}'
+                | '\u{e0000}'..='\u{e007f}'
         )
     }
 
@@ -302,8 +332,27 @@ pub mod text {
                 super::printable("ok\u{2028}INFO audit\u{202e}txt.exe\u{200b}"),
                 "ok\\u{2028}INFO audit\\u{202e}txt.exe\\u{200b}"
             );
-            // Letters of right-to-left scripts are text, not controls.
+            // Letters of right-to-left scripts are text, not controls, and
+            // joiners make emoji and words.
             assert_eq!(super::printable("שלום مرحبا"), "שלום مرحبا");
+            assert_eq!(
+                super::printable("👩\u{200d}💻 می\u{200c}خواهم"),
+                "👩\u{200d}💻 می\u{200c}خواهم"
+            );
+            assert_eq!(super::printable("a\u{e0041}"), "a\\u{e0041}");
+        }
+
+        #[test]
+        fn a_field_value_cannot_pose_as_more_fields() {
+            assert_eq!(super::field("/p/server-1"), "/p/server-1");
+            assert_eq!(
+                super::field("s1 url=https://10.6.6.6:5001"),
+                "\"s1 url=https://10.6.6.6:5001\""
+            );
+            assert_eq!(super::field("a\"b\\c"), "\"a\\\"b\\\\c\"");
+            // The escape's own backslash is escaped in turn.
+            assert_eq!(super::field("x\ny"), r#""x\\ny""#);
+            assert_eq!(super::field(""), "\"\"");
         }
     }
 }

@@ -79,6 +79,10 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// keep its place for good. Scrapers and the status page reconnect.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
+/// Then the answer under way, if any, has this long to be written before
+/// the connection is dropped.
+const CLOSING_GRACE: Duration = Duration::from_secs(5);
+
 /// How many admin connections are served at once and how long each may
 /// take over what.
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +90,7 @@ struct Limits {
     most_connections: usize,
     header_read_timeout: Duration,
     connection_lifetime: Duration,
+    closing_grace: Duration,
 }
 
 /// Serves `/metrics`, `/status` and `/` on `listener` until `shutdown`
@@ -93,7 +98,8 @@ struct Limits {
 ///
 /// At most [`MOST_CONNECTIONS`] at once, each closed if a request's headers
 /// take longer than [`HEADER_READ_TIMEOUT`], and in any case after
-/// [`CONNECTION_LIFETIME`]. On a loopback address, a
+/// [`CONNECTION_LIFETIME`] (and [`CLOSING_GRACE`] for an answer under way).
+/// On a loopback address, a
 /// request must name a loopback host (`Host: localhost:PORT`,
 /// `127.0.0.1:PORT` or `[::1]:PORT`), else it gets `421 Misdirected
 /// Request`: a web page the local browser loads from a name that resolves
@@ -107,6 +113,7 @@ pub async fn serve(
         most_connections: MOST_CONNECTIONS,
         header_read_timeout: HEADER_READ_TIMEOUT,
         connection_lifetime: CONNECTION_LIFETIME,
+        closing_grace: CLOSING_GRACE,
     };
     serve_within(listener, status, shutdown, limits).await
 }
@@ -157,10 +164,25 @@ async fn serve_within(
                 .header_read_timeout(limits.header_read_timeout);
             let io = hyper_util::rt::TokioIo::new(stream);
             let connection = http.serve_connection(io, service);
-            match tokio::time::timeout(limits.connection_lifetime, connection).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::debug!(%error, "admin connection ended"),
-                Err(_elapsed) => tracing::debug!("admin connection closed: open too long"),
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => Some(served),
+                () = tokio::time::sleep(limits.connection_lifetime) => None,
+            };
+            let served = match served {
+                Some(served) => Some(served),
+                None => {
+                    // No new request; the answer under way gets a moment.
+                    connection.as_mut().graceful_shutdown();
+                    tokio::time::timeout(limits.closing_grace, connection)
+                        .await
+                        .ok()
+                }
+            };
+            match served {
+                Some(Ok(())) => {}
+                Some(Err(error)) => tracing::debug!(%error, "admin connection ended"),
+                None => tracing::debug!("admin connection dropped: open too long"),
             }
         });
     }
@@ -240,6 +262,7 @@ mod tests {
             most_connections,
             header_read_timeout: Duration::from_millis(300),
             connection_lifetime: Duration::from_secs(1),
+            closing_grace: Duration::from_millis(300),
         };
         tokio::spawn(serve_within(
             listener,

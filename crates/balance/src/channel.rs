@@ -244,7 +244,10 @@ impl Inner {
             match &*connecting {
                 Some(attempt) => attempt.clone(),
                 None => {
-                    let task = tokio::spawn(self.clone().establish());
+                    // Counted now, not when the task first runs: a close
+                    // in between must not be missed.
+                    let closings = self.closings.load(std::sync::atomic::Ordering::Acquire);
+                    let task = tokio::spawn(self.clone().establish(closings));
                     let attempt = async move {
                         task.await
                             .unwrap_or_else(|failed| Err(Arc::new(TransportError::from(failed))))
@@ -263,8 +266,12 @@ impl Inner {
 
     /// Connects, within the connect timeout, and makes the connection the
     /// channel's; then no attempt is in progress any more.
-    async fn establish(self: Arc<Self>) -> Result<SendRequest<Bytes>, Arc<TransportError>> {
-        let closings = self.closings.load(std::sync::atomic::Ordering::Acquire);
+    /// If the channel was closed since `closings` were counted, the
+    /// connection serves the calls waiting for it and is not kept.
+    async fn establish(
+        self: Arc<Self>,
+        closings: u64,
+    ) -> Result<SendRequest<Bytes>, Arc<TransportError>> {
         let connected = tokio::time::timeout(self.options.connect_timeout, self.connect()).await;
         let outcome = match connected {
             Ok(Ok((sender, driver))) => {

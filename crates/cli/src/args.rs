@@ -559,9 +559,10 @@ pub struct ServeArgs {
     pub max_connections: usize,
     /// Of those, connections allowed at once to one client identity (one
     /// certificate's name), so that no one certificate holder can take
-    /// every place; more are closed after their handshake.
-    #[arg(long, default_value_t = 2048, value_parser = at_least_one)]
-    pub max_connections_per_identity: usize,
+    /// every place; more are closed after their handshake [default: half
+    /// of --max-connections].
+    #[arg(long, value_parser = at_least_one)]
+    pub max_connections_per_identity: Option<usize>,
     /// TLS handshakes in progress allowed at once; beyond them, a new
     /// connection displaces the one that has waited longest once that one
     /// has waited a tenth of --handshake-timeout (at most 1s), and is
@@ -621,7 +622,9 @@ impl ServeArgs {
             drain_grace: self.drain_grace,
             max_concurrent_streams: self.max_concurrent_streams,
             max_connections: self.max_connections,
-            max_connections_per_identity: self.max_connections_per_identity,
+            max_connections_per_identity: self
+                .max_connections_per_identity
+                .unwrap_or((self.max_connections / 2).max(1)),
             max_handshakes: self.max_handshakes,
             keepalive_interval: Some(self.caller_keepalive_interval)
                 .filter(|interval| !interval.is_zero()),

@@ -151,7 +151,6 @@ fn create_private(path: &Path) -> std::io::Result<()> {
     options.open(path).map(drop)
 }
 
-/// Appends to `path`, or with daily rotation to `path.YYYY-MM-DD`.
 /// The file that existed before and that lines go on to: `path` itself,
 /// or with a daily rotation its newest `path.YYYY-MM-DD` (today's, or the
 /// one before; either holds lines as private as the new ones). Files the
@@ -183,6 +182,7 @@ fn file_appended_to(path: &Path, rotation: LogRotation) -> Option<std::path::Pat
     }
 }
 
+/// Appends to `path`, or with daily rotation to `path.YYYY-MM-DD`.
 fn appender(
     path: &Path,
     rotation: LogRotation,

@@ -462,11 +462,15 @@ impl fmt::Display for LoadSummary {
             "requests {}  ok {}  failed {}  in {:.2} s  ({:.1} ok/s)",
             self.requests, self.ok, self.failed, self.elapsed_s, self.rps
         )?;
-        writeln!(
-            f,
-            "ok latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
-            self.p50_ms, self.p90_ms, self.p99_ms, self.p999_ms, self.max_ms
-        )?;
+        if self.ok == 0 {
+            writeln!(f, "ok latency ms  none: no call succeeded")?;
+        } else {
+            writeln!(
+                f,
+                "ok latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+                self.p50_ms, self.p90_ms, self.p99_ms, self.p999_ms, self.max_ms
+            )?;
+        }
         for (server, count) in &self.servers {
             writeln!(f, "server {server}: {count}")?;
         }

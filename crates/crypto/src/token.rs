@@ -208,10 +208,9 @@ impl KeyRing {
     /// `Fernet.decrypt(token, ttl)`) or more than 60 s in the future.
     ///
     /// The frame (length, alphabet, version) and a timestamp from the
-    /// future are judged from the token's own text before its HMAC, as
-    /// Python's `Fernet` does: nothing of them is secret. Whether it is too
-    /// old is judged only once it has verified: a forged token is
-    /// "invalid", whatever its age.
+    /// future are judged from the token's own text before its HMAC:
+    /// nothing of them is secret. Whether it is too old is judged only once
+    /// it has verified: a forged token is "invalid", whatever its age.
     pub fn decrypt_with_ttl(
         &self,
         token: &[u8],

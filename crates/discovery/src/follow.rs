@@ -8,7 +8,7 @@ use std::sync::Arc;
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::task::JoinHandle;
 
-use securemesh::text::printable;
+use securemesh::text::field;
 
 use crate::config::within;
 use crate::{Backoff, DiscoveryError, EtcdConfig, ServerRecord};
@@ -92,8 +92,9 @@ async fn follow_forever(config: EtcdConfig, mut registrations: Registrations) {
 /// Reads the prefix, then applies its changes until the watch fails.
 ///
 /// Keys and records are written by anyone who may register, so their text
-/// is logged through [`printable`]: a newline in one cannot forge a log
-/// line, and a JSON log gets the value without extra quotes.
+/// is logged through [`field`]: neither a newline nor `key=value` text in
+/// one can forge a log line or a field, and a JSON log gets a plain value
+/// without extra quotes.
 async fn sync_and_watch(
     config: &EtcdConfig,
     registrations: &mut Registrations,
@@ -175,7 +176,7 @@ impl Registrations {
         match serde_json::from_slice::<ServerRecord>(value) {
             Ok(record) => self.admit(key, record),
             Err(error) => {
-                tracing::warn!(key = %printable(key), error = %printable(&error.to_string()), "ignoring a registration that is not a server record");
+                tracing::warn!(key = %field(key), error = %field(&error.to_string()), "ignoring a registration that is not a server record");
                 self.delete(key);
             }
         }
@@ -202,11 +203,11 @@ impl Registrations {
         self.waiting.remove(key);
         match self.members.insert(&record.url) {
             Ok(()) => {
-                tracing::info!(key = %printable(key), url = %printable(&record.url), server_id = %printable(&record.server_id), "backend registered in etcd");
+                tracing::info!(key = %field(key), url = %field(&record.url), server_id = %field(&record.server_id), "backend registered in etcd");
                 self.by_key.insert(key.to_owned(), record.url);
             }
             Err(error) => {
-                tracing::warn!(key = %printable(key), url = %printable(&record.url), error = %printable(&error.to_string()), "cannot use a registered backend")
+                tracing::warn!(key = %field(key), url = %field(&record.url), error = %field(&error.to_string()), "cannot use a registered backend")
             }
         }
     }
@@ -219,7 +220,7 @@ impl Registrations {
             if !self.left_out {
                 self.left_out = true;
                 tracing::warn!(
-                    key = %printable(key),
+                    key = %field(key),
                     limit = self.limit,
                     "too many registrations in etcd: ignoring more until a resync"
                 );
@@ -228,8 +229,8 @@ impl Registrations {
         }
         if self.waiting.is_empty() {
             tracing::warn!(
-                key = %printable(key),
-                url = %printable(&record.url),
+                key = %field(key),
+                url = %field(&record.url),
                 limit = self.limit,
                 "too many backends registered in etcd: more wait until others leave"
             );
@@ -261,7 +262,7 @@ impl Registrations {
         let Some(url) = self.by_key.remove(key) else {
             return false;
         };
-        tracing::info!(key = %printable(key), url = %printable(&url), "backend deregistered from etcd");
+        tracing::info!(key = %field(key), url = %field(&url), "backend deregistered from etcd");
         self.members.remove(&url);
         true
     }
@@ -363,7 +364,7 @@ mod tests {
         assert_eq!(log.lines().count(), 4, "{log}");
         // Escaped, not quoted: a JSON log carries the value as it is.
         assert_eq!(
-            log.matches(r"key=/securemesh/servers/x\n2026-11-29T00:00:00Z  INFO")
+            log.matches(r#"key="/securemesh/servers/x\\n2026-11-29T00:00:00Z  INFO"#)
                 .count(),
             4,
             "{log}"

@@ -384,7 +384,7 @@ async fn handshake(
                 {
                     tracing::warn!(
                         %peer,
-                        identity = %identity.as_deref().unwrap_or("none"),
+                        identity = %securemesh::text::field(identity.as_deref().unwrap_or("none")),
                         limit = limits.max_per_identity,
                         held_back,
                         "connection refused: too many connections of one identity"

@@ -45,7 +45,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Of those, connections allowed at once to one identity (one client
     /// certificate's name), so that no single certificate holder can take
-    /// every place; more are closed once their handshake shows who they are.
+    /// every place; more are closed once their handshake shows who they
+    /// are. By default half of `max_connections`.
     pub max_connections_per_identity: usize,
     /// TLS handshakes in progress allowed at once; a new connection beyond
     /// them displaces the one that has waited longest if that one has waited

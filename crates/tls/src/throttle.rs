@@ -71,6 +71,7 @@ impl LogThrottle {
                     let due = SummaryDue {
                         throttle: self.clone(),
                         kind,
+                        armed: true,
                     };
                     runtime.spawn(self.clone().summarize(kind, level, due));
                 }
@@ -85,10 +86,11 @@ impl LogThrottle {
     /// logs how many are held back, unless a line of the kind took the
     /// count first.
     ///
-    /// However the task ends, even dropped unpolled with its runtime, `due`
-    /// goes with it and the next burst may have a summary of its own.
-    async fn summarize(self, kind: &'static str, level: Level, due: SummaryDue) {
-        let _due = due;
+    /// It says it is done under the same lock that reads the count, so
+    /// that a line held back just after is owed a summary of its own; if
+    /// the task is dropped instead (unpolled, with its runtime), `due` says
+    /// so on its way.
+    async fn summarize(self, kind: &'static str, level: Level, mut due: SummaryDue) {
         let mut wake_at = Instant::now() + self.interval;
         loop {
             tokio::time::sleep_until(wake_at).await;
@@ -98,6 +100,8 @@ impl LogThrottle {
                 return;
             };
             if window.held_back == 0 {
+                window.summary_due = false;
+                due.armed = false;
                 return;
             }
             let quiet_until = window.last_held_back_at + self.interval;
@@ -108,6 +112,8 @@ impl LogThrottle {
             // The summary does not count as the kind's line: the next
             // event is logged in full.
             let held_back = std::mem::take(&mut window.held_back);
+            window.summary_due = false;
+            due.armed = false;
             drop(kinds);
             if level <= Level::WARN {
                 tracing::warn!(kind, held_back, "log lines of this kind held back");
@@ -125,15 +131,20 @@ impl LogThrottle {
     }
 }
 
-/// Clears its kind's `summary_due` when the task that owes the summary
-/// ends.
+/// Clears its kind's `summary_due` when the task that owes the summary is
+/// dropped before it is done (its runtime ended).
 struct SummaryDue {
     throttle: LogThrottle,
     kind: &'static str,
+    /// Until the task clears `summary_due` itself.
+    armed: bool,
 }
 
 impl Drop for SummaryDue {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let mut kinds = self.throttle.lock();
         if let Some((_, window)) = kinds.iter_mut().find(|(known, _)| *known == self.kind) {
             window.summary_due = false;
