@@ -343,26 +343,32 @@ impl Front {
             return;
         }
         let (parts, body) = request.into_parts();
+        let deadline = self.coordinator.deadline(&parts.headers, arrived);
         let mut extensions = http::Extensions::new();
         extensions.insert(peer);
         let work = async {
             // A password's argon2 check runs off this connection's task, so
-            // its other calls and its pings go on meanwhile.
-            let checked = self
-                .authorization
-                .authorize(tonic::Request::from_parts(
-                    tonic::metadata::MetadataMap::from_headers(parts.headers),
-                    extensions,
-                    (),
-                ))
-                .await;
+            // its other calls and its pings go on meanwhile; the caller's
+            // deadline bounds the wait for it.
+            let checking = self.authorization.authorize(tonic::Request::from_parts(
+                tonic::metadata::MetadataMap::from_headers(parts.headers),
+                extensions,
+                (),
+            ));
+            let checked = tokio::time::timeout_at(deadline, checking)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Status::deadline_exceeded(
+                        "the deadline passed while the credentials were checked",
+                    ))
+                });
             match checked {
                 Err(status) => Err(status),
                 Ok(request) => {
                     let (metadata, extensions, ()) = request.into_parts();
                     let context =
                         self.coordinator
-                            .context(&metadata, extensions.get::<Caller>(), arrived);
+                            .context(&metadata, extensions.get::<Caller>(), deadline);
                     // The deadline holds from the call's arrival: a message that
                     // never finishes arriving does not hold the stream forever.
                     let reading = read_message(body, self.max_message_bytes);

@@ -65,22 +65,33 @@ impl CallContext {
 }
 
 impl Coordinator {
+    /// When the caller of a call that `arrived` with `headers` stops
+    /// waiting: its `grpc-timeout` (less a margin), at most the request
+    /// timeout.
+    pub(crate) fn deadline(
+        &self,
+        headers: &http::HeaderMap,
+        arrived: tokio::time::Instant,
+    ) -> tokio::time::Instant {
+        call_deadline(
+            headers
+                .get("grpc-timeout")
+                .and_then(|value| value.to_str().ok()),
+            self.request_timeout,
+            arrived,
+        )
+    }
+
     /// The context of a call that `arrived` with `metadata`; the caller is
     /// the one [`securemesh_tls::Authorization`] established.
     pub(crate) fn context(
         &self,
         metadata: &tonic::metadata::MetadataMap,
         caller: Option<&securemesh_tls::Caller>,
-        arrived: tokio::time::Instant,
+        deadline: tokio::time::Instant,
     ) -> CallContext {
         CallContext {
-            deadline: call_deadline(
-                metadata
-                    .get("grpc-timeout")
-                    .and_then(|value| value.to_str().ok()),
-                self.request_timeout,
-                arrived,
-            ),
+            deadline,
             request_id: securemesh::request_id::of(metadata),
             caller: caller
                 .map_or_else(|| "unknown".to_owned(), |caller| caller.origin().to_owned()),

@@ -956,6 +956,46 @@ async fn credentials_are_required_when_configured() {
     }
 }
 
+/// A password check (argon2, tens of milliseconds) that outlasts the
+/// caller's deadline answers DEADLINE_EXCEEDED when the deadline passes,
+/// not the check's verdict afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_deadline_bounds_its_password_check() {
+    let material = Material::new();
+    let credentials = alice_credentials(&material);
+    let a = TestServer::start(&material, any_port());
+    let coordinator = TestCoordinator::start_with(
+        &material,
+        &[a.url()],
+        Authorization::any_identity().with_credentials(credentials),
+    )
+    .await;
+    ready(&material, &coordinator.url).await;
+    let session = h2_session(&material, coordinator.address).await;
+    let message = SubmitRequest {
+        token: material.keys.encrypt(b"late").into(),
+    }
+    .encode_to_vec();
+    let wrong = securemesh_credentials::basic_header("alice", "wrong horse");
+    let call = frame(false, message.len() as u32, &message);
+    // Raw HTTP/2: a gRPC client would give up by itself at its deadline.
+    let (_, code, _) = raw_h2_exchange(
+        &session,
+        &[("authorization", &wrong), ("grpc-timeout", "3m")],
+        &call,
+    )
+    .await;
+    assert_eq!(code, Some(Code::DeadlineExceeded));
+    // With time for the check, its verdict stands.
+    let (_, code, _) = raw_h2_exchange(
+        &session,
+        &[("authorization", &wrong), ("grpc-timeout", "5S")],
+        &call,
+    )
+    .await;
+    assert_eq!(code, Some(Code::Unauthenticated));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_wrong_passwords_is_refused_fast_and_the_right_one_still_passes() {
     let material = Material::new();
