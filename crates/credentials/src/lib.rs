@@ -43,6 +43,10 @@ const VERIFIED_FOR: Duration = Duration::from_secs(300);
 const CACHE_CAPACITY: usize = 1024;
 /// Password checks that may run or wait at once (one runs at a time).
 const PASSWORD_CHECKS_AT_ONCE: usize = 4;
+/// Of those, the places one caller may take ahead (see
+/// [`Credentials::hashing_turn`]): a caller flooding wrong passwords
+/// leaves the others room.
+const PASSWORD_CHECKS_PER_CALLER: usize = 2;
 
 /// The most memory a stored hash may ask argon2 for, in KiB (the default
 /// is 19 MiB): a line with more, edited in by hand, would make every check
@@ -209,12 +213,15 @@ impl Credentials {
     }
 
     /// A place among the password checks allowed at once, taken ahead of
-    /// [`Credentials::verify_in_turn`]: an async caller takes it before it
-    /// hands the check to another thread, so that a flood is refused as
-    /// [`Refusal::Busy`] on the spot instead of queueing threads. `None`
-    /// when the places are taken.
-    pub fn hashing_turn(&self) -> Option<HashingTurn> {
-        CheckInProgress::enter(&self.hashing.checks).map(HashingTurn)
+    /// [`Credentials::verify_in_turn`] for `caller` (a client identity): an
+    /// async caller takes it before it hands the check to another thread,
+    /// so that a flood is refused as [`Refusal::Busy`] on the spot instead
+    /// of queueing threads. `None` when the places are taken, or when
+    /// `caller` holds its share of them already.
+    pub fn hashing_turn(&self, caller: &str) -> Option<HashingTurn> {
+        let share = CallerShare::enter(&self.hashing.per_caller, caller)?;
+        let place = CheckInProgress::enter(&self.hashing.checks)?;
+        Some(HashingTurn(place, share))
     }
 
     /// [`Credentials::verify`] with a place taken by
@@ -224,7 +231,10 @@ impl Credentials {
         authorization: Option<&str>,
         turn: HashingTurn,
     ) -> Result<String, Refusal> {
-        self.verify_with(authorization, Some(turn.0))
+        let HashingTurn(place, share) = turn;
+        let verdict = self.verify_with(authorization, Some(place));
+        drop(share);
+        verdict
     }
 
     fn verify_with(
@@ -389,6 +399,8 @@ fn remembered_key(hash: &str, password: &str) -> [u8; 32] {
 struct PasswordHashing {
     memory: Mutex<Vec<Block>>,
     checks: Arc<AtomicUsize>,
+    /// Places taken ahead, by caller.
+    per_caller: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl PasswordHashing {
@@ -416,7 +428,47 @@ impl PasswordHashing {
 /// A place among the password checks allowed at once, taken by
 /// [`Credentials::hashing_turn`]; given back when dropped.
 #[derive(Debug)]
-pub struct HashingTurn(CheckInProgress);
+pub struct HashingTurn(CheckInProgress, CallerShare);
+
+/// One of a caller's places among the password checks; given back when
+/// dropped.
+#[derive(Debug)]
+struct CallerShare {
+    per_caller: Arc<Mutex<HashMap<String, usize>>>,
+    caller: String,
+}
+
+impl CallerShare {
+    fn enter(per_caller: &Arc<Mutex<HashMap<String, usize>>>, caller: &str) -> Option<Self> {
+        let mut held = per_caller
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let places = held.entry(caller.to_owned()).or_default();
+        if *places >= PASSWORD_CHECKS_PER_CALLER {
+            return None;
+        }
+        *places += 1;
+        Some(Self {
+            per_caller: per_caller.clone(),
+            caller: caller.to_owned(),
+        })
+    }
+}
+
+impl Drop for CallerShare {
+    fn drop(&mut self) {
+        let mut held = self
+            .per_caller
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some(places) = held.get_mut(&self.caller) {
+            *places -= 1;
+            if *places == 0 {
+                held.remove(&self.caller);
+            }
+        }
+    }
+}
 
 /// One password check counted in; counted out when dropped.
 #[derive(Debug)]
@@ -666,10 +718,15 @@ mod tests {
     fn places_taken_ahead_count_and_are_given_back() {
         let (_dir, path, _token) = file();
         let credentials = Credentials::from_file(&path).unwrap();
-        let turns: Vec<HashingTurn> = std::iter::from_fn(|| credentials.hashing_turn())
-            .take(PASSWORD_CHECKS_AT_ONCE + 1)
-            .collect();
+        // One caller gets its share, and the others the rest.
+        let one = || credentials.hashing_turn("spiffe://securemesh/client/client");
+        let mut turns: Vec<HashingTurn> = std::iter::from_fn(one).take(3).collect();
+        assert_eq!(turns.len(), PASSWORD_CHECKS_PER_CALLER);
+        for other in ["client2", "client3", "client4"] {
+            turns.extend(credentials.hashing_turn(&format!("spiffe://securemesh/client/{other}")));
+        }
         assert_eq!(turns.len(), PASSWORD_CHECKS_AT_ONCE);
+        assert_eq!(credentials.hashing.per_caller.lock().unwrap().len(), 3);
         let guess = basic_header("alice", "a guess");
         assert_eq!(credentials.verify(Some(&guess)), Err(Refusal::Busy));
         let mut turns = turns.into_iter();
@@ -681,6 +738,7 @@ mod tests {
         );
         drop(turns);
         assert_eq!(credentials.hashing.checks.load(Ordering::Acquire), 0);
+        assert!(credentials.hashing.per_caller.lock().unwrap().is_empty());
     }
 
     #[test]

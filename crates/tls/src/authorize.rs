@@ -151,7 +151,8 @@ impl Authorization {
                 // The place among the checks allowed at once is taken here,
                 // so that a flood is refused at once rather than queued on
                 // the blocking pool.
-                let verdict = match pending.credentials.hashing_turn() {
+                let caller = pending.on_behalf_of.as_deref().unwrap_or(&pending.peer);
+                let verdict = match pending.credentials.hashing_turn(caller) {
                     None => Err(Refusal::Busy),
                     Some(turn) => {
                         let credentials = Arc::clone(&pending.credentials);
