@@ -105,16 +105,18 @@ fn build(
         .dangerous()
         .with_custom_certificate_verifier(verifier.clone());
     let (mut rustls, identity) = match identity {
-        Some((cert, key)) => (
-            rustls.with_client_auth_cert(
-                TlsFiles::certificates(cert)?,
-                TlsFiles::private_key(key)?,
-            )?,
-            ClientTlsConfig::new().identity(Identity::from_pem(
-                TlsFiles::read(cert)?,
-                TlsFiles::read(key)?,
-            )),
-        ),
+        Some((cert, key)) => {
+            // Read once, for rustls and tonic alike: a renewal between two
+            // reads could hand them different, mismatched files.
+            let (cert_pem, key_pem) = (TlsFiles::read(cert)?, TlsFiles::read(key)?);
+            (
+                rustls.with_client_auth_cert(
+                    TlsFiles::certificates_in(&cert_pem, cert)?,
+                    TlsFiles::private_key_in(&key_pem, key)?,
+                )?,
+                ClientTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)),
+            )
+        }
         None => (rustls.with_no_client_auth(), ClientTlsConfig::new()),
     };
     rustls.alpn_protocols = vec![b"h2".to_vec()];

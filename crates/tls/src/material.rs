@@ -90,8 +90,15 @@ impl TlsFiles {
     }
 
     pub(crate) fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-        let pem = Self::read(path)?;
-        let certs = CertificateDer::pem_slice_iter(&pem)
+        Self::certificates_in(&Self::read(path)?, path)
+    }
+
+    /// The certificates of `pem`, read from `path`.
+    pub(crate) fn certificates_in(
+        pem: &[u8],
+        path: &Path,
+    ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let certs = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| TlsError::Pem {
                 path: path.to_path_buf(),
@@ -139,10 +146,17 @@ impl TlsFiles {
     }
 
     pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-        let pem = Self::read(path)?;
+        Self::private_key_in(&Self::read(path)?, path)
+    }
+
+    /// The private key of `pem`, read from `path` (whose mode is checked).
+    pub(crate) fn private_key_in(
+        pem: &[u8],
+        path: &Path,
+    ) -> Result<PrivateKeyDer<'static>, TlsError> {
         securemesh_fs::warn_if_exposed(path, "private key");
         // The error of the PEM parser never contains key material.
-        PrivateKeyDer::from_pem_slice(&pem).map_err(|error| TlsError::Pem {
+        PrivateKeyDer::from_pem_slice(pem).map_err(|error| TlsError::Pem {
             path: path.to_path_buf(),
             what: format!("no usable private key ({error})"),
         })
