@@ -298,8 +298,9 @@ pub mod text {
 
     /// Line and paragraph separators and Unicode's format characters that
     /// move or hide text: the bidirectional embeddings, overrides and
-    /// isolates, zero-width spaces and marks, the byte order mark, tags.
-    /// (The zero-width joiners stay: emoji and many scripts need them.)
+    /// isolates, zero-width spaces and marks, the byte order mark, tags
+    /// (which hide text, though subdivision flag emoji use them). The
+    /// zero-width joiners stay: emoji and many scripts need them.
     fn is_invisible_format(c: char) -> bool {
         matches!(
             c,

@@ -68,7 +68,7 @@ const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// What every connection of one front end shares.
 struct Front {
     coordinator: Coordinator,
-    authorization: Authorization,
+    authorization: Arc<Authorization>,
     max_message_bytes: usize,
     /// Health, reflection, and the gRPC "unimplemented" answer for
     /// anything else.
@@ -112,7 +112,7 @@ pub async fn serve(
     let following = AbortOnDrop(tokio::spawn(follow_rotation(health.clone(), serving)));
     let front = Arc::new(Front {
         coordinator,
-        authorization,
+        authorization: Arc::new(authorization),
         max_message_bytes,
         others: routes.routes(),
         max_concurrent_streams: options.max_concurrent_streams,
@@ -350,18 +350,31 @@ impl Front {
             // A password's argon2 check runs off this connection's task, so
             // its other calls and its pings go on meanwhile; the caller's
             // deadline bounds the wait for it.
-            let checking = self.authorization.authorize(tonic::Request::from_parts(
+            let late = || {
+                Status::deadline_exceeded("the deadline passed while the credentials were checked")
+            };
+            let authorization = Arc::clone(&self.authorization);
+            let request = tonic::Request::from_parts(
                 tonic::metadata::MetadataMap::from_headers(parts.headers),
                 extensions,
                 (),
-            ));
-            let checked = tokio::time::timeout_at(deadline, checking)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Status::deadline_exceeded(
-                        "the deadline passed while the credentials were checked",
-                    ))
-                });
+            );
+            let mut checking = Box::pin(async move { authorization.authorize(request).await });
+            let checked = if tokio::time::Instant::now() >= deadline {
+                // Nobody waits for a verdict: no check is started.
+                Err(late())
+            } else {
+                match tokio::time::timeout_at(deadline, checking.as_mut()).await {
+                    Ok(checked) => checked,
+                    Err(_) => {
+                        // The check goes on to its verdict, which is audited
+                        // and counted (a right password remembered); only
+                        // the caller stopped waiting.
+                        tokio::spawn(checking);
+                        Err(late())
+                    }
+                }
+            };
             match checked {
                 Err(status) => Err(status),
                 Ok(request) => {

@@ -82,8 +82,9 @@ impl Coordinator {
         )
     }
 
-    /// The context of a call that `arrived` with `metadata`; the caller is
-    /// the one [`securemesh_tls::Authorization`] established.
+    /// The context of a call with `metadata` and `deadline` (see
+    /// [`Coordinator::deadline`]); the caller is the one
+    /// [`securemesh_tls::Authorization`] established.
     pub(crate) fn context(
         &self,
         metadata: &tonic::metadata::MetadataMap,

@@ -962,15 +962,7 @@ async fn credentials_are_required_when_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_callers_deadline_bounds_its_password_check() {
     let material = Material::new();
-    let credentials = alice_credentials(&material);
-    let a = TestServer::start(&material, any_port());
-    let coordinator = TestCoordinator::start_with(
-        &material,
-        &[a.url()],
-        Authorization::any_identity().with_credentials(credentials),
-    )
-    .await;
-    ready(&material, &coordinator.url).await;
+    let (_server, coordinator) = coordinator_admitting_alice(&material).await;
     let session = h2_session(&material, coordinator.address).await;
     let message = SubmitRequest {
         token: material.keys.encrypt(b"late").into(),
@@ -999,15 +991,7 @@ async fn the_callers_deadline_bounds_its_password_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_wrong_passwords_is_refused_fast_and_the_right_one_still_passes() {
     let material = Material::new();
-    let credentials = alice_credentials(&material);
-    let a = TestServer::start(&material, any_port());
-    let coordinator = TestCoordinator::start_with(
-        &material,
-        &[a.url()],
-        Authorization::any_identity().with_credentials(credentials),
-    )
-    .await;
-    ready(&material, &coordinator.url).await;
+    let (a, coordinator) = coordinator_admitting_alice(&material).await;
     let alice = flood_with_wrong_passwords(&material, &coordinator.url).await;
     assert_eq!(
         alice.submit(b"after the flood").await.unwrap().server_id,
@@ -1045,6 +1029,20 @@ async fn echo_server_admitting_alice(material: &Material) -> (SocketAddr, onesho
 }
 
 /// A credentials file with the user alice, password "correct horse".
+/// A server and, ready in front of it, a coordinator that requires
+/// alice's password ("correct horse").
+async fn coordinator_admitting_alice(material: &Material) -> (TestServer, TestCoordinator) {
+    let server = TestServer::start(material, any_port());
+    let coordinator = TestCoordinator::start_with(
+        material,
+        &[server.url()],
+        Authorization::any_identity().with_credentials(alice_credentials(material)),
+    )
+    .await;
+    ready(material, &coordinator.url).await;
+    (server, coordinator)
+}
+
 fn alice_credentials(material: &Material) -> Arc<securemesh_credentials::Credentials> {
     let file = material.dir.path().join("credentials.txt");
     securemesh_credentials::add_user(&file, "alice", "correct horse").unwrap();

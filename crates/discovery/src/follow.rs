@@ -93,8 +93,8 @@ async fn follow_forever(config: EtcdConfig, mut registrations: Registrations) {
 ///
 /// Keys and records are written by anyone who may register, so their text
 /// is logged through [`field`]: neither a newline nor `key=value` text in
-/// one can forge a log line or a field, and a JSON log gets a plain value
-/// without extra quotes.
+/// one can forge a log line or a field, and a plain value (a key, a URL)
+/// goes into a JSON log without extra quotes.
 async fn sync_and_watch(
     config: &EtcdConfig,
     registrations: &mut Registrations,
@@ -362,7 +362,7 @@ mod tests {
         registrations.delete(&key);
         let log = std::fs::read_to_string(written.path()).unwrap();
         assert_eq!(log.lines().count(), 4, "{log}");
-        // Escaped, not quoted: a JSON log carries the value as it is.
+        // Escaped, and quoted since it holds spaces: no field of its own.
         assert_eq!(
             log.matches(r#"key="/securemesh/servers/x\\n2026-11-29T00:00:00Z  INFO"#)
                 .count(),
