@@ -164,6 +164,95 @@ pub mod ports {
     }
 }
 
+/// Places counted by key (a client identity, ...), a few to each: who may
+/// hold how many connections, how many password checks.
+pub mod places {
+    use std::collections::HashMap;
+    use std::hash::Hash;
+    use std::sync::{Arc, Mutex, MutexGuard};
+
+    /// How many places each key holds; a key holding none has no entry.
+    #[derive(Debug)]
+    pub struct PlacesByKey<K: Hash + Eq>(Arc<Mutex<HashMap<K, usize>>>);
+
+    impl<K: Hash + Eq> Default for PlacesByKey<K> {
+        fn default() -> Self {
+            Self(Arc::default())
+        }
+    }
+
+    impl<K: Hash + Eq> Clone for PlacesByKey<K> {
+        fn clone(&self) -> Self {
+            Self(Arc::clone(&self.0))
+        }
+    }
+
+    impl<K: Hash + Eq + Clone> PlacesByKey<K> {
+        /// One more place for `key`, unless it holds `most` already.
+        pub fn take(&self, key: K, most: usize) -> Option<Place<K>> {
+            {
+                let mut held = self.lock();
+                let places = held.entry(key.clone()).or_default();
+                if *places >= most {
+                    return None;
+                }
+                *places += 1;
+            }
+            Some(Place {
+                places: self.clone(),
+                key,
+            })
+        }
+
+        /// How many keys hold a place.
+        pub fn keys(&self) -> usize {
+            self.lock().len()
+        }
+
+        fn lock(&self) -> MutexGuard<'_, HashMap<K, usize>> {
+            self.0.lock().unwrap_or_else(|poison| poison.into_inner())
+        }
+    }
+
+    /// A place of its key, given back when dropped.
+    #[derive(Debug)]
+    pub struct Place<K: Hash + Eq + Clone> {
+        places: PlacesByKey<K>,
+        key: K,
+    }
+
+    impl<K: Hash + Eq + Clone> Drop for Place<K> {
+        fn drop(&mut self) {
+            let mut held = self.places.lock();
+            if let Some(places) = held.get_mut(&self.key) {
+                *places -= 1;
+                if *places == 0 {
+                    held.remove(&self.key);
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_key_holds_at_most_its_share_and_leaves_no_entry_behind() {
+            let places = PlacesByKey::default();
+            let first = places.take("a", 2).unwrap();
+            let _second = places.take("a", 2).unwrap();
+            assert!(places.take("a", 2).is_none());
+            let other = places.take("b", 2).unwrap();
+            assert_eq!(places.keys(), 2);
+            drop(first);
+            let _again = places.take("a", 2).unwrap();
+            drop(other);
+            assert_eq!(places.keys(), 1);
+        }
+    }
+}
+
 /// The processes a lab starts (the demo's and the benchmark's servers,
 /// coordinator and nginx): how they are kept apart from the caller's
 /// settings and from outliving the lab.

@@ -31,6 +31,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
+use securemesh::places::{Place, PlacesByKey};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -220,7 +221,10 @@ impl Credentials {
     /// of queueing threads. `None` when the places are taken, or when
     /// `caller` holds its share of them already.
     pub fn hashing_turn(&self, caller: &str) -> Option<HashingTurn> {
-        let share = CallerShare::enter(&self.hashing.per_caller, caller)?;
+        let share = self
+            .hashing
+            .per_caller
+            .take(caller.to_owned(), PASSWORD_CHECKS_PER_CALLER)?;
         let place = CheckInProgress::enter(&self.hashing.checks)?;
         Some(HashingTurn(place, share))
     }
@@ -401,7 +405,7 @@ struct PasswordHashing {
     memory: Mutex<Vec<Block>>,
     checks: Arc<AtomicUsize>,
     /// Places taken ahead, by caller.
-    per_caller: Arc<Mutex<HashMap<String, usize>>>,
+    per_caller: PlacesByKey<String>,
 }
 
 impl PasswordHashing {
@@ -429,47 +433,7 @@ impl PasswordHashing {
 /// A place among the password checks allowed at once, taken by
 /// [`Credentials::hashing_turn`]; given back when dropped.
 #[derive(Debug)]
-pub struct HashingTurn(CheckInProgress, CallerShare);
-
-/// One of a caller's places among the password checks; given back when
-/// dropped.
-#[derive(Debug)]
-struct CallerShare {
-    per_caller: Arc<Mutex<HashMap<String, usize>>>,
-    caller: String,
-}
-
-impl CallerShare {
-    fn enter(per_caller: &Arc<Mutex<HashMap<String, usize>>>, caller: &str) -> Option<Self> {
-        let mut held = per_caller
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        let places = held.entry(caller.to_owned()).or_default();
-        if *places >= PASSWORD_CHECKS_PER_CALLER {
-            return None;
-        }
-        *places += 1;
-        Some(Self {
-            per_caller: per_caller.clone(),
-            caller: caller.to_owned(),
-        })
-    }
-}
-
-impl Drop for CallerShare {
-    fn drop(&mut self) {
-        let mut held = self
-            .per_caller
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        if let Some(places) = held.get_mut(&self.caller) {
-            *places -= 1;
-            if *places == 0 {
-                held.remove(&self.caller);
-            }
-        }
-    }
-}
+pub struct HashingTurn(CheckInProgress, Place<String>);
 
 /// One password check counted in; counted out when dropped.
 #[derive(Debug)]
@@ -728,7 +692,7 @@ mod tests {
         }
         assert_eq!(turns.len(), PASSWORD_CHECKS_AT_ONCE);
         // client3 found every place taken: it holds no share either.
-        assert_eq!(credentials.hashing.per_caller.lock().unwrap().len(), 2);
+        assert_eq!(credentials.hashing.per_caller.keys(), 2);
         let guess = basic_header("alice", "a guess");
         assert_eq!(credentials.verify(Some(&guess)), Err(Refusal::Busy));
         let mut turns = turns.into_iter();
@@ -740,7 +704,7 @@ mod tests {
         );
         drop(turns);
         assert_eq!(credentials.hashing.checks.load(Ordering::Acquire), 0);
-        assert!(credentials.hashing.per_caller.lock().unwrap().is_empty());
+        assert_eq!(credentials.hashing.per_caller.keys(), 0);
     }
 
     #[test]

@@ -30,13 +30,14 @@
 //! connection also ends at its first read after its client's certificate
 //! expires.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use securemesh::places::{Place, PlacesByKey};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -85,8 +86,7 @@ pub struct Connection {
 /// places, counted in the `connections_open` gauge while held.
 struct Slot {
     _permit: OwnedSemaphorePermit,
-    identity: Option<Arc<str>>,
-    per_identity: PerIdentity,
+    _place: Place<Option<Arc<str>>>,
 }
 
 impl Slot {
@@ -97,19 +97,11 @@ impl Slot {
         per_identity: &PerIdentity,
         most: usize,
     ) -> Option<Self> {
-        {
-            let mut counts = lock_counts(per_identity);
-            let held = counts.entry(identity.clone()).or_default();
-            if *held >= most {
-                return None;
-            }
-            *held += 1;
-        }
+        let place = per_identity.take(identity, most)?;
         metrics().connections_open.inc();
         Some(Self {
             _permit: permit,
-            identity,
-            per_identity: per_identity.clone(),
+            _place: place,
         })
     }
 }
@@ -117,25 +109,12 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         metrics().connections_open.dec();
-        let mut counts = lock_counts(&self.per_identity);
-        if let Some(held) = counts.get_mut(&self.identity) {
-            *held -= 1;
-            if *held == 0 {
-                counts.remove(&self.identity);
-            }
-        }
     }
 }
 
 /// Connections held by each identity (`None`: a certificate that names
 /// none, all counted together).
-type PerIdentity = Arc<Mutex<HashMap<Option<Arc<str>>, usize>>>;
-
-fn lock_counts(
-    counts: &PerIdentity,
-) -> std::sync::MutexGuard<'_, HashMap<Option<Arc<str>>, usize>> {
-    counts.lock().unwrap_or_else(|poison| poison.into_inner())
-}
+type PerIdentity = PlacesByKey<Option<Arc<str>>>;
 
 impl TlsIncoming {
     /// Starts accepting on `listener`, each connection with the
