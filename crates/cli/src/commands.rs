@@ -772,11 +772,7 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let results = securemesh_bench::run(&options).await?;
 
-    let report_dir = args
-        .out
-        .parent()
-        .filter(|parent| !parent.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
+    let report_dir = securemesh_fs::directory_of(&args.out);
     let picture = report_dir.join(&args.picture);
     if let Some(parent) = picture.parent() {
         std::fs::create_dir_all(parent)?;

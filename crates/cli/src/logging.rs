@@ -160,10 +160,7 @@ fn file_appended_to(path: &Path, rotation: LogRotation) -> Option<std::path::Pat
         LogRotation::Never => Some(path.to_owned()),
         LogRotation::Daily => {
             let name = path.file_name()?.to_str()?;
-            let directory = path
-                .parent()
-                .filter(|parent| !parent.as_os_str().is_empty())
-                .unwrap_or_else(|| Path::new("."));
+            let directory = securemesh_fs::directory_of(path);
             std::fs::read_dir(directory)
                 .ok()?
                 .filter_map(Result::ok)
@@ -187,10 +184,7 @@ fn appender(
     path: &Path,
     rotation: LogRotation,
 ) -> anyhow::Result<tracing_appender::rolling::RollingFileAppender> {
-    let directory = path
-        .parent()
-        .filter(|parent| !parent.as_os_str().is_empty())
-        .unwrap_or_else(|| Path::new("."));
+    let directory = securemesh_fs::directory_of(path);
     let name = path
         .file_name()
         .ok_or_else(|| anyhow::anyhow!("--log-file {} names no file", path.display()))?;

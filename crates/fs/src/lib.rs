@@ -66,10 +66,7 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Resul
             }
         }
     };
-    let parent = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
+    let parent = directory_of(path);
     if !force && path.symlink_metadata().is_ok() {
         return Err(WriteError::Exists(path.to_path_buf()));
     }
@@ -143,7 +140,15 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, WriteError> {
 /// [`lock_dir`] on the directory of the file at `path`, for a change to
 /// that file.
 pub fn lock_dir_of(path: &Path) -> Result<DirLock, WriteError> {
-    lock_dir(path.parent().unwrap_or(Path::new("")))
+    lock_dir(directory_of(path))
+}
+
+/// The directory that holds `path`: its parent, or `.` for a bare file
+/// name.
+pub fn directory_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Logs a warning when the secret at `path` (`what`: "private key", ...)
