@@ -170,6 +170,8 @@ mod tests {
             Vec::new(),
             b"garbage".to_vec(),
             other_keys.encrypt(b"under another key"),
+            // Padding inside the header once panicked the handler.
+            format!("gAAAAAAAAA=={}", "A".repeat(86)).into_bytes(),
         ] {
             let status = handler
                 .submit(Request::new(SubmitRequest {
