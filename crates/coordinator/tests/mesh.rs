@@ -1010,6 +1010,30 @@ async fn a_server_too_checks_the_passwords_of_one_connection_at_once() {
     assert_eq!(reply.unwrap().result, CLIENT_IDENTITY);
 }
 
+/// A client's first calls all at once, with a password the coordinator or
+/// server has not verified yet, all pass: they share one password check
+/// instead of each wanting a place among the few checks allowed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_first_calls_with_a_password_all_pass() {
+    let (through_coordinator, direct) = (Material::new(), Material::new());
+    let (_server, coordinator) = coordinator_admitting_alice(&through_coordinator).await;
+    let (address, _stop) = echo_server_admitting_alice(&direct).await;
+    for (material, url) in [
+        (&through_coordinator, coordinator.url.clone()),
+        (&direct, format!("https://{address}")),
+    ] {
+        let alice = material.client(&url, "client").with_authorization(Some(
+            securemesh_credentials::basic_header("alice", "correct horse"),
+        ));
+        let calls = (0..16).map(|_| {
+            let (alice, token) = (alice.clone(), material.keys.encrypt(b"first"));
+            async move { alice.submit_token(token).await.map(|_| ()) }
+        });
+        let outcomes = futures_util::future::join_all(calls).await;
+        assert!(outcomes.iter().all(Result::is_ok), "{url}: {outcomes:?}");
+    }
+}
+
 /// The identity of the client certificate.
 const CLIENT_IDENTITY: &str = "spiffe://securemesh/client/client";
 

@@ -18,7 +18,10 @@
 //! can send wrong passwords: one argon2 verification runs at a time, in one
 //! reused block of memory, and a few more may wait for it; a check beyond
 //! those is refused at once ([`Refusal::Busy`]) instead of holding a thread
-//! and memory.
+//! and memory. Calls that bring the same `authorization` while its check
+//! runs wait for that check's verdict instead of taking places of their
+//! own ([`Credentials::verify_off_thread`]): a burst of a client's first
+//! calls costs one argon2 verification, not one each.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +37,7 @@ use base64::Engine as _;
 use securemesh::places::{Place, PlacesByKey};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::watch;
 
 /// The start of every Bearer token this crate makes.
 pub const TOKEN_PREFIX: &str = "smt_";
@@ -108,6 +112,10 @@ pub enum Refusal {
     /// Too many password checks already running or waiting: try again.
     #[error("too many password checks at once; try again shortly")]
     Busy,
+    /// The check ended without a verdict (its thread panicked, or the
+    /// runtime is shutting down).
+    #[error("the password check did not finish")]
+    Unfinished,
 }
 
 /// The credentials a process accepts.
@@ -117,7 +125,13 @@ pub struct Credentials {
     tokens: Vec<(String, [u8; 32])>,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
     hashing: PasswordHashing,
+    /// The checks running off-thread, by a digest of the `authorization`
+    /// they check, each with the verdict its joiners wait for.
+    under_way: Mutex<HashMap<[u8; 32], PendingVerdict>>,
 }
+
+/// The verdict of a password check running off-thread, once it is in.
+type PendingVerdict = watch::Receiver<Option<Result<String, Refusal>>>;
 
 /// Names users and tokens, never their password hashes or token digests.
 impl std::fmt::Debug for Credentials {
@@ -227,6 +241,69 @@ impl Credentials {
             .take(caller.to_owned(), PASSWORD_CHECKS_PER_CALLER)?;
         let place = CheckInProgress::enter(&self.hashing.checks)?;
         Some(HashingTurn(place, share))
+    }
+
+    /// [`Credentials::verify`] for async callers: the argon2 verification
+    /// runs on tokio's blocking pool, so the awaiting task (a connection's,
+    /// with other calls on it) goes on meanwhile. A call whose
+    /// `authorization` is being checked already waits for that verdict and
+    /// takes no place; otherwise `caller` (a client identity) takes a place
+    /// with [`Credentials::hashing_turn`], and none left means
+    /// [`Refusal::Busy`] at once. Dropping the future leaves the check
+    /// running to its verdict, so a right password is remembered all the
+    /// same.
+    pub async fn verify_off_thread(
+        self: &Arc<Self>,
+        authorization: Option<&str>,
+        caller: &str,
+    ) -> Result<String, Refusal> {
+        if let Some(verdict) = self.verify_without_hashing(authorization) {
+            return verdict;
+        }
+        let mut pending = self.join_or_start(authorization, caller)?;
+        let verdict = pending
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Refusal::Unfinished)?;
+        verdict.clone().unwrap_or(Err(Refusal::Unfinished))
+    }
+
+    /// The verdict to wait for on `authorization`: that of the check under
+    /// way for it, or of one started here in a place taken for `caller`.
+    fn join_or_start(
+        self: &Arc<Self>,
+        authorization: Option<&str>,
+        caller: &str,
+    ) -> Result<PendingVerdict, Refusal> {
+        let key: [u8; 32] = Sha256::digest(authorization.unwrap_or_default().as_bytes()).into();
+        let mut under_way = self
+            .under_way
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some(pending) = under_way.get(&key) {
+            return Ok(pending.clone());
+        }
+        let turn = self.hashing_turn(caller).ok_or(Refusal::Busy)?;
+        let (verdict, pending) = watch::channel(None);
+        under_way.insert(key, pending.clone());
+        drop(under_way);
+        // Unlisted when the check ends, with a verdict or a panic, or when
+        // it never starts (the runtime shutting down).
+        let listed = UnderWay {
+            credentials: Arc::clone(self),
+            key,
+        };
+        let authorization = authorization.map(str::to_owned);
+        // Detached: the check runs to its verdict even when nobody waits.
+        drop(tokio::task::spawn_blocking(move || {
+            let outcome = listed
+                .credentials
+                .verify_in_turn(authorization.as_deref(), turn);
+            // Unlisted first: whoever has the verdict finds the check over.
+            drop(listed);
+            verdict.send_replace(Some(outcome));
+        }));
+        Ok(pending)
     }
 
     /// [`Credentials::verify`] with a place taken by
@@ -427,6 +504,23 @@ impl PasswordHashing {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         Ok(argon2_matches(hash, password, &mut memory))
+    }
+}
+
+/// A check listed as under way in [`Credentials::verify_off_thread`];
+/// unlisted when dropped.
+struct UnderWay {
+    credentials: Arc<Credentials>,
+    key: [u8; 32],
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        self.credentials
+            .under_way
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .remove(&self.key);
     }
 }
 
@@ -743,6 +837,57 @@ mod tests {
         assert_eq!(credentials.hashing.checks.load(Ordering::Acquire), 0);
         let right = basic_header("alice", "correct horse");
         assert_eq!(credentials.verify(Some(&right)), Ok("alice".into()));
+    }
+
+    /// A client's first calls at once, with a password not yet verified,
+    /// share one argon2 check (or find its verdict remembered), so none is
+    /// refused as busy; the same goes for one wrong password.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_calls_with_the_same_credentials_shares_one_check() {
+        let (_dir, path, _token) = file();
+        let credentials = Arc::new(Credentials::from_file(&path).unwrap());
+        let burst = 4 * PASSWORD_CHECKS_AT_ONCE;
+        for (password, expected) in [
+            ("wrong horse", Err(Refusal::Invalid)),
+            ("correct horse", Ok("alice".to_owned())),
+        ] {
+            let header = basic_header("alice", password);
+            let mut calls = tokio::task::JoinSet::new();
+            for _ in 0..burst {
+                let (credentials, header) = (Arc::clone(&credentials), header.clone());
+                calls.spawn(async move {
+                    credentials
+                        .verify_off_thread(Some(&header), "spiffe://securemesh/client/client")
+                        .await
+                });
+            }
+            let verdicts = calls.join_all().await;
+            assert!(verdicts.iter().all(|v| *v == expected), "{verdicts:?}");
+        }
+        // Nothing stays listed or counted.
+        assert!(credentials.under_way.lock().unwrap().is_empty());
+        assert_eq!(credentials.hashing.checks.load(Ordering::Acquire), 0);
+        assert_eq!(credentials.hashing.per_caller.keys(), 0);
+    }
+
+    /// A caller that stops waiting leaves the check running to its verdict:
+    /// a right password is remembered all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_check_nobody_waits_for_still_reaches_its_verdict() {
+        let (_dir, path, _token) = file();
+        let credentials = Arc::new(Credentials::from_file(&path).unwrap());
+        let right = basic_header("alice", "correct horse");
+        let impatient = credentials.verify_off_thread(Some(&right), "spiffe://securemesh/client/a");
+        let _ = tokio::time::timeout(Duration::from_micros(1), impatient).await;
+        let given_up = Instant::now() + Duration::from_secs(10);
+        while !credentials.under_way.lock().unwrap().is_empty() {
+            assert!(Instant::now() < given_up, "the check never ended");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            credentials.verify_without_hashing(Some(&right)),
+            Some(Ok("alice".into()))
+        );
     }
 
     #[test]

@@ -16,16 +16,23 @@
 //! ones get `UNAUTHENTICATED`. A trusted forwarder is exempt: the
 //! coordinator checks its own callers' credentials.
 //!
-//! Applied as a tonic interceptor on the DataService alone: health checks
-//! and reflection stay open to every certificate of the CA.
+//! Applied around the DataService alone ([`authorized_data_service`]):
+//! health checks and reflection stay open to every certificate of the CA.
 
 use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use securemesh::v1::data_service_server::{DataService, DataServiceServer};
 use securemesh_credentials::{Credentials, Refusal};
-use tonic::service::interceptor::InterceptedService;
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
 use tonic::{Request, Status};
 
 use crate::caller_identity;
@@ -125,48 +132,19 @@ impl Authorization {
     }
 
     /// Refuses a peer that may not call; otherwise records the [`Caller`]
-    /// in the request's extensions. A password to check costs an argon2
-    /// verification on this thread (tokio is told that it blocks); an async
-    /// caller uses [`Authorization::authorize`] instead.
-    pub fn check(&self, request: Request<()>) -> Result<Request<()>, Status> {
-        match self.first_pass(&request)? {
-            FirstPass::Admitted(caller) => Ok(with_caller(request, caller)),
-            FirstPass::PasswordToHash(pending) => {
-                let verdict =
-                    hashing_allowed_to_block(|| pending.credentials.verify(pending.header()));
-                let caller = pending.conclude(&request, verdict, &self.refusal_warnings)?;
-                Ok(with_caller(request, caller))
-            }
-        }
-    }
-
-    /// [`Authorization::check`] for async callers: a password's argon2
-    /// verification runs on tokio's blocking pool, so the task awaiting it
-    /// (the coordinator's connection task, with other calls on it) goes on
-    /// meanwhile.
+    /// in the request's extensions. A password's argon2 verification runs
+    /// on tokio's blocking pool, so the task awaiting it (a connection's,
+    /// with other calls on it) goes on meanwhile; a call bringing the same
+    /// credentials as a check under way waits for that check's verdict.
     pub async fn authorize(&self, request: Request<()>) -> Result<Request<()>, Status> {
         match self.first_pass(&request)? {
             FirstPass::Admitted(caller) => Ok(with_caller(request, caller)),
             FirstPass::PasswordToHash(pending) => {
-                // The place among the checks allowed at once is taken here,
-                // so that a flood is refused at once rather than queued on
-                // the blocking pool.
                 let caller = pending.on_behalf_of.as_deref().unwrap_or(&pending.peer);
-                let verdict = match pending.credentials.hashing_turn(caller) {
-                    None => Err(Refusal::Busy),
-                    Some(turn) => {
-                        let credentials = Arc::clone(&pending.credentials);
-                        let header = pending.header.clone();
-                        tokio::task::spawn_blocking(move || {
-                            credentials.verify_in_turn(header.as_deref(), turn)
-                        })
-                        .await
-                        .map_err(|failed| {
-                            tracing::error!(%failed, "the password check did not finish");
-                            Status::internal("the password check did not finish")
-                        })?
-                    }
-                };
+                let verdict = pending
+                    .credentials
+                    .verify_off_thread(pending.header(), caller)
+                    .await;
                 let caller = pending.conclude(&request, verdict, &self.refusal_warnings)?;
                 Ok(with_caller(request, caller))
             }
@@ -294,6 +272,11 @@ impl PendingPassword {
                 }
                 Err(Status::resource_exhausted(refusal.to_string()))
             }
+            Err(refusal @ Refusal::Unfinished) => {
+                audit_refusal(request, &peer, "INTERNAL");
+                tracing::error!(%peer, %refusal, "call refused: credentials");
+                Err(Status::internal(refusal.to_string()))
+            }
             Err(refusal) => {
                 audit_refusal(request, &peer, "UNAUTHENTICATED");
                 if let Some(held_back) = warnings.admit("credentials_refused", tracing::Level::WARN)
@@ -309,18 +292,6 @@ impl PendingPassword {
 fn with_caller(mut request: Request<()>, caller: Caller) -> Request<()> {
     request.extensions_mut().insert(caller);
     request
-}
-
-/// Runs `verify` (argon2) telling tokio that this thread blocks, so that
-/// other tasks (health checks, other calls) move to another thread
-/// meanwhile. Outside a multi-threaded runtime it simply runs.
-fn hashing_allowed_to_block<T>(verify: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(verify)
-        }
-        _ => verify(),
-    }
 }
 
 /// The audit line of a call refused before it reached the service.
@@ -340,23 +311,73 @@ fn audit_refusal(request: &Request<()>, peer: &str, status: &'static str) {
     );
 }
 
-impl tonic::service::Interceptor for Authorization {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        self.check(request)
-    }
-}
-
 /// A DataService as securemesh serves it: `handler` behind `authorization`,
 /// with decoded messages limited to `max_message_bytes` (larger ones get
-/// `OUT_OF_RANGE`). tonic's router runs the interceptor in each call's own
-/// task, so a password being hashed holds up that call alone.
+/// `OUT_OF_RANGE`). tonic's router runs each call in its own task, so a
+/// password being hashed holds up that call alone.
 pub fn authorized_data_service<H: DataService>(
     handler: H,
     authorization: Authorization,
     max_message_bytes: usize,
-) -> InterceptedService<DataServiceServer<H>, Authorization> {
-    InterceptedService::new(
-        DataServiceServer::new(handler).max_decoding_message_size(max_message_bytes),
+) -> Authorized<DataServiceServer<H>> {
+    Authorized {
+        inner: DataServiceServer::new(handler).max_decoding_message_size(max_message_bytes),
         authorization,
-    )
+    }
+}
+
+/// A service behind [`Authorization::authorize`]: what a tonic interceptor
+/// does, but awaiting the check, so that a password's argon2 verification
+/// neither blocks a runtime thread nor escapes the limits on checks at once.
+#[derive(Debug, Clone)]
+pub struct Authorized<S> {
+    inner: S,
+    authorization: Authorization,
+}
+
+impl<S> tower_service::Service<http::Request<Body>> for Authorized<S>
+where
+    S: tower_service::Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // The service made ready is the one that serves; a fresh clone
+        // stays for the next call.
+        let fresh = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, fresh);
+        let authorization = self.authorization.clone();
+        Box::pin(async move {
+            let (mut parts, body) = request.into_parts();
+            let metadata = MetadataMap::from_headers(std::mem::take(&mut parts.headers));
+            let extensions = std::mem::take(&mut parts.extensions);
+            let checking = Request::from_parts(metadata, extensions, ());
+            match authorization.authorize(checking).await {
+                Ok(checked) => {
+                    let (metadata, extensions, ()) = checked.into_parts();
+                    parts.headers = metadata.into_headers();
+                    parts.extensions = extensions;
+                    inner.call(http::Request::from_parts(parts, body)).await
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}
+
+impl<S: NamedService> NamedService for Authorized<S> {
+    const NAME: &'static str = S::NAME;
 }

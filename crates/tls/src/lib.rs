@@ -23,7 +23,7 @@ mod throttle;
 
 pub use acceptor::{Connection, PeerInfo, TlsIncoming};
 pub use authorize::{
-    authorized_data_service, Authorization, Caller, CALLER_HEADER, COORDINATOR_IDENTITY,
+    authorized_data_service, Authorization, Authorized, Caller, CALLER_HEADER, COORDINATOR_IDENTITY,
 };
 pub use client::{client_tls, client_tls_config, foreign_server_tls, ClientTls};
 pub use health::{ending_health, report_draining, EndingHealth};
