@@ -181,6 +181,13 @@ impl std::fmt::Display for EtcdConfig {
 const ETCD_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// A ping unanswered this long closes the connection to etcd.
 const ETCD_PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a TCP connection to one member may take.
+const MEMBER_TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long connecting to one member may take in all, the TLS handshake
+/// included: a member whose host is hung, or whose process is stopped,
+/// still completes TCP handshakes from its listen backlog, but never says
+/// a word of TLS.
+const MEMBER_CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 
 impl EtcdConfig {
     /// The same cluster, reached over TLS.
@@ -220,7 +227,8 @@ impl EtcdConfig {
 
     /// A client of one member of the cluster, connected before it is
     /// returned: each session (a registration, a watch) talks to one member
-    /// that answered, and the next session starts with the next member.
+    /// that answered, and the next session starts with the next member
+    /// (the first session, with a member picked at random).
     /// (A channel balanced over every member sent requests to dead members
     /// too, since a lazily connected endpoint counts as ready: one dead
     /// member in the URL broke half of a session's requests.) Connections
@@ -230,36 +238,44 @@ impl EtcdConfig {
     /// lease stream is open (etcd counts pings on a connection without
     /// streams as abuse).
     pub(crate) async fn connect(&self) -> Result<Client, DiscoveryError> {
-        static NEXT_MEMBER: AtomicUsize = AtomicUsize::new(0);
+        // Each process starts at a member of its own, so that processes
+        // started together do not all lean on the first member listed.
+        static NEXT_MEMBER: std::sync::OnceLock<AtomicUsize> = std::sync::OnceLock::new();
         let tls = self.tls.as_ref().map(EtcdTls::client_tls).transpose()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let first = NEXT_MEMBER.fetch_add(1, Ordering::Relaxed);
+        let first = NEXT_MEMBER
+            .get_or_init(|| AtomicUsize::new((crate::random_number() % 65_536) as usize))
+            .fetch_add(1, Ordering::Relaxed);
         let mut failure = None;
         let mut channel = None;
         for offset in 0..self.endpoints.len() {
             let endpoint = &self.endpoints[(first + offset) % self.endpoints.len()];
             let mut member = Endpoint::from_shared(format!("{scheme}://{endpoint}"))?
-                .connect_timeout(Duration::from_secs(2))
+                .connect_timeout(MEMBER_TCP_CONNECT_TIMEOUT)
                 .http2_keep_alive_interval(ETCD_PING_INTERVAL)
                 .keep_alive_timeout(ETCD_PING_TIMEOUT)
                 .keep_alive_while_idle(false);
             if let Some(tls) = &tls {
                 member = tls.apply(member)?;
             }
-            match member.connect().await {
-                Ok(connected) => {
+            let reason = match tokio::time::timeout(MEMBER_CONNECT_TIMEOUT, member.connect()).await
+            {
+                Ok(Ok(connected)) => {
                     channel = Some(connected);
                     break;
                 }
-                Err(error) => {
-                    let unreachable = DiscoveryError::Unreachable {
-                        member: endpoint.clone(),
-                        reason: securemesh::error_text::with_causes(&error),
-                    };
-                    tracing::debug!(error = %unreachable, "trying the next etcd member");
-                    failure = Some(unreachable);
-                }
-            }
+                Ok(Err(error)) => securemesh::error_text::with_causes(&error),
+                Err(_) => format!(
+                    "no connection within {} s",
+                    MEMBER_CONNECT_TIMEOUT.as_secs()
+                ),
+            };
+            let unreachable = DiscoveryError::Unreachable {
+                member: endpoint.clone(),
+                reason,
+            };
+            tracing::debug!(error = %unreachable, "trying the next etcd member");
+            failure = Some(unreachable);
         }
         let channel = match (channel, failure) {
             (Some(channel), _) => channel,
@@ -330,6 +346,31 @@ fn on_this_host(member: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member that accepts TCP (its kernel does, from the listen
+    /// backlog) but never answers the TLS handshake is given up within
+    /// [`MEMBER_CONNECT_TIMEOUT`], so that the next member gets its turn.
+    #[tokio::test]
+    async fn a_member_silent_in_the_tls_handshake_is_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("etcd-ca.pem");
+        let authority = rcgen::generate_simple_self_signed(vec!["etcd".to_owned()]).unwrap();
+        std::fs::write(&ca, authority.cert.pem()).unwrap();
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config: EtcdConfig = format!("etcd://{}/securemesh", silent.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let config = config.with_tls(Some(EtcdTls::new(ca, None, None)));
+        let waited = tokio::time::timeout(MEMBER_CONNECT_TIMEOUT * 3, config.connect()).await;
+        match waited {
+            Ok(Err(DiscoveryError::Unreachable { reason, .. })) => {
+                assert!(reason.contains("no connection within"), "{reason}");
+            }
+            Ok(other) => panic!("expected the member to be given up: {:?}", other.err()),
+            Err(_) => panic!("the TLS handshake with a silent member was waited for"),
+        }
+        drop(silent);
+    }
 
     #[test]
     fn parses_several_members_and_a_prefix() {

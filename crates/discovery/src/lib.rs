@@ -124,14 +124,21 @@ impl Backoff {
     fn delay(&mut self) -> std::time::Duration {
         let delay = self.next;
         self.next = (self.next * 2).min(Self::MAX);
-        // Up to a quarter less, from the clock's low bits: enough to spread
-        // processes apart without a random number generator.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|now| now.subsec_nanos())
-            .unwrap_or(0);
-        delay - delay.mul_f64(f64::from(nanos % 1000) / 4000.0)
+        // Up to a quarter less, at random: processes that lost etcd
+        // together do not come back in step.
+        let jitter = (random_number() % 1000) as f64 / 4000.0;
+        delay - delay.mul_f64(jitter)
     }
+}
+
+/// A number that differs from call to call and from process to process
+/// (std's hasher keys are seeded at random per process and then stepped):
+/// enough to spread processes apart, no cryptography.
+pub(crate) fn random_number() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 #[cfg(test)]
@@ -149,5 +156,11 @@ mod tests {
         assert!(delays[9] >= Backoff::MAX.mul_f64(0.75));
         backoff.reset();
         assert!(backoff.delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn random_numbers_differ() {
+        let drawn: std::collections::HashSet<u64> = (0..100).map(|_| random_number()).collect();
+        assert!(drawn.len() > 90, "{drawn:?}");
     }
 }

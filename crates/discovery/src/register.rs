@@ -228,7 +228,7 @@ async fn claim(
     }
     Err(DiscoveryError::Taken {
         key: key.to_owned(),
-        holder: String::from_utf8_lossy(&holder).into_owned(),
+        holder: shown_record(&holder),
     })
 }
 
@@ -250,7 +250,44 @@ fn displaced(event: &Event, lease: i64, value: &str) -> Option<DiscoveryError> {
         EventType::Put if kv.lease() == lease || kv.value() == value.as_bytes() => None,
         EventType::Put => Some(DiscoveryError::Displaced(format!(
             "another registration wrote the key: {}",
-            String::from_utf8_lossy(kv.value())
+            shown_record(kv.value())
         ))),
+    }
+}
+
+/// The most of another registration's record a message shows.
+const MOST_SHOWN_RECORD_CHARS: usize = 256;
+
+/// Another registration's record (anyone who may write the prefix wrote
+/// it) as a message may show it: cut short, its control characters
+/// escaped, so that it cannot forge log lines.
+fn shown_record(value: &[u8]) -> String {
+    let text = String::from_utf8_lossy(value);
+    let mut shown: String = text.chars().take(MOST_SHOWN_RECORD_CHARS).collect();
+    if shown.len() < text.len() {
+        shown.push('…');
+    }
+    securemesh::text::printable(&shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_registrations_record_is_shown_on_one_line_and_cut_short() {
+        let forged =
+            "{\"url\":\"https://x\"}\n2026-11-29T00:00:00Z  INFO registered in etcd\u{1b}[2J";
+        let shown = shown_record(forged.as_bytes());
+        assert!(
+            !shown.contains('\n') && !shown.contains('\u{1b}'),
+            "{shown}"
+        );
+        assert!(shown.contains("\\n"), "{shown}");
+        let long = "x".repeat(10_000);
+        let shown = shown_record(long.as_bytes());
+        assert_eq!(shown.chars().count(), MOST_SHOWN_RECORD_CHARS + 1);
+        assert!(shown.ends_with('…'));
+        assert_eq!(shown_record(b"\xff\xfe"), "\u{fffd}\u{fffd}");
     }
 }
