@@ -22,7 +22,7 @@ pub struct Cli {
     /// Worker threads of the async runtime [default: one per CPU core]. A
     /// coordinator sharing a small machine with its servers answers single
     /// calls faster with one: each call then stays on one thread.
-    #[arg(long, global = true, env = "SECUREMESH_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, global = true, env = "SECUREMESH_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
 }
 
@@ -58,7 +58,7 @@ pub struct LogArgs {
         global = true,
         env = "SECUREMESH_STDERR_BACKLOG",
         default_value_t = 16_384,
-        value_parser = clap::value_parser!(u32).range(1..),
+        value_parser = clap::value_parser!(u32).range(1..=1_048_576),
         value_name = "LINES"
     )]
     pub stderr_backlog: u32,
@@ -457,7 +457,7 @@ pub struct ServerArgs {
     #[arg(long = "allow", value_name = "ID", value_parser = caller_id)]
     pub allow: Vec<String>,
     /// Largest message accepted, in bytes (larger ones get OUT_OF_RANGE).
-    #[arg(long, default_value_t = 65_536, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 65_536, value_parser = count_up_to::<MOST_MESSAGE_BYTES>)]
     pub max_message_size: usize,
     /// Register in etcd while running, so that coordinators following the
     /// prefix find this server: etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
@@ -555,20 +555,20 @@ pub struct ServeArgs {
     pub max_concurrent_streams: u32,
     /// Authenticated connections allowed at once; more are closed on
     /// arrival.
-    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 4096, value_parser = count_up_to::<MOST_CONNECTIONS>)]
     pub max_connections: usize,
     /// Of those, connections allowed at once to one client identity (one
     /// certificate's name), so that no one certificate holder can take
     /// every place; more are closed after their handshake [default: half
     /// of --max-connections].
-    #[arg(long, value_parser = at_least_one)]
+    #[arg(long, value_parser = count_up_to::<MOST_CONNECTIONS>)]
     pub max_connections_per_identity: Option<usize>,
     /// TLS handshakes in progress allowed at once; beyond them, a new
     /// connection displaces the one that has waited longest once that one
     /// has waited a tenth of --handshake-timeout (at most 1s), and is
     /// refused before (so silent connections cannot keep certificate
     /// holders out, and a burst does not displace itself).
-    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 256, value_parser = count_up_to::<MOST_HANDSHAKES>)]
     pub max_handshakes: usize,
     /// Ping each caller's HTTP/2 connection this often (`0s`: never), so
     /// that one whose peer vanished without closing it is noticed.
@@ -693,7 +693,7 @@ pub struct CoordinatorArgs {
     #[arg(long = "allow", value_name = "ID", value_parser = caller_id)]
     pub allow: Vec<String>,
     /// Largest message accepted, in bytes (larger ones get OUT_OF_RANGE).
-    #[arg(long, default_value_t = 65_536, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 65_536, value_parser = count_up_to::<MOST_MESSAGE_BYTES>)]
     pub max_message_size: usize,
     /// Failed calls in a row that eject a backend (at least 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -773,7 +773,7 @@ pub struct ClientArgs {
     pub duration: Option<Duration>,
     /// Load mode: submissions in flight at once (with --rate: the most
     /// allowed in flight).
-    #[arg(long, requires = "load", default_value_t = 8, value_parser = at_least_one)]
+    #[arg(long, requires = "load", default_value_t = 8, value_parser = count_up_to::<MOST_CONCURRENCY>)]
     pub concurrency: usize,
     /// Load mode: spread the submissions over this many connections (one
     /// client, HTTP/2 connection and balancer each), as ghz does.
@@ -910,8 +910,24 @@ fn timeline_bucket(text: &str) -> Result<Duration, String> {
 
 /// A count of at least one.
 fn at_least_one(text: &str) -> Result<usize, String> {
+    count_up_to::<{ usize::MAX }>(text)
+}
+
+/// The largest `--max-message-size`: 1 GiB (gRPC's default is 4 MiB).
+const MOST_MESSAGE_BYTES: usize = 1 << 30;
+/// The largest `--max-connections` (and per identity).
+const MOST_CONNECTIONS: usize = 1_000_000;
+/// The largest `--max-handshakes`.
+const MOST_HANDSHAKES: usize = 65_536;
+/// The largest load `--concurrency` (one task each).
+const MOST_CONCURRENCY: usize = 100_000;
+
+/// A count from 1 to `MOST`: a limit far beyond what any machine holds is
+/// a typo, and some (a semaphore's permits) would end the process later.
+fn count_up_to<const MOST: usize>(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(count) if count > MOST => Err(format!("must be at most {MOST}")),
         Ok(count) => Ok(count),
         Err(error) => Err(error.to_string()),
     }
@@ -1122,6 +1138,35 @@ mod tests {
             |extra: &[&str]| Cli::try_parse_from(["securemesh", "coordinator"].iter().chain(extra));
         assert!(coordinator(&["--eject-after", "3"]).is_ok());
         assert!(coordinator(&["--eject-after", "0"]).is_err());
+    }
+
+    #[test]
+    fn limits_far_beyond_any_machine_are_refused_at_parse_time() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["securemesh"].iter().chain(args));
+        for (command, flag, most) in [
+            ("server", "--max-connections", MOST_CONNECTIONS),
+            ("coordinator", "--max-connections", MOST_CONNECTIONS),
+            (
+                "coordinator",
+                "--max-connections-per-identity",
+                MOST_CONNECTIONS,
+            ),
+            ("server", "--max-handshakes", MOST_HANDSHAKES),
+            ("server", "--max-message-size", MOST_MESSAGE_BYTES),
+            ("coordinator", "--max-message-size", MOST_MESSAGE_BYTES),
+        ] {
+            let most = most.to_string();
+            assert!(parse(&[command, flag, &most]).is_ok(), "{command} {flag}");
+            let error = parse(&[command, flag, "3000000000000000000"]).unwrap_err();
+            assert!(error.to_string().contains("must be at most"), "{error}");
+        }
+        let load = ["client", "--requests", "1", "--concurrency"];
+        assert!(parse(&[&load[..], &["100000"]].concat()).is_ok());
+        assert!(parse(&[&load[..], &["1000000000"]].concat()).is_err());
+        assert!(parse(&["--stderr-backlog", "4000000000", "status"]).is_err());
+        assert!(parse(&["--stderr-backlog", "1048576", "status"]).is_ok());
+        assert!(parse(&["--threads", "65535", "status"]).is_err());
+        assert!(parse(&["--threads", "1024", "status"]).is_ok());
     }
 
     #[test]

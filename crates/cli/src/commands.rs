@@ -782,7 +782,12 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
         securemesh_bench::svg::failover_picture(&results.timelines),
     )?;
     let profile = std::fs::read_to_string(&args.profile_notes).unwrap_or_default();
-    let command: Vec<String> = std::env::args().skip(1).collect();
+    // Not `args()`, which panics on an argument that is not Unicode (a
+    // path may be any bytes), after the whole run.
+    let command: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|argument| argument.to_string_lossy().into_owned())
+        .collect();
     let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let machine = report::Machine::read();
     let markdown = report::markdown(

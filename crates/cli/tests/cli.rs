@@ -233,13 +233,15 @@ impl Mesh {
         self.work.path().join("certs")
     }
 
-    /// Polls the health service with grpcurl-free means: the client command
-    /// cannot tell readiness from failure, so ask the port with TLS.
+    /// Polls the DataService's health with grpcurl until it is SERVING
+    /// (not merely answering: a coordinator without a backend answers
+    /// NOT_SERVING).
     fn wait_serving(&self, port: u16) {
         let started = Instant::now();
+        let service = r#"{"service":"securemesh.v1.DataService"}"#;
         loop {
-            let check = self.grpcurl(port, &[], &["grpc.health.v1.Health/Check"]);
-            if check.status.success() && text(&check).contains("SERVING") {
+            let check = self.grpcurl(port, &["-d", service], &["grpc.health.v1.Health/Check"]);
+            if check.status.success() && text(&check).contains(r#""status": "SERVING""#) {
                 return;
             }
             assert!(

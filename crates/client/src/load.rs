@@ -330,7 +330,11 @@ pub async fn run(clients: &[Client], options: &LoadOptions) -> (LoadSummary, Opt
 
 async fn closed_loop(run: Arc<Run>) -> Tally {
     let next = Arc::new(AtomicUsize::new(0));
-    let workers: Vec<_> = (0..run.options.concurrency.max(1))
+    // No more workers than submissions.
+    let workers: Vec<_> = (0..run
+        .options
+        .concurrency
+        .clamp(1, run.options.requests.max(1)))
         .map(|_| {
             let run = run.clone();
             let next = next.clone();
