@@ -31,8 +31,10 @@ pub enum WriteError {
     },
 }
 
-/// Fails with [`WriteError::Exists`] for the first of `paths` that exists,
-/// unless `force`: lets a caller refuse before writing any of a set.
+/// Fails with [`WriteError::Exists`] for the first of `paths` that exists
+/// (a symbolic link counts, even a broken one, as [`write_file`] refuses
+/// it too), unless `force`: lets a caller refuse before writing any of a
+/// set.
 pub fn refuse_existing<'a>(
     paths: impl IntoIterator<Item = &'a Path>,
     force: bool,
@@ -40,7 +42,10 @@ pub fn refuse_existing<'a>(
     if force {
         return Ok(());
     }
-    match paths.into_iter().find(|path| path.exists()) {
+    match paths
+        .into_iter()
+        .find(|path| path.symlink_metadata().is_ok())
+    {
         Some(path) => Err(WriteError::Exists(path.to_path_buf())),
         None => Ok(()),
     }
@@ -216,6 +221,12 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"one");
         assert!(refuse_existing([path.as_path()], false).is_err());
         assert!(refuse_existing([path.as_path()], true).is_ok());
+        // A broken symbolic link is refused up front as write_file refuses
+        // it, so that a set is not left half written.
+        let dangling = dir.path().join("dangling.pem");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        assert!(write_file(&dangling, b"x", PRIVATE, false).is_err());
+        assert!(refuse_existing([dangling.as_path()], false).is_err());
     }
 
     #[test]

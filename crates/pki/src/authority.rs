@@ -202,7 +202,8 @@ impl Authority {
 
     /// Like [`Authority::issue`] with an explicit validity period, which
     /// may lie in the past or the future (to test that peers refuse
-    /// expired and not yet valid certificates).
+    /// expired and not yet valid certificates); it ends with the CA's at
+    /// the latest, as every leaf's does.
     pub fn issue_valid_between(
         &self,
         name: &str,
@@ -212,6 +213,7 @@ impl Authority {
         not_after: OffsetDateTime,
     ) -> Result<IssuedCertificate, PkiError> {
         validate_name(name)?;
+        let not_after = not_after.min(self.not_after);
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = subject(name);
@@ -233,10 +235,11 @@ impl Authority {
         for host in host_names {
             let san = match IpAddr::from_str(host) {
                 Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(
+                Err(_) if is_dns_name(host) => SanType::DnsName(
                     host.try_into()
                         .map_err(|_| PkiError::InvalidSan(host.to_owned()))?,
                 ),
+                Err(_) => return Err(PkiError::InvalidSan(host.to_owned())),
             };
             if !sans.contains(&san) {
                 sans.push(san);
@@ -270,10 +273,31 @@ fn subject(common_name: &str) -> DistinguishedName {
     name
 }
 
+/// Whether `host` is a DNS name a TLS client can match: labels of letters,
+/// digits and inner hyphens, each 1 to 63 long, at most 253 in all, no
+/// trailing dot; a leading `*.` (a wildcard for one label) is allowed
+/// before at least two labels. Anything else (a URL, a name with a space,
+/// an empty one) would make a certificate that never matches, silently.
+fn is_dns_name(host: &str) -> bool {
+    let (wildcard, name) = match host.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, host),
+    };
+    let labels: Vec<&str> = name.split('.').collect();
+    let label_ok = |label: &&str| {
+        (1..=63).contains(&label.len())
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    host.len() <= 253 && labels.iter().all(label_ok) && (!wildcard || labels.len() >= 2)
+}
+
 /// Names become file names and identity URIs: keep them to a safe alphabet.
 pub(crate) fn validate_name(name: &str) -> Result<(), PkiError> {
-    // `ca` would write over ca_cert.pem and ca_key.pem.
-    let ok = name != "ca"
+    // `ca` would write over ca_cert.pem and ca_key.pem (in any case, on a
+    // file system that ignores case).
+    let ok = !name.eq_ignore_ascii_case("ca")
         && !name.is_empty()
         && name.len() <= 64
         && name
@@ -370,6 +394,14 @@ mod tests {
         let (_, pem) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()).unwrap();
         let ca_cert = pem.parse_x509().unwrap();
         assert!(leaf.validity().not_after <= ca_cert.validity().not_after);
+        // Nor does one with its validity given explicitly.
+        let now = OffsetDateTime::now_utc();
+        let explicit = ca
+            .issue_valid_between("b", Role::Client, &[], now, now + Duration::days(9000))
+            .unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(explicit.cert_pem.as_bytes()).unwrap();
+        let explicit = pem.parse_x509().unwrap();
+        assert!(explicit.validity().not_after <= ca_cert.validity().not_after);
         let constraints = ca_cert.basic_constraints().unwrap().unwrap().value;
         assert_eq!(constraints.path_len_constraint, Some(0));
     }
@@ -385,6 +417,47 @@ mod tests {
             ca.issue("a", Role::Client, &[], u32::MAX),
             Err(PkiError::InvalidValidity)
         ));
+    }
+
+    #[test]
+    fn only_ip_addresses_and_dns_names_become_sans() {
+        let ca = Authority::generate(30).unwrap();
+        for good in [
+            "mesh.example",
+            "a-b.example",
+            "localhost",
+            "*.mesh.example",
+            "::1",
+        ] {
+            assert!(
+                ca.issue("web", Role::Server, &[good.to_owned()], 1).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "mesh.example.",
+            "https://host:5001",
+            "a b",
+            "",
+            "-bad.example",
+            "*.example",
+            "a..b",
+            "*",
+            &"x".repeat(64),
+        ] {
+            match ca.issue("web", Role::Server, &[bad.to_owned()], 1) {
+                Err(PkiError::InvalidSan(refused)) => assert_eq!(refused, bad),
+                other => panic!("{bad:?}: {:?}", other.map(|_| ())),
+            }
+        }
+    }
+
+    #[test]
+    fn ca_in_any_case_is_no_leaf_name() {
+        for name in ["ca", "CA", "Ca"] {
+            assert!(matches!(validate_name(name), Err(PkiError::InvalidName(_))));
+        }
+        assert!(validate_name("cab").is_ok());
     }
 
     #[test]

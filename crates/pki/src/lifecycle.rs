@@ -62,6 +62,10 @@ pub fn revoke(dir: &Path, certificate: &str) -> Result<Revocation, PkiError> {
     } else {
         (Vec::new(), 0)
     };
+    // CRL numbers only grow.
+    let number = number
+        .checked_add(1)
+        .ok_or_else(|| unreadable(&crl_path, "has the last CRL number there is"))?;
     let now = OffsetDateTime::now_utc();
     let newly_revoked = !revoked
         .iter()
@@ -77,7 +81,7 @@ pub fn revoke(dir: &Path, certificate: &str) -> Result<Revocation, PkiError> {
     let crl = CertificateRevocationListParams {
         this_update: now,
         next_update: now + Duration::days(CRL_VALIDITY_DAYS),
-        crl_number: SerialNumber::from((number + 1).to_be_bytes().to_vec()),
+        crl_number: SerialNumber::from(number.to_be_bytes().to_vec()),
         issuing_distribution_point: None,
         revoked_certs: revoked,
         key_identifier_method: KeyIdMethod::Sha256,
@@ -136,13 +140,22 @@ pub fn renew(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>, PkiError
         securemesh_fs::PUBLIC,
         true,
     )?;
-    if let Ok(current_key) = read(&key_path) {
-        securemesh_fs::write_file(
+    // A key that is not there is not kept; one that cannot be read stops
+    // the renewal rather than be written over unkept.
+    match std::fs::read_to_string(&key_path) {
+        Ok(current_key) => securemesh_fs::write_file(
             &retired.join(format!("{name}_{serial}_key.pem")),
             current_key.as_bytes(),
             securemesh_fs::PRIVATE,
             true,
-        )?;
+        )?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(PkiError::Read {
+                path: key_path,
+                source,
+            })
+        }
     }
     let issued = authority.issue(name, current.role, &current.host_names, days)?;
     securemesh_fs::write_file(
@@ -306,10 +319,11 @@ fn existing_crl(pem: &str, path: &Path) -> Result<(Vec<RevokedCertParams>, u64),
         .map_err(|_| unreadable(path, "not a PEM file"))?;
     let (_, crl) = CertificateRevocationList::from_der(&block.contents)
         .map_err(|_| unreadable(path, "not a CRL"))?;
-    let number = crl
-        .crl_number()
-        .and_then(|number| u64::try_from(number).ok())
-        .unwrap_or(0);
+    let number = match crl.crl_number() {
+        None => 0,
+        Some(number) => u64::try_from(number)
+            .map_err(|_| unreadable(path, "has a CRL number beyond what this tool counts"))?,
+    };
     let revoked = crl
         .iter_revoked_certificates()
         .map(|entry| RevokedCertParams {
@@ -393,6 +407,44 @@ mod tests {
         assert_eq!(revoked_serials(dir.path()).0, vec![before.serial.clone()]);
         assert_eq!(after.names, before.names);
         assert!(after.names.contains(&"DNS:mesh.test".to_string()));
+    }
+
+    #[test]
+    fn a_crl_at_the_last_number_is_refused_not_wrapped() {
+        let dir = pki();
+        let path = dir.path().join("ca_cert.pem");
+        let ca = parse_certificate(&read(&path).unwrap(), &path).unwrap();
+        let authority = issuing_authority(dir.path(), &ca, &path).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let last = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + Duration::days(1),
+            crl_number: SerialNumber::from(u64::MAX.to_be_bytes().to_vec()),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(authority.issuer())
+        .unwrap();
+        std::fs::write(dir.path().join(CRL_FILE), last.pem().unwrap()).unwrap();
+        let refused = revoke(dir.path(), "client2").unwrap_err();
+        assert!(matches!(refused, PkiError::Unreadable { .. }), "{refused}");
+    }
+
+    #[test]
+    fn a_key_that_cannot_be_read_stops_its_renewal() {
+        let dir = pki();
+        let key = dir.path().join("server_key.pem");
+        let cert = dir.path().join("server_cert.pem");
+        let before = read(&cert).unwrap();
+        std::fs::remove_file(&key).unwrap();
+        std::fs::create_dir(&key).unwrap();
+        assert!(matches!(
+            renew(dir.path(), "server", 10),
+            Err(PkiError::Read { .. })
+        ));
+        assert_eq!(read(&cert).unwrap(), before);
+        assert!(key.is_dir());
     }
 
     fn securemesh_fs_mode(path: &Path) -> u32 {
