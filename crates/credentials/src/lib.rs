@@ -10,9 +10,9 @@
 //!
 //! Tokens are 32 random bytes, so a SHA-256 digest compared in constant
 //! time protects them; passwords are chosen by people, so they get argon2id.
-//! A successful password check is remembered for a while (by a digest of
-//! user and password, never the password), so that argon2 does not run on
-//! every call.
+//! A successful password check is remembered for a while (by a SHA-256
+//! digest of the stored hash and the password, never the password), so
+//! that argon2 does not run on every call.
 //!
 //! Password checks are bounded, because any holder of a client certificate
 //! can send wrong passwords: one argon2 verification runs at a time, in one
@@ -124,6 +124,10 @@ pub struct Credentials {
     users: HashMap<String, String>,
     tokens: Vec<(String, [u8; 32])>,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
+    /// Hashes of a password nobody knows, one for each set of argon2
+    /// parameters among the users' hashes: what an unknown user's password
+    /// is checked against, so that it costs what a known user's does.
+    decoys: Vec<String>,
     hashing: PasswordHashing,
     /// The checks running off-thread, by a digest of the `authorization`
     /// they check, each with the verdict its joiners wait for.
@@ -185,7 +189,19 @@ impl Credentials {
                 _ => return Err(malformed(index + 1)),
             }
         }
+        credentials.decoys = decoys_like(credentials.users.values())?;
         Ok(credentials)
+    }
+
+    /// The hash an unknown `user`'s password is checked against: one of
+    /// the decoys, the same for the same name every time, so that neither
+    /// its cost nor its variation tells that the name is unknown.
+    fn decoy_for(&self, user: &str) -> &str {
+        if self.decoys.is_empty() {
+            return dummy_hash();
+        }
+        let pick = usize::from(Sha256::digest(user.as_bytes())[0]) % self.decoys.len();
+        &self.decoys[pick]
     }
 
     /// The verdict on `authorization` when it needs no password hashing
@@ -342,7 +358,8 @@ impl Credentials {
         let Some(hash) = self.users.get(&user) else {
             // Spend the same argon2 work as for a real user, so that timing
             // does not tell which user names exist.
-            self.hashing.verify(dummy_hash(), &password, turn)?;
+            self.hashing
+                .verify(self.decoy_for(&user), &password, turn)?;
             return Err(Refusal::Invalid);
         };
         let remembered = remembered_key(hash, &password);
@@ -535,9 +552,14 @@ struct CheckInProgress(Arc<AtomicUsize>);
 
 impl CheckInProgress {
     fn enter(checks: &Arc<AtomicUsize>) -> Option<Self> {
-        let before = checks.fetch_add(1, Ordering::AcqRel);
-        let entered = CheckInProgress(checks.clone());
-        (before < PASSWORD_CHECKS_AT_ONCE).then_some(entered)
+        // Counted in only below the limit: a refused check never holds a
+        // place, not even for a moment.
+        checks
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
+                (running < PASSWORD_CHECKS_AT_ONCE).then_some(running + 1)
+            })
+            .ok()
+            .map(|_| CheckInProgress(Arc::clone(checks)))
     }
 }
 
@@ -547,11 +569,19 @@ impl Drop for CheckInProgress {
     }
 }
 
-/// Whether `hash` is an argon2 hash this file may hold: a variant argon2
-/// knows, with parameters within bounds.
+/// Whether `hash` is an argon2 hash this file may hold: a variant and
+/// version argon2 knows, a salt and a hash, parameters within bounds. (A
+/// line without its hash part would be refused without any hashing: no
+/// password could match, and its quick refusals would tell that the user
+/// exists.)
 fn usable_hash(hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|parsed| {
         Algorithm::try_from(parsed.algorithm).is_ok()
+            && parsed.salt.is_some()
+            && parsed.hash.is_some()
+            && parsed
+                .version
+                .is_none_or(|version| Version::try_from(version).is_ok())
             && Params::try_from(&parsed).is_ok_and(|params| {
                 params.m_cost() <= MOST_ARGON2_MEMORY_KIB
                     && params.t_cost() <= MOST_ARGON2_PASSES
@@ -595,7 +625,56 @@ fn argon2_matches(hash: &str, password: &str, memory: &mut Vec<Block>) -> bool {
     hashed.is_ok() && bool::from(computed.as_slice().ct_eq(expected.as_bytes()))
 }
 
-/// An argon2id hash of a random password nobody knows, made once.
+/// One hash of a random password for each set of argon2 parameters (the
+/// variant, version, memory, passes, lanes and output length) among
+/// `hashes`, all of them usable.
+fn decoys_like<'a>(
+    hashes: impl IntoIterator<Item = &'a String>,
+) -> Result<Vec<String>, CredentialsError> {
+    let mut kinds = std::collections::BTreeSet::new();
+    for hash in hashes {
+        let Ok(parsed) = PasswordHash::new(hash) else {
+            continue;
+        };
+        let (Ok(algorithm), Ok(version), Ok(params), Some(output)) = (
+            Algorithm::try_from(parsed.algorithm),
+            parsed
+                .version
+                .map_or(Ok(Version::default()), Version::try_from),
+            Params::try_from(&parsed),
+            parsed.hash,
+        ) else {
+            continue;
+        };
+        kinds.insert((
+            algorithm.as_str(),
+            u32::from(version),
+            params.m_cost(),
+            params.t_cost(),
+            params.p_cost(),
+            output.len(),
+        ));
+    }
+    kinds
+        .into_iter()
+        .map(|(algorithm, version, memory, passes, lanes, output)| {
+            let failed = |error: &dyn std::fmt::Display| CredentialsError::Hash(error.to_string());
+            let algorithm = Algorithm::new(algorithm).map_err(|e| failed(&e))?;
+            let version = Version::try_from(version).map_err(|e| failed(&e))?;
+            let params =
+                Params::new(memory, passes, lanes, Some(output)).map_err(|e| failed(&e))?;
+            let mut password = [0u8; 32];
+            OsRng.fill_bytes(&mut password);
+            Argon2::new(algorithm, version, params)
+                .hash_password(&password, &SaltString::generate(&mut OsRng))
+                .map(|hash| hash.to_string())
+                .map_err(|e| failed(&e))
+        })
+        .collect()
+}
+
+/// An argon2id hash of a random password nobody knows, made once: the
+/// decoy of credentials with no user.
 fn dummy_hash() -> &'static str {
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     DUMMY.get_or_init(|| {
@@ -655,8 +734,22 @@ mod tests {
         .hash_password(b"x", &salt)
         .unwrap()
         .to_string();
+        let no_hash = greedy
+            .rsplit_once('$')
+            .unwrap()
+            .0
+            .replace("m=66560", "m=19456");
         for (case, line) in [
             ("too much memory", format!("user bob {greedy}")),
+            (
+                "no salt or hash",
+                "user bob $argon2id$v=19$m=19456,t=2,p=1".to_owned(),
+            ),
+            ("no hash", format!("user bob {no_hash}")),
+            (
+                "unknown version",
+                greedy.replace("v=19", "v=18").replace("m=66560", "m=19456"),
+            ),
             (
                 "not argon2",
                 "user bob $pbkdf2-sha256$i=1000$c2FsdA$aGFzaA".to_owned(),
@@ -740,6 +833,53 @@ mod tests {
             Err(Refusal::Invalid)
         );
         assert!(!Refusal::Invalid.to_string().contains("horse"));
+    }
+
+    /// An unknown user's password is checked against a hash made like the
+    /// users' own, whatever their parameters, the same one for a name each
+    /// time.
+    #[test]
+    fn unknown_users_cost_what_known_users_do() {
+        let (_dir, path, _token) = file();
+        let salt = SaltString::generate(&mut OsRng);
+        let costlier = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(8192, 4, 1, None).unwrap(),
+        )
+        .hash_password(b"tr0ub4dor", &salt)
+        .unwrap()
+        .to_string();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{text}user bob {costlier}\n")).unwrap();
+        let credentials = Credentials::from_file(&path).unwrap();
+        let kind = |hash: &str| {
+            let parsed = PasswordHash::new(hash).unwrap();
+            let params = Params::try_from(&parsed).unwrap();
+            (
+                parsed.algorithm.to_string(),
+                parsed.version,
+                params.m_cost(),
+                params.t_cost(),
+                params.p_cost(),
+                parsed.hash.unwrap().len(),
+            )
+        };
+        let mut users: Vec<_> = credentials.users.values().map(|hash| kind(hash)).collect();
+        let mut decoys: Vec<_> = credentials.decoys.iter().map(|hash| kind(hash)).collect();
+        users.sort();
+        decoys.sort();
+        assert_eq!(decoys, users);
+        let names: Vec<String> = (0..64).map(|n| format!("stranger{n}")).collect();
+        let picked: std::collections::HashSet<&str> = names
+            .iter()
+            .map(|name| credentials.decoy_for(name))
+            .collect();
+        assert_eq!(picked.len(), 2, "both decoys are in use");
+        assert_eq!(
+            credentials.decoy_for("mallory"),
+            credentials.decoy_for("mallory")
+        );
     }
 
     #[test]
