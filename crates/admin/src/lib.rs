@@ -14,7 +14,7 @@ mod page;
 mod report;
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +24,10 @@ use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
 use axum::Router;
+use securemesh::places::PlacesByKey;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 
 pub use client::{fetch, fetch_status, FetchError};
 pub use report::{BackendStatus, StatusReport};
@@ -69,6 +71,11 @@ struct Admin {
 /// must not take the file descriptors the service itself needs.
 const MOST_CONNECTIONS: usize = 64;
 
+/// Of those, connections one peer address may hold, so that one client
+/// cannot take every place (on loopback every local client shares one
+/// address).
+const MOST_CONNECTIONS_PER_PEER: usize = MOST_CONNECTIONS / 4;
+
 /// A request's headers must have arrived this long after its connection
 /// opened (or its last answer), or the connection is closed.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,22 +95,25 @@ const CLOSING_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Copy)]
 struct Limits {
     most_connections: usize,
+    most_connections_per_peer: usize,
     header_read_timeout: Duration,
     connection_lifetime: Duration,
     closing_grace: Duration,
 }
 
-/// Serves `/metrics`, `/status` and `/` on `listener` until `shutdown`
-/// (connections already open are served to their end).
+/// Serves `/metrics`, `/status` and `/` on `listener` until `shutdown`;
+/// then each open connection finishes the answer under way (within
+/// [`CLOSING_GRACE`]) and is closed, and this returns when all are.
 ///
-/// At most [`MOST_CONNECTIONS`] at once, each closed if a request's headers
-/// take longer than [`HEADER_READ_TIMEOUT`], and in any case after
+/// At most [`MOST_CONNECTIONS`] at once ([`MOST_CONNECTIONS_PER_PEER`] from
+/// one address; more are closed on arrival), each closed if a request's
+/// headers take longer than [`HEADER_READ_TIMEOUT`], and in any case after
 /// [`CONNECTION_LIFETIME`] (and [`CLOSING_GRACE`] for an answer under way).
-/// On a loopback address, a
-/// request must name a loopback host (`Host: localhost:PORT`,
-/// `127.0.0.1:PORT` or `[::1]:PORT`), else it gets `421 Misdirected
-/// Request`: a web page the local browser loads from a name that resolves
-/// to 127.0.0.1 (DNS rebinding) cannot read the status.
+/// A request that comes over loopback (whatever address the listener has:
+/// `0.0.0.0` takes loopback too) must name a loopback host (`Host:
+/// localhost:PORT`, `127.0.0.1:PORT` or `[::1]:PORT`), else it gets `421
+/// Misdirected Request`: a web page the local browser loads from a name
+/// that resolves to 127.0.0.1 (DNS rebinding) cannot read the status.
 pub async fn serve(
     listener: TcpListener,
     status: StatusSource,
@@ -111,6 +121,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let limits = Limits {
         most_connections: MOST_CONNECTIONS,
+        most_connections_per_peer: MOST_CONNECTIONS_PER_PEER,
         header_read_timeout: HEADER_READ_TIMEOUT,
         connection_lifetime: CONNECTION_LIFETIME,
         closing_grace: CLOSING_GRACE,
@@ -125,29 +136,33 @@ async fn serve_within(
     shutdown: impl Future<Output = ()> + Send + 'static,
     limits: Limits,
 ) -> std::io::Result<()> {
-    let loopback_only = listener.local_addr()?.ip().is_loopback();
-    let mut app = Router::new()
+    let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/status", get(status_json))
         .route("/", get(status_page))
         .with_state(Admin { status });
-    if loopback_only {
-        app = app.layer(axum::middleware::from_fn(only_loopback_hosts));
-    }
+    let for_loopback_peers = app
+        .clone()
+        .layer(axum::middleware::from_fn(only_loopback_hosts));
     let permits = Arc::new(Semaphore::new(limits.most_connections));
+    let per_peer: PlacesByKey<IpAddr> = PlacesByKey::default();
+    let (closing, closed) = watch::channel(false);
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Reap the connections that ended.
+        while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => break,
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
-                Err(_closed) => return Ok(()),
+                Err(_closed) => break,
             },
         };
-        let stream = tokio::select! {
-            () = &mut shutdown => return Ok(()),
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Typically EMFILE: back off instead of spinning.
                     tracing::debug!(%error, "admin listener: accepting failed");
@@ -156,9 +171,20 @@ async fn serve_within(
                 }
             },
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
+        let peer = peer.ip().to_canonical();
+        let Some(place) = per_peer.take(peer, limits.most_connections_per_peer) else {
+            tracing::debug!(%peer, "admin connection refused: too many from this address");
+            continue;
+        };
+        let app = if peer.is_loopback() {
+            for_loopback_peers.clone()
+        } else {
+            app.clone()
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app);
+        let mut closed = closed.clone();
+        connections.spawn(async move {
+            let _places = (permit, place);
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout);
@@ -168,6 +194,7 @@ async fn serve_within(
             let served = tokio::select! {
                 served = connection.as_mut() => Some(served),
                 () = tokio::time::sleep(limits.connection_lifetime) => None,
+                _ = closed.wait_for(|closing| *closing) => None,
             };
             let served = match served {
                 Some(served) => Some(served),
@@ -186,6 +213,9 @@ async fn serve_within(
             }
         });
     }
+    closing.send_replace(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
 /// Answers `421 Misdirected Request` to a request whose `Host` is not a
@@ -228,14 +258,25 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|address| address.is_loopback())
 }
 
-async fn metrics_text() -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        securemesh_telemetry::metrics().render(),
-    )
+async fn metrics_text() -> Response {
+    match securemesh_telemetry::metrics().try_render() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(error) => {
+            tracing::error!(%error, "cannot encode the metrics");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics\n",
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn status_json(State(admin): State<Admin>) -> Json<StatusReport> {
@@ -252,25 +293,57 @@ mod tests {
     use std::time::Instant;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    /// An admin listener on a free loopback port with `most_connections`,
-    /// a header timeout of 300 ms and connections that live 1 s at most.
-    async fn admin(most_connections: usize) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let status: StatusSource = Arc::new(report::tests::report);
-        let limits = Limits {
+    /// `most_connections` (as many from one address), a header timeout of
+    /// 300 ms and connections that live 1 s at most.
+    fn limits(most_connections: usize) -> Limits {
+        Limits {
             most_connections,
+            most_connections_per_peer: most_connections,
             header_read_timeout: Duration::from_millis(300),
             connection_lifetime: Duration::from_secs(1),
             closing_grace: Duration::from_millis(300),
-        };
-        tokio::spawn(serve_within(
-            listener,
-            status,
+        }
+    }
+
+    /// An admin listener on a free loopback port within
+    /// [`limits`]`(most_connections)`.
+    async fn admin(most_connections: usize) -> SocketAddr {
+        admin_on(
+            "127.0.0.1:0",
+            limits(most_connections),
             std::future::pending(),
-            limits,
-        ));
-        address
+        )
+        .await
+        .0
+    }
+
+    /// An admin listener on `bind` within `limits`, until `shutdown`.
+    async fn admin_on(
+        bind: &str,
+        limits: Limits,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> (SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>) {
+        let listener = TcpListener::bind(bind).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let status: StatusSource = Arc::new(report::tests::report);
+        let serving = tokio::spawn(serve_within(listener, status, shutdown, limits));
+        (address, serving)
+    }
+
+    /// A connection to `address` from the loopback address `from`.
+    async fn connect_from(from: [u8; 4], address: SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((from, 0))).unwrap();
+        socket.connect(address).await.unwrap()
+    }
+
+    /// Whether the server closes `connection` within `within`.
+    async fn closed_within(connection: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut rest = Vec::new();
+        matches!(
+            tokio::time::timeout(within, connection.read_to_end(&mut rest)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// The status line of the answer to `GET /status` with `host`.
@@ -319,6 +392,80 @@ mod tests {
         assert_eq!(rebound, "HTTP/1.1 421 Misdirected Request");
         // What securemesh status sends.
         fetch_status(address).await.unwrap();
+    }
+
+    /// A listener on every address takes loopback connections too: a
+    /// request over loopback names a loopback host there as well.
+    #[tokio::test]
+    async fn on_every_address_a_loopback_request_for_another_host_is_misdirected() {
+        let (bound, _serving) = admin_on("0.0.0.0:0", limits(8), std::future::pending()).await;
+        let address = SocketAddr::from(([127, 0, 0, 1], bound.port()));
+        let rebound = status_line(address, "attacker.example").await;
+        assert_eq!(rebound, "HTTP/1.1 421 Misdirected Request");
+        assert_eq!(status_line(address, "localhost").await, "HTTP/1.1 200 OK");
+    }
+
+    /// One address cannot take every place: its connections beyond its
+    /// share are closed on arrival, and another address is still served.
+    #[tokio::test]
+    async fn one_address_holds_its_share_of_places_only() {
+        let mut limits = limits(4);
+        limits.most_connections_per_peer = 2;
+        limits.header_read_timeout = Duration::from_secs(30);
+        limits.connection_lifetime = Duration::from_secs(30);
+        let (address, _serving) = admin_on("127.0.0.1:0", limits, std::future::pending()).await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(connect_from([127, 0, 0, 2], address).await);
+        }
+        let mut third = connect_from([127, 0, 0, 2], address).await;
+        assert!(closed_within(&mut third, Duration::from_secs(2)).await);
+        let mut other = connect_from([127, 0, 0, 3], address).await;
+        let request = "GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        other.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        other.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        // A place given back is taken again.
+        drop(held.pop());
+        let answered = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let mut again = connect_from([127, 0, 0, 2], address).await;
+                again.write_all(request.as_bytes()).await.unwrap();
+                let mut answer = String::new();
+                let _ = again.read_to_string(&mut answer).await;
+                if answer.starts_with("HTTP/1.1 200 OK") {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(answered.is_ok());
+    }
+
+    /// At shutdown, open connections are closed (an answer under way gets
+    /// its grace) and serving ends only when they are.
+    #[tokio::test]
+    async fn shutdown_closes_open_connections_and_waits_for_them() {
+        let mut limits = limits(4);
+        limits.header_read_timeout = Duration::from_secs(30);
+        limits.connection_lifetime = Duration::from_secs(30);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (address, serving) = admin_on("127.0.0.1:0", limits, async {
+            let _ = stopped.await;
+        })
+        .await;
+        let mut open = tokio::net::TcpStream::connect(address).await.unwrap();
+        // Served once, then kept open.
+        let request = "GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        open.write_all(request.as_bytes()).await.unwrap();
+        let mut first = [0u8; 15];
+        open.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200 OK");
+        drop(stop);
+        let ended = tokio::time::timeout(Duration::from_secs(5), serving).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+        assert!(closed_within(&mut open, Duration::from_secs(1)).await);
     }
 
     #[tokio::test]

@@ -65,14 +65,16 @@ impl StatusReport {
             .count()
     }
 
-    /// The report as a table for a terminal.
+    /// The report as a table for a terminal. Every text in it came from
+    /// whatever answered at the address asked, so each is shown escaped.
     pub fn table(&self) -> String {
+        use securemesh::text::printable;
         let mut out = format!(
             "{} {} (securemesh {}), up {} s\n\
              calls: {:.1}/s, p50 {:.2} ms, p99 {:.2} ms, {} failed of {} recently, {} in flight\n",
-            self.role,
-            self.listen,
-            self.version,
+            printable(&self.role),
+            printable(&self.listen),
+            printable(&self.version),
             self.uptime_seconds,
             self.recent.per_second,
             self.recent.p50_ms,
@@ -82,7 +84,7 @@ impl StatusReport {
             self.in_flight,
         );
         if let Some(discovery) = &self.discovery {
-            out.push_str(&format!("discovery: {discovery}\n"));
+            out.push_str(&format!("discovery: {}\n", printable(discovery)));
         }
         if self.backends.is_empty() {
             return out;
@@ -106,8 +108,8 @@ impl StatusReport {
             .iter()
             .map(|backend| {
                 [
-                    securemesh::text::printable(&backend.url),
-                    backend.state.clone(),
+                    printable(&backend.url),
+                    printable(&backend.state),
                     if backend.healthy {
                         "serving"
                     } else {
@@ -121,7 +123,7 @@ impl StatusReport {
                     backend
                         .last_failure
                         .as_deref()
-                        .map_or_else(|| "-".into(), securemesh::text::printable),
+                        .map_or_else(|| "-".into(), printable),
                 ]
             })
             .collect();
@@ -211,6 +213,16 @@ pub(crate) mod tests {
             table.ends_with("refused\\n\\u{1b}[2Jhttps://fake  up\n"),
             "{table}"
         );
+        // Nor can any other text of the report.
+        let hostile = "\x1b]0;pwned\x07\nx";
+        report.role = hostile.into();
+        report.listen = hostile.into();
+        report.version = hostile.into();
+        report.discovery = Some(hostile.into());
+        report.backends[0].state = hostile.into();
+        let table = report.table();
+        assert!(!table.contains(['\x1b', '\x07']), "{table:?}");
+        assert_eq!(table.matches("\\u{1b}]0;pwned").count(), 5, "{table}");
     }
 
     #[test]

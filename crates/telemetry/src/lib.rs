@@ -258,12 +258,17 @@ impl Metrics {
 
     /// Every series in the Prometheus text exposition format (0.0.4).
     pub fn render(&self) -> String {
+        self.try_render()
+            .unwrap_or_else(|error| format!("# encoding failed: {error}\n"))
+    }
+
+    /// [`Metrics::render`], or why the series could not be encoded (only a
+    /// malformed series could fail, and ours are fixed): a scrape must see
+    /// a failure, not an exposition without series.
+    pub fn try_render(&self) -> Result<String, prometheus::Error> {
         let mut text = String::new();
-        if let Err(error) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text) {
-            // Only a malformed series could fail, and ours are fixed.
-            return format!("# encoding failed: {error}\n");
-        }
-        text
+        TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text)?;
+        Ok(text)
     }
 
     /// Exports `reasons` of a refusal counter at 0 before the first
