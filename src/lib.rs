@@ -268,7 +268,11 @@ pub mod children {
     ///   whole lab killed by SIGKILL included, so that a killed demo or
     ///   benchmark leaves no server holding its port. Start it from a
     ///   thread that lives as long as the lab (the main thread, a runtime
-    ///   worker), not from a pool thread that may end when idle.
+    ///   worker), not from a pool thread that may end when idle;
+    /// - on Linux, it runs in a process group of its own, so that Ctrl-C in
+    ///   the terminal reaches the lab's starter alone: the lab process then
+    ///   gets one SIGTERM (above) and drains, where the terminal's SIGINT
+    ///   and then that SIGTERM made a second signal that stops at once.
     pub fn for_lab(command: &mut Command) -> &mut Command {
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("SECUREMESH_") {
@@ -278,6 +282,7 @@ pub mod children {
         #[cfg(target_os = "linux")]
         {
             use std::os::unix::process::CommandExt as _;
+            command.process_group(0);
             let parent = nix::unistd::getpid();
             // SAFETY: between fork and exec only async-signal-safe calls
             // are allowed; prctl and getppid are single system calls that
@@ -302,6 +307,19 @@ pub mod children {
         use super::*;
         use std::os::unix::process::ExitStatusExt as _;
         use std::time::{Duration, Instant};
+
+        #[test]
+        fn a_lab_process_has_a_process_group_of_its_own() {
+            let output = for_lab(Command::new("sh").args(["-c", "cut -d' ' -f5 /proc/$$/stat"]))
+                .output()
+                .unwrap();
+            let group: i32 = String::from_utf8(output.stdout)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert_ne!(group, nix::unistd::getpgrp().as_raw());
+        }
 
         #[test]
         fn a_lab_process_ends_with_the_thread_that_started_it() {

@@ -38,7 +38,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let server2_id = format!("127.0.0.1:{port2}");
     let coordinator_url = format!("https://127.0.0.1:{}", args.coordinator_port);
 
-    for port in [port1, port2, args.coordinator_port] {
+    let ports = [port1, port2, args.coordinator_port];
+    ensure!(
+        !ports.contains(&0),
+        "the demo's ports must be given (0 picks none the demo could call)"
+    );
+    ensure!(
+        port1 != port2 && !ports[..2].contains(&args.coordinator_port),
+        "--server-ports and --coordinator-port must be three different ports"
+    );
+    for port in ports {
         ensure_free(port)?;
     }
 
@@ -58,10 +67,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let readiness_tls = securemesh_tls::client_tls_config(&TlsFiles::in_dir(&certs, "client"))?;
     // Servers first, so that the coordinator's first health checks find
     // them serving.
-    for server in [&server1_id, &server2_id] {
+    for (label, server) in [("server-1", &server1_id), ("server-2", &server2_id)] {
         let target = format!("https://{server}");
-        securemesh_client::wait_until_serving(&target, readiness_tls.clone(), READY_TIMEOUT)
-            .await?;
+        mesh.wait_serving(label, &target, &readiness_tls).await?;
         println!("{target} is SERVING");
     }
     mesh.start(
@@ -76,7 +84,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             format!("https://{server2_id}"),
         ],
     )?;
-    securemesh_client::wait_until_serving(&coordinator_url, readiness_tls.clone(), READY_TIMEOUT)
+    mesh.wait_serving("coordinator", &coordinator_url, &readiness_tls)
         .await?;
     println!("{coordinator_url} is SERVING");
 
@@ -127,12 +135,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     step(&format!("5. Server 1 ({server1_id}) is started again"));
     mesh.start("server-1", server_args(port1))?;
-    securemesh_client::wait_until_serving(
-        &format!("https://{server1_id}"),
-        readiness_tls.clone(),
-        READY_TIMEOUT,
-    )
-    .await?;
+    mesh.wait_serving("server-1", &format!("https://{server1_id}"), &readiness_tls)
+        .await?;
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -257,6 +261,30 @@ impl Mesh {
         self.children.retain(|(existing, _)| *existing != label);
         self.children.push((label, child));
         Ok(())
+    }
+
+    /// Waits until `target`, served by the child `label`, is SERVING;
+    /// fails as soon as that child exits (a bad certificate, a port taken)
+    /// rather than when the wait times out.
+    async fn wait_serving(
+        &mut self,
+        label: &str,
+        target: &str,
+        tls: &securemesh_tls::ClientTls,
+    ) -> anyhow::Result<()> {
+        let (_, child) = self
+            .children
+            .iter_mut()
+            .find(|(existing, _)| *existing == label)
+            .with_context(|| format!("{label} is not running"))?;
+        tokio::select! {
+            ready = securemesh_client::wait_until_serving(target, tls.clone(), READY_TIMEOUT) => {
+                Ok(ready?)
+            }
+            exited = child.wait() => {
+                bail!("{label} exited ({}) before it was serving", exited?)
+            }
+        }
     }
 
     async fn kill(&mut self, label: &str) -> anyhow::Result<()> {

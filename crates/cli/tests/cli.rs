@@ -659,6 +659,49 @@ fn the_demo_runs_the_whole_lab_and_exits_zero() {
     );
 }
 
+/// The demo refuses ports it could not tell apart (a readiness check
+/// would pass against the wrong process), and a child that exits at start
+/// ends it at once, not after its readiness wait times out.
+#[test]
+fn the_demo_refuses_a_port_twice_and_stops_when_a_child_dies_at_start() {
+    let work = tempfile::tempdir().unwrap();
+    let (port, other) = (free_port(), free_port());
+    let demo = |ports: String, coordinator: u16| {
+        Command::new(BINARY)
+            .args(["demo", "--server-ports", &ports, "--coordinator-port"])
+            .arg(coordinator.to_string())
+            .current_dir(work.path())
+            .output()
+            .unwrap()
+    };
+    let twice = demo(format!("{port},{port}"), other);
+    assert!(!twice.status.success());
+    assert!(
+        text(&twice).contains("three different ports"),
+        "{}",
+        text(&twice)
+    );
+    let shared = demo(format!("{port},{other}"), other);
+    assert!(
+        text(&shared).contains("three different ports"),
+        "{}",
+        text(&shared)
+    );
+
+    // A server key that is not a key: server 1 exits as it starts.
+    assert!(securemesh(&["pki", "init"], work.path()).status.success());
+    std::fs::write(work.path().join("certs/server_key.pem"), "not a key\n").unwrap();
+    let started = Instant::now();
+    let broken = demo(format!("{port},{other}"), free_port());
+    let transcript = text(&broken);
+    assert!(!broken.status.success(), "{transcript}");
+    assert!(
+        transcript.contains("server-1 exited") && transcript.contains("before it was serving"),
+        "{transcript}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15), "{transcript}");
+}
+
 #[test]
 fn a_draining_server_reports_not_serving_still_serves_then_exits_zero() {
     let mesh = Mesh::start();
