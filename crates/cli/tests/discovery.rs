@@ -824,3 +824,45 @@ async fn case_14_a_member_without_a_leader_is_left_for_one_with_a_leader() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Whoever may write the prefix cannot blind a coordinator with large
+/// values (three of them once made the listing larger than any answer
+/// tonic takes) or hide registrations behind many keys: the listing is
+/// read a page at a time, and oversized values are ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_15_large_values_and_many_keys_under_the_prefix_hide_no_server() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let etcd = Etcd::launch(cluster.work.path(), None);
+    let mut writer =
+        etcd_client::Client::connect([format!("127.0.0.1:{}", etcd.client_port)], None)
+            .await
+            .unwrap();
+    // Keys that sort before the servers' own: the servers' registrations
+    // come on a later page.
+    let large = vec![b'x'; 1_400_000];
+    for index in 0..3 {
+        writer
+            .put(format!("{PREFIX}/0-large-{index}"), large.clone(), None)
+            .await
+            .unwrap();
+    }
+    for index in 0..40 {
+        writer
+            .put(format!("{PREFIX}/0-junk-{index:02}"), "not a record", None)
+            .await
+            .unwrap();
+    }
+    start_registered(&mut cluster, &etcd, 2, &[]).await;
+    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &server_ids(&cluster)).await;
+    let log = cluster.log("coordinator-1");
+    assert_eq!(
+        log.matches("ignoring a registration far larger than a server record")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert!(!log.contains("cannot read the registrations"), "{log}");
+}

@@ -18,6 +18,19 @@ use crate::{Backoff, DiscoveryError, EtcdConfig, ServerRecord};
 /// prefix cannot make a coordinator open connections without end.
 pub const MOST_DISCOVERED_BACKENDS: usize = 1024;
 
+/// Registrations read from etcd per request when the prefix is read.
+const REGISTRATIONS_PER_PAGE: i64 = 32;
+
+/// The largest message taken from etcd: a page of values at etcd's largest
+/// (1.5 MiB by default, `--max-request-bytes`), whoever wrote them. Far
+/// beyond tonic's default of 4 MiB, which three large values under the
+/// prefix would pass, leaving every coordinator without the listing.
+const MOST_ETCD_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The largest value taken for a registration: a server record is about a
+/// hundred bytes.
+const MOST_RECORD_BYTES: usize = 4096;
+
 /// Why a backend set refused a URL.
 pub type MembershipError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -89,7 +102,9 @@ async fn follow_forever(config: EtcdConfig, mut registrations: Registrations) {
     }
 }
 
-/// Reads the prefix, then applies its changes until the watch fails.
+/// Reads the prefix, then applies its changes until the watch fails; reads
+/// it again, on the same connection, when registrations left out for want
+/// of room could now be taken.
 ///
 /// Keys and records are written by anyone who may register, so their text
 /// is logged through [`field`]: neither a newline nor `key=value` text in
@@ -100,46 +115,131 @@ async fn sync_and_watch(
     registrations: &mut Registrations,
     backoff: &mut Backoff,
 ) -> Result<Infallible, DiscoveryError> {
-    let mut client = config.connect().await?;
+    let client = config.connect().await?;
     let range = config.range();
-    let listing = within(client.get(range.as_str(), Some(GetOptions::new().with_prefix()))).await?;
-    let revision = listing.header().map_or(0, |header| header.revision());
-    registrations.replace_all(
-        listing
-            .kvs()
-            .iter()
-            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value())),
-    );
-    tracing::info!(
-        prefix = %config.prefix,
-        revision,
-        backends = registrations.by_key.len(),
-        "read the registrations in etcd; watching for changes"
-    );
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(revision + 1);
-    let mut watch = within(client.watch(range.as_str(), Some(options))).await?;
-    backoff.reset();
-    let _connected = crate::Connected::now();
-    while let Some(response) = watch.message().await? {
-        if response.canceled() {
-            return Err(DiscoveryError::StreamEnded(format!(
-                "watch cancelled ({}), compacted at revision {}",
-                response.cancel_reason(),
-                response.compact_revision()
-            )));
-        }
-        for event in response.events() {
-            let Some(kv) = event.kv() else { continue };
-            let key = String::from_utf8_lossy(kv.key());
-            match event.event_type() {
-                EventType::Put => registrations.put(&key, kv.value()),
-                EventType::Delete => registrations.delete(&key),
+    loop {
+        let (listing, revision) = read_prefix(&client, &range).await?;
+        registrations.replace_all(
+            listing
+                .iter()
+                .map(|(key, value)| (key.clone(), value.as_slice())),
+        );
+        drop(listing);
+        tracing::info!(
+            prefix = %config.prefix,
+            revision,
+            backends = registrations.by_key.len(),
+            "read the registrations in etcd; watching for changes"
+        );
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let mut watching = client
+            .watch_client()
+            .max_decoding_message_size(MOST_ETCD_MESSAGE_BYTES);
+        let mut watch = within(watching.watch(range.as_str(), Some(options))).await?;
+        backoff.reset();
+        let _connected = crate::Connected::now();
+        loop {
+            let Some(response) = watch.message().await? else {
+                return Err(DiscoveryError::StreamEnded("watch".into()));
+            };
+            if response.canceled() {
+                return Err(DiscoveryError::StreamEnded(format!(
+                    "watch cancelled ({}), compacted at revision {}",
+                    response.cancel_reason(),
+                    response.compact_revision()
+                )));
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                let Some(key) = registration_key(kv.key()) else {
+                    continue;
+                };
+                match event.event_type() {
+                    EventType::Put => registrations.put(key, kv.value()),
+                    EventType::Delete => registrations.delete(key),
+                }
+            }
+            if registrations.room_for_the_left_out() {
+                tracing::info!(
+                    prefix = %config.prefix,
+                    "room for registrations left out: reading them again"
+                );
+                break;
             }
         }
     }
-    Err(DiscoveryError::StreamEnded("watch".into()))
+}
+
+/// Every registration under `range` at one revision, read a page at a time
+/// (so that no one answer from etcd is too large), with that revision.
+/// Keys that are not UTF-8 are skipped: no server of ours writes one, and
+/// read as text two of them could pass for one.
+async fn read_prefix(
+    client: &etcd_client::Client,
+    range: &str,
+) -> Result<(Vec<(String, Vec<u8>)>, i64), DiscoveryError> {
+    let mut kv = client
+        .kv_client()
+        .max_decoding_message_size(MOST_ETCD_MESSAGE_BYTES);
+    let end = range_end(range.as_bytes());
+    let mut from = range.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut listing = Vec::new();
+    loop {
+        let mut options = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(REGISTRATIONS_PER_PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let page = within(kv.get(from.clone(), Some(options))).await?;
+        if revision == 0 {
+            revision = page.header().map_or(0, |header| header.revision());
+        }
+        for kv in page.kvs() {
+            if let Some(key) = registration_key(kv.key()) {
+                listing.push((key.to_owned(), kv.value().to_vec()));
+            }
+        }
+        match page.kvs().last() {
+            Some(last) if page.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((listing, revision)),
+        }
+    }
+}
+
+/// The key just past every key that starts with `prefix` (etcd's "prefix
+/// end"): `prefix` with its last byte below 0xff incremented and what
+/// follows it dropped.
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only 0xff bytes: every key from the prefix on.
+    vec![0]
+}
+
+/// A registration's key as text; `None` (logged) for one that is not UTF-8.
+fn registration_key(key: &[u8]) -> Option<&str> {
+    match std::str::from_utf8(key) {
+        Ok(key) => Some(key),
+        Err(_) => {
+            tracing::warn!(
+                key = %field(&String::from_utf8_lossy(key)),
+                "ignoring a registration whose key is not UTF-8"
+            );
+            None
+        }
+    }
 }
 
 /// The registrations seen so far, by key, and the backend set they feed.
@@ -169,10 +269,22 @@ impl Registrations {
         }
     }
 
+    /// Whether registrations were left out (the waiting list full) and
+    /// there is room for some now: only a new read of the prefix can find
+    /// them.
+    fn room_for_the_left_out(&self) -> bool {
+        self.left_out && self.waiting.len() < self.limit
+    }
+
     /// A key was written: its backend joins (replacing the one it named
     /// before, if any), or waits if the set is full. A value that is not a
-    /// [`ServerRecord`] is ignored and logged.
+    /// [`ServerRecord`] (or is far larger than one) is ignored and logged.
     fn put(&mut self, key: &str, value: &[u8]) {
+        if value.len() > MOST_RECORD_BYTES {
+            tracing::warn!(key = %field(key), bytes = value.len(), "ignoring a registration far larger than a server record");
+            self.delete(key);
+            return;
+        }
         match serde_json::from_slice::<ServerRecord>(value) {
             Ok(record) => self.admit(key, record),
             Err(error) => {
@@ -489,12 +601,40 @@ mod tests {
     }
 
     #[test]
+    fn left_out_registrations_are_read_again_once_there_is_room() {
+        let (_recorded, mut registrations) = registrations();
+        for server in ["a", "b", "c", "d", "e", "f", "g"] {
+            registrations.put(
+                &format!("/p/{server}"),
+                &record(&format!("https://{server}:1")),
+            );
+        }
+        // Three in, three waiting, g left out.
+        assert!(!registrations.room_for_the_left_out());
+        registrations.delete("/p/d");
+        assert!(registrations.room_for_the_left_out());
+    }
+
+    #[test]
+    fn the_prefix_end_is_just_past_every_key_under_it() {
+        assert_eq!(range_end(b"/securemesh/"), b"/securemesh0");
+        assert_eq!(range_end(b"a\xff"), b"b");
+        assert_eq!(range_end(b"\xff\xff"), b"\0");
+    }
+
+    #[test]
     fn a_value_that_is_not_a_record_is_ignored_and_unnames_its_key() {
         let (recorded, mut registrations) = registrations();
         registrations.put("/p/a", &record("https://a:1"));
+        let mut padded = record("https://a:1");
+        padded.resize(MOST_RECORD_BYTES + 1, b' ');
+        registrations.put("/p/a", &padded);
+        assert_eq!(taken(&recorded), ["+https://a:1", "-https://a:1"]);
+        registrations.put("/p/a", &record("https://a:1"));
+        taken(&recorded);
         registrations.put("/p/a", b"https://a:1");
         registrations.put("/p/b", &record("bad url"));
-        assert_eq!(taken(&recorded), ["+https://a:1", "-https://a:1"]);
+        assert_eq!(taken(&recorded), ["-https://a:1"]);
         assert!(registrations.by_key.is_empty());
     }
 }
