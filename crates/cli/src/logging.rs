@@ -36,16 +36,20 @@ static FINISHED: AtomicBool = AtomicBool::new(false);
 /// process exits, or the last lines may be lost.
 pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<()> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let (file, file_guard) = match &args.log_file {
+    let (file, file_guard, file_mode) = match &args.log_file {
         Some(path) => {
+            // Whatever the command: the files of a daily rotation are
+            // created by the appender, with the mode the umask leaves.
+            keep_created_files_private();
+            let (appender, mode) = appender(path, args.log_rotation)?;
             let (writer, guard) = NonBlockingBuilder::default()
                 .lossy(false)
                 .thread_name("securemesh-log-file")
-                .finish(appender(path, args.log_rotation)?);
+                .finish(appender);
             let layer = format_layer(args.log_format, writer, false).with_filter(filter());
-            (Some(layer), Some(guard))
+            (Some(layer), Some(guard), mode)
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let (stderr, stderr_guard) = NonBlockingBuilder::default()
         .lossy(true)
@@ -61,8 +65,15 @@ pub fn init(default: &str, args: &LogArgs) -> anyhow::Result<()> {
         .try_init()?;
     let _ = STDERR_DROPPED.set(dropped);
     if let Some(path) = &args.log_file {
-        if let Some(appended) = file_appended_to(path, args.log_rotation) {
-            securemesh_fs::warn_if_exposed(&appended, "log file");
+        match file_mode {
+            Some(mode) => {
+                securemesh_fs::warn_if_mode_exposes(path, mode, "log file");
+            }
+            None => {
+                if let Some(appended) = file_appended_to(path, args.log_rotation) {
+                    securemesh_fs::warn_if_exposed(&appended, "log file");
+                }
+            }
         }
     }
     *lock(&FILE_WRITER) = file_guard;
@@ -139,16 +150,53 @@ pub fn keep_created_files_private() {
     }
 }
 
-/// Creates the log file at `path`, if missing, readable by its owner only.
-fn create_private(path: &Path) -> std::io::Result<()> {
+/// Opens the log file at `path` to append to it, creating it readable by
+/// its owner only if missing. Refused: a symbolic link (in a directory
+/// others may write, such as /tmp, one planted there would send the audit
+/// trail and plaintexts wherever it points) and a file that belongs to
+/// another user (who could read it); warned about, as for keys: an
+/// existing file open to others. Checks are made on the file opened, not
+/// on its name.
+///
+/// Returns the file and its mode (reported once logging is set up).
+fn open_log_file(path: &Path) -> anyhow::Result<(std::fs::File, u32)> {
     let mut options = std::fs::OpenOptions::new();
     options.append(true).create(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
+        options.mode(0o600).custom_flags(nix::libc::O_NOFOLLOW);
     }
-    options.open(path).map(drop)
+    let file = match options.open(path) {
+        Ok(file) => file,
+        #[cfg(unix)]
+        Err(error) if error.raw_os_error() == Some(nix::libc::ELOOP) => {
+            anyhow::bail!(
+                "--log-file {} is a symbolic link: give the file itself",
+                path.display()
+            )
+        }
+        Err(error) => {
+            return Err(anyhow::Error::new(error)
+                .context(format!("cannot open the log file {}", path.display())))
+        }
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let metadata = file.metadata()?;
+        let (owner, me) = (metadata.uid(), nix::unistd::geteuid().as_raw());
+        // A file of root's is trusted as root's own directories are.
+        anyhow::ensure!(
+            owner == me || owner == 0,
+            "the log file {} belongs to another user (uid {owner}), who could read it: \
+             remove it or choose another",
+            path.display()
+        );
+        Ok((file, metadata.mode() & 0o777))
+    }
+    #[cfg(not(unix))]
+    Ok((file, 0o600))
 }
 
 /// The file that existed before and that lines go on to: `path` itself,
@@ -179,33 +227,75 @@ fn file_appended_to(path: &Path, rotation: LogRotation) -> Option<std::path::Pat
     }
 }
 
-/// Appends to `path`, or with daily rotation to `path.YYYY-MM-DD`.
+/// Appends to `path`, or with daily rotation to `path.YYYY-MM-DD`; with
+/// the mode of `path` when it is opened here (no rotation).
 fn appender(
     path: &Path,
     rotation: LogRotation,
-) -> anyhow::Result<tracing_appender::rolling::RollingFileAppender> {
+) -> anyhow::Result<(Box<dyn std::io::Write + Send>, Option<u32>)> {
     let directory = securemesh_fs::directory_of(path);
     let name = path
         .file_name()
         .ok_or_else(|| anyhow::anyhow!("--log-file {} names no file", path.display()))?;
     std::fs::create_dir_all(directory)?;
-    let rotation = match rotation {
+    match rotation {
         LogRotation::Never => {
-            // The appender would create it with the umask's mode.
-            create_private(path)?;
-            tracing_appender::rolling::Rotation::NEVER
+            let (file, mode) = open_log_file(path)?;
+            Ok((Box::new(file), Some(mode)))
         }
-        LogRotation::Daily => tracing_appender::rolling::Rotation::DAILY,
-    };
-    Ok(tracing_appender::rolling::RollingFileAppender::builder()
-        .rotation(rotation)
-        .filename_prefix(name.to_string_lossy())
-        .build(directory)?)
+        LogRotation::Daily => {
+            // The appender takes the name as text: one that is not would
+            // send the lines to another file than the one named.
+            let name = name.to_str().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--log-file {} with --log-rotation daily needs a name in UTF-8",
+                    path.display()
+                )
+            })?;
+            let rolling = tracing_appender::rolling::RollingFileAppender::builder()
+                .rotation(tracing_appender::rolling::Rotation::DAILY)
+                .filename_prefix(name)
+                .build(directory)?;
+            Ok((Box::new(rolling), None))
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_log_file_is_private_and_neither_a_link_nor_another_users() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("server.log");
+        let (_file, mode) = open_log_file(&path).unwrap();
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let elsewhere = directory.path().join("victim");
+        std::fs::write(&elsewhere, "").unwrap();
+        let planted = directory.path().join("planted.log");
+        std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
+        let refused = open_log_file(&planted).unwrap_err().to_string();
+        assert!(refused.contains("is a symbolic link"), "{refused}");
+
+        // Only root can give a file away.
+        if nix::unistd::geteuid().is_root() {
+            let theirs = directory.path().join("theirs.log");
+            std::fs::write(&theirs, "").unwrap();
+            let nobody = nix::unistd::Uid::from_raw(65534);
+            nix::unistd::chown(&theirs, Some(nobody), None).unwrap();
+            assert_eq!(std::fs::metadata(&theirs).unwrap().uid(), 65534);
+            let refused = open_log_file(&theirs).unwrap_err().to_string();
+            assert!(refused.contains("belongs to another user"), "{refused}");
+        }
+    }
 
     #[test]
     fn an_existing_log_file_is_checked_where_lines_go_on() {

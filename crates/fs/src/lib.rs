@@ -165,21 +165,28 @@ pub fn warn_if_exposed(path: &Path, what: &str) -> bool {
     {
         use std::os::unix::fs::PermissionsExt as _;
         if let Ok(metadata) = std::fs::metadata(path) {
-            let mode = metadata.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                tracing::warn!(
-                    path = %path.display(),
-                    mode = %format!("{mode:o}"),
-                    "the {what} {} is open to others than its owner (mode {mode:o}): chmod 600 it",
-                    path.display()
-                );
-                return true;
-            }
+            return warn_if_mode_exposes(path, metadata.permissions().mode(), what);
         }
     }
     #[cfg(not(unix))]
     let _ = (path, what);
     false
+}
+
+/// [`warn_if_exposed`] for a file whose mode the caller has read already
+/// (from the file it opened, so that what it checks is what it uses).
+pub fn warn_if_mode_exposes(path: &Path, mode: u32, what: &str) -> bool {
+    let mode = mode & 0o777;
+    if mode & 0o077 == 0 {
+        return false;
+    }
+    tracing::warn!(
+        path = %path.display(),
+        mode = %format!("{mode:o}"),
+        "the {what} {} is open to others than its owner (mode {mode:o}): chmod 600 it",
+        path.display()
+    );
+    true
 }
 
 #[cfg(all(test, unix))]
