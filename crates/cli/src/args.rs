@@ -514,6 +514,34 @@ pub struct EtcdArgs {
 }
 
 impl EtcdArgs {
+    /// The flags (or their variables) given: they matter only beside
+    /// `--register` or `--discovery`.
+    pub fn given(&self) -> Vec<&'static str> {
+        [
+            ("--etcd-ca", self.etcd_ca.is_some()),
+            ("--etcd-cert", self.etcd_cert.is_some()),
+            ("--etcd-key", self.etcd_key.is_some()),
+            ("--etcd-user", self.etcd_user.is_some()),
+            ("--etcd-password", self.etcd_password.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
+
+    /// Warns that the etcd flags given do nothing without `needed` (a
+    /// setting left in the environment, or a forgotten flag).
+    pub fn warn_if_unused(&self, needed: &str) {
+        let given = self.given();
+        if !given.is_empty() {
+            tracing::warn!(
+                flags = %given.join(","),
+                "{} given without {needed}: etcd is not used",
+                given.join(", ")
+            );
+        }
+    }
+
     /// `config` with the TLS and user these flags ask for, checked; `crl`
     /// (our CA's) is checked against etcd's certificate at every connection
     /// if it exists by then.
@@ -1177,6 +1205,29 @@ mod tests {
         assert_eq!(cli.threads, Some(3));
         assert!(Cli::try_parse_from(["securemesh", "--threads", "0", "status"]).is_err());
         <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn etcd_flags_given_are_named() {
+        let Command::Coordinator(args) = Cli::try_parse_from([
+            "securemesh",
+            "coordinator",
+            "--etcd-ca",
+            "certs/ca_cert.pem",
+            "--etcd-user",
+            "observer",
+            "--etcd-password",
+            "secret",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not a coordinator");
+        };
+        assert_eq!(
+            args.etcd.given(),
+            ["--etcd-ca", "--etcd-user", "--etcd-password"]
+        );
     }
 
     #[test]

@@ -205,6 +205,9 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     // Everything that can fail at start comes before the server announces
     // itself and registers: a server that then exits would stay in etcd
     // until its lease expired.
+    if args.register.is_none() {
+        args.etcd.warn_if_unused("--register");
+    }
     let registering = match &args.register {
         Some(etcd) => {
             let etcd = args.etcd.apply(etcd.clone(), args.tls.crl_to_follow())?;
@@ -339,6 +342,9 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     };
     for url in &backends {
         coordinator.pool().add(url)?;
+    }
+    if args.discovery.is_none() {
+        args.etcd.warn_if_unused("--discovery");
     }
     // Held until the coordinator stops.
     let _discovery = match &args.discovery {
