@@ -156,6 +156,22 @@ impl Command {
         matches!(self, Command::Server(_) | Command::Coordinator(_))
     }
 
+    /// Whether the command prints for a person or a pipe and starts no
+    /// process of its own: it may end, as Unix tools do, when what reads
+    /// its output goes away (`securemesh pki init | head -1`).
+    pub fn ends_with_its_reader(&self) -> bool {
+        matches!(
+            self,
+            Command::Pki(_)
+                | Command::Keygen(_)
+                | Command::Client(_)
+                | Command::Encrypt(_)
+                | Command::Credentials(_)
+                | Command::Decrypt(_)
+                | Command::Status(_)
+        )
+    }
+
     /// The default log level: long-running roles log `info`; one-shot
     /// commands only warnings; the benchmark only errors (it counts what
     /// fails itself, and its own clients' transient warnings are noise).

@@ -12,6 +12,9 @@ use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
+    if cli.command.ends_with_its_reader() {
+        end_with_the_reader_of_standard_output();
+    }
     if cli.command.serves() {
         logging::keep_created_files_private();
     }
@@ -25,6 +28,20 @@ fn main() -> std::process::ExitCode {
     // Writes out the logs at the end, a panic's unwinding included.
     let _flush_log = logging::FinishOnDrop;
     run(cli)
+}
+
+/// Lets SIGPIPE end the process, as it does `cat` or `head`: Rust ignores
+/// it, so that a write to a closed pipe fails, and `println!` panics on
+/// that failure. Sockets are written with `MSG_NOSIGNAL` either way, so
+/// only the standard streams are concerned.
+fn end_with_the_reader_of_standard_output() {
+    #[cfg(unix)]
+    {
+        use nix::sys::signal::{signal, SigHandler, Signal};
+        // SAFETY: called first thing in main, before any other thread
+        // starts; the default action is no handler of ours.
+        let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    }
 }
 
 fn run(cli: args::Cli) -> std::process::ExitCode {

@@ -1476,3 +1476,30 @@ fn json_log_files_follow_one_call_across_processes_by_request_id() {
     assert_eq!(refused_at_server.len(), 1, "{refused_id}");
     assert_eq!(refused_at_server[0]["status"], "INVALID_ARGUMENT");
 }
+
+/// A command whose reader goes away (`securemesh pki init | head -1`)
+/// ends as Unix tools do, by SIGPIPE, instead of panicking in a write to
+/// standard output.
+#[cfg(unix)]
+#[test]
+fn output_into_a_closed_pipe_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let work = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(BINARY)
+        .args(["pki", "init"])
+        .current_dir(work.path())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        output.status.signal(),
+        Some(13),
+        "{:?} {stderr}",
+        output.status
+    );
+}
