@@ -83,6 +83,18 @@ fn ours_with_criterion(
     budget: Duration,
     criterion_dir: &Path,
 ) -> Result<Vec<f64>, BenchError> {
+    // What is timed must be a decryption that succeeds: a refusal (an
+    // expired token, a wrong key) returns early and would look fast.
+    for (size, token) in tokens {
+        match keys.decrypt_with_ttl(token, Some(TTL)) {
+            Ok(plaintext) if plaintext.len() == *size => {}
+            _ => {
+                return Err(BenchError::Setup(format!(
+                    "the {size} B token does not decrypt to its plaintext"
+                )))
+            }
+        }
+    }
     // criterion's defaults (3 s warm-up, 5 s measurement, 100,000
     // bootstrap resamples per estimate) are for one benchmark run on its
     // own; this one shares its run with the rest of the benchmark.

@@ -306,6 +306,8 @@ pub struct FaultRun {
     pub failed: u64,
     /// See [`Timeline::recovery_ms`].
     pub recovery_ms: Option<f64>,
+    /// See [`Timeline::sustained_recovery_ms`].
+    pub sustained_recovery_ms: Option<f64>,
 }
 
 impl Timeline {
@@ -351,6 +353,49 @@ impl Timeline {
             .map(|(index, _)| ((index + 1) as f64 * self.bucket_s - self.fault_at_s) * 1000.0)
     }
 
+    /// From the fault to the end of the first bucket from which every
+    /// bucket to the end of the run is at 90% of steady or more, ms; `None`
+    /// if the run ends below. Unlike [`Timeline::recovery_ms`], a dip after
+    /// the first good bucket (a dead server tried again when its ejection
+    /// ends) counts.
+    pub fn sustained_recovery_ms(&self) -> Option<f64> {
+        let steady = self.steady_rps();
+        let first = self.fault_bucket();
+        let buckets = &self.summary.timeline;
+        if first >= buckets.len() {
+            return None;
+        }
+        let last_low = (first..buckets.len())
+            .rev()
+            .find(|&index| self.rate(&buckets[index]) < 0.9 * steady);
+        let recovered = match last_low {
+            None => first,
+            Some(index) if index + 1 < buckets.len() => index + 1,
+            Some(_) => return None,
+        };
+        Some(((recovered + 1) as f64 * self.bucket_s - self.fault_at_s) * 1000.0)
+    }
+
+    /// The median over the runs of `pick` (a run without one counts as the
+    /// slowest); `None` if that one has none.
+    fn median_over_runs(&self, pick: impl Fn(&FaultRun) -> Option<f64>) -> Option<f64> {
+        let mut values: Vec<f64> = self
+            .runs
+            .iter()
+            .map(|run| pick(run).unwrap_or(f64::INFINITY))
+            .collect();
+        values.sort_by(f64::total_cmp);
+        values
+            .get(values.len().saturating_sub(1) / 2)
+            .copied()
+            .filter(|ms| ms.is_finite())
+    }
+
+    /// The median of the runs' [`Timeline::sustained_recovery_ms`].
+    pub fn median_sustained_recovery_ms(&self) -> Option<f64> {
+        self.median_over_runs(|run| run.sustained_recovery_ms)
+    }
+
     /// Failed calls over every run of this fault.
     pub fn failed_in_all_runs(&self) -> u64 {
         self.runs.iter().map(|run| run.failed).sum()
@@ -359,16 +404,7 @@ impl Timeline {
     /// The median of the runs' recoveries (a run that never recovered
     /// counts as the slowest); `None` if that one never recovered.
     pub fn median_recovery_ms(&self) -> Option<f64> {
-        let mut recoveries: Vec<f64> = self
-            .runs
-            .iter()
-            .map(|run| run.recovery_ms.unwrap_or(f64::INFINITY))
-            .collect();
-        recoveries.sort_by(f64::total_cmp);
-        recoveries
-            .get(recoveries.len().saturating_sub(1) / 2)
-            .copied()
-            .filter(|ms| ms.is_finite())
+        self.median_over_runs(|run| run.recovery_ms)
     }
 
     /// Of several runs of the same fault, the one whose recovery is the
@@ -379,6 +415,7 @@ impl Timeline {
             .map(|run| FaultRun {
                 failed: run.summary.failed,
                 recovery_ms: run.recovery_ms(),
+                sustained_recovery_ms: run.sustained_recovery_ms(),
             })
             .collect();
         runs.sort_by(|a, b| {
@@ -506,12 +543,20 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
         })
         .collect();
 
-    // Warm every route up: connections, nginx's upstream keepalive pool.
+    // Warm every route up: connections, nginx's upstream keepalive pool
+    // (nginx takes an upstream connection per call in flight: as many as
+    // the highest concurrency measured).
+    let most_concurrency = options
+        .closed_loops()
+        .iter()
+        .map(|&(concurrency, _)| concurrency)
+        .max()
+        .unwrap_or(32);
     for route in Route::ALL {
         drive(
             &lab,
             route,
-            32,
+            most_concurrency,
             options.connections,
             options.run_time / 2,
             None,
@@ -534,7 +579,11 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
             })
             .collect();
         for round in 0..options.rounds {
-            for run in &mut runs {
+            // Each round starts with another route, so that none always
+            // runs right after the same one.
+            let count = runs.len();
+            for offset in 0..count {
+                let run = &mut runs[(round + offset) % count];
                 eprintln!(
                     "bench: closed loop, concurrency {concurrency} over {connections} \
                      connection(s), {} (round {} of {})",
@@ -662,7 +711,7 @@ async fn drive(
     duration: Duration,
     timeline: Option<Duration>,
 ) -> Result<LoadSummary, BenchError> {
-    let clients = lab.clients(route, connections)?;
+    let clients = warmed_clients(lab, route, connections).await?;
     let options = LoadOptions {
         duration: Some(duration),
         timeline,
@@ -679,7 +728,7 @@ async fn open_loop(
     rate: f64,
     options: &BenchOptions,
 ) -> Result<LoadSummary, BenchError> {
-    let clients = lab.clients(route, options.connections)?;
+    let clients = warmed_clients(lab, route, options.connections).await?;
     let load = LoadOptions {
         duration: Some(options.run_time),
         rate: Some(rate),
@@ -701,7 +750,7 @@ async fn failover(
     // A third of the way in, on a bucket boundary.
     let buckets_before = (options.timeline.as_secs_f64() / 3.0 / BUCKET.as_secs_f64()).round();
     let fault_at = BUCKET.mul_f64(buckets_before.max(2.0));
-    let clients = lab.clients(route, options.connections)?;
+    let clients = warmed_clients(lab, route, options.connections).await?;
     let load = LoadOptions {
         duration: Some(options.timeline),
         timeline: Some(BUCKET),
@@ -734,9 +783,7 @@ async fn failover(
     }
     if fault != Fault::Nothing {
         lab.server_ready(victim).await?;
-        // Both proxies take a failed server back within about a second
-        // (health checks; nginx's fail_timeout).
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        back_in_rotation(lab, route).await?;
     }
     Ok(Timeline {
         route,
@@ -746,6 +793,52 @@ async fn failover(
         summary,
         runs: Vec::new(),
     })
+}
+
+/// `connections` clients of `route`, each connected (one call made) before
+/// it is returned: a run's clock measures calls, not the TCP and TLS
+/// handshakes of its first ones.
+async fn warmed_clients(
+    lab: &Lab,
+    route: Route,
+    connections: usize,
+) -> Result<Vec<securemesh_client::Client>, BenchError> {
+    let clients = lab.clients(route, connections)?;
+    let first_calls = clients.iter().map(|client| client.submit(b"warm-up"));
+    for outcome in futures_util::future::join_all(first_calls).await {
+        outcome.map_err(|error| {
+            BenchError::Setup(format!("{} does not answer: {error}", route.name()))
+        })?;
+    }
+    Ok(clients)
+}
+
+/// Waits until calls through `route` reach both servers again after a
+/// fault (a proxy takes a failed server back after its health checks or
+/// `fail_timeout`, and the coordinator's ejection lasts longer after
+/// repeated ones), so that the next run starts from both in rotation.
+async fn back_in_rotation(lab: &Lab, route: Route) -> Result<(), BenchError> {
+    const MOST_WAIT: Duration = Duration::from_secs(40);
+    let clients = warmed_clients(lab, route, 1).await?;
+    let given_up = tokio::time::Instant::now() + MOST_WAIT;
+    loop {
+        let load = LoadOptions {
+            message: "back in rotation?".into(),
+            ..LoadOptions::closed(64, 4)
+        };
+        let summary = load::run(&clients, &load).await.0;
+        if summary.servers.len() >= 2 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= given_up {
+            return Err(BenchError::Setup(format!(
+                "{} did not take the server back within {} s",
+                route.name(),
+                MOST_WAIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The benchmark holds many connections, and so do the proxies it starts
@@ -860,5 +953,21 @@ mod tests {
         let broken = timeline(&[50, 100, 100, 10, 10, 10], 0.302);
         assert_eq!(broken.recovery_ms(), None);
         assert!((broken.after_share() - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_later_dip_delays_the_sustained_recovery_only() {
+        // Good at once after the fault, then a dip a few buckets later.
+        let relapsed = timeline(&[50, 100, 100, 100, 100, 30, 100, 100], 0.302);
+        assert!(relapsed.recovery_ms().unwrap() < 100.0);
+        let sustained = relapsed.sustained_recovery_ms().unwrap();
+        assert!((sustained - 398.0).abs() < 0.01, "{sustained}");
+        let unbothered = timeline(&[50, 100, 100, 100, 100, 100], 0.302);
+        assert_eq!(unbothered.sustained_recovery_ms(), unbothered.recovery_ms());
+        let ends_low = timeline(&[50, 100, 100, 100, 100, 30], 0.302);
+        assert_eq!(ends_low.sustained_recovery_ms(), None);
+        let runs = vec![relapsed.clone(), unbothered, relapsed];
+        let median = Timeline::median_of(runs).unwrap();
+        assert!((median.median_sustained_recovery_ms().unwrap() - 398.0).abs() < 0.01);
     }
 }

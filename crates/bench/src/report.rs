@@ -164,6 +164,14 @@ pub fn ratios(results: &Results) -> Vec<Ratio> {
             |value| value <= 100.0,
         ),
         ratio(
+            "for comparison, coordinator at 90% of steady for good after a SIGKILL (median run)",
+            timeline(Route::Coordinator, Fault::Kill)
+                .and_then(crate::Timeline::median_sustained_recovery_ms),
+            "ms",
+            "-",
+            |_| true,
+        ),
+        ratio(
             "for comparison, coordinator \"back to 90%\" without a fault (median control run)",
             timeline(Route::Coordinator, Fault::Nothing)
                 .and_then(crate::Timeline::median_recovery_ms),
@@ -461,10 +469,16 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
         md,
         "\"Steady\" is the median of the half second before the fault; \"back to 90%\" \
          counts from the fault to the end of the first 100 ms bucket at 90% of it or \
-         more (about 100 ms: the first bucket after the fault was already there).\n"
+         more (about 100 ms: the first bucket after the fault was already there); \
+         \"at 90% for good\" to the end of the first bucket from which every bucket to \
+         the end of the run is (a later dip counts). Before each run, both servers \
+         answer through the proxy again.\n"
     );
-    let _ = writeln!(md, "| fault | proxy | calls | failed | steady calls/s | back to 90% after | median after / steady | p99 ms | max ms | every run: failed | every run: back to 90% |");
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
+    let _ = writeln!(md, "| fault | proxy | calls | failed | steady calls/s | back to 90% after | at 90% for good after | median after / steady | p99 ms | max ms | every run: failed | every run: back to 90% |");
+    let _ = writeln!(
+        md,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    );
     let recovery = |ms: Option<f64>| ms.map_or_else(|| "never".into(), |ms| format!("{ms:.0} ms"));
     for timeline in &results.timelines {
         let every = |field: &dyn Fn(&crate::FaultRun) -> String| {
@@ -477,13 +491,14 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.0} | {} | {:.2} | {:.3} | {:.3} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.3} | {:.3} | {} | {} |",
             timeline.fault.name(),
             timeline.route.name(),
             timeline.summary.requests,
             timeline.summary.failed,
             timeline.steady_rps(),
             recovery(timeline.recovery_ms()),
+            recovery(timeline.sustained_recovery_ms()),
             timeline.after_share(),
             timeline.summary.p99_ms,
             timeline.summary.max_ms,

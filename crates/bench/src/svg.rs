@@ -36,9 +36,11 @@ fn nice_ceiling(value: f64) -> f64 {
         .unwrap_or(10.0 * magnitude)
 }
 
+/// One route's line; a point without a value (a p99 where no call
+/// succeeded) breaks the line there rather than drop it to zero.
 struct Series {
     route: Route,
-    points: Vec<(f64, f64)>,
+    points: Vec<(f64, Option<f64>)>,
     fault_at: f64,
 }
 
@@ -55,7 +57,7 @@ fn panel(svg: &mut String, left: f64, top: f64, title: &str, unit: &str, series:
     let y_max = nice_ceiling(
         series
             .iter()
-            .flat_map(|s| s.points.iter().map(|point| point.1))
+            .flat_map(|s| s.points.iter().filter_map(|point| point.1))
             .fold(0.0, f64::max)
             * 1.05,
     );
@@ -110,17 +112,21 @@ fn panel(svg: &mut String, left: f64, top: f64, title: &str, unit: &str, series:
         );
     }
     for (index, line) in series.iter().enumerate() {
-        let points: Vec<String> = line
-            .points
-            .iter()
-            .map(|&(px, py)| format!("{:.1},{:.1}", x(px), y(py)))
-            .collect();
-        let _ = write!(
-            svg,
-            r##"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"/>"##,
-            color(line.route),
-            points.join(" ")
-        );
+        for stretch in line.points.split(|point| point.1.is_none()) {
+            let points: Vec<String> = stretch
+                .iter()
+                .filter_map(|&(px, py)| Some(format!("{:.1},{:.1}", x(px), y(py?))))
+                .collect();
+            if points.is_empty() {
+                continue;
+            }
+            let _ = write!(
+                svg,
+                r##"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"/>"##,
+                color(line.route),
+                points.join(" ")
+            );
+        }
         let legend_x = plot_left + width - 190.0 + index as f64 * 100.0;
         let _ = write!(
             svg,
@@ -164,43 +170,44 @@ pub fn failover_picture(timelines: &[Timeline]) -> String {
             .iter()
             .filter(|timeline| timeline.fault == *fault)
             .collect();
-        let series = |value: &dyn Fn(&Timeline, &securemesh_client::load::Bucket) -> f64| {
-            of_fault
-                .iter()
-                .map(|timeline| Series {
-                    route: timeline.route,
-                    fault_at: timeline.fault_at_s,
-                    points: timeline
-                        .summary
-                        .timeline
-                        .iter()
-                        .enumerate()
-                        .map(|(index, bucket)| {
-                            (
-                                (index as f64 + 0.5) * timeline.bucket_s,
-                                value(timeline, bucket),
-                            )
-                        })
-                        .collect(),
-                })
-                .collect::<Vec<_>>()
-        };
+        let series =
+            |value: &dyn Fn(&Timeline, &securemesh_client::load::Bucket) -> Option<f64>| {
+                of_fault
+                    .iter()
+                    .map(|timeline| Series {
+                        route: timeline.route,
+                        fault_at: timeline.fault_at_s,
+                        points: timeline
+                            .summary
+                            .timeline
+                            .iter()
+                            .enumerate()
+                            .map(|(index, bucket)| {
+                                (
+                                    (index as f64 + 0.5) * timeline.bucket_s,
+                                    value(timeline, bucket),
+                                )
+                            })
+                            .collect(),
+                    })
+                    .collect::<Vec<_>>()
+            };
         let top = row as f64 * PANEL_HEIGHT;
         panel(
             &mut svg,
             0.0,
             top,
-            &format!("{}: calls/s per 100 ms", fault.name()),
+            &format!("{}: successful calls/s per 100 ms", fault.name()),
             "calls/s",
-            &series(&|timeline, bucket| (bucket.ok + bucket.failed) as f64 / timeline.bucket_s),
+            &series(&|timeline, bucket| Some(bucket.ok as f64 / timeline.bucket_s)),
         );
         panel(
             &mut svg,
             PANEL_WIDTH,
             top,
-            &format!("{}: p99 per 100 ms", fault.name()),
+            &format!("{}: p99 per 100 ms (gap: none succeeded)", fault.name()),
             "ms",
-            &series(&|_, bucket| bucket.p99_ms),
+            &series(&|_, bucket| (bucket.ok > 0).then_some(bucket.p99_ms)),
         );
     }
     svg.push_str("</svg>\n");

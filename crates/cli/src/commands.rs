@@ -776,7 +776,14 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         BenchOptions::full(binary, dir)
     };
-    let results = securemesh_bench::run(&options).await?;
+    // Ctrl-C (or SIGTERM) ends the run here, so that the lab is dropped:
+    // each of its processes is continued (one may be SIGSTOPped just then)
+    // and killed, instead of being left with a pending SIGTERM.
+    let mut stop = StopSignals::new();
+    let results = tokio::select! {
+        results = securemesh_bench::run(&options) => results?,
+        () = stop.next() => anyhow::bail!("interrupted: the lab was stopped, no report written"),
+    };
 
     let report_dir = securemesh_fs::directory_of(&args.out);
     let picture = report_dir.join(&args.picture);
