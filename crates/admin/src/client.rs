@@ -68,8 +68,16 @@ async fn get(address: SocketAddr, path: &str) -> Result<Bytes, FetchError> {
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let driver = tokio::spawn(connection);
+    // The listener wants to be named as this host: "localhost" for a
+    // loopback address, or an address that stands for every one of them
+    // (0.0.0.0, which Linux reaches over loopback).
+    let host = if address.ip().is_loopback() || address.ip().is_unspecified() {
+        format!("localhost:{}", address.port())
+    } else {
+        address.to_string()
+    };
     let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, address.to_string())
+        .header(hyper::header::HOST, host)
         .body(Empty::<Bytes>::new())?;
     let response = sender.send_request(request).await?;
     let status = response.status();

@@ -71,9 +71,9 @@ struct Admin {
 /// must not take the file descriptors the service itself needs.
 const MOST_CONNECTIONS: usize = 64;
 
-/// Of those, connections one peer address may hold, so that one client
-/// cannot take every place (on loopback every local client shares one
-/// address).
+/// Of those, connections one remote address may hold, so that one client
+/// cannot take every place. (Not on loopback, where every local client,
+/// scrapers and operators included, shares one address.)
 const MOST_CONNECTIONS_PER_PEER: usize = MOST_CONNECTIONS / 4;
 
 /// A request's headers must have arrived this long after its connection
@@ -96,6 +96,9 @@ const CLOSING_GRACE: Duration = Duration::from_secs(5);
 struct Limits {
     most_connections: usize,
     most_connections_per_peer: usize,
+    /// Whether loopback peers count against `most_connections_per_peer`
+    /// too (for tests, which only have loopback addresses).
+    per_peer_on_loopback: bool,
     header_read_timeout: Duration,
     connection_lifetime: Duration,
     closing_grace: Duration,
@@ -106,14 +109,16 @@ struct Limits {
 /// [`CLOSING_GRACE`]) and is closed, and this returns when all are.
 ///
 /// At most [`MOST_CONNECTIONS`] at once ([`MOST_CONNECTIONS_PER_PEER`] from
-/// one address; more are closed on arrival), each closed if a request's
-/// headers take longer than [`HEADER_READ_TIMEOUT`], and in any case after
-/// [`CONNECTION_LIFETIME`] (and [`CLOSING_GRACE`] for an answer under way).
-/// A request that comes over loopback (whatever address the listener has:
-/// `0.0.0.0` takes loopback too) must name a loopback host (`Host:
-/// localhost:PORT`, `127.0.0.1:PORT` or `[::1]:PORT`), else it gets `421
+/// one remote address; more are closed on arrival), each closed if a
+/// request's headers take longer than [`HEADER_READ_TIMEOUT`], and in any
+/// case after [`CONNECTION_LIFETIME`] (and [`CLOSING_GRACE`] for an answer
+/// under way). A request from this host (over loopback, or to one of its
+/// own addresses, whatever address the listener has: `0.0.0.0` takes them
+/// all) must name this host (`Host: localhost:PORT`, a loopback address,
+/// the host's name, or the address it was sent to), else it gets `421
 /// Misdirected Request`: a web page the local browser loads from a name
-/// that resolves to 127.0.0.1 (DNS rebinding) cannot read the status.
+/// of its own that resolves to this host (DNS rebinding) cannot read the
+/// status.
 pub async fn serve(
     listener: TcpListener,
     status: StatusSource,
@@ -122,6 +127,7 @@ pub async fn serve(
     let limits = Limits {
         most_connections: MOST_CONNECTIONS,
         most_connections_per_peer: MOST_CONNECTIONS_PER_PEER,
+        per_peer_on_loopback: false,
         header_read_timeout: HEADER_READ_TIMEOUT,
         connection_lifetime: CONNECTION_LIFETIME,
         closing_grace: CLOSING_GRACE,
@@ -172,16 +178,36 @@ async fn serve_within(
             },
         };
         let peer = peer.ip().to_canonical();
-        let Some(place) = per_peer.take(peer, limits.most_connections_per_peer) else {
-            tracing::debug!(%peer, "admin connection refused: too many from this address");
-            continue;
+        let place = if peer.is_loopback() && !limits.per_peer_on_loopback {
+            None
+        } else {
+            match per_peer.take(peer, limits.most_connections_per_peer) {
+                Some(place) => Some(place),
+                None => {
+                    tracing::debug!(%peer, "admin connection refused: too many from this address");
+                    continue;
+                }
+            }
         };
-        let app = if peer.is_loopback() {
+        let reached_at = stream
+            .local_addr()
+            .ok()
+            .map(|local| local.ip().to_canonical());
+        let from_this_host = peer.is_loopback() || reached_at == Some(peer);
+        let app = if from_this_host {
             for_loopback_peers.clone()
         } else {
             app.clone()
         };
-        let service = hyper_util::service::TowerToHyperService::new(app);
+        let app = hyper_util::service::TowerToHyperService::new(app);
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                if let Some(address) = reached_at {
+                    request.extensions_mut().insert(ReachedAt(address));
+                }
+                hyper::service::Service::call(&app, request)
+            },
+        );
         let mut closed = closed.clone();
         connections.spawn(async move {
             let _places = (permit, place);
@@ -218,23 +244,51 @@ async fn serve_within(
     Ok(())
 }
 
-/// Answers `421 Misdirected Request` to a request whose `Host` is not a
-/// loopback name or address.
+/// The address of this host a connection was made to.
+#[derive(Debug, Clone, Copy)]
+struct ReachedAt(IpAddr);
+
+/// Answers `421 Misdirected Request` to a request whose `Host` does not
+/// name this host: a loopback name or address, the host's name, or the
+/// address the request was sent to.
 async fn only_loopback_hosts(request: Request, next: Next) -> Response {
     let host = request
         .headers()
         .get(header::HOST)
         .and_then(|host| host.to_str().ok())
         .unwrap_or_default();
-    if is_loopback_host(host) {
+    let reached_at = request.extensions().get::<ReachedAt>().map(|at| at.0);
+    if is_loopback_host(host) || names_this_host(host, reached_at) {
         next.run(request).await
     } else {
         (
             StatusCode::MISDIRECTED_REQUEST,
-            "the admin listener answers requests for localhost, 127.0.0.1 or [::1] only\n",
+            "the admin listener answers requests for localhost, a loopback address, this \
+             host's name or the address it was reached at only\n",
         )
             .into_response()
     }
+}
+
+/// Whether `host` (a `Host` header) is this machine's name, or the
+/// address `reached_at` the request was sent to.
+fn names_this_host(host: &str, reached_at: Option<IpAddr>) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(inside, _port)| inside),
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    if let Ok(address) = name.parse::<IpAddr>() {
+        return Some(address.to_canonical()) == reached_at;
+    }
+    static HOSTNAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    HOSTNAME
+        .get_or_init(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|name| name.into_string().ok())
+        })
+        .as_deref()
+        .is_some_and(|own| !own.is_empty() && own.eq_ignore_ascii_case(name))
 }
 
 /// Whether `host` (a `Host` header: a name or address, and maybe a port)
@@ -299,6 +353,7 @@ mod tests {
         Limits {
             most_connections,
             most_connections_per_peer: most_connections,
+            per_peer_on_loopback: false,
             header_read_timeout: Duration::from_millis(300),
             connection_lifetime: Duration::from_secs(1),
             closing_grace: Duration::from_millis(300),
@@ -381,6 +436,17 @@ mod tests {
         }
     }
 
+    #[test]
+    fn this_hosts_name_and_the_address_reached_are_this_host() {
+        let own = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        assert!(names_this_host(&format!("{own}:9000"), None));
+        let reached = Some(IpAddr::from([10, 1, 2, 3]));
+        assert!(names_this_host("10.1.2.3:9000", reached));
+        assert!(!names_this_host("10.1.2.4:9000", reached));
+        assert!(names_this_host("[::ffff:10.1.2.3]:9000", reached));
+        assert!(!names_this_host("evil.example:9000", reached));
+    }
+
     #[tokio::test]
     async fn on_loopback_a_request_for_another_host_is_misdirected() {
         let address = admin(8).await;
@@ -403,14 +469,19 @@ mod tests {
         let rebound = status_line(address, "attacker.example").await;
         assert_eq!(rebound, "HTTP/1.1 421 Misdirected Request");
         assert_eq!(status_line(address, "localhost").await, "HTTP/1.1 200 OK");
+        // securemesh status, given the address the listener was given.
+        fetch_status(bound).await.unwrap();
     }
 
-    /// One address cannot take every place: its connections beyond its
-    /// share are closed on arrival, and another address is still served.
+    /// One remote address cannot take every place: its connections beyond
+    /// its share are closed on arrival, and another address is still
+    /// served. (Loopback addresses are one host and share no limit, so the
+    /// test tells the listener that loopback is remote.)
     #[tokio::test]
     async fn one_address_holds_its_share_of_places_only() {
         let mut limits = limits(4);
         limits.most_connections_per_peer = 2;
+        limits.per_peer_on_loopback = true;
         limits.header_read_timeout = Duration::from_secs(30);
         limits.connection_lifetime = Duration::from_secs(30);
         let (address, _serving) = admin_on("127.0.0.1:0", limits, std::future::pending()).await;

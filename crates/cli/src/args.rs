@@ -156,19 +156,19 @@ impl Command {
         matches!(self, Command::Server(_) | Command::Coordinator(_))
     }
 
-    /// Whether the command prints for a person or a pipe and starts no
-    /// process of its own: it may end, as Unix tools do, when what reads
-    /// its output goes away (`securemesh pki init | head -1`).
+    /// Whether the command only prints, for a person or a pipe, and opens
+    /// no socket and starts no process: it may end, as Unix tools do, when
+    /// what reads its output goes away (`securemesh pki init | head -1`).
+    /// (A command with sockets must not: TLS writes vectors, with
+    /// `writev`, which raises SIGPIPE on a connection the peer reset.)
     pub fn ends_with_its_reader(&self) -> bool {
         matches!(
             self,
             Command::Pki(_)
                 | Command::Keygen(_)
-                | Command::Client(_)
                 | Command::Encrypt(_)
                 | Command::Credentials(_)
                 | Command::Decrypt(_)
-                | Command::Status(_)
         )
     }
 

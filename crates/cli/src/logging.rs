@@ -151,12 +151,13 @@ pub fn keep_created_files_private() {
 }
 
 /// Opens the log file at `path` to append to it, creating it readable by
-/// its owner only if missing. Refused: a symbolic link (in a directory
-/// others may write, such as /tmp, one planted there would send the audit
-/// trail and plaintexts wherever it points) and a file that belongs to
-/// another user (who could read it); warned about, as for keys: an
-/// existing file open to others. Checks are made on the file opened, not
-/// on its name.
+/// its owner only if missing. Refused: a symbolic link in a directory
+/// others may write, such as /tmp (one planted there would send the audit
+/// trail and plaintexts wherever it points; a link elsewhere, such as
+/// `/dev/stdout` or one into a data volume, is followed), and a regular
+/// file that belongs to another user (who could read it); warned about,
+/// as for keys: an existing file open to others. Checks are made on the
+/// file opened, not on its name.
 ///
 /// Returns the file and its mode (reported once logging is set up).
 fn open_log_file(path: &Path) -> anyhow::Result<(std::fs::File, u32)> {
@@ -165,14 +166,18 @@ fn open_log_file(path: &Path) -> anyhow::Result<(std::fs::File, u32)> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600).custom_flags(nix::libc::O_NOFOLLOW);
+        options.mode(0o600);
+        if others_may_write(securemesh_fs::directory_of(path)) {
+            options.custom_flags(nix::libc::O_NOFOLLOW);
+        }
     }
     let file = match options.open(path) {
         Ok(file) => file,
         #[cfg(unix)]
         Err(error) if error.raw_os_error() == Some(nix::libc::ELOOP) => {
             anyhow::bail!(
-                "--log-file {} is a symbolic link: give the file itself",
+                "--log-file {} is a symbolic link in a directory others may write: give \
+                 the file itself",
                 path.display()
             )
         }
@@ -185,6 +190,10 @@ fn open_log_file(path: &Path) -> anyhow::Result<(std::fs::File, u32)> {
     {
         use std::os::unix::fs::MetadataExt as _;
         let metadata = file.metadata()?;
+        if !metadata.is_file() {
+            // A terminal, a pipe, /dev/null: no file for others to read.
+            return Ok((file, 0o600));
+        }
         let (owner, me) = (metadata.uid(), nix::unistd::geteuid().as_raw());
         // A file of root's is trusted as root's own directories are.
         anyhow::ensure!(
@@ -197,6 +206,14 @@ fn open_log_file(path: &Path) -> anyhow::Result<(std::fs::File, u32)> {
     }
     #[cfg(not(unix))]
     Ok((file, 0o600))
+}
+
+/// Whether users other than the owner may create files in `directory`
+/// (world-writable, as /tmp is).
+#[cfg(unix)]
+fn others_may_write(directory: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(directory).is_ok_and(|metadata| metadata.mode() & 0o002 != 0)
 }
 
 /// The file that existed before and that lines go on to: `path` itself,
@@ -278,9 +295,18 @@ mod tests {
             0o600
         );
 
-        let elsewhere = directory.path().join("victim");
-        std::fs::write(&elsewhere, "").unwrap();
-        let planted = directory.path().join("planted.log");
+        // A link in a directory only its owner writes is followed (as
+        // /dev/stdout is); one in a directory others may write is refused.
+        let elsewhere = directory.path().join("volume.log");
+        let linked = directory.path().join("linked.log");
+        std::os::unix::fs::symlink(&elsewhere, &linked).unwrap();
+        open_log_file(&linked).unwrap();
+        assert!(elsewhere.is_file());
+        open_log_file(Path::new("/dev/stdout")).unwrap();
+        let shared = directory.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let planted = shared.join("planted.log");
         std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
         let refused = open_log_file(&planted).unwrap_err().to_string();
         assert!(refused.contains("is a symbolic link"), "{refused}");

@@ -32,8 +32,8 @@ fn main() -> std::process::ExitCode {
 
 /// Lets SIGPIPE end the process, as it does `cat` or `head`: Rust ignores
 /// it, so that a write to a closed pipe fails, and `println!` panics on
-/// that failure. Sockets are written with `MSG_NOSIGNAL` either way, so
-/// only the standard streams are concerned.
+/// that failure. Only for commands without sockets (see
+/// `Command::ends_with_its_reader`).
 fn end_with_the_reader_of_standard_output() {
     #[cfg(unix)]
     {

@@ -858,10 +858,11 @@ async fn case_15_large_values_and_many_keys_under_the_prefix_hide_no_server() {
     let client = cluster.client(&cluster.coordinator_urls());
     until_answered_by(&client, &server_ids(&cluster)).await;
     let log = cluster.log("coordinator-1");
-    assert_eq!(
+    // At least once each (a reconnection reads them again).
+    assert!(
         log.matches("ignoring a registration far larger than a server record")
-            .count(),
-        3,
+            .count()
+            >= 3,
         "{log}"
     );
     assert!(!log.contains("cannot read the registrations"), "{log}");

@@ -59,6 +59,9 @@ const PASSWORD_CHECKS_PER_CALLER: usize = 3;
 /// of that user's password allocate it.
 const MOST_ARGON2_MEMORY_KIB: u32 = 64 * 1024;
 
+/// The most kinds of argon2 parameters decoys are made for.
+const MOST_DECOY_KINDS: usize = 4;
+
 /// The most passes and lanes a stored hash may ask for.
 const MOST_ARGON2_PASSES: u32 = 16;
 const MOST_ARGON2_LANES: u32 = 8;
@@ -655,8 +658,11 @@ fn decoys_like<'a>(
             output.len(),
         ));
     }
+    // Each costs an argon2 hash at load: a file of hand-edited hashes
+    // with many kinds gets decoys for a few of them.
     kinds
         .into_iter()
+        .take(MOST_DECOY_KINDS)
         .map(|(algorithm, version, memory, passes, lanes, output)| {
             let failed = |error: &dyn std::fmt::Display| CredentialsError::Hash(error.to_string());
             let algorithm = Algorithm::new(algorithm).map_err(|e| failed(&e))?;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::task::JoinHandle;
@@ -30,6 +31,10 @@ const MOST_ETCD_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// The largest value taken for a registration: a server record is about a
 /// hundred bytes.
 const MOST_RECORD_BYTES: usize = 4096;
+
+/// The prefix is read again for registrations left out at most this often:
+/// with more registrations than room, every departure makes room.
+const LEFT_OUT_REREAD_EVERY: Duration = Duration::from_secs(5);
 
 /// Why a backend set refused a URL.
 pub type MembershipError = Box<dyn std::error::Error + Send + Sync>;
@@ -117,7 +122,9 @@ async fn sync_and_watch(
 ) -> Result<Infallible, DiscoveryError> {
     let client = config.connect().await?;
     let range = config.range();
+    let mut connected = None;
     loop {
+        let read_at = tokio::time::Instant::now();
         let (listing, revision) = read_prefix(&client, &range).await?;
         registrations.replace_all(
             listing
@@ -139,9 +146,20 @@ async fn sync_and_watch(
             .max_decoding_message_size(MOST_ETCD_MESSAGE_BYTES);
         let mut watch = within(watching.watch(range.as_str(), Some(options))).await?;
         backoff.reset();
-        let _connected = crate::Connected::now();
+        connected.get_or_insert_with(crate::Connected::now);
+        let reread_from = read_at + LEFT_OUT_REREAD_EVERY;
         loop {
-            let Some(response) = watch.message().await? else {
+            // Waiting for room to matter: once there is some, the next
+            // read may come when it is due, event or not.
+            let next = if registrations.room_for_the_left_out() {
+                match tokio::time::timeout_at(reread_from, watch.message()).await {
+                    Ok(next) => next?,
+                    Err(_due) => break,
+                }
+            } else {
+                watch.message().await?
+            };
+            let Some(response) = next else {
                 return Err(DiscoveryError::StreamEnded("watch".into()));
             };
             if response.canceled() {
@@ -161,14 +179,14 @@ async fn sync_and_watch(
                     EventType::Delete => registrations.delete(key),
                 }
             }
-            if registrations.room_for_the_left_out() {
-                tracing::info!(
-                    prefix = %config.prefix,
-                    "room for registrations left out: reading them again"
-                );
+            if registrations.room_for_the_left_out() && tokio::time::Instant::now() >= reread_from {
                 break;
             }
         }
+        tracing::info!(
+            prefix = %config.prefix,
+            "room for registrations left out: reading them again"
+        );
     }
 }
 
@@ -200,7 +218,11 @@ async fn read_prefix(
         }
         for kv in page.kvs() {
             if let Some(key) = registration_key(kv.key()) {
-                listing.push((key.to_owned(), kv.value().to_vec()));
+                // No more than a record's worth of a value is kept: one a
+                // byte longer is enough to be refused as too large.
+                let value = kv.value();
+                let kept = &value[..value.len().min(MOST_RECORD_BYTES + 1)];
+                listing.push((key.to_owned(), kept.to_vec()));
             }
         }
         match page.kvs().last() {

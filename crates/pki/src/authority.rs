@@ -274,7 +274,8 @@ fn subject(common_name: &str) -> DistinguishedName {
 }
 
 /// Whether `host` is a DNS name a TLS client can match: labels of letters,
-/// digits and inner hyphens, each 1 to 63 long, at most 253 in all, no
+/// digits, `_` (as in container service names, which rustls accepts) and
+/// inner hyphens, each 1 to 63 long, at most 253 in all, no
 /// trailing dot; a leading `*.` (a wildcard for one label) is allowed
 /// before at least two labels. Anything else (a URL, a name with a space,
 /// an empty one) would make a certificate that never matches, silently.
@@ -286,7 +287,9 @@ fn is_dns_name(host: &str) -> bool {
     let labels: Vec<&str> = name.split('.').collect();
     let label_ok = |label: &&str| {
         (1..=63).contains(&label.len())
-            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             && !label.starts_with('-')
             && !label.ends_with('-')
     };
@@ -425,6 +428,7 @@ mod tests {
         for good in [
             "mesh.example",
             "a-b.example",
+            "my_service",
             "localhost",
             "*.mesh.example",
             "::1",

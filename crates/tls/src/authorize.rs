@@ -49,7 +49,7 @@ pub const CALLER_HEADER: &str = "x-securemesh-caller";
 /// The identity of the coordinator certificate made by `pki init`.
 pub const COORDINATOR_IDENTITY: &str = "spiffe://securemesh/both/coordinator";
 
-/// Who called, as established by [`Authorization::check`]; handlers find it
+/// Who called, as established by [`Authorization::authorize`]; handlers find it
 /// in the request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -322,7 +322,7 @@ pub fn authorized_data_service<H: DataService>(
 ) -> Authorized<DataServiceServer<H>> {
     Authorized {
         inner: DataServiceServer::new(handler).max_decoding_message_size(max_message_bytes),
-        authorization,
+        authorization: Arc::new(authorization),
     }
 }
 
@@ -332,7 +332,8 @@ pub fn authorized_data_service<H: DataService>(
 #[derive(Debug, Clone)]
 pub struct Authorized<S> {
     inner: S,
-    authorization: Authorization,
+    /// Shared by every call (each call's future holds it).
+    authorization: Arc<Authorization>,
 }
 
 impl<S> tower_service::Service<http::Request<Body>> for Authorized<S>
@@ -359,7 +360,7 @@ where
         // stays for the next call.
         let fresh = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, fresh);
-        let authorization = self.authorization.clone();
+        let authorization = Arc::clone(&self.authorization);
         Box::pin(async move {
             let (mut parts, body) = request.into_parts();
             let metadata = MetadataMap::from_headers(std::mem::take(&mut parts.headers));

@@ -17,9 +17,11 @@ use tokio::sync::watch;
 use crate::material::{TlsError, TlsFiles};
 
 /// Builds a server configuration that presents `files.cert` and requires
-/// every client to present a certificate chaining to `files.ca` with the
-/// clientAuth extended key usage and not revoked by the CRL at `crl`, if
-/// given. ALPN offers only `h2`: gRPC needs HTTP/2 and newer gRPC clients
+/// every client to present a certificate chaining to `files.ca`, not
+/// revoked by the CRL at `crl` if given, and with the clientAuth extended
+/// key usage if it names its usages at all (webpki's rule: a leaf without
+/// the extension is not limited; every certificate `securemesh pki` issues
+/// names them, so a server certificate cannot pose as a client). ALPN offers only `h2`: gRPC needs HTTP/2 and newer gRPC clients
 /// refuse a server that does not negotiate it.
 ///
 /// With a CRL, a client whose revocation status is unknown is refused; an
