@@ -867,3 +867,150 @@ async fn case_15_large_values_and_many_keys_under_the_prefix_hide_no_server() {
     );
     assert!(!log.contains("cannot read the registrations"), "{log}");
 }
+
+/// A TCP relay to etcd that can freeze: it then holds what it reads
+/// without passing it on, as a member whose host hangs does.
+struct FreezableRelay {
+    port: u16,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+    /// Connections being relayed.
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezableRelay {
+    async fn to(target_port: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (frozen_in, open_in) = (frozen.clone(), open.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                else {
+                    continue;
+                };
+                let (frozen, open) = (frozen_in.clone(), open_in.clone());
+                tokio::spawn(async move {
+                    open.fetch_add(1, Ordering::SeqCst);
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    tokio::select! {
+                        () = relay(in_read, out_write, frozen.clone()) => {}
+                        () = relay(out_read, in_write, frozen) => {}
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Self {
+            port,
+            frozen,
+            open,
+            task,
+        }
+    }
+
+    fn is_relaying(&self) -> bool {
+        self.open.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for FreezableRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Passes what `from` reads on to `to`, holding it while `frozen`.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buffer = vec![0u8; 16 * 1024];
+    while let Ok(read) = from.read(&mut buffer).await {
+        if read == 0 {
+            return;
+        }
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A member that hangs under a server's registration (its host stops
+/// answering, TCP connections stay open) costs the server nothing: after
+/// half a lease without an answer it moves to another member and takes
+/// its key over with a new lease before the old one expires, so the
+/// coordinator never sees it leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_16_a_member_that_hangs_under_a_registration_is_left_in_time() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::new();
+    let etcd = Etcd::launch(cluster.work.path(), None);
+    // Two ways to the one member: the server may take either, and the
+    // one it takes hangs.
+    let relays = [
+        FreezableRelay::to(etcd.client_port).await,
+        FreezableRelay::to(etcd.client_port).await,
+    ];
+    let through_relays = format!(
+        "etcd://127.0.0.1:{},127.0.0.1:{}{PREFIX}",
+        relays[0].port, relays[1].port
+    );
+    let index = cluster.add_server(&[
+        "--register".to_owned(),
+        through_relays,
+        "--register-ttl".to_owned(),
+        TTL.to_owned(),
+    ]);
+    cluster.start_server(index).await;
+    cluster.add_coordinator(&discovery_args(&etcd, &[])).await;
+    let client = cluster.client(&cluster.coordinator_urls());
+    until_answered_by(&client, &server_ids(&cluster)).await;
+
+    let started = Instant::now();
+    let in_use = loop {
+        if let Some(relay) = relays.iter().find(|relay| relay.is_relaying()) {
+            break relay;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no relayed session"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    in_use.freeze();
+    until_logged(
+        &cluster,
+        "server-1",
+        &["etcd stopped answering keep-alives"],
+        Duration::from_secs(5),
+    )
+    .await;
+    // Two leases' time: the old lease has expired by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let server = cluster.log("server-1");
+    assert_eq!(
+        server.matches("registered in etcd key=").count(),
+        2,
+        "{server}"
+    );
+    let coordinator = cluster.log("coordinator-1");
+    assert!(
+        !coordinator.contains("backend deregistered from etcd"),
+        "{coordinator}"
+    );
+    client.submit(b"still registered").await.unwrap();
+}

@@ -85,8 +85,22 @@ async fn keep_registered(
         }
     };
     let mut backoff = Backoff::new();
+    // A lease of ours that may still hold the key (its session ended on a
+    // member that stopped answering): the next registration takes the key
+    // over from it, then revokes it; so does a stop.
+    let mut left_behind = None;
     loop {
-        match hold(&config, &key, &value, ttl, &mut stop, &mut backoff).await {
+        match hold(
+            &config,
+            &key,
+            &value,
+            ttl,
+            &mut stop,
+            &mut backoff,
+            &mut left_behind,
+        )
+        .await
+        {
             Ok(()) => return,
             Err(error) => {
                 let delay = backoff.delay();
@@ -98,15 +112,37 @@ async fn keep_registered(
                 );
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => {
+                        if let Some(lease) = left_behind {
+                            revoke_left_behind(&config, &key, lease).await;
+                        }
+                        return;
+                    }
                 }
             }
         }
     }
 }
 
+/// Revokes `lease`, left behind by a session that ended, through any
+/// member that answers: the key it may still hold goes at once.
+async fn revoke_left_behind(config: &EtcdConfig, key: &str, lease: i64) {
+    let revoked = async {
+        let mut client = config.connect().await?;
+        within(client.lease_revoke(lease)).await
+    };
+    match revoked.await {
+        Ok(_) => tracing::info!(%key, "deregistered from etcd"),
+        Err(error) => {
+            tracing::warn!(%key, %error, "cannot deregister: the key expires with its lease")
+        }
+    }
+}
+
 /// One registration, from lease grant to loss or withdrawal. `Ok` means
-/// it was withdrawn.
+/// it was withdrawn. A session that ends with its lease perhaps alive (the
+/// member stopped answering, or a stream broke) leaves it in
+/// `left_behind`; once a new session holds the key, it revokes that one.
 async fn hold(
     config: &EtcdConfig,
     key: &str,
@@ -114,6 +150,7 @@ async fn hold(
     ttl: Duration,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
+    left_behind: &mut Option<i64>,
 ) -> Result<(), DiscoveryError> {
     let mut client = config.connect().await?;
     // etcd leases last whole seconds, at least one; everything below
@@ -140,8 +177,17 @@ async fn hold(
     tracing::info!(%key, lease, ttl_s = ttl_seconds, "registered in etcd");
     backoff.reset();
     let _connected = Connected::now();
+    if let Some(earlier) = left_behind.take() {
+        // The key is bound to the new lease now: the earlier one holds
+        // nothing, and would only expire.
+        let _ = within(client.lease_revoke(earlier)).await;
+    }
 
-    let mut renew = tokio::time::interval(ttl / 3);
+    // Renewed four times a lease; a member that leaves keep-alives
+    // unanswered for half a lease is left for another, which takes the key
+    // over (the same record, a new lease) before the old lease expires:
+    // coordinators see no departure.
+    let mut renew = tokio::time::interval(ttl / 4);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_acknowledged = Instant::now();
     let outcome = loop {
@@ -157,34 +203,43 @@ async fn hold(
                 return Ok(());
             }
             _ = renew.tick() => {
-                if last_acknowledged.elapsed() > ttl {
+                if last_acknowledged.elapsed() > ttl / 2 {
                     break Err(DiscoveryError::LeaseLost("etcd stopped answering keep-alives"));
                 }
-                keeper.keep_alive().await?;
+                if let Err(error) = keeper.keep_alive().await {
+                    break Err(error.into());
+                }
             }
-            acknowledgement = acknowledgements.message() => match acknowledgement? {
-                Some(acknowledgement) if acknowledgement.ttl() > 0 => {
+            acknowledgement = acknowledgements.message() => match acknowledgement {
+                Ok(Some(acknowledgement)) if acknowledgement.ttl() > 0 => {
                     last_acknowledged = Instant::now();
                 }
-                Some(_) => return Err(DiscoveryError::LeaseLost("etcd expired it")),
-                None => return Err(DiscoveryError::StreamEnded("lease keep-alive".into())),
+                Ok(Some(_)) => return Err(DiscoveryError::LeaseLost("etcd expired it")),
+                Ok(None) => break Err(DiscoveryError::StreamEnded("lease keep-alive".into())),
+                Err(error) => break Err(error.into()),
             },
-            change = changes.message() => match change? {
-                Some(response) if response.canceled() => {
+            change = changes.message() => match change {
+                Ok(Some(response)) if response.canceled() => {
                     break Err(DiscoveryError::StreamEnded(format!("watch of {key} cancelled")));
                 }
-                Some(response) => {
+                Ok(Some(response)) => {
                     if let Some(lost) = response.events().iter().find_map(|event| displaced(event, lease, value)) {
-                        break Err(lost);
+                        // The key is gone or someone else's: our lease
+                        // holds nothing useful.
+                        let _ = within(client.lease_revoke(lease)).await;
+                        return Err(lost);
                     }
                 }
-                None => break Err(DiscoveryError::StreamEnded("watch".into())),
+                Ok(None) => break Err(DiscoveryError::StreamEnded("watch".into())),
+                Err(error) => break Err(error.into()),
             },
         }
     };
-    // The key is gone or someone else's: our lease holds nothing useful,
-    // and the next registration takes a new one.
-    let _ = within(client.lease_revoke(lease)).await;
+    // The session ended while the lease may live on, holding the key: not
+    // revoked here (a member that stopped answering would hold this up
+    // until the request timeout, and the key would go), but by the next
+    // session once it has taken the key over, or at the stop.
+    *left_behind = Some(lease);
     outcome
 }
 
