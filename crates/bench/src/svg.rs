@@ -120,6 +120,17 @@ fn panel(svg: &mut String, left: f64, top: f64, title: &str, unit: &str, series:
             if points.is_empty() {
                 continue;
             }
+            if let [point] = &points[..] {
+                // A polyline of one point draws nothing.
+                if let Some((cx, cy)) = point.split_once(',') {
+                    let _ = write!(
+                        svg,
+                        r##"<circle cx="{cx}" cy="{cy}" r="2" fill="{}"/>"##,
+                        color(line.route)
+                    );
+                }
+                continue;
+            }
             let _ = write!(
                 svg,
                 r##"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"/>"##,

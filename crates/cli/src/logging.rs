@@ -190,8 +190,9 @@ fn open_log_file(path: &Path) -> anyhow::Result<(std::fs::File, u32)> {
     {
         use std::os::unix::fs::MetadataExt as _;
         let metadata = file.metadata()?;
-        if !metadata.is_file() {
-            // A terminal, a pipe, /dev/null: no file for others to read.
+        if std::os::unix::fs::FileTypeExt::is_char_device(&metadata.file_type()) {
+            // A terminal, /dev/null: no file for others to read. (A pipe
+            // is judged by its owner: one planted in /tmp is someone's.)
             return Ok((file, 0o600));
         }
         let (owner, me) = (metadata.uid(), nix::unistd::geteuid().as_raw());
@@ -208,12 +209,16 @@ fn open_log_file(path: &Path) -> anyhow::Result<(std::fs::File, u32)> {
     Ok((file, 0o600))
 }
 
-/// Whether users other than the owner may create files in `directory`
-/// (world-writable, as /tmp is).
+/// Whether users other than this one (and root) may create files in
+/// `directory`: writable by its group or by all (as /tmp is), or owned by
+/// someone else. Unknown counts as yes.
 #[cfg(unix)]
 fn others_may_write(directory: &Path) -> bool {
     use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(directory).is_ok_and(|metadata| metadata.mode() & 0o002 != 0)
+    std::fs::metadata(directory).map_or(true, |metadata| {
+        let owner = metadata.uid();
+        metadata.mode() & 0o022 != 0 || (owner != 0 && owner != nix::unistd::geteuid().as_raw())
+    })
 }
 
 /// The file that existed before and that lines go on to: `path` itself,

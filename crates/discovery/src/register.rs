@@ -158,8 +158,27 @@ async fn hold(
     let ttl = Duration::from_secs(ttl.as_secs().max(1));
     let ttl_seconds = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
     let lease = within(client.lease_grant(ttl_seconds, None)).await?.id();
-    let registered = async {
-        let revision = claim(&mut client, key, value, lease).await?;
+    let revision = match claim(&mut client, key, value, lease).await {
+        Ok(revision) => revision,
+        Err(error) => {
+            // The key is not ours, or not yet: the new lease holds nothing.
+            let _ = within(client.lease_revoke(lease)).await;
+            return Err(error);
+        }
+    };
+    if let Some(earlier) = left_behind.replace(lease) {
+        // The key is bound to the new lease now: the earlier one holds
+        // nothing, and would only expire. Revoked aside, so that the new
+        // lease's keep-alives do not wait for it.
+        let mut revoking = client.clone();
+        tokio::spawn(async move {
+            let _ = within(revoking.lease_revoke(earlier)).await;
+        });
+    }
+    // From here the new lease holds the key: a failure leaves it behind
+    // (above) for the next session to take the key over from, instead of
+    // revoking it and deleting the key of a live server.
+    let streams = async {
         // Watching the key from just after our write tells us if it is
         // deleted (by hand) or taken over while the lease lives on.
         let changes = WatchOptions::new().with_start_revision(revision + 1);
@@ -167,21 +186,10 @@ async fn hold(
         let (keeper, acknowledgements) = within(client.lease_keep_alive(lease)).await?;
         Ok::<_, DiscoveryError>((changes, keeper, acknowledgements))
     };
-    let (mut changes, mut keeper, mut acknowledgements) = match registered.await {
-        Ok(streams) => streams,
-        Err(error) => {
-            let _ = within(client.lease_revoke(lease)).await;
-            return Err(error);
-        }
-    };
+    let (mut changes, mut keeper, mut acknowledgements) = streams.await?;
     tracing::info!(%key, lease, ttl_s = ttl_seconds, "registered in etcd");
     backoff.reset();
     let _connected = Connected::now();
-    if let Some(earlier) = left_behind.take() {
-        // The key is bound to the new lease now: the earlier one holds
-        // nothing, and would only expire.
-        let _ = within(client.lease_revoke(earlier)).await;
-    }
 
     // Renewed four times a lease; a member that leaves keep-alives
     // unanswered for half a lease is left for another, which takes the key
@@ -189,7 +197,9 @@ async fn hold(
     // coordinators see no departure.
     let mut renew = tokio::time::interval(ttl / 4);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_acknowledged = Instant::now();
+    let unanswered_for = ttl / 2;
+    let given_up = tokio::time::sleep(unanswered_for);
+    tokio::pin!(given_up);
     let outcome = loop {
         tokio::select! {
             _ = stop.changed() => {
@@ -202,17 +212,17 @@ async fn hold(
                 }
                 return Ok(());
             }
+            () = &mut given_up => {
+                break Err(DiscoveryError::LeaseLost("etcd stopped answering keep-alives"));
+            }
             _ = renew.tick() => {
-                if last_acknowledged.elapsed() > ttl / 2 {
-                    break Err(DiscoveryError::LeaseLost("etcd stopped answering keep-alives"));
-                }
                 if let Err(error) = keeper.keep_alive().await {
                     break Err(error.into());
                 }
             }
             acknowledgement = acknowledgements.message() => match acknowledgement {
                 Ok(Some(acknowledgement)) if acknowledgement.ttl() > 0 => {
-                    last_acknowledged = Instant::now();
+                    given_up.as_mut().reset(Instant::now() + unanswered_for);
                 }
                 Ok(Some(_)) => return Err(DiscoveryError::LeaseLost("etcd expired it")),
                 Ok(None) => break Err(DiscoveryError::StreamEnded("lease keep-alive".into())),
@@ -226,7 +236,9 @@ async fn hold(
                     if let Some(lost) = response.events().iter().find_map(|event| displaced(event, lease, value)) {
                         // The key is gone or someone else's: our lease
                         // holds nothing useful.
-                        let _ = within(client.lease_revoke(lease)).await;
+                        if within(client.lease_revoke(lease)).await.is_ok() {
+                            *left_behind = None;
+                        }
                         return Err(lost);
                     }
                 }
@@ -238,8 +250,8 @@ async fn hold(
     // The session ended while the lease may live on, holding the key: not
     // revoked here (a member that stopped answering would hold this up
     // until the request timeout, and the key would go), but by the next
-    // session once it has taken the key over, or at the stop.
-    *left_behind = Some(lease);
+    // session once it has taken the key over, or at the stop (it is in
+    // `left_behind` since the claim).
     outcome
 }
 
@@ -256,26 +268,32 @@ async fn claim(
     lease: i64,
 ) -> Result<i64, DiscoveryError> {
     let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
-    let if_free = Txn::new()
-        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-        .and_then([put.clone()])
-        .or_else([TxnOp::get(key, None)]);
-    let response = within(client.txn(if_free)).await?;
-    if response.succeeded() {
-        return Ok(revision_of(&response));
-    }
-    let holder = response
-        .op_responses()
-        .into_iter()
-        .find_map(|operation| match operation {
-            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-            _ => None,
-        })
-        .unwrap_or_default();
-    if holder == value.as_bytes() {
+    let mut holder = Vec::new();
+    // Twice: our own earlier registration may expire between the two
+    // steps, leaving the key free, not someone else's.
+    for _ in 0..2 {
+        let if_free = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([put.clone()])
+            .or_else([TxnOp::get(key, None)]);
+        let response = within(client.txn(if_free)).await?;
+        if response.succeeded() {
+            return Ok(revision_of(&response));
+        }
+        holder = response
+            .op_responses()
+            .into_iter()
+            .find_map(|operation| match operation {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        if holder != value.as_bytes() {
+            break;
+        }
         let if_ours = Txn::new()
             .when([Compare::value(key, CompareOp::Equal, value)])
-            .and_then([put]);
+            .and_then([put.clone()]);
         let response = within(client.txn(if_ours)).await?;
         if response.succeeded() {
             return Ok(revision_of(&response));
