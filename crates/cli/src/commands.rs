@@ -110,9 +110,9 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let address = securemesh_admin::parse_listen_address(&args.admin)?;
             let report = securemesh_admin::fetch_status(address).await?;
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                crate::output::line(serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", report.table());
+                crate::output::text(report.table());
             }
         }
     }
@@ -484,30 +484,25 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
             let answer = client.submit_as(message.as_bytes(), &request_id).await;
             let succeeded = answer.is_ok();
             match (answer, args.json) {
-                (Ok(reply), false) => println!(
+                (Ok(reply), false) => crate::output::line(format_args!(
                     "[{}] Success: result={} server={}",
                     args.name, reply.result, reply.server_id
-                ),
-                (Err(error), false) => {
-                    println!("[{}] Failed: {error} (request id {request_id})", args.name)
-                }
-                (Ok(reply), true) => println!(
-                    "{}",
-                    serde_json::json!({
-                        "ok": true,
-                        "result": reply.result,
-                        "server": reply.server_id,
-                        "request_id": request_id,
-                    })
-                ),
-                (Err(error), true) => println!(
-                    "{}",
-                    serde_json::json!({
-                        "ok": false,
-                        "error": error.to_string(),
-                        "request_id": request_id,
-                    })
-                ),
+                )),
+                (Err(error), false) => crate::output::line(format_args!(
+                    "[{}] Failed: {error} (request id {request_id})",
+                    args.name
+                )),
+                (Ok(reply), true) => crate::output::line(serde_json::json!({
+                    "ok": true,
+                    "result": reply.result,
+                    "server": reply.server_id,
+                    "request_id": request_id,
+                })),
+                (Err(error), true) => crate::output::line(serde_json::json!({
+                    "ok": false,
+                    "error": error.to_string(),
+                    "request_id": request_id,
+                })),
             }
             return Ok(if succeeded {
                 ExitCode::SUCCESS
@@ -528,9 +523,9 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     };
     let (summary, first_error) = load::run(&clients, &options).await;
     if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        crate::output::line(serde_json::to_string(&summary)?);
     } else {
-        print!("{summary}");
+        crate::output::text(&summary);
     }
     if let Some(error) = first_error {
         eprintln!("[{}] first error: {error}", args.name);

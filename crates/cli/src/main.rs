@@ -6,6 +6,7 @@ mod commands;
 mod demo;
 mod errors;
 mod logging;
+mod output;
 mod prompt;
 
 use clap::Parser as _;

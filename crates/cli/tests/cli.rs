@@ -1503,3 +1503,45 @@ fn output_into_a_closed_pipe_ends_the_command_quietly() {
         output.status
     );
 }
+
+/// `status` (which keeps SIGPIPE ignored, as every command with sockets
+/// does) also ends quietly when its reader goes away, instead of
+/// panicking in a write to standard output.
+#[cfg(unix)]
+#[test]
+fn status_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(securemesh(&["pki", "init"], dir.path()).status.success());
+    assert!(securemesh(&["keygen"], dir.path()).status.success());
+    let (port, admin) = (free_port().to_string(), free_port().to_string());
+    let args: Vec<String> = ["server", &port, "--metrics-listen", &admin]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+    let mut server = common::spawn_logged(dir.path(), "watched", &args);
+    let started = Instant::now();
+    while !securemesh(&["status", "--admin", &admin], dir.path())
+        .status
+        .success()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no admin listener"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(BINARY)
+        .args(["status", "--admin", &admin, "--json"])
+        .current_dir(dir.path())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.code(), Some(141), "{stderr}");
+}
