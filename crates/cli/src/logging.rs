@@ -154,10 +154,11 @@ pub fn keep_created_files_private() {
 /// its owner only if missing. Refused: a symbolic link in a directory
 /// others may write, such as /tmp (one planted there would send the audit
 /// trail and plaintexts wherever it points; a link elsewhere, such as
-/// `/dev/stdout` or one into a data volume, is followed), and a regular
-/// file that belongs to another user (who could read it); warned about,
-/// as for keys: an existing file open to others. Checks are made on the
-/// file opened, not on its name.
+/// `/dev/stdout` or one into a data volume, is followed), and a file that
+/// belongs to another user, who could read it (a FIFO too; a character
+/// device, such as a terminal, is no file to read); warned about, as for
+/// keys: an existing file open to others. Checks are made on the file
+/// opened, not on its name.
 ///
 /// Returns the file and its mode (reported once logging is set up).
 fn open_log_file(path: &Path) -> anyhow::Result<(std::fs::File, u32)> {
