@@ -58,26 +58,33 @@ pub fn add_reflection(
 /// that much on every stream it opens, and send the rest slowly.
 pub const MAX_SMALL_REQUEST_BYTES: usize = 4096;
 
+/// A number that differs from call to call and from process to process:
+/// enough to tell calls apart or to spread processes out (jitter, a first
+/// etcd member), not a secret.
+pub fn distinct_number() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // std's hasher keys are seeded at random per process.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u32(std::process::id());
+    if let Ok(elapsed) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(elapsed.as_nanos());
+    }
+    hasher.finish()
+}
+
 /// Request ids: one per call, carried in `x-request-id` by client,
 /// coordinator and server, so that a call can be followed across processes.
 pub mod request_id {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    use std::sync::atomic::{AtomicU64, Ordering};
-
     /// The metadata header that carries the request id.
     pub const HEADER: &str = "x-request-id";
 
     /// A new request id: 16 hex digits, unique within this process and
     /// unlikely to repeat across processes (it is not a secret).
     pub fn new() -> String {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-        hasher.write_u32(std::process::id());
-        if let Ok(elapsed) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-            hasher.write_u128(elapsed.as_nanos());
-        }
-        format!("{:016x}", hasher.finish())
+        format!("{:016x}", crate::distinct_number())
     }
 
     /// A caller's request id, if it is one we are willing to log: 1 to 128

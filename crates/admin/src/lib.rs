@@ -273,9 +273,12 @@ async fn only_loopback_hosts(request: Request, next: Next) -> Response {
 /// Whether `host` (a `Host` header) is this machine's name, or the
 /// address `reached_at` the request was sent to.
 fn names_this_host(host: &str, reached_at: Option<IpAddr>) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split_once(']').map_or(rest, |(inside, _port)| inside),
-        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    let name = match host_of(host) {
+        Some(HostPart::Ipv6(address)) => {
+            return Some(IpAddr::V6(address).to_canonical()) == reached_at
+        }
+        Some(HostPart::Name(name)) => name,
+        None => return false,
     };
     if let Ok(address) = name.parse::<IpAddr>() {
         return Some(address.to_canonical()) == reached_at;
@@ -291,25 +294,44 @@ fn names_this_host(host: &str, reached_at: Option<IpAddr>) -> bool {
         .is_some_and(|own| !own.is_empty() && own.eq_ignore_ascii_case(name))
 }
 
+/// What a `Host` header names, without its port.
+enum HostPart<'a> {
+    /// An IPv6 address, in brackets.
+    Ipv6(std::net::Ipv6Addr),
+    /// A name or an IPv4 address.
+    Name(&'a str),
+}
+
+/// The host of `host` (a `Host` header: a name or address, and maybe a
+/// port); `None` for brackets around no IPv6 address, or followed by
+/// anything but a port.
+fn host_of(host: &str) -> Option<HostPart<'_>> {
+    match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((inside, port)) if port.is_empty() || port.starts_with(':') => {
+                inside.parse().ok().map(HostPart::Ipv6)
+            }
+            _ => None,
+        },
+        None => Some(HostPart::Name(
+            host.rsplit_once(':').map_or(host, |(name, _port)| name),
+        )),
+    }
+}
+
 /// Whether `host` (a `Host` header: a name or address, and maybe a port)
 /// is `localhost`, an address in 127.0.0.0/8, or `[::1]`.
 fn is_loopback_host(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((inside, port)) if port.is_empty() || port.starts_with(':') => {
-                return inside
-                    .parse::<std::net::Ipv6Addr>()
-                    .is_ok_and(|address| address.is_loopback());
-            }
-            _ => return false,
+    match host_of(host) {
+        Some(HostPart::Ipv6(address)) => address.is_loopback(),
+        Some(HostPart::Name(name)) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .parse::<std::net::Ipv4Addr>()
+                    .is_ok_and(|address| address.is_loopback())
         }
-    } else {
-        host.rsplit_once(':').map_or(host, |(name, _port)| name)
-    };
-    name.eq_ignore_ascii_case("localhost")
-        || name
-            .parse::<std::net::Ipv4Addr>()
-            .is_ok_and(|address| address.is_loopback())
+        None => false,
+    }
 }
 
 async fn metrics_text() -> Response {

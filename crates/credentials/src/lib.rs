@@ -579,18 +579,26 @@ impl Drop for CheckInProgress {
 /// exists.)
 fn usable_hash(hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|parsed| {
-        Algorithm::try_from(parsed.algorithm).is_ok()
-            && parsed.salt.is_some()
+        parsed.salt.is_some()
             && parsed.hash.is_some()
-            && parsed
-                .version
-                .is_none_or(|version| Version::try_from(version).is_ok())
-            && Params::try_from(&parsed).is_ok_and(|params| {
+            && argon2_of(&parsed).is_some_and(|(_, _, params)| {
                 params.m_cost() <= MOST_ARGON2_MEMORY_KIB
                     && params.t_cost() <= MOST_ARGON2_PASSES
                     && params.p_cost() <= MOST_ARGON2_LANES
             })
     })
+}
+
+/// The argon2 variant, version (the default when the hash names none) and
+/// parameters of `parsed`, if argon2 knows them all.
+fn argon2_of(parsed: &PasswordHash<'_>) -> Option<(Algorithm, Version, Params)> {
+    let algorithm = Algorithm::try_from(parsed.algorithm).ok()?;
+    let version = parsed
+        .version
+        .map_or(Ok(Version::default()), Version::try_from)
+        .ok()?;
+    let params = Params::try_from(parsed).ok()?;
+    Some((algorithm, version, params))
 }
 
 /// Whether `password` matches the argon2 PHC string `hash`, hashing into
@@ -602,13 +610,7 @@ fn argon2_matches(hash: &str, password: &str, memory: &mut Vec<Block>) -> bool {
     let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
         return false;
     };
-    let (Ok(algorithm), Ok(version), Ok(params)) = (
-        Algorithm::try_from(parsed.algorithm),
-        parsed
-            .version
-            .map_or(Ok(Version::default()), Version::try_from),
-        Params::try_from(&parsed),
-    ) else {
+    let Some((algorithm, version, params)) = argon2_of(&parsed) else {
         return false;
     };
     let mut salt_bytes = [0u8; 64];
@@ -639,14 +641,8 @@ fn decoys_like<'a>(
         let Ok(parsed) = PasswordHash::new(hash) else {
             continue;
         };
-        let (Ok(algorithm), Ok(version), Ok(params), Some(output)) = (
-            Algorithm::try_from(parsed.algorithm),
-            parsed
-                .version
-                .map_or(Ok(Version::default()), Version::try_from),
-            Params::try_from(&parsed),
-            parsed.hash,
-        ) else {
+        let (Some((algorithm, version, params)), Some(output)) = (argon2_of(&parsed), parsed.hash)
+        else {
             continue;
         };
         kinds.insert((

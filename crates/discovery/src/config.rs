@@ -244,7 +244,7 @@ impl EtcdConfig {
         let tls = self.tls.as_ref().map(EtcdTls::client_tls).transpose()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let first = NEXT_MEMBER
-            .get_or_init(|| AtomicUsize::new((crate::random_number() % 65_536) as usize))
+            .get_or_init(|| AtomicUsize::new((securemesh::distinct_number() % 65_536) as usize))
             .fetch_add(1, Ordering::Relaxed);
         let mut failure = None;
         let mut channel = None;

@@ -126,19 +126,9 @@ impl Backoff {
         self.next = (self.next * 2).min(Self::MAX);
         // Up to a quarter less, at random: processes that lost etcd
         // together do not come back in step.
-        let jitter = (random_number() % 1000) as f64 / 4000.0;
+        let jitter = (securemesh::distinct_number() % 1000) as f64 / 4000.0;
         delay - delay.mul_f64(jitter)
     }
-}
-
-/// A number that differs from call to call and from process to process
-/// (std's hasher keys are seeded at random per process and then stepped):
-/// enough to spread processes apart, no cryptography.
-pub(crate) fn random_number() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
 }
 
 #[cfg(test)]
@@ -159,8 +149,9 @@ mod tests {
     }
 
     #[test]
-    fn random_numbers_differ() {
-        let drawn: std::collections::HashSet<u64> = (0..100).map(|_| random_number()).collect();
+    fn distinct_numbers_differ() {
+        let drawn: std::collections::HashSet<u64> =
+            (0..100).map(|_| securemesh::distinct_number()).collect();
         assert!(drawn.len() > 90, "{drawn:?}");
     }
 }

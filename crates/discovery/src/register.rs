@@ -131,7 +131,12 @@ async fn revoke_left_behind(config: &EtcdConfig, key: &str, lease: i64) {
         let mut client = config.connect().await?;
         within(client.lease_revoke(lease)).await
     };
-    match revoked.await {
+    report_deregistration(key, revoked.await);
+}
+
+/// Logs how revoking the registration's lease at the stop went.
+fn report_deregistration<T>(key: &str, revoked: Result<T, DiscoveryError>) {
+    match revoked {
         Ok(_) => tracing::info!(%key, "deregistered from etcd"),
         Err(error) => {
             tracing::warn!(%key, %error, "cannot deregister: the key expires with its lease")
@@ -206,10 +211,7 @@ async fn hold(
                 // Revoking deletes every key bound to the lease, atomically,
                 // and only ours: a key another process took over since is
                 // bound to its own lease and stays.
-                match within(client.lease_revoke(lease)).await {
-                    Ok(_) => tracing::info!(%key, "deregistered from etcd"),
-                    Err(error) => tracing::warn!(%key, %error, "cannot deregister: the key expires with its lease"),
-                }
+                report_deregistration(key, within(client.lease_revoke(lease)).await);
                 return Ok(());
             }
             () = &mut given_up => {
