@@ -22,35 +22,6 @@ pub mod frame;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/securemesh_descriptor.bin"));
 
-/// Why the reflection services could not be built.
-pub use tonic_reflection::server::Error as ReflectionError;
-
-/// Adds both reflection services (v1 and v1alpha) for our descriptor set and
-/// the health service's to `routes`.
-///
-/// grpcurl 1.8.6 speaks only v1alpha while newer clients try v1 first, so every
-/// securemesh process offers both.
-pub fn add_reflection(
-    routes: &mut tonic::service::RoutesBuilder,
-) -> Result<(), tonic_reflection::server::Error> {
-    let configure = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    routes.add_service(
-        configure()
-            .build_v1()?
-            .max_decoding_message_size(MAX_SMALL_REQUEST_BYTES),
-    );
-    routes.add_service(
-        configure()
-            .build_v1alpha()?
-            .max_decoding_message_size(MAX_SMALL_REQUEST_BYTES),
-    );
-    Ok(())
-}
-
 /// The largest request message health checks and reflection accept (a
 /// service name, a symbol, a file name). tonic sets aside room for a
 /// message as soon as its 5-byte prefix declares its length: at tonic's

@@ -103,11 +103,7 @@ pub async fn serve(
         .set_service_status(DATA_SERVICE_NAME, serving_status(serving_now))
         .await;
     let mut routes = RoutesBuilder::default();
-    routes.add_service(securemesh_tls::ending_health(
-        health.clone(),
-        closing_seen.clone(),
-    ));
-    securemesh::add_reflection(&mut routes)?;
+    securemesh_tls::add_health_and_reflection(&mut routes, health.clone(), &closing_seen)?;
     // Ends with this function, however it ends (dropped included).
     let following = AbortOnDrop(tokio::spawn(follow_rotation(health.clone(), serving)));
     let front = Arc::new(Front {

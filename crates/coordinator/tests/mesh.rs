@@ -2403,15 +2403,41 @@ async fn watch_on(session: &h2::client::SendRequest<Bytes>) -> h2::RecvStream {
     watch
 }
 
-/// Reads `watch` to its end, at most `limit`: its gRPC status.
-async fn watch_ends(mut watch: h2::RecvStream, limit: Duration) -> Option<Code> {
+/// A reflection stream (v1alpha, as grpcurl 1.8.6 speaks) on `session`
+/// that lists the services once and stays open, as reflection-based tools
+/// keep it: the answer to read, and the request stream to hold.
+async fn open_reflection_stream(
+    session: &h2::client::SendRequest<Bytes>,
+) -> (h2::RecvStream, h2::SendStream<Bytes>) {
+    let (response, mut request) = open_grpc_stream(
+        session,
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    )
+    .await;
+    // ServerReflectionRequest { list_services: "" }: field 7, length 0.
+    let list_services = [0x3a, 0x00];
+    request
+        .send_data(Bytes::from(frame(false, 2, &list_services)), false)
+        .unwrap();
+    let mut answers = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("no answer to reflection")
+        .unwrap()
+        .into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), answers.data()).await;
+    assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
+    (answers, request)
+}
+
+/// Reads `stream` to its end, at most `limit`: its gRPC status.
+async fn stream_ends(mut stream: h2::RecvStream, limit: Duration) -> Option<Code> {
     tokio::time::timeout(limit, async {
-        while let Some(data) = watch.data().await {
+        while let Some(data) = stream.data().await {
             if data.is_err() {
                 return None;
             }
         }
-        let trailers = watch.trailers().await.ok().flatten()?;
+        let trailers = stream.trailers().await.ok().flatten()?;
         let code = trailers
             .get("grpc-status")?
             .to_str()
@@ -2421,26 +2447,47 @@ async fn watch_ends(mut watch: h2::RecvStream, limit: Duration) -> Option<Code> 
         Some(Code::from(code))
     })
     .await
-    .expect("the health watch outlived the shutdown")
+    .expect("the stream outlived the shutdown")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_open_health_watch_does_not_hold_a_shutdown_for_the_grace_period() {
+async fn open_health_and_reflection_streams_do_not_hold_a_shutdown_for_the_grace_period() {
     let material = Material::new();
     let options = ServeOptions {
         drain_grace: Duration::from_secs(10),
         ..ServeOptions::default()
     };
-    // A server...
-    let (address, stop) = serve_with_options(&material, "watched", 1024, options.clone()).await;
-    let (_session, watch) = open_health_watch(&material, address).await;
+    // A server: the streams end, and so does serving...
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(securemesh_tls::serve_mtls(
+        listener,
+        server_tls(&material),
+        securemesh_tls::authorized_data_service(
+            DataHandler::new(material.keys.clone(), "watched", false),
+            Authorization::any_identity(),
+            1024,
+        ),
+        options.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let (session, watch) = open_health_watch(&material, address).await;
+    let (reflection, _held) = open_reflection_stream(&session).await;
     let _ = stop.send(());
-    let started = Instant::now();
-    assert_eq!(
-        watch_ends(watch, Duration::from_secs(3)).await,
-        Some(Code::Unavailable)
-    );
-    assert!(started.elapsed() < Duration::from_secs(3));
+    for stream in [watch, reflection] {
+        assert_eq!(
+            stream_ends(stream, Duration::from_secs(3)).await,
+            Some(Code::Unavailable)
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(3), server)
+        .await
+        .expect("the server did not stop")
+        .unwrap()
+        .unwrap();
     // ...and a coordinator: the watch ends, and so does serving.
     let mut coordinator = TestCoordinator::serve(
         &material,
@@ -2449,12 +2496,15 @@ async fn an_open_health_watch_does_not_hold_a_shutdown_for_the_grace_period() {
         options,
     )
     .await;
-    let (_session, watch) = open_health_watch(&material, coordinator.address).await;
+    let (session, watch) = open_health_watch(&material, coordinator.address).await;
+    let (reflection, _held) = open_reflection_stream(&session).await;
     coordinator.shut_down();
-    assert_eq!(
-        watch_ends(watch, Duration::from_secs(3)).await,
-        Some(Code::Unavailable)
-    );
+    for stream in [watch, reflection] {
+        assert_eq!(
+            stream_ends(stream, Duration::from_secs(3)).await,
+            Some(Code::Unavailable)
+        );
+    }
     coordinator.stopped(Duration::from_secs(3)).await.unwrap();
 }
 

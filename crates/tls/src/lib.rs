@@ -26,7 +26,7 @@ pub use authorize::{
     authorized_data_service, Authorization, Authorized, Caller, CALLER_HEADER, COORDINATOR_IDENTITY,
 };
 pub use client::{client_tls, client_tls_config, foreign_server_tls, ClientTls};
-pub use health::{ending_health, report_draining, EndingHealth};
+pub use health::{add_health_and_reflection, report_draining, EndingStreams, ReflectionError};
 pub use identity::{caller_identity, dialling_names, peer_identity, request_identity};
 pub use material::{TlsError, TlsFiles};
 pub use serve::{serve_mtls, ServeError, ServeOptions};

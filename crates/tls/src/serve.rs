@@ -20,7 +20,7 @@ use crate::{ReloadableConfig, TlsIncoming};
 pub enum ServeError {
     /// The reflection service could not be built from our descriptors.
     #[error("reflection: {0}")]
-    Reflection(#[from] securemesh::ReflectionError),
+    Reflection(#[from] crate::ReflectionError),
     /// tonic's transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -109,8 +109,7 @@ where
     let (end_watches, ending) = tokio::sync::watch::channel(false);
 
     let mut routes = RoutesBuilder::default();
-    routes.add_service(crate::health::ending_health(health.clone(), ending));
-    securemesh::add_reflection(&mut routes)?;
+    crate::add_health_and_reflection(&mut routes, health.clone(), &ending)?;
     routes.add_service(service);
 
     let incoming = TlsIncoming::new(listener, tls.into(), &options);
