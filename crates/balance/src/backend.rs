@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -117,7 +117,12 @@ pub struct BackendState {
     consecutive_failures: AtomicU32,
     verdicts: Mutex<Verdicts>,
     last_failure: Mutex<Option<String>>,
-    waker: AtomicWaker,
+    /// Each of this backend's services waiting for it to come back: after
+    /// a TLS reload an old service and its replacement may both wait, in
+    /// tasks of their own, and each must be woken (one slot shared by
+    /// both woke only the last to register, and the other, the one the
+    /// balancer kept, was never polled again).
+    waiting_services: Mutex<Vec<Weak<AtomicWaker>>>,
     rotation: Arc<Rotation>,
     /// Set once the backend has left the pool; nothing may count it again.
     retired: AtomicBool,
@@ -148,7 +153,7 @@ impl BackendState {
             consecutive_failures: AtomicU32::new(0),
             verdicts: Mutex::new(Verdicts::new()),
             last_failure: Mutex::new(None),
-            waker: AtomicWaker::new(),
+            waiting_services: Mutex::new(Vec::new()),
             rotation,
             retired: AtomicBool::new(false),
             last_resort: AtomicBool::new(false),
@@ -355,11 +360,18 @@ impl BackendState {
             return;
         }
         if may_serve {
+            let was_ejected = verdicts.is_ejected(now);
             verdicts.returned(now);
             self.consecutive_failures.store(0, Ordering::Relaxed);
             self.in_rotation.store(true, Ordering::Release);
             self.rotation.enter(&mut count);
-            if last_resort {
+            if last_resort && was_ejected {
+                tracing::warn!(
+                    backend = %self.url,
+                    "Server {} was ejected but no other backend is in rotation: used again",
+                    self.url
+                );
+            } else if last_resort {
                 tracing::warn!(
                     backend = %self.url,
                     "Server {} asks for no new calls but no other backend is in rotation: used again",
@@ -368,7 +380,7 @@ impl BackendState {
             } else {
                 tracing::info!(backend = %self.url, "Server {} is back in rotation", self.url);
             }
-            self.waker.wake();
+            self.wake_services();
             drop(verdicts);
             drop(count);
             self.publish_gauges();
@@ -380,6 +392,27 @@ impl BackendState {
             drop(count);
             self.publish_gauges();
         }
+    }
+
+    /// A wake-up slot for a new service of this backend, woken when the
+    /// backend comes back into rotation.
+    fn slot_for_a_service(&self) -> Arc<AtomicWaker> {
+        let slot = Arc::new(AtomicWaker::new());
+        let mut slots = lock(&self.waiting_services);
+        slots.retain(|slot| slot.strong_count() > 0);
+        slots.push(Arc::downgrade(&slot));
+        slot
+    }
+
+    /// Wakes every live service of this backend.
+    fn wake_services(&self) {
+        lock(&self.waiting_services).retain(|slot| match slot.upgrade() {
+            Some(slot) => {
+                slot.wake();
+                true
+            }
+            None => false,
+        });
     }
 
     /// Called when the backend leaves the pool for good.
@@ -422,6 +455,8 @@ pub struct Backend {
     state: Arc<BackendState>,
     channel: Http2Channel,
     attempt_timeout: Duration,
+    /// Woken when the backend comes back into rotation.
+    back_in_rotation: Arc<AtomicWaker>,
 }
 
 impl Backend {
@@ -431,6 +466,7 @@ impl Backend {
         attempt_timeout: Duration,
     ) -> Self {
         Self {
+            back_in_rotation: state.slot_for_a_service(),
             state,
             channel,
             attempt_timeout,
@@ -447,7 +483,7 @@ impl tower::Service<Attempt> for Backend {
         if self.state.is_in_rotation() {
             return Poll::Ready(Ok(()));
         }
-        self.state.waker.register(cx.waker());
+        self.back_in_rotation.register(cx.waker());
         // Re-check: a return between the load and the registration would
         // otherwise be missed.
         if self.state.is_in_rotation() {
@@ -645,6 +681,57 @@ mod tests {
         assert_eq!((recent.calls, recent.failures), (2, 1));
     }
 
+    /// A waker that counts its wakes.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// After a TLS reload the balancer holds an old and a new service of
+    /// one backend, each waiting in a task of its own: both are woken when
+    /// the backend comes back, whichever registered last.
+    #[tokio::test]
+    async fn every_service_of_a_backend_is_woken_when_it_comes_back() {
+        let (_pki, tls) = crate::testing::coordinator_tls();
+        let state = crate::testing::backend_state();
+        let service = || {
+            let options = crate::channel::ChannelOptions {
+                connect_timeout: Duration::from_secs(1),
+                keepalive_interval: Duration::from_secs(10),
+                keepalive_timeout: Duration::from_secs(1),
+            };
+            let channel =
+                Http2Channel::new("https://backend.test", tls.rustls_config(), options).unwrap();
+            Backend::new(state.clone(), channel, Duration::from_secs(1))
+        };
+        let (mut old, mut new) = (service(), service());
+        state.checked(HealthCheck::Failed("health check timed out".into()));
+        assert!(!state.is_in_rotation());
+        let counters: Vec<_> = (0..2)
+            .map(|_| Arc::new(CountingWaker(std::sync::atomic::AtomicUsize::new(0))))
+            .collect();
+        for (service, counter) in [&mut new, &mut old].into_iter().zip(&counters) {
+            let waker = std::task::Waker::from(counter.clone());
+            let mut cx = Context::from_waker(&waker);
+            assert!(tower::Service::poll_ready(service, &mut cx).is_pending());
+        }
+        state.checked(HealthCheck::Serving);
+        assert!(state.is_in_rotation());
+        for (which, counter) in ["new", "old"].into_iter().zip(&counters) {
+            assert_eq!(counter.0.load(Ordering::SeqCst), 1, "the {which} service");
+        }
+        // A service gone frees its slot at the next one's coming.
+        drop(old);
+        let _third = service();
+        assert_eq!(lock(&state.waiting_services).len(), 2);
+    }
+
     #[test]
     fn a_backend_that_only_asks_for_no_calls_is_the_last_resort() {
         let rotation = Arc::new(Rotation::default());
@@ -723,5 +810,54 @@ mod tests {
         b.call_failed("connection refused");
         assert!(b.is_in_rotation(), "the last backend was ejected");
         assert_eq!(rotation.count(), 1);
+    }
+
+    #[test]
+    fn an_ejected_backend_that_passes_its_checks_is_the_last_resort() {
+        let rotation = Arc::new(Rotation::default());
+        let policy = EjectionPolicy::default();
+        let a = BackendState::new("https://a".into(), policy, rotation.clone());
+        let b = BackendState::new("https://b".into(), policy, rotation.clone());
+        a.call_failed("per-try timeout");
+        assert!(a.is_ejected());
+        // The other backend fails its health check: the rotation empties,
+        // and the ejected one (its checks pass) comes back at once.
+        b.checked(HealthCheck::Failed("health check timed out".into()));
+        assert_eq!(rotation.count(), 0);
+        a.settle();
+        assert!(a.is_in_rotation() && !a.is_ejected());
+        assert_eq!(rotation.count(), 1);
+        // Not so one that fails its checks too.
+        b.checked(HealthCheck::Serving);
+        a.call_failed("per-try timeout");
+        a.checked(HealthCheck::Failed("health check timed out".into()));
+        b.checked(HealthCheck::Failed("health check timed out".into()));
+        a.settle();
+        assert!(!a.is_in_rotation());
+        assert_eq!(rotation.count(), 0);
+    }
+
+    /// Without health checks, the task that ends ejections also brings an
+    /// ejected backend back when the rotation empties.
+    #[tokio::test]
+    async fn without_health_checks_an_ejected_backend_returns_when_the_rotation_empties() {
+        let rotation = Arc::new(Rotation::default());
+        let policy = EjectionPolicy {
+            base_time: Duration::from_secs(60),
+            ..EjectionPolicy::default()
+        };
+        let a = BackendState::new("https://a".into(), policy, rotation.clone());
+        let b = BackendState::new("https://b".into(), policy, rotation.clone());
+        let readmitting = tokio::spawn(crate::health::readmit(a.clone()));
+        a.call_failed("per-try timeout");
+        assert!(a.is_ejected());
+        b.retire();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !a.is_in_rotation() {
+            assert!(Instant::now() < deadline, "the ejected backend stayed out");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(rotation.count(), 1);
+        readmitting.abort();
     }
 }

@@ -29,6 +29,8 @@ pub(crate) async fn probe(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rotation_serving = state.rotation_serving();
+    // An empty rotation before this task first ran counts too.
+    rotation_serving.mark_changed();
     loop {
         // Wake at the next check, or when an ejection runs out, so that a
         // healthy backend returns as soon as its ejection ends.
@@ -42,8 +44,9 @@ pub(crate) async fn probe(
             // A new ejection: wait for its end instead of the next tick.
             () = state.ejected.notified() => continue,
             // The last other backend left: a backend that only asked for
-            // no calls (draining) comes back now, as the last resort,
-            // rather than at its next check. The rotation lives as long as
+            // no calls (draining), or an ejected one that passes its
+            // checks, comes back now, as the last resort, rather than at
+            // its next check or at the end of its ejection. The rotation lives as long as
             // the state, so this never ends in an error.
             Ok(()) = rotation_serving.changed() => {
                 if !*rotation_serving.borrow_and_update() {
@@ -84,13 +87,22 @@ pub(crate) async fn probe(
 
 /// Ends a backend's ejections as they run out, for a pool without health
 /// checks ([`probe`] does it as well as checking). Without it an ejected
-/// backend would stay out until the process ends.
+/// backend would stay out until the process ends. An ejected backend also
+/// comes back at once when no other is left in rotation.
 pub(crate) async fn readmit(state: Arc<BackendState>) {
+    let mut rotation_serving = state.rotation_serving();
+    // An empty rotation before this task first ran counts too.
+    rotation_serving.mark_changed();
     loop {
         let ejection_ends = state.ejection_ends();
         tokio::select! {
             () = sleep_until_some(ejection_ends) => state.settle(),
             () = state.ejected.notified() => {}
+            Ok(()) = rotation_serving.changed() => {
+                if !*rotation_serving.borrow_and_update() {
+                    state.settle();
+                }
+            }
         }
     }
 }

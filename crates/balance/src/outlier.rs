@@ -92,11 +92,18 @@ impl Verdicts {
         self.asks_for_no_calls = true;
     }
 
-    /// Whether the backend may take calls at `now` when no other can: it
+    /// Whether the backend may take calls at `now` when no other can:
+    /// calls failed on it (it is ejected) but its health checks pass, or it
     /// only asked for none (it answers, says `NOT_SERVING`, and is not
     /// ejected), as a draining process does while it still serves.
+    /// Passive observations never take the last backend out of rotation,
+    /// nor keep it out once it is the last.
     pub(crate) fn may_serve_as_last_resort(&self, now: Instant) -> bool {
-        !self.healthy && self.asks_for_no_calls && !self.is_ejected(now)
+        if self.healthy {
+            self.is_ejected(now)
+        } else {
+            self.asks_for_no_calls && !self.is_ejected(now)
+        }
     }
 
     /// Whether the backend may take calls at `now`.
