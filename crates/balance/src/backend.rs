@@ -516,8 +516,10 @@ impl tower::Service<Attempt> for Backend {
         let in_flight = InFlight::start(&state);
         Box::pin(async move {
             let mut metadata = http::HeaderMap::with_capacity(8);
+            // Encoded, the caller is always a valid header value.
+            let caller = attempt.caller.as_deref().map(securemesh_tls::encode_caller);
             for (name, value) in [
-                (CALLER_HEADER, attempt.caller.as_deref()),
+                (CALLER_HEADER, caller.as_deref()),
                 ("authorization", attempt.authorization.as_deref()),
                 (
                     securemesh::request_id::HEADER,

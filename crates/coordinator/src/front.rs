@@ -113,7 +113,11 @@ pub async fn serve(
         others: routes.routes(),
         max_concurrent_streams: options.max_concurrent_streams,
         handshake_timeout: options.handshake_timeout,
-        keepalive_interval: options.keepalive_interval,
+        // A zero interval would ping without pause (and tokio's interval
+        // refuses it): no pings, as tonic's servers take it.
+        keepalive_interval: options
+            .keepalive_interval
+            .filter(|interval| !interval.is_zero()),
         keepalive_timeout: options.keepalive_timeout,
     });
 
@@ -142,14 +146,20 @@ pub async fn serve(
                 Some(Err(error)) => tracing::warn!(%error, "accepting a connection failed"),
                 None => break,
             },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(ended) = connections.join_next(), if !connections.is_empty() => {
+                report_panic(ended);
+            }
         }
     }
     // New connections are refused from here on (the port is released).
     drop(incoming);
     tracing::info!("shutting down: finishing in-flight calls");
     let _ = closing.send(true);
-    let finished = async { while connections.join_next().await.is_some() {} };
+    let finished = async {
+        while let Some(ended) = connections.join_next().await {
+            report_panic(ended);
+        }
+    };
     if tokio::time::timeout(options.drain_grace, finished)
         .await
         .is_err()
@@ -161,6 +171,16 @@ pub async fn serve(
         connections.abort_all();
     }
     Ok(())
+}
+
+/// Logs a connection task that panicked: its caller was cut off, and
+/// nothing else would say why.
+fn report_panic(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = ended {
+        if error.is_panic() {
+            tracing::error!(%error, "a connection's task panicked: its calls were cut off");
+        }
+    }
 }
 
 /// A task that ends with its owner: aborted when dropped.
@@ -495,7 +515,7 @@ fn refuse_as_http(method: &http::Method, headers: &HeaderMap) -> Option<Response
     let is_grpc = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/grpc"));
+        .is_some_and(is_grpc_content_type);
     let status = if method != http::Method::POST {
         StatusCode::METHOD_NOT_ALLOWED
     } else if !is_grpc {
@@ -506,6 +526,16 @@ fn refuse_as_http(method: &http::Method, headers: &HeaderMap) -> Option<Response
     let mut response = Response::new(());
     *response.status_mut() = status;
     Some(response)
+}
+
+/// Whether a `content-type` names gRPC: `application/grpc`, alone or
+/// followed by `+` (a message format) or `;` (parameters). gRPC-Web's
+/// `application/grpc-web` is another protocol, whose trailers travel in
+/// the body.
+fn is_grpc_content_type(value: &str) -> bool {
+    value
+        .strip_prefix("application/grpc")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
 }
 
 /// Reads a unary call's one message: at most `limit` bytes, not
@@ -520,9 +550,15 @@ async fn read_message(mut body: RecvStream, limit: usize) -> Result<SubmitReques
         if expected.is_none() {
             if let Some((compressed, length)) = gathered.header() {
                 if compressed {
-                    return Err(Status::unimplemented(
+                    // The header tells the caller what to send instead.
+                    let mut refusal = Status::unimplemented(
                         "compressed messages are not accepted (grpc-accept-encoding: identity)",
-                    ));
+                    );
+                    refusal.metadata_mut().insert(
+                        "grpc-accept-encoding",
+                        tonic::metadata::MetadataValue::from_static("identity"),
+                    );
+                    return Err(refusal);
                 }
                 if length > limit {
                     return Err(Status::out_of_range(format!(

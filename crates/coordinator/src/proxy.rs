@@ -131,7 +131,7 @@ impl Coordinator {
         let latency = timer.finish(status);
         tracing::info!(
             %request_id,
-            %caller,
+            caller = %securemesh::text::field(&caller),
             method = SUBMIT_METHOD,
             status,
             latency_ms = latency.as_micros() as f64 / 1000.0,

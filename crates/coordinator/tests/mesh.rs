@@ -1423,6 +1423,69 @@ async fn a_client_cannot_speak_for_another_or_skip_credentials_by_claiming_a_cal
     );
 }
 
+/// A server reads the caller its forwarder names back as it was, whatever
+/// its characters (the coordinator percent-encodes it), and refuses a call
+/// whose caller it cannot read instead of taking it for the forwarder's
+/// own. A client's claim to the coordinator stays there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_caller_arrives_as_it_was_or_the_call_is_refused() {
+    let material = Material::new();
+    let (address, _stop) = echo_server_admitting_alice(&material).await;
+    let message = SubmitRequest {
+        token: material.keys.encrypt(b"who am I").into(),
+    }
+    .encode_to_vec();
+    let call = frame(false, message.len() as u32, &message);
+
+    let tls = try_tls_as(&material, address, "coordinator").await.unwrap();
+    let (as_coordinator, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    for identity in [
+        "Zoë",
+        "spiffe://securemesh/client/a%20b",
+        "line\nbreak\u{7f} and space",
+        CLIENT_IDENTITY,
+    ] {
+        let encoded = securemesh_tls::encode_caller(identity);
+        let (_, code, reply) = raw_h2_exchange(
+            &as_coordinator,
+            &[(securemesh_tls::CALLER_HEADER, &encoded)],
+            &call,
+        )
+        .await;
+        assert_eq!(code, Some(Code::Ok), "{identity:?} as {encoded}");
+        let reply = SubmitReply::decode(&reply[5..]).unwrap();
+        assert_eq!(reply.result, identity);
+    }
+    for unreadable in ["Zoë", "%FF", "a%2", "two words"] {
+        let (_, code, _) = raw_h2_exchange(
+            &as_coordinator,
+            &[(securemesh_tls::CALLER_HEADER, unreadable)],
+            &call,
+        )
+        .await;
+        assert_eq!(code, Some(Code::InvalidArgument), "{unreadable:?}");
+    }
+
+    // Through a coordinator, a client that claims to be the coordinator
+    // (or anyone) is still itself at the server.
+    let coordinator = TestCoordinator::start_with(
+        &material,
+        &[format!("https://{address}")],
+        Authorization::any_identity(),
+    )
+    .await;
+    ready(&material, &coordinator.url).await;
+    let session = h2_session(&material, coordinator.address).await;
+    for claimed in [securemesh_tls::COORDINATOR_IDENTITY, "Zo%C3%AB"] {
+        let (_, code, reply) =
+            raw_h2_exchange(&session, &[(securemesh_tls::CALLER_HEADER, claimed)], &call).await;
+        assert_eq!(code, Some(Code::Ok), "claiming {claimed}");
+        let reply = SubmitReply::decode(&reply[5..]).unwrap();
+        assert_eq!(reply.result, CLIENT_IDENTITY, "claiming {claimed}");
+    }
+}
+
 /// What the tracing events of this test binary at WARN and above said, as
 /// plain text (installed once, for the whole binary).
 struct CapturedWarnings(Arc<std::sync::Mutex<Vec<u8>>>);
@@ -1732,7 +1795,17 @@ async fn try_tls_as_client(
     material: &Material,
     address: SocketAddr,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let tls = securemesh_tls::client_tls_config(&material.files("client"))
+    try_tls_as(material, address, "client").await
+}
+
+/// A TLS connection to `address` with the certificate of `identity`, or
+/// how the handshake failed.
+async fn try_tls_as(
+    material: &Material,
+    address: SocketAddr,
+    identity: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tls = securemesh_tls::client_tls_config(&material.files(identity))
         .unwrap()
         .rustls_config();
     let tcp = tokio::net::TcpStream::connect(address).await?;
@@ -1960,8 +2033,52 @@ async fn the_coordinator_refuses_what_is_not_exactly_one_grpc_message() {
     // Not gRPC at all: refused at the HTTP level.
     let get = raw_h2_call(&session, http::Method::GET, grpc, &whole, true).await;
     assert_eq!(get.0, http::StatusCode::METHOD_NOT_ALLOWED);
-    let text = raw_h2_call(&session, http::Method::POST, "text/plain", &whole, true).await;
-    assert_eq!(text.0, http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    for other in ["text/plain", "application/grpc-web", "application/grpcx"] {
+        let answer = raw_h2_call(&session, http::Method::POST, other, &whole, true).await;
+        assert_eq!(
+            answer.0,
+            http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{other}"
+        );
+    }
+    for also_grpc in ["application/grpc+proto", "application/grpc;charset=utf-8"] {
+        let answer = raw_h2_call(&session, http::Method::POST, also_grpc, &whole, true).await;
+        assert_eq!(
+            answer,
+            (http::StatusCode::OK, Some(Code::Ok)),
+            "{also_grpc}"
+        );
+    }
+
+    // A compressed message is refused with what to send instead.
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri("https://localhost/securemesh.v1.DataService/Submit")
+        .header("content-type", grpc)
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut stream) = session
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    stream
+        .send_data(
+            Bytes::from(frame(true, message.len() as u32, &message)),
+            true,
+        )
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        response.headers().get("grpc-accept-encoding").unwrap(),
+        "identity"
+    );
 
     for (what, body, expected) in [
         (
@@ -2506,6 +2623,25 @@ async fn open_health_and_reflection_streams_do_not_hold_a_shutdown_for_the_grace
         );
     }
     coordinator.stopped(Duration::from_secs(3)).await.unwrap();
+}
+
+/// A keepalive interval of zero (the library's callers may give one)
+/// means no pings, as for tonic's servers: every connection used to panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_keepalive_interval_means_no_pings() {
+    let material = Material::new();
+    let coordinator = TestCoordinator::serve(
+        &material,
+        bare_coordinator(&material),
+        Authorization::any_identity(),
+        ServeOptions {
+            keepalive_interval: Some(Duration::ZERO),
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let session = h2_session(&material, coordinator.address).await;
+    let _watch = watch_on(&session).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,8 +85,8 @@ impl DataService for DataHandler {
         // Never the token or the plaintext: its size, and how it went.
         tracing::info!(
             %request_id,
-            %caller,
-            %via,
+            caller = %securemesh::text::field(&caller),
+            via = %securemesh::text::field(&via),
             method = SUBMIT_METHOD,
             status,
             latency_ms = latency.as_micros() as f64 / 1000.0,

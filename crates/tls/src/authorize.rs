@@ -9,7 +9,11 @@
 //! The coordinator tells servers who its caller was in the
 //! [`CALLER_HEADER`] metadata; a server believes that header only from a
 //! trusted forwarder (the coordinator), so a client cannot claim to be
-//! someone else by setting it.
+//! someone else by setting it. The identity travels percent-encoded
+//! ([`encode_caller`]): a certificate's name may hold any character (a
+//! common name with an accent, a control character), which a header value
+//! cannot carry as it is, and a server refuses a forwarded call whose
+//! caller it cannot read rather than take it for the forwarder's own.
 //!
 //! Optionally, callers must also present credentials (`authorization`
 //! metadata, Basic or Bearer) from a credentials file; missing or wrong
@@ -19,6 +23,7 @@
 //! Applied around the DataService alone ([`authorized_data_service`]):
 //! health checks and reflection stay open to every certificate of the CA.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::future::Future;
@@ -27,6 +32,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use percent_encoding::{AsciiSet, CONTROLS};
 use securemesh::v1::data_service_server::{DataService, DataServiceServer};
 use securemesh_credentials::{Credentials, Refusal};
 use tonic::body::Body;
@@ -45,6 +51,39 @@ const REFUSAL_WARNINGS_EVERY: Duration = Duration::from_secs(1);
 
 /// The metadata header that carries the original caller's identity.
 pub const CALLER_HEADER: &str = "x-securemesh-caller";
+
+/// What [`encode_caller`] writes as `%XX`, beside every byte outside
+/// ASCII: control characters, the space and `%` itself.
+const ESCAPED_IN_CALLER: &AsciiSet = &CONTROLS.add(b' ').add(b'%');
+
+/// `identity` as the [`CALLER_HEADER`] carries it: percent-encoded, so
+/// that it is visible ASCII (a valid header value) whatever its
+/// characters, and arrives unchanged ([`decode_caller`]).
+pub fn encode_caller(identity: &str) -> Cow<'_, str> {
+    percent_encoding::utf8_percent_encode(identity, ESCAPED_IN_CALLER).into()
+}
+
+/// The identity a [`CALLER_HEADER`] value names, if it is one
+/// [`encode_caller`] could have written: visible ASCII whose `%XX`
+/// escapes decode to UTF-8.
+pub fn decode_caller(value: &[u8]) -> Option<String> {
+    // percent_decode leaves a `%` without two hex digits as it is.
+    let mut rest = value;
+    while let Some((first, after)) = rest.split_first() {
+        rest = match (first, after) {
+            (b'%', [high, low, after @ ..])
+                if high.is_ascii_hexdigit() && low.is_ascii_hexdigit() =>
+            {
+                after
+            }
+            (b'%', _) => return None,
+            (byte, after) if byte.is_ascii_graphic() => after,
+            _ => return None,
+        };
+    }
+    let identity = percent_encoding::percent_decode(value).decode_utf8().ok()?;
+    Some(identity.into_owned())
+}
 
 /// The identity of the coordinator certificate made by `pki init`.
 pub const COORDINATOR_IDENTITY: &str = "spiffe://securemesh/both/coordinator";
@@ -170,14 +209,20 @@ impl Authorization {
                 )));
             }
         }
-        let claimed = request
-            .metadata()
-            .get(CALLER_HEADER)
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_owned);
+        let claimed = request.metadata().get(CALLER_HEADER);
         let on_behalf_of = match claimed {
-            Some(claimed) if self.forwarders.contains(&peer) => Some(claimed),
+            Some(claimed) if self.forwarders.contains(&peer) => {
+                let Some(caller) = decode_caller(claimed.as_bytes()) else {
+                    audit_refusal(request, &peer, "INVALID_ARGUMENT");
+                    tracing::warn!(%peer, value = ?claimed, "call refused: a forwarder named its caller unreadably");
+                    return Err(Status::invalid_argument(format!(
+                        "the {CALLER_HEADER} header is no percent-encoded UTF-8 identity"
+                    )));
+                };
+                Some(caller)
+            }
             Some(claimed) => {
+                let claimed = String::from_utf8_lossy(claimed.as_bytes());
                 // Debug-quoted: the value is the caller's, and must not
                 // pass for fields of the log line.
                 if let Some(held_back) = self
@@ -302,7 +347,7 @@ fn audit_refusal(request: &Request<()>, peer: &str, status: &'static str) {
         .inc();
     tracing::info!(
         request_id = %securemesh::request_id::of(request.metadata()),
-        caller = %peer,
+        caller = %securemesh::text::field(peer),
         method = securemesh::v1::SUBMIT_METHOD,
         status,
         latency_ms = 0.0,
@@ -381,4 +426,53 @@ where
 
 impl<S: NamedService> NamedService for Authorized<S> {
     const NAME: &'static str = S::NAME;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_is_encoded_as_visible_ascii_and_decoded_as_it_was() {
+        for identity in [
+            "spiffe://securemesh/client/client",
+            "spiffe://securemesh/client/a%20b",
+            "Zoë",
+            "tab\tnew\nline\u{7f} space",
+            "",
+        ] {
+            let encoded = encode_caller(identity);
+            assert!(
+                encoded.bytes().all(|byte| byte.is_ascii_graphic()),
+                "{encoded}"
+            );
+            assert_eq!(decode_caller(encoded.as_bytes()).as_deref(), Some(identity));
+        }
+        // What needs no escape is sent as it is.
+        assert_eq!(
+            encode_caller("spiffe://securemesh/client/client"),
+            "spiffe://securemesh/client/client"
+        );
+    }
+
+    #[test]
+    fn a_caller_header_that_no_encoding_wrote_is_unreadable() {
+        for value in [
+            "Zoë".as_bytes(),
+            b"%FF",
+            b"%C3",
+            b"a%2",
+            b"%G1",
+            b"%",
+            b"two words",
+            b"tab\there",
+        ] {
+            assert_eq!(
+                decode_caller(value),
+                None,
+                "{}",
+                String::from_utf8_lossy(value)
+            );
+        }
+    }
 }

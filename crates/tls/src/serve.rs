@@ -53,10 +53,10 @@ pub struct ServeOptions {
     /// a while (see [`crate::TlsIncoming`]), and is refused otherwise, so
     /// that silent connections cannot keep certificate holders out.
     pub max_handshakes: usize,
-    /// HTTP/2 pings to each caller at this interval (`None`: never); a
-    /// caller that does not answer one within `keepalive_timeout` is gone
-    /// (a crashed host, a cut network leave the TCP connection half open)
-    /// and its connection is closed, giving its slot back.
+    /// HTTP/2 pings to each caller at this interval (`None` or zero:
+    /// never); a caller that does not answer one within `keepalive_timeout`
+    /// is gone (a crashed host, a cut network leave the TCP connection half
+    /// open) and its connection is closed, giving its slot back.
     pub keepalive_interval: Option<Duration>,
     /// See `keepalive_interval`.
     pub keepalive_timeout: Duration,
@@ -131,7 +131,12 @@ where
     };
     let server = Server::builder()
         .max_concurrent_streams(Some(options.max_concurrent_streams))
-        .http2_keepalive_interval(options.keepalive_interval)
+        // Zero: no pings, as the coordinator's front end takes it.
+        .http2_keepalive_interval(
+            options
+                .keepalive_interval
+                .filter(|interval| !interval.is_zero()),
+        )
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, drain);
