@@ -2625,6 +2625,30 @@ async fn open_health_and_reflection_streams_do_not_hold_a_shutdown_for_the_grace
     coordinator.stopped(Duration::from_secs(3)).await.unwrap();
 }
 
+/// A peer that finishes TLS with a server and then sends nothing (no
+/// HTTP/2 preface) gives its connection slot back after the handshake
+/// timeout: HTTP/2 pings, which find a silent peer later on, start only
+/// after the preface.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_silent_after_tls_gives_its_slot_on_a_server_back() {
+    let material = Material::new();
+    let options = ServeOptions {
+        max_connections: 1,
+        handshake_timeout: Duration::from_millis(1500),
+        ..ServeOptions::default()
+    };
+    let (address, _stop) = serve_with_options(&material, "silent", 1024, options).await;
+    let _silent = tls_as_client(&material, address).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ca = material.dir.path().join("ca_cert.pem");
+    let probe = open_tls(address, "localhost", &ca, Some(&material.files("client"))).await;
+    assert!(
+        probe.is_err(),
+        "the silent peer does not hold the only slot"
+    );
+    until_a_connection_is_accepted(&material, address, "the silent peer kept the only slot").await;
+}
+
 /// A keepalive interval of zero (the library's callers may give one)
 /// means no pings, as for tonic's servers: every connection used to panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,8 +75,15 @@ pub struct Connection {
     /// A new client verifier to judge the peer by, when the configuration
     /// is replaced.
     verdicts: Verdicts,
-    /// When the peer's certificate expires.
-    expires: Option<Instant>,
+    /// When the peer's certificate expires, by the wall clock (as
+    /// certificates are judged: the monotonic clock stops while a machine
+    /// sleeps, and would let a connection outlive its certificate).
+    expires: Option<SystemTime>,
+    /// Until the peer's first bytes (its HTTP/2 preface) arrive: when it
+    /// must have sent them. A peer that finishes TLS and says nothing would
+    /// otherwise hold its connection slot for good: HTTP/2 pings start only
+    /// after the preface.
+    first_bytes_by: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Why the peer's certificate is no longer accepted: every read fails.
     refused: Option<String>,
     _slot: Slot,
@@ -378,6 +385,7 @@ async fn handshake(
                     identity,
                     verdicts,
                     expires,
+                    first_bytes_by: Some(Box::pin(tokio::time::sleep(timeout))),
                     refused: None,
                     _slot: slot,
                 }))
@@ -411,16 +419,13 @@ async fn handshake(
 }
 
 /// The moment a certificate valid until `not_after` (Unix seconds, the
-/// last valid second) expires, on the monotonic clock.
-fn expires_at(not_after: i64) -> Instant {
+/// last valid second) expires.
+fn expires_at(not_after: i64) -> SystemTime {
     let end = u64::try_from(not_after)
         .unwrap_or(0)
         .saturating_add(1)
         .min(u64::from(u32::MAX));
-    let left = (SystemTime::UNIX_EPOCH + Duration::from_secs(end))
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
-    Instant::now() + left
+    SystemTime::UNIX_EPOCH + Duration::from_secs(end)
 }
 
 /// Every label [`failure_reason`] gives, `timeout` and `displaced`.
@@ -470,7 +475,7 @@ impl Connection {
     /// Judges the peer again if the configuration was replaced since the
     /// last look; an error once its certificate is no longer accepted.
     fn peer_still_accepted(&mut self) -> std::io::Result<()> {
-        if self.refused.is_none() && self.expires.is_some_and(|at| Instant::now() >= at) {
+        if self.refused.is_none() && self.expires.is_some_and(|at| SystemTime::now() >= at) {
             tracing::warn!(
                 peer = ?self.stream.get_ref().0.peer_addr().ok(),
                 identity = self.identity.as_deref().unwrap_or("unknown"),
@@ -514,7 +519,21 @@ impl AsyncRead for Connection {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         this.peer_still_accepted()?;
-        Pin::new(&mut this.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Some(deadline) = &mut this.first_bytes_by {
+            match &read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => this.first_bytes_by = None,
+                Poll::Pending if std::future::Future::poll(deadline.as_mut(), cx).is_ready() => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the peer sent nothing within the handshake timeout",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        read
     }
 }
 
