@@ -28,6 +28,11 @@ pub enum KeyFileError {
     /// A promotion asked of a file with one key.
     #[error("{0}: one key only, none staged to promote (keygen --stage first)")]
     NothingToPromote(PathBuf),
+    /// The key file to rewrite is a symbolic link: a rewrite replaces the
+    /// file at the path, so the link would become a file of its own and
+    /// whoever reads its target would never see the change.
+    #[error("{0} is a symbolic link: name the key file it points to instead")]
+    SymbolicLink(PathBuf),
     /// Keeping no key at all was asked.
     #[error("at least one key must be kept")]
     KeepNone,
@@ -54,6 +59,7 @@ pub fn generate_key() -> String {
 /// lock of the file's directory, as [`edit_key_file`] does, so that a
 /// forced replacement and an edit under way do not lose one another.
 pub fn write_new_key_file(path: &Path, force: bool) -> Result<(), KeyFileError> {
+    refuse_symbolic_link(path)?;
     let _lock = securemesh_fs::lock_dir_of(path)?;
     let line = format!("{}\n", generate_key());
     Ok(securemesh_fs::write_file(
@@ -97,6 +103,7 @@ pub enum KeyFileEdit {
 /// blank line between) travels with that key when keys move or go, and
 /// every other line keeps its place.
 pub fn edit_key_file(path: &Path, edit: KeyFileEdit) -> Result<usize, KeyFileError> {
+    refuse_symbolic_link(path)?;
     let _lock = securemesh_fs::lock_dir_of(path)?;
     let text = read_key_file_text(path)?;
     let mut lines = KeyFileLines::parse(&text);
@@ -133,6 +140,17 @@ pub fn edit_key_file(path: &Path, edit: KeyFileEdit) -> Result<usize, KeyFileErr
         true,
     )?;
     Ok(lines.key_slots().len())
+}
+
+/// Refuses to rewrite a key file that is a symbolic link (see
+/// [`KeyFileError::SymbolicLink`]).
+fn refuse_symbolic_link(path: &Path) -> Result<(), KeyFileError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_symlink() => {
+            Err(KeyFileError::SymbolicLink(path.to_path_buf()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A key file's lines as an edit sees them.
@@ -391,5 +409,42 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    /// A rewrite replaces the file at its path: through a symbolic link it
+    /// would leave the link's target (which servers may read) unchanged,
+    /// and the link a file of its own.
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_that_is_a_symbolic_link_is_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target/keys.txt");
+        write_new_key_file(&target, false).unwrap();
+        let link = dir.path().join("keys.txt");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let before = std::fs::read_to_string(&target).unwrap();
+        for edit in [
+            KeyFileEdit::Rotate,
+            KeyFileEdit::Stage,
+            KeyFileEdit::Keep(1),
+        ] {
+            let refused = edit_key_file(&link, edit).unwrap_err();
+            assert!(
+                matches!(refused, KeyFileError::SymbolicLink(_)),
+                "{refused}"
+            );
+        }
+        let refused = write_new_key_file(&link, true).unwrap_err();
+        assert!(
+            matches!(refused, KeyFileError::SymbolicLink(_)),
+            "{refused}"
+        );
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), before);
+        // The target itself is edited as any key file.
+        assert_eq!(rotate_key_file(&target).unwrap(), 2);
     }
 }
