@@ -106,16 +106,25 @@ where
         let max_attempts = self.max_attempts;
         Box::pin(async move {
             let mut first = first;
+            let mut look_at = tokio::time::Instant::now() + delay;
             loop {
                 tokio::select! {
                     biased;
                     outcome = &mut first => return outcome,
-                    () = tokio::time::sleep(delay) => {}
+                    () = tokio::time::sleep_until(look_at) => {}
                 }
-                // Waiting for the balancer is not slowness of a backend.
-                if attempt.trace.attempts() > reached_before {
-                    break;
-                }
+                // Waiting for the balancer is not slowness of a backend: the
+                // delay counts from the moment the attempt reached one.
+                let reached = attempt
+                    .trace
+                    .last_attempted_at()
+                    .filter(|_| attempt.trace.attempts() > reached_before);
+                let now = tokio::time::Instant::now();
+                look_at = match reached {
+                    Some(reached) if reached + delay <= now => break,
+                    Some(reached) => reached + delay,
+                    None => now + delay,
+                };
             }
             if rotation.count() < 2 || attempt.trace.attempts() >= max_attempts {
                 return first.await;
@@ -439,9 +448,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn time_spent_waiting_for_the_balancer_does_not_count() {
-        let service = Scripted::new(vec![Script::Queued(ms(120), ms(20)), Script::Answer(ms(1))]);
+        // Reached after 120 ms or 45 ms of the 50 ms delay, answered 30 ms
+        // later: no hedge, since the delay counts from reaching a backend.
+        for queued in [ms(120), ms(45)] {
+            let service =
+                Scripted::new(vec![Script::Queued(queued, ms(30)), Script::Answer(ms(1))]);
+            let outcome = run(&service, budget()).await;
+            assert_eq!(answered_by(&outcome), "backend-0");
+            assert_eq!(service.started.load(Ordering::SeqCst), 1, "{queued:?}");
+        }
+        // Still slow a delay after reaching its backend: hedged then.
+        let service = Scripted::new(vec![Script::Queued(ms(45), ms(500)), Script::Answer(ms(1))]);
+        let started = tokio::time::Instant::now();
         let outcome = run(&service, budget()).await;
-        assert_eq!(answered_by(&outcome), "backend-0");
-        assert_eq!(service.started.load(Ordering::SeqCst), 1);
+        assert_eq!(answered_by(&outcome), "backend-1");
+        assert_eq!(started.elapsed(), ms(45) + DELAY + ms(1));
     }
 }

@@ -71,6 +71,8 @@ pub struct Attempt {
 pub struct CallTrace {
     attempts: std::sync::atomic::AtomicU32,
     last_backend: std::sync::Mutex<Option<Arc<backend::BackendState>>>,
+    /// When the last attempt was sent to its backend.
+    last_attempted_at: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Backends this call's attempts failed on since its last retry.
     failed_on: std::sync::Mutex<Vec<Arc<backend::BackendState>>>,
     /// Marks that keep the balancer off those backends while it picks the
@@ -82,6 +84,11 @@ impl CallTrace {
     /// Attempts made (0 if the call never reached an endpoint).
     pub fn attempts(&self) -> u32 {
         self.attempts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// When the last attempt was sent to its backend.
+    pub(crate) fn last_attempted_at(&self) -> Option<tokio::time::Instant> {
+        *lock(&self.last_attempted_at)
     }
 
     /// The endpoint of the last attempt.
@@ -99,6 +106,7 @@ impl CallTrace {
     pub(crate) fn attempted(&self, backend: &Arc<backend::BackendState>) {
         self.attempts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *lock(&self.last_attempted_at) = Some(tokio::time::Instant::now());
         *lock(&self.last_backend) = Some(backend.clone());
         let picked = std::mem::take(&mut *lock(&self.avoiding));
         drop(picked);
