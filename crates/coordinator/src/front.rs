@@ -398,16 +398,8 @@ impl Front {
                     let context =
                         self.coordinator
                             .context(&metadata, extensions.get::<Caller>(), deadline);
-                    // The deadline holds from the call's arrival: a message that
-                    // never finishes arriving does not hold the stream forever.
                     let reading = read_message(body, self.max_message_bytes);
-                    match tokio::time::timeout_at(context.deadline(), reading).await {
-                        Err(_) => Err(Status::deadline_exceeded(
-                            "the request's message did not arrive within its deadline",
-                        )),
-                        Ok(Err(status)) => Err(status),
-                        Ok(Ok(message)) => self.coordinator.relay(message, context).await,
-                    }
+                    self.coordinator.relay(reading, context).await
                 }
             }
         };

@@ -51,17 +51,10 @@ impl Coordinator {
 
 /// What the coordinator needs to know of a call besides its message.
 pub(crate) struct CallContext {
+    /// When the caller stops waiting (see [`Coordinator::deadline`]).
     deadline: tokio::time::Instant,
     request_id: String,
     caller: String,
-}
-
-impl CallContext {
-    /// When the caller stops waiting: its `grpc-timeout` from now (less a
-    /// margin), at most the coordinator's request timeout.
-    pub(crate) fn deadline(&self) -> tokio::time::Instant {
-        self.deadline
-    }
 }
 
 impl Coordinator {
@@ -99,47 +92,92 @@ impl Coordinator {
         }
     }
 
-    /// Relays one `Submit` through the balancer within the caller's
-    /// deadline, and writes its audit line.
+    /// Reads one `Submit`'s `message` and relays it through the balancer,
+    /// both within the caller's deadline, and writes its audit line: for
+    /// a message refused on arrival (too large, compressed, malformed, too
+    /// slow) and a call its caller abandons too.
     pub(crate) async fn relay(
         &self,
-        message: SubmitRequest,
+        message: impl std::future::Future<Output = Result<SubmitRequest, Status>>,
         context: CallContext,
     ) -> Result<SubmitReply, Status> {
-        let timer = self.stats.start(SUBMIT_METHOD);
         let CallContext {
             deadline,
             request_id,
             caller,
         } = context;
-        let bytes = message.token.len();
-        let trace = Arc::new(CallTrace::default());
-        // The caller's own credentials stay here: servers trust the
-        // coordinator's identity, and learn the caller from the header.
-        let outcome = self
-            .balancer
-            .submit(Attempt {
-                message,
-                deadline: Some(deadline),
-                caller: Some(Arc::from(caller.as_str())),
-                authorization: None,
-                request_id: Some(Arc::from(request_id.as_str())),
-                trace: trace.clone(),
-            })
-            .await;
-        let status = securemesh::status::outcome_name(&outcome);
+        let mut audit = Audit {
+            timer: Some(self.stats.start(SUBMIT_METHOD)),
+            request_id,
+            caller,
+            bytes: 0,
+            trace: Arc::new(CallTrace::default()),
+        };
+        // The deadline holds from the call's arrival: a message that never
+        // finishes arriving does not hold the stream forever.
+        let message = match tokio::time::timeout_at(deadline, message).await {
+            Err(_) => Err(Status::deadline_exceeded(
+                "the request's message did not arrive within its deadline",
+            )),
+            Ok(message) => message,
+        };
+        let outcome = match message {
+            Err(status) => Err(status),
+            Ok(message) => {
+                audit.bytes = message.token.len();
+                // The caller's own credentials stay here: servers trust the
+                // coordinator's identity, and learn the caller from the
+                // header.
+                self.balancer
+                    .submit(Attempt {
+                        message,
+                        deadline: Some(deadline),
+                        caller: Some(Arc::from(audit.caller.as_str())),
+                        authorization: None,
+                        request_id: Some(Arc::from(audit.request_id.as_str())),
+                        trace: audit.trace.clone(),
+                    })
+                    .await
+            }
+        };
+        audit.finish(securemesh::status::outcome_name(&outcome));
+        outcome
+    }
+}
+
+/// The accounting of one relayed call: counted and audited once it is
+/// answered, or as `CANCELLED` when its caller abandons it (the relay is
+/// dropped).
+struct Audit {
+    timer: Option<securemesh_telemetry::CallTimer>,
+    request_id: String,
+    caller: String,
+    bytes: usize,
+    trace: Arc<CallTrace>,
+}
+
+impl Audit {
+    fn finish(&mut self, status: &'static str) {
+        let Some(timer) = self.timer.take() else {
+            return;
+        };
         let latency = timer.finish(status);
         tracing::info!(
-            %request_id,
-            caller = %securemesh::text::field(&caller),
+            request_id = %self.request_id,
+            caller = %securemesh::text::field(&self.caller),
             method = SUBMIT_METHOD,
             status,
             latency_ms = latency.as_micros() as f64 / 1000.0,
-            bytes,
-            backend = trace.last_endpoint().as_deref().unwrap_or("none"),
-            attempts = trace.attempts(),
+            bytes = self.bytes,
+            backend = self.trace.last_endpoint().as_deref().unwrap_or("none"),
+            attempts = self.trace.attempts(),
             "audit"
         );
-        outcome
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        self.finish("CANCELLED");
     }
 }

@@ -2649,6 +2649,51 @@ async fn a_peer_silent_after_tls_gives_its_slot_on_a_server_back() {
     until_a_connection_is_accepted(&material, address, "the silent peer kept the only slot").await;
 }
 
+/// Calls refused on arrival once authorized (a message too large,
+/// compressed or malformed) and calls their callers abandon are counted
+/// (and audited) as relayed ones are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_refused_on_arrival_or_abandoned_are_counted() {
+    let material = Material::new();
+    let coordinator = bare_coordinator(&material);
+    let stats = coordinator.stats().clone();
+    let served = TestCoordinator::serve(
+        &material,
+        coordinator,
+        Authorization::any_identity(),
+        ServeOptions::default(),
+    )
+    .await;
+    let session = h2_session(&material, served.address).await;
+    let grpc = "application/grpc";
+    for (body, expected) in [
+        (frame(false, 1 << 20, b""), Code::OutOfRange),
+        (frame(true, 3, &[0x0a, 0x01, 0x00]), Code::Unimplemented),
+        (frame(false, 3, &[0x0a, 0xff, 0xff]), Code::Internal),
+    ] {
+        let answer = raw_h2_call(&session, http::Method::POST, grpc, &body, true).await;
+        assert_eq!(answer.1, Some(expected));
+    }
+    assert_eq!((stats.recent().calls, stats.recent().failures), (3, 3));
+    // A caller that gives up halfway through its message.
+    let (_answer, mut request) =
+        open_grpc_stream(&session, "/securemesh.v1.DataService/Submit").await;
+    request
+        .send_data(Bytes::from(frame(false, 100, b"part")), false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    request.send_reset(h2::Reason::CANCEL);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while stats.recent().calls < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned call was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats.in_flight(), 0);
+}
+
 /// A keepalive interval of zero (the library's callers may give one)
 /// means no pings, as for tonic's servers: every connection used to panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
