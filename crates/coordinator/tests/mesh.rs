@@ -393,8 +393,11 @@ async fn a_backend_killed_mid_stream_costs_the_client_nothing() {
     let killed_at = completed.load(Ordering::Relaxed);
 
     let mut outcomes = Vec::new();
+    let mut last_of_each_worker = Vec::new();
     for worker in workers {
-        outcomes.extend(worker.await.unwrap());
+        let served_by = worker.await.unwrap();
+        last_of_each_worker.extend(served_by.last().cloned());
+        outcomes.extend(served_by);
     }
     let failures: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
     assert!(
@@ -405,12 +408,12 @@ async fn a_backend_killed_mid_stream_costs_the_client_nothing() {
     );
     assert_eq!(outcomes.len(), 480);
     assert!(killed_at < 480, "the kill came after the load had finished");
-    let after_kill = outcomes[outcomes.len() - 8..]
-        .iter()
-        .all(|o| o.as_ref().ok() == Some(&b.id()));
+    assert_eq!(last_of_each_worker.len(), 8);
     assert!(
-        after_kill,
-        "the last requests did not all go to the survivor"
+        last_of_each_worker
+            .iter()
+            .all(|o| o.as_ref().ok() == Some(&b.id())),
+        "the last request of each worker did not go to the survivor: {last_of_each_worker:?}"
     );
 }
 
@@ -742,6 +745,25 @@ async fn every_call_is_retried_away_from(failing: AlwaysFailing) {
 struct SlowBackend {
     delay: Duration,
     seen_timeouts: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Calls being answered now (a call the coordinator gives up is
+    /// dropped here when its stream is reset).
+    answering: Arc<AtomicUsize>,
+}
+
+/// Counts a call in [`SlowBackend::answering`] while it lives.
+struct Answering(Arc<AtomicUsize>);
+
+impl Answering {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[tonic::async_trait]
@@ -757,6 +779,7 @@ impl DataService for SlowBackend {
             .unwrap_or("none")
             .to_owned();
         self.seen_timeouts.lock().unwrap().push(timeout);
+        let _answering = Answering::new(&self.answering);
         tokio::time::sleep(self.delay).await;
         Ok(tonic::Response::new(SubmitReply::default()))
     }
@@ -769,6 +792,7 @@ async fn the_callers_deadline_bounds_the_call_and_reaches_the_backend() {
     let slow = SlowBackend {
         delay: Duration::from_secs(5),
         seen_timeouts: seen_timeouts.clone(),
+        answering: Arc::default(),
     };
     let backend = TestServer::start_with(&material, any_port(), |_| slow);
     let coordinator = TestCoordinator::start(&material, &[backend.url()]).await;
@@ -2378,9 +2402,11 @@ async fn the_coordinator_reports_not_serving_while_no_backend_can_serve() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_the_caller_resets_is_abandoned_by_the_coordinator() {
     let material = Material::new();
+    let answering = Arc::new(AtomicUsize::new(0));
     let slow = SlowBackend {
         delay: Duration::from_secs(5),
         seen_timeouts: Arc::default(),
+        answering: answering.clone(),
     };
     let backend = TestServer::start_with(&material, any_port(), |_| slow);
     let coordinator = bare_coordinator(&material);
@@ -2409,17 +2435,18 @@ async fn a_call_the_caller_resets_is_abandoned_by_the_coordinator() {
         )
         .unwrap();
     let started = Instant::now();
-    while stats.in_flight() == 0 {
+    while answering.load(Ordering::SeqCst) == 0 {
         assert!(
             started.elapsed() < Duration::from_secs(3),
-            "the call never started"
+            "the call never reached the backend"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stream.send_reset(h2::Reason::CANCEL);
-    // Long before the backend would have answered, the call is over.
+    // Long before the backend would have answered, the call is over, at
+    // the coordinator and at the backend (its stream reset in turn).
     let reset = Instant::now();
-    while stats.in_flight() != 0 {
+    while stats.in_flight() != 0 || answering.load(Ordering::SeqCst) != 0 {
         assert!(
             reset.elapsed() < Duration::from_secs(1),
             "the coordinator kept relaying a call nobody waits for"
