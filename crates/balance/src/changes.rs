@@ -7,10 +7,12 @@
 //! it was sent, without bound, until the next call. A backend's latest
 //! change says all the balancer needs (an insert replaces the service it
 //! had for that backend, a removal removes whatever it had), so each new
-//! change replaces the one still waiting for its backend: what waits is at
-//! most one change per backend the pool knew since the last call.
+//! change replaces the one still waiting for its backend, and the removal
+//! of a backend the balancer never got cancels its insert instead: what
+//! waits is at most one change per backend the pool holds, or the
+//! balancer does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -46,6 +48,8 @@ struct Shared {
 #[derive(Default)]
 struct Waiting {
     by_url: BTreeMap<String, BackendChange>,
+    /// The backends the balancer has (inserted, and not removed since).
+    handed: BTreeSet<String>,
     sender_gone: bool,
     reader_gone: bool,
 }
@@ -57,7 +61,8 @@ pub(crate) struct ChangeSender {
 
 impl ChangeSender {
     /// Queues `change` in place of any change still waiting for its
-    /// backend; `false` if the balancer is gone.
+    /// backend (a removal the balancer needs not know of only drops that);
+    /// `false` if the balancer is gone.
     pub(crate) fn send(&self, change: BackendChange) -> bool {
         let url = match &change {
             Change::Insert(url, _) | Change::Remove(url) => url.clone(),
@@ -67,7 +72,11 @@ impl ChangeSender {
             if waiting.reader_gone {
                 return false;
             }
-            waiting.by_url.insert(url, change)
+            if matches!(change, Change::Remove(_)) && !waiting.handed.contains(&url) {
+                waiting.by_url.remove(&url)
+            } else {
+                waiting.by_url.insert(url, change)
+            }
         };
         // A replaced backend's service goes outside the lock.
         drop(replaced);
@@ -96,7 +105,13 @@ impl Stream for Discovery {
         self.shared.reader.register(cx.waker());
         let mut waiting = lock(&self.shared.waiting);
         match waiting.by_url.pop_first() {
-            Some((_, change)) => Poll::Ready(Some(Ok(change))),
+            Some((url, change)) => {
+                match &change {
+                    Change::Insert(..) => waiting.handed.insert(url),
+                    Change::Remove(_) => waiting.handed.remove(&url),
+                };
+                Poll::Ready(Some(Ok(change)))
+            }
             None if waiting.sender_gone => Poll::Ready(None),
             None => Poll::Pending,
         }

@@ -338,7 +338,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_idle_balancer_is_owed_one_change_per_backend_however_often_they_come_and_go() {
+    async fn an_idle_balancer_is_owed_one_change_per_backend_it_has_or_will_have() {
         use futures_util::FutureExt as _;
         use futures_util::StreamExt as _;
         let (_dir, tls) = crate::testing::coordinator_tls();
@@ -350,14 +350,30 @@ mod tests {
             "https://127.0.0.1:10",
             "https://127.0.0.1:11",
         );
+        let (handed, removed) = ("https://127.0.0.1:12", "https://127.0.0.1:13");
+        pool.add(handed).unwrap();
+        pool.add(removed).unwrap();
+        let mut handed_out = Vec::new();
+        while let Some(Some(Ok(change))) = discovery.next().now_or_never() {
+            handed_out.push(change);
+        }
+        assert_eq!(handed_out.len(), 2);
         pool.add(gone).unwrap();
         pool.add(staying).unwrap();
         for _ in 0..1000 {
             pool.add(restarting).unwrap();
             pool.remove(restarting);
         }
+        // Servers restarting on new ports: none of them is owed at all.
+        for port in 2000..3000 {
+            let url = format!("https://127.0.0.1:{port}");
+            pool.add(&url).unwrap();
+            pool.remove(&url);
+        }
         pool.add(restarting).unwrap();
         pool.remove(gone);
+        // One the balancer has must go, though: it is owed the removal.
+        pool.remove(removed);
         let mut owed = Vec::new();
         while let Some(Some(Ok(change))) = discovery.next().now_or_never() {
             owed.push(match change {
@@ -371,7 +387,7 @@ mod tests {
             [
                 format!("+{staying}"),
                 format!("+{restarting}"),
-                format!("-{gone}")
+                format!("-{removed}")
             ]
         );
         // Read now, a change is read at once; once the pool is gone, the
