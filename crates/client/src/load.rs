@@ -338,22 +338,33 @@ async fn closed_loop(run: Arc<Run>) -> Tally {
         .map(|_| {
             let run = run.clone();
             let next = next.clone();
-            tokio::spawn(async move {
-                let mut tally = Tally::new();
+            // Outside the task: what a worker recorded before it panicked
+            // still counts.
+            let tally = Arc::new(Mutex::new(Tally::new()));
+            let recording = tally.clone();
+            let worker = tokio::spawn(async move {
                 loop {
                     let sequence = next.fetch_add(1, Ordering::Relaxed);
                     let now = Instant::now();
                     if sequence >= run.options.requests || run.over(now) {
-                        break tally;
+                        break;
                     }
-                    tally.record(run.submit(sequence, now).await);
+                    let sample = run.submit(sequence, now).await;
+                    recording
+                        .lock()
+                        .unwrap_or_else(|poison| poison.into_inner())
+                        .record(sample);
                 }
-            })
+            });
+            (worker, tally)
         })
         .collect();
     let mut total = Tally::new();
-    for worker in workers {
-        collect(&mut total, worker.await);
+    for (worker, tally) in workers {
+        reap(&mut total, worker.await);
+        total.merge(std::mem::take(
+            &mut *tally.lock().unwrap_or_else(|poison| poison.into_inner()),
+        ));
     }
     total
 }
@@ -397,20 +408,12 @@ async fn open_loop(run: Arc<Run>, rate: f64) -> Tally {
     total
 }
 
+/// Counts a task that panicked as one failed call.
 fn reap(total: &mut Tally, task: Result<(), tokio::task::JoinError>) {
     if let Err(error) = task {
-        collect(total, Err(error));
-    }
-}
-
-fn collect(total: &mut Tally, worker: Result<Tally, tokio::task::JoinError>) {
-    match worker {
-        Ok(tally) => total.merge(tally),
-        Err(error) => {
-            total.failed += 1;
-            *total.errors.entry("CLIENT_PANIC".into()).or_default() += 1;
-            total.first_error.get_or_insert_with(|| error.to_string());
-        }
+        total.failed += 1;
+        *total.errors.entry("CLIENT_PANIC".into()).or_default() += 1;
+        total.first_error.get_or_insert_with(|| error.to_string());
     }
 }
 
