@@ -341,8 +341,9 @@ impl BackendState {
         let mut verdicts = lock(&self.verdicts);
         let in_rotation = self.is_in_rotation();
         // A backend that only asks for no calls (a draining process still
-        // serves) stays, or comes back, when no other is in rotation:
-        // better than refusing every call.
+        // serves), or one ejected for failed calls whose health checks
+        // pass, stays, or comes back, when no other is in rotation: better
+        // than refusing every call. It leaves again once another is back.
         let last_resort =
             verdicts.may_serve_as_last_resort(now) && *count <= usize::from(in_rotation);
         let may_serve = verdicts.may_serve(now) || last_resort;
@@ -361,7 +362,11 @@ impl BackendState {
         }
         if may_serve {
             let was_ejected = verdicts.is_ejected(now);
-            verdicts.returned(now);
+            // A last resort stays ejected: it leaves when another backend
+            // is back, as a draining one does.
+            if !(last_resort && was_ejected) {
+                verdicts.returned(now);
+            }
             self.consecutive_failures.store(0, Ordering::Relaxed);
             self.in_rotation.store(true, Ordering::Release);
             self.rotation.enter(&mut count);
@@ -827,11 +832,15 @@ mod tests {
         b.checked(HealthCheck::Failed("health check timed out".into()));
         assert_eq!(rotation.count(), 0);
         a.settle();
-        assert!(a.is_in_rotation() && !a.is_ejected());
+        assert!(a.is_in_rotation() && a.is_ejected());
         assert_eq!(rotation.count(), 1);
-        // Not so one that fails its checks too.
+        // Once the other is back, the one still ejected leaves again (at
+        // its next check).
         b.checked(HealthCheck::Serving);
-        a.call_failed("per-try timeout");
+        a.checked(HealthCheck::Serving);
+        assert!(!a.is_in_rotation());
+        assert_eq!(rotation.count(), 1);
+        // An ejected one that fails its checks is no last resort.
         a.checked(HealthCheck::Failed("health check timed out".into()));
         b.checked(HealthCheck::Failed("health check timed out".into()));
         a.settle();

@@ -3,8 +3,9 @@
 //! as a draining server answers) takes a backend out of rotation; `SERVING`
 //! lets it back once no ejection holds it out. A backend that answers
 //! `NOT_SERVING` is still used while no other is in rotation (a draining
-//! process serves during its drain delay). Without checks, ejections still
-//! end when their time runs out.
+//! process serves during its drain delay), and so is one ejected for
+//! failed calls whose checks pass. Without checks, ejections still end
+//! when their time runs out, or when no other backend is left.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,7 +7,9 @@
 //! less and less often; an ejection count is forgotten once the backend has
 //! stayed in rotation for the longest ejection time. A failed health check
 //! takes the backend out until a check answers `SERVING`. Passive
-//! observations never eject the last backend in rotation.
+//! observations never eject the last backend in rotation, nor keep one out
+//! while no other is in: an ejected backend whose checks pass then serves
+//! as the last resort, still ejected, and leaves once another is back.
 //!
 //! This module decides; [`crate::backend`] applies the decisions.
 

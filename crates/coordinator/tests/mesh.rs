@@ -2618,15 +2618,9 @@ async fn open_health_and_reflection_streams_do_not_hold_a_shutdown_for_the_grace
             let _ = stopped.await;
         },
     ));
-    let (session, watch) = open_health_watch(&material, address).await;
-    let (reflection, _held) = open_reflection_stream(&session).await;
+    let held = hold_streams_open(&material, address).await;
     let _ = stop.send(());
-    for stream in [watch, reflection] {
-        assert_eq!(
-            stream_ends(stream, Duration::from_secs(3)).await,
-            Some(Code::Unavailable)
-        );
-    }
+    held.all_end_unavailable().await;
     tokio::time::timeout(Duration::from_secs(3), server)
         .await
         .expect("the server did not stop")
@@ -2640,22 +2634,60 @@ async fn open_health_and_reflection_streams_do_not_hold_a_shutdown_for_the_grace
         options,
     )
     .await;
-    let (session, watch) = open_health_watch(&material, coordinator.address).await;
-    let (reflection, _held) = open_reflection_stream(&session).await;
+    let held = hold_streams_open(&material, coordinator.address).await;
     coordinator.shut_down();
-    for stream in [watch, reflection] {
-        assert_eq!(
-            stream_ends(stream, Duration::from_secs(3)).await,
-            Some(Code::Unavailable)
-        );
-    }
+    held.all_end_unavailable().await;
     coordinator.stopped(Duration::from_secs(3)).await.unwrap();
 }
 
-/// A peer that finishes TLS with a server and then sends nothing (no
-/// HTTP/2 preface) gives its connection slot back after the handshake
-/// timeout: HTTP/2 pings, which find a silent peer later on, start only
-/// after the preface.
+/// Streams a client keeps open: a health watch, a reflection stream, and a
+/// health check whose request never ends (tonic waits for its end before
+/// answering).
+struct HeldOpen {
+    _session: h2::client::SendRequest<Bytes>,
+    watch: h2::RecvStream,
+    reflection: h2::RecvStream,
+    _reflection_requests: h2::SendStream<Bytes>,
+    check: h2::client::ResponseFuture,
+    _check_request: h2::SendStream<Bytes>,
+}
+
+async fn hold_streams_open(material: &Material, address: SocketAddr) -> HeldOpen {
+    let (session, watch) = open_health_watch(material, address).await;
+    let (reflection, reflection_requests) = open_reflection_stream(&session).await;
+    let (check, check_request) = open_grpc_stream(&session, "/grpc.health.v1.Health/Check").await;
+    HeldOpen {
+        _session: session,
+        watch,
+        reflection,
+        _reflection_requests: reflection_requests,
+        check,
+        _check_request: check_request,
+    }
+}
+
+impl HeldOpen {
+    /// Each stream ends with `UNAVAILABLE` within 3 s.
+    async fn all_end_unavailable(self) {
+        for stream in [self.watch, self.reflection] {
+            assert_eq!(
+                stream_ends(stream, Duration::from_secs(3)).await,
+                Some(Code::Unavailable)
+            );
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(3), self.check)
+            .await
+            .expect("the unended check outlived the shutdown")
+            .unwrap();
+        let status = tonic::Status::from_header_map(answer.headers());
+        assert_eq!(status.map(|status| status.code()), Some(Code::Unavailable));
+    }
+}
+
+/// A peer that finishes TLS with a server and then sends nothing, or a
+/// byte of the HTTP/2 preface, gives its connection slot back after the
+/// handshake timeout: HTTP/2 pings, which find a silent peer later on,
+/// start only after the preface.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_silent_after_tls_gives_its_slot_on_a_server_back() {
     let material = Material::new();
@@ -2665,15 +2697,21 @@ async fn a_peer_silent_after_tls_gives_its_slot_on_a_server_back() {
         ..ServeOptions::default()
     };
     let (address, _stop) = serve_with_options(&material, "silent", 1024, options).await;
-    let _silent = tls_as_client(&material, address).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let ca = material.dir.path().join("ca_cert.pem");
-    let probe = open_tls(address, "localhost", &ca, Some(&material.files("client"))).await;
-    assert!(
-        probe.is_err(),
-        "the silent peer does not hold the only slot"
-    );
-    until_a_connection_is_accepted(&material, address, "the silent peer kept the only slot").await;
+    for first_bytes in [&b""[..], b"P"] {
+        // (The probe that showed the slot free may still hold it briefly.)
+        let mut silent = until_tls_as_client(&material, address).await;
+        silent.write_all(first_bytes).await.unwrap();
+        silent.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let probe = open_tls(address, "localhost", &ca, Some(&material.files("client"))).await;
+        assert!(
+            probe.is_err(),
+            "the silent peer does not hold the only slot"
+        );
+        until_a_connection_is_accepted(&material, address, "the silent peer kept the only slot")
+            .await;
+    }
 }
 
 /// Calls refused on arrival once authorized (a message too large,
@@ -2708,7 +2746,11 @@ async fn calls_refused_on_arrival_or_abandoned_are_counted() {
     request
         .send_data(Bytes::from(frame(false, 100, b"part")), false)
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while stats.in_flight() == 0 {
+        assert!(Instant::now() < deadline, "the call never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     request.send_reset(h2::Reason::CANCEL);
     let deadline = Instant::now() + Duration::from_secs(3);
     while stats.recent().calls < 4 {

@@ -79,11 +79,12 @@ pub struct Connection {
     /// certificates are judged: the monotonic clock stops while a machine
     /// sleeps, and would let a connection outlive its certificate).
     expires: Option<SystemTime>,
-    /// Until the peer's first bytes (its HTTP/2 preface) arrive: when it
-    /// must have sent them. A peer that finishes TLS and says nothing would
-    /// otherwise hold its connection slot for good: HTTP/2 pings start only
-    /// after the preface.
-    first_bytes_by: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Until the peer's HTTP/2 preface has arrived: when it must have, and
+    /// how many of its bytes are still to come. A peer that finishes TLS
+    /// and then says nothing (or part of the preface) would otherwise hold
+    /// its connection slot for good: HTTP/2 pings start only after the
+    /// preface.
+    preface_by: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
     /// Why the peer's certificate is no longer accepted: every read fails.
     refused: Option<String>,
     _slot: Slot,
@@ -385,7 +386,7 @@ async fn handshake(
                     identity,
                     verdicts,
                     expires,
-                    first_bytes_by: Some(Box::pin(tokio::time::sleep(timeout))),
+                    preface_by: Some((Box::pin(tokio::time::sleep(timeout)), PREFACE_BYTES)),
                     refused: None,
                     _slot: slot,
                 }))
@@ -417,6 +418,10 @@ async fn handshake(
         }
     }
 }
+
+/// The length of the HTTP/2 connection preface
+/// (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+const PREFACE_BYTES: usize = 24;
 
 /// The moment a certificate valid until `not_after` (Unix seconds, the
 /// last valid second) expires.
@@ -521,16 +526,17 @@ impl AsyncRead for Connection {
         this.peer_still_accepted()?;
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Some(deadline) = &mut this.first_bytes_by {
-            match &read {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => this.first_bytes_by = None,
-                Poll::Pending if std::future::Future::poll(deadline.as_mut(), cx).is_ready() => {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the peer sent nothing within the handshake timeout",
-                    )));
-                }
-                _ => {}
+        if let Some((deadline, left)) = &mut this.preface_by {
+            *left = left.saturating_sub(buf.filled().len() - before);
+            if *left == 0 {
+                this.preface_by = None;
+            } else if read.is_pending()
+                && std::future::Future::poll(deadline.as_mut(), cx).is_ready()
+            {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the peer sent no HTTP/2 preface within the handshake timeout",
+                )));
             }
         }
         read

@@ -129,7 +129,16 @@ where
         let answer = self.inner.call(request);
         let mut ending = self.ending.clone();
         Box::pin(async move {
-            let response = answer.await?;
+            // tonic reads a unary or server-streaming call's request to its
+            // end before it answers: a caller that never ends it gets no
+            // answer to end, and is answered here instead.
+            let response = tokio::select! {
+                biased;
+                response = answer => response?,
+                _ = ending.wait_for(|ending| *ending) => {
+                    return Ok(shutting_down_status().into_http());
+                }
+            };
             // A closed sender ends the streams too: the process is going.
             let ended = Box::pin(async move {
                 let _ = ending.wait_for(|ending| *ending).await;
@@ -186,6 +195,10 @@ impl HttpBody for UntilAnswered {
             return Poll::Ready(None);
         };
         match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.inner = None;
+                Poll::Ready(None)
+            }
             Poll::Ready(frame) => Poll::Ready(frame),
             Poll::Pending => {
                 this.over.request_reader.register(cx.waker());
@@ -238,6 +251,7 @@ impl<B: HttpBody> HttpBody for EndingBody<B> {
                     Some(Ok(frame)) => frame.is_trailers(),
                 };
                 if last {
+                    this.finished = true;
                     this.over.declare();
                 }
                 Poll::Ready(frame)
@@ -258,11 +272,15 @@ impl<B: HttpBody> HttpBody for EndingBody<B> {
     }
 }
 
+fn shutting_down_status() -> Status {
+    Status::unavailable("the server is shutting down")
+}
+
 /// The trailers of a stream ended by the shutdown.
 fn shutting_down() -> http::HeaderMap {
     let mut trailers = http::HeaderMap::with_capacity(2);
     // A status built from constants always encodes.
-    let _ = Status::unavailable("the server is shutting down").add_header(&mut trailers);
+    let _ = shutting_down_status().add_header(&mut trailers);
     trailers
 }
 
