@@ -2526,24 +2526,17 @@ async fn open_health_watch(
 /// A health watch of the DataService on `session`, once its first status
 /// has arrived.
 async fn watch_on(session: &h2::client::SendRequest<Bytes>) -> h2::RecvStream {
-    let (response, mut request) = open_grpc_stream(session, "/grpc.health.v1.Health/Watch").await;
     let watch_request = tonic_health::pb::HealthCheckRequest {
         service: securemesh::v1::DATA_SERVICE_NAME.to_owned(),
     }
     .encode_to_vec();
-    request
-        .send_data(
-            Bytes::from(frame(false, watch_request.len() as u32, &watch_request)),
-            true,
-        )
-        .unwrap();
-    let mut watch = tokio::time::timeout(Duration::from_secs(5), response)
-        .await
-        .expect("no answer to the watch")
-        .unwrap()
-        .into_body();
-    let first = tokio::time::timeout(Duration::from_secs(5), watch.data()).await;
-    assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
+    let (watch, _ended) = first_answered(
+        session,
+        "/grpc.health.v1.Health/Watch",
+        &watch_request,
+        true,
+    )
+    .await;
     watch
 }
 
@@ -2553,23 +2546,40 @@ async fn watch_on(session: &h2::client::SendRequest<Bytes>) -> h2::RecvStream {
 async fn open_reflection_stream(
     session: &h2::client::SendRequest<Bytes>,
 ) -> (h2::RecvStream, h2::SendStream<Bytes>) {
-    let (response, mut request) = open_grpc_stream(
-        session,
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-    )
-    .await;
     // ServerReflectionRequest { list_services: "" }: field 7, length 0.
     let list_services = [0x3a, 0x00];
+    first_answered(
+        session,
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        &list_services,
+        false,
+    )
+    .await
+}
+
+/// A call to `path` on `session` that sends `message` (and ends its
+/// request with it if `end`), once its first answer has arrived: the
+/// answer's stream, and the request's.
+async fn first_answered(
+    session: &h2::client::SendRequest<Bytes>,
+    path: &str,
+    message: &[u8],
+    end: bool,
+) -> (h2::RecvStream, h2::SendStream<Bytes>) {
+    let (response, mut request) = open_grpc_stream(session, path).await;
     request
-        .send_data(Bytes::from(frame(false, 2, &list_services)), false)
+        .send_data(
+            Bytes::from(frame(false, message.len() as u32, message)),
+            end,
+        )
         .unwrap();
     let mut answers = tokio::time::timeout(Duration::from_secs(5), response)
         .await
-        .expect("no answer to reflection")
+        .unwrap_or_else(|_| panic!("no answer on {path}"))
         .unwrap()
         .into_body();
     let first = tokio::time::timeout(Duration::from_secs(5), answers.data()).await;
-    assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
+    assert!(matches!(first, Ok(Some(Ok(_)))), "{path}: {first:?}");
     (answers, request)
 }
 
@@ -2654,8 +2664,11 @@ struct HeldOpen {
 
 async fn hold_streams_open(material: &Material, address: SocketAddr) -> HeldOpen {
     let (session, watch) = open_health_watch(material, address).await;
-    let (reflection, reflection_requests) = open_reflection_stream(&session).await;
     let (check, check_request) = open_grpc_stream(&session, "/grpc.health.v1.Health/Check").await;
+    // Opened after the check: once it is answered, the check has arrived
+    // too (a stream the server had not seen when it went away would be
+    // refused instead).
+    let (reflection, reflection_requests) = open_reflection_stream(&session).await;
     HeldOpen {
         _session: session,
         watch,
