@@ -340,47 +340,53 @@ impl BackendState {
         let now = Instant::now();
         let mut verdicts = lock(&self.verdicts);
         let in_rotation = self.is_in_rotation();
-        // A backend that only asks for no calls (a draining process still
-        // serves), or one ejected for failed calls whose health checks
-        // pass, stays, or comes back, when no other is in rotation: better
-        // than refusing every call. It leaves again once another is back.
+        // A backend that answers its health checks but may not serve by
+        // right (it only asks for no calls, as a draining process that
+        // still serves does, or it is ejected for failed calls) stays, or
+        // comes back, while no other is in rotation: better than refusing
+        // every call. It stays ejected meanwhile, and leaves once another
+        // is back, at its next check (without checks, when its ejection
+        // ends).
+        let by_right = verdicts.may_serve(now);
         let last_resort =
-            verdicts.may_serve_as_last_resort(now) && *count <= usize::from(in_rotation);
-        let may_serve = verdicts.may_serve(now) || last_resort;
-        let was_last_resort = self
-            .last_resort
-            .swap(last_resort && may_serve, Ordering::Relaxed);
+            !by_right && verdicts.may_serve_as_last_resort() && *count <= usize::from(in_rotation);
+        let may_serve = by_right || last_resort;
+        let was_last_resort = self.last_resort.swap(last_resort, Ordering::Relaxed);
+        let why = if verdicts.is_ejected(now) {
+            "was ejected"
+        } else {
+            "asks for no new calls"
+        };
         if may_serve == in_rotation {
-            if last_resort && in_rotation && !was_last_resort {
+            if in_rotation && was_last_resort && by_right {
+                // Its ejection ran out, or it answers SERVING again: a
+                // member by right from now on.
+                verdicts.returned(now);
+                tracing::info!(backend = %self.url, "Server {} is back in rotation", self.url);
+            } else if last_resort && in_rotation && !was_last_resort {
                 tracing::warn!(
                     backend = %self.url,
-                    "Server {} asks for no new calls but is the last backend in rotation: still used",
-                    self.url
+                    "Server {} {} but is the last backend in rotation: still used",
+                    self.url,
+                    why
                 );
             }
             return;
         }
         if may_serve {
-            let was_ejected = verdicts.is_ejected(now);
-            // A last resort stays ejected: it leaves when another backend
-            // is back, as a draining one does.
-            if !(last_resort && was_ejected) {
+            // A last resort stays ejected (see above).
+            if !last_resort {
                 verdicts.returned(now);
             }
             self.consecutive_failures.store(0, Ordering::Relaxed);
             self.in_rotation.store(true, Ordering::Release);
             self.rotation.enter(&mut count);
-            if last_resort && was_ejected {
+            if last_resort {
                 tracing::warn!(
                     backend = %self.url,
-                    "Server {} was ejected but no other backend is in rotation: used again",
-                    self.url
-                );
-            } else if last_resort {
-                tracing::warn!(
-                    backend = %self.url,
-                    "Server {} asks for no new calls but no other backend is in rotation: used again",
-                    self.url
+                    "Server {} {} but no other backend is in rotation: used again",
+                    self.url,
+                    why
                 );
             } else {
                 tracing::info!(backend = %self.url, "Server {} is back in rotation", self.url);
@@ -822,7 +828,12 @@ mod tests {
     #[test]
     fn an_ejected_backend_that_passes_its_checks_is_the_last_resort() {
         let rotation = Arc::new(Rotation::default());
-        let policy = EjectionPolicy::default();
+        // Ejections that outlast the test, however slow the machine.
+        let policy = EjectionPolicy {
+            base_time: Duration::from_secs(60),
+            max_time: Duration::from_secs(60),
+            ..EjectionPolicy::default()
+        };
         let a = BackendState::new("https://a".into(), policy, rotation.clone());
         let b = BackendState::new("https://b".into(), policy, rotation.clone());
         a.call_failed("per-try timeout");
@@ -834,6 +845,12 @@ mod tests {
         a.settle();
         assert!(a.is_in_rotation() && a.is_ejected());
         assert_eq!(rotation.count(), 1);
+        // Draining now, it is still better than no backend at all.
+        a.checked(HealthCheck::AsksForNoCalls(
+            "health check answered NOT_SERVING".into(),
+        ));
+        assert!(a.is_in_rotation());
+        a.checked(HealthCheck::Serving);
         // Once the other is back, the one still ejected leaves again (at
         // its next check).
         b.checked(HealthCheck::Serving);
@@ -846,6 +863,37 @@ mod tests {
         a.settle();
         assert!(!a.is_in_rotation());
         assert_eq!(rotation.count(), 0);
+    }
+
+    /// A last resort whose ejection runs out is a member like any other:
+    /// it stays when another backend is back, and its ejection is over.
+    #[tokio::test(start_paused = true)]
+    async fn a_last_resort_whose_ejection_runs_out_is_a_member_again() {
+        let rotation = Arc::new(Rotation::default());
+        let policy = EjectionPolicy {
+            base_time: Duration::from_secs(10),
+            max_time: Duration::from_secs(60),
+            ..EjectionPolicy::default()
+        };
+        let a = BackendState::new("https://a".into(), policy, rotation.clone());
+        let b = BackendState::new("https://b".into(), policy, rotation.clone());
+        a.call_failed("per-try timeout");
+        b.checked(HealthCheck::Failed("health check timed out".into()));
+        a.settle();
+        assert!(a.is_in_rotation() && a.is_ejected());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        a.settle();
+        assert!(a.is_in_rotation() && !a.is_ejected());
+        b.checked(HealthCheck::Serving);
+        a.checked(HealthCheck::Serving);
+        assert!(a.is_in_rotation());
+        assert_eq!(rotation.count(), 2);
+        // Back for good from then on: well for the longest ejection time,
+        // its ejections are forgiven, and the next lasts the base time.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        a.call_failed("per-try timeout");
+        let ends = a.ejection_ends().expect("not ejected");
+        assert_eq!(ends - tokio::time::Instant::now(), Duration::from_secs(10));
     }
 
     /// Without health checks, the task that ends ejections also brings an

@@ -8,8 +8,9 @@
 //! stayed in rotation for the longest ejection time. A failed health check
 //! takes the backend out until a check answers `SERVING`. Passive
 //! observations never eject the last backend in rotation, nor keep one out
-//! while no other is in: an ejected backend whose checks pass then serves
-//! as the last resort, still ejected, and leaves once another is back.
+//! while no other is in: an ejected backend that answers its checks then
+//! serves as the last resort, still ejected, and leaves once another is
+//! back (at its next check).
 //!
 //! This module decides; [`crate::backend`] applies the decisions.
 
@@ -94,18 +95,13 @@ impl Verdicts {
         self.asks_for_no_calls = true;
     }
 
-    /// Whether the backend may take calls at `now` when no other can:
-    /// calls failed on it (it is ejected) but its health checks pass, or it
-    /// only asked for none (it answers, says `NOT_SERVING`, and is not
-    /// ejected), as a draining process does while it still serves.
-    /// Passive observations never take the last backend out of rotation,
-    /// nor keep it out once it is the last.
-    pub(crate) fn may_serve_as_last_resort(&self, now: Instant) -> bool {
-        if self.healthy {
-            self.is_ejected(now)
-        } else {
-            self.asks_for_no_calls && !self.is_ejected(now)
-        }
+    /// Whether the backend may take calls when no other can: it answers
+    /// its health checks, `SERVING` (while ejected for failed calls) or
+    /// not (as a draining process does while it still serves). Passive
+    /// observations never take the last backend out of rotation, nor keep
+    /// one out while no other is in.
+    pub(crate) fn may_serve_as_last_resort(&self) -> bool {
+        self.healthy || self.asks_for_no_calls
     }
 
     /// Whether the backend may take calls at `now`.

@@ -261,7 +261,8 @@ impl Front {
             .max_header_list_size(MAX_HEADER_LIST)
             .handshake::<_, Bytes>(connection);
         // A peer that finishes TLS and then says nothing gives its
-        // connection slot back.
+        // connection slot back (the acceptor's own deadline for the
+        // preface, counted from the end of TLS, usually ends it first).
         let mut http2 = match tokio::time::timeout(self.handshake_timeout, handshake).await {
             Ok(Ok(http2)) => http2,
             Ok(Err(error)) => {

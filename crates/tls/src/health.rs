@@ -128,6 +128,7 @@ where
         });
         let answer = self.inner.call(request);
         let mut ending = self.ending.clone();
+        let answered = over.clone();
         Box::pin(async move {
             // tonic reads a unary or server-streaming call's request to its
             // end before it answers: a caller that never ends it gets no
@@ -136,6 +137,8 @@ where
                 biased;
                 response = answer => response?,
                 _ = ending.wait_for(|ending| *ending) => {
+                    // A request the service handed on ends too.
+                    answered.declare();
                     return Ok(shutting_down_status().into_http());
                 }
             };
