@@ -670,8 +670,8 @@ impl ServeArgs {
                 .max_connections_per_identity
                 .unwrap_or((self.max_connections / 2).max(1)),
             max_handshakes: self.max_handshakes,
-            keepalive_interval: Some(self.caller_keepalive_interval)
-                .filter(|interval| !interval.is_zero()),
+            // Zero is read as no pings (ServeOptions::ping_interval).
+            keepalive_interval: Some(self.caller_keepalive_interval),
             keepalive_timeout: self.caller_keepalive_timeout,
         }
     }

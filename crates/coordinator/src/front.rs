@@ -113,11 +113,7 @@ pub async fn serve(
         others: routes.routes(),
         max_concurrent_streams: options.max_concurrent_streams,
         handshake_timeout: options.handshake_timeout,
-        // A zero interval would ping without pause (and tokio's interval
-        // refuses it): no pings, as tonic's servers take it.
-        keepalive_interval: options
-            .keepalive_interval
-            .filter(|interval| !interval.is_zero()),
+        keepalive_interval: options.ping_interval(),
         keepalive_timeout: options.keepalive_timeout,
     });
 

@@ -210,6 +210,18 @@ impl TestCoordinator {
         Self::serve_with_tls(tls.into(), coordinator, authorization, options).await
     }
 
+    /// A coordinator without backends ([`bare_coordinator`]), admitting
+    /// any client of the CA, served with `options`.
+    async fn bare(material: &Material, options: ServeOptions) -> Self {
+        Self::serve(
+            material,
+            bare_coordinator(material),
+            Authorization::any_identity(),
+            options,
+        )
+        .await
+    }
+
     /// [`TestCoordinator::serve`] with `tls`.
     async fn serve_with_tls(
         tls: ReloadableConfig,
@@ -2247,10 +2259,8 @@ async fn a_draining_coordinator_reports_not_serving_then_goes_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_speaks_http2_is_closed() {
     let material = Material::new();
-    let coordinator = TestCoordinator::serve(
+    let coordinator = TestCoordinator::bare(
         &material,
-        bare_coordinator(&material),
-        Authorization::any_identity(),
         ServeOptions {
             handshake_timeout: Duration::from_millis(300),
             ..ServeOptions::default()
@@ -2638,13 +2648,7 @@ async fn open_health_and_reflection_streams_do_not_hold_a_shutdown_for_the_grace
         .unwrap()
         .unwrap();
     // ...and a coordinator: the watch ends, and so does serving.
-    let mut coordinator = TestCoordinator::serve(
-        &material,
-        bare_coordinator(&material),
-        Authorization::any_identity(),
-        options,
-    )
-    .await;
+    let mut coordinator = TestCoordinator::bare(&material, options).await;
     let held = hold_streams_open(&material, coordinator.address).await;
     coordinator.shut_down();
     held.all_end_unavailable().await;
@@ -2782,10 +2786,8 @@ async fn calls_refused_on_arrival_or_abandoned_are_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zero_keepalive_interval_means_no_pings() {
     let material = Material::new();
-    let coordinator = TestCoordinator::serve(
+    let coordinator = TestCoordinator::bare(
         &material,
-        bare_coordinator(&material),
-        Authorization::any_identity(),
         ServeOptions {
             keepalive_interval: Some(Duration::ZERO),
             ..ServeOptions::default()
@@ -2799,10 +2801,8 @@ async fn a_zero_keepalive_interval_means_no_pings() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_health_watch_does_not_outlive_its_callers_connection() {
     let material = Material::new();
-    let coordinator = TestCoordinator::serve(
+    let coordinator = TestCoordinator::bare(
         &material,
-        bare_coordinator(&material),
-        Authorization::any_identity(),
         ServeOptions {
             max_connections: 1,
             keepalive_interval: Some(Duration::from_millis(200)),
@@ -2850,13 +2850,7 @@ async fn a_caller_that_reads_no_answers_cannot_make_the_coordinator_buffer_them(
     /// The coordinator's flow-control window for one stream of a caller.
     const STREAM_WINDOW: usize = 2 * 1024 * 1024;
     let material = Material::new();
-    let coordinator = TestCoordinator::serve(
-        &material,
-        bare_coordinator(&material),
-        Authorization::any_identity(),
-        ServeOptions::default(),
-    )
-    .await;
+    let coordinator = TestCoordinator::bare(&material, ServeOptions::default()).await;
     let tls = tls_as_client(&material, coordinator.address).await;
     // The caller offers 1 KiB for answers and never reads them, so never
     // opens its window further.

@@ -62,6 +62,16 @@ pub struct ServeOptions {
     pub keepalive_timeout: Duration,
 }
 
+impl ServeOptions {
+    /// How often callers are pinged, if at all: `keepalive_interval`, with
+    /// zero read as never (a zero interval would ping without pause, and
+    /// tokio's interval refuses it).
+    pub fn ping_interval(&self) -> Option<Duration> {
+        self.keepalive_interval
+            .filter(|interval| !interval.is_zero())
+    }
+}
+
 impl Default for ServeOptions {
     fn default() -> Self {
         Self {
@@ -131,12 +141,7 @@ where
     };
     let server = Server::builder()
         .max_concurrent_streams(Some(options.max_concurrent_streams))
-        // Zero: no pings, as the coordinator's front end takes it.
-        .http2_keepalive_interval(
-            options
-                .keepalive_interval
-                .filter(|interval| !interval.is_zero()),
-        )
+        .http2_keepalive_interval(options.ping_interval())
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, drain);
