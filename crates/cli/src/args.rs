@@ -252,9 +252,25 @@ pub enum PkiCommand {
     /// the old one is kept under retired/ to be revoked if need be).
     /// Running servers and coordinators serve it after SIGHUP.
     Renew(PkiRenewArgs),
-    /// Show what a certificate says: subject, names, usages, issuer,
-    /// validity, fingerprint.
+    /// Sign the CA's CRL (ca_crl.pem) again, with the same entries and a
+    /// fresh 30-day validity. Servers warn when they load a CRL past its
+    /// next update; running ones take the new one after SIGHUP.
+    RefreshCrl(PkiDirArgs),
+    /// Show what a certificate says (subject, names, usages, issuer,
+    /// validity, fingerprint), or what a CRL lists and until when.
     Show(PkiShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PkiDirArgs {
+    /// Directory of the CA and certificates.
+    #[arg(
+        long,
+        visible_alias = "certs",
+        env = "SECUREMESH_CERTS",
+        default_value = "certs"
+    )]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -282,7 +298,7 @@ pub struct PkiRenewArgs {
 
 #[derive(Debug, Args)]
 pub struct PkiShowArgs {
-    /// A PEM certificate file.
+    /// A PEM certificate or CRL file.
     pub file: PathBuf,
 }
 

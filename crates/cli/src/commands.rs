@@ -69,6 +69,14 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let written = securemesh_pki::renew(dir, &args.certificate.name, args.days)?;
             print_written(&written);
         }
+        Command::Pki(PkiCommand::RefreshCrl(args)) => {
+            let (crl, next_update) = securemesh_pki::refresh_crl(&args.dir)?;
+            println!(
+                "signed {} again, valid until {next_update} (send SIGHUP to running servers and \
+                 coordinators)",
+                crl.display()
+            );
+        }
         Command::Pki(PkiCommand::Show(args)) => print!("{}", securemesh_pki::show(&args.file)?),
         Command::Credentials(CredentialsCommand::AddUser(args)) => {
             let password = match args.password {

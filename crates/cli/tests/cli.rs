@@ -819,6 +819,18 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
         "{}",
         text(&again)
     );
+    // Signed again, the list keeps its entry (the reload below still
+    // refuses client2).
+    let refreshed = securemesh(&["pki", "refresh-crl"], work);
+    assert!(
+        text(&refreshed).starts_with("signed "),
+        "{}",
+        text(&refreshed)
+    );
+    let shown = securemesh(&["pki", "show", "certs/ca_crl.pem"], work);
+    for expected in ["Number:      3", "Revoked:     1"] {
+        assert!(text(&shown).contains(expected), "{}", text(&shown));
+    }
     mesh.reload("coordinator", coordinator);
     let refused = mesh.client(&as_client2);
     assert!(!refused.status.success());

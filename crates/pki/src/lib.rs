@@ -18,4 +18,4 @@ pub use authority::{identity_uri, Authority, IssuedCertificate, Role};
 pub use files::{
     ca_days, init, issue, InitOptions, IssueOptions, PkiError, CA_CERT_FILE, CA_KEY_FILE,
 };
-pub use lifecycle::{renew, revoke, show, Revocation, CRL_FILE};
+pub use lifecycle::{refresh_crl, renew, revoke, show, Revocation, CRL_FILE};

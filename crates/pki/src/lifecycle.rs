@@ -18,8 +18,9 @@ use crate::PkiError;
 /// File name of the CA's certificate revocation list.
 pub const CRL_FILE: &str = "ca_crl.pem";
 
-/// How long a CRL is declared valid. Servers do not refuse an expired CRL
-/// (that would lock every client out); re-run `pki revoke` to refresh it.
+/// How long a CRL is declared valid. Servers do not refuse a CRL past its
+/// next update (that would lock every client out) but warn when they load
+/// one; `pki refresh-crl` signs it again.
 const CRL_VALIDITY_DAYS: i64 = 30;
 
 /// What [`revoke`] did.
@@ -62,10 +63,6 @@ pub fn revoke(dir: &Path, certificate: &str) -> Result<Revocation, PkiError> {
     } else {
         (Vec::new(), 0)
     };
-    // CRL numbers only grow.
-    let number = number
-        .checked_add(1)
-        .ok_or_else(|| unreadable(&crl_path, "has the last CRL number there is"))?;
     let now = OffsetDateTime::now_utc();
     let newly_revoked = !revoked
         .iter()
@@ -78,25 +75,62 @@ pub fn revoke(dir: &Path, certificate: &str) -> Result<Revocation, PkiError> {
             invalidity_date: None,
         });
     }
+    sign_crl(&crl_path, &authority, revoked, number, now)?;
+    Ok(Revocation {
+        crl: crl_path,
+        newly_revoked,
+    })
+}
+
+/// Signs the CA's CRL (`<dir>/ca_crl.pem`) again with the same entries, the
+/// next number and a fresh validity, for a CRL nearing or past its next
+/// update (servers still check such a list, and warn; other tools may
+/// refuse it). Holds the directory's lock, as [`revoke`] does. Returns the
+/// path written and when the new list's validity ends.
+pub fn refresh_crl(dir: &Path) -> Result<(PathBuf, OffsetDateTime), PkiError> {
+    let crl_path = dir.join(CRL_FILE);
+    if !crl_path.exists() {
+        return Err(unreadable(
+            &crl_path,
+            "does not exist: nothing has been revoked (`pki revoke` writes it)",
+        ));
+    }
+    let _lock = securemesh_fs::lock_dir(dir)?;
+    let authority = Authority::from_pem(
+        &read(&dir.join(CA_CERT_FILE))?,
+        &read(&dir.join(CA_KEY_FILE))?,
+    )?;
+    let (revoked, number) = existing_crl(&read(&crl_path)?, &crl_path)?;
+    let now = OffsetDateTime::now_utc();
+    let next_update = sign_crl(&crl_path, &authority, revoked, number, now)?;
+    Ok((crl_path, next_update))
+}
+
+/// Writes `revoked` to `crl_path` as a CRL signed by `authority`, numbered
+/// one past `number` (CRL numbers only grow), valid from `now` for
+/// [`CRL_VALIDITY_DAYS`]. Returns its next update.
+fn sign_crl(
+    crl_path: &Path,
+    authority: &Authority,
+    revoked: Vec<RevokedCertParams>,
+    number: u64,
+    now: OffsetDateTime,
+) -> Result<OffsetDateTime, PkiError> {
+    let number = number
+        .checked_add(1)
+        .ok_or_else(|| unreadable(crl_path, "has the last CRL number there is"))?;
+    let next_update = now + Duration::days(CRL_VALIDITY_DAYS);
     let crl = CertificateRevocationListParams {
         this_update: now,
-        next_update: now + Duration::days(CRL_VALIDITY_DAYS),
+        next_update,
         crl_number: SerialNumber::from(number.to_be_bytes().to_vec()),
         issuing_distribution_point: None,
         revoked_certs: revoked,
         key_identifier_method: KeyIdMethod::Sha256,
     }
     .signed_by(authority.issuer())?;
-    securemesh_fs::write_file(
-        &crl_path,
-        crl.pem()?.as_bytes(),
-        securemesh_fs::PUBLIC,
-        true,
-    )?;
-    Ok(Revocation {
-        crl: crl_path,
-        newly_revoked,
-    })
+    securemesh_fs::write_file(crl_path, crl.pem()?.as_bytes(), securemesh_fs::PUBLIC, true)?;
+    Ok(next_update)
 }
 
 /// Issues `<dir>/<name>` again from the CA: same role and names, a new key,
@@ -173,19 +207,18 @@ pub fn renew(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>, PkiError
     Ok(vec![archived, cert_path, key_path])
 }
 
-/// A readable account of a PEM certificate: subject, names, usages,
-/// issuer, validity, serial and SHA-256 fingerprint.
+/// A readable account of a PEM certificate (subject, names, usages,
+/// issuer, validity, serial and SHA-256 fingerprint) or of a CRL (issuer,
+/// number, validity and the serials it revokes).
 pub fn show(path: &Path) -> Result<String, PkiError> {
     let pem = read(path)?;
+    if let Ok((_, block)) = x509_parser::pem::parse_x509_pem(pem.as_bytes()) {
+        if block.label == "X509 CRL" {
+            return show_crl(&block.contents, path);
+        }
+    }
     let certificate = parse_certificate(&pem, path)?;
     let mut out = String::new();
-    let hex = |bytes: &[u8]| {
-        bytes
-            .iter()
-            .map(|byte| format!("{byte:02X}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
     let _ = writeln!(out, "Subject:     {}", certificate.subject);
     let _ = writeln!(out, "Issuer:      {}", certificate.issuer);
     let _ = writeln!(out, "Serial:      {}", hex(&certificate.serial));
@@ -196,6 +229,54 @@ pub fn show(path: &Path) -> Result<String, PkiError> {
     let _ = writeln!(out, "Ext. usage:  {}", certificate.extended_key_usage);
     let _ = writeln!(out, "Names (SAN): {}", certificate.names.join(", "));
     let _ = writeln!(out, "SHA-256:     {}", hex(&certificate.fingerprint));
+    Ok(out)
+}
+
+/// `bytes` as colon-separated upper-case hex, as `openssl x509` shows
+/// serials and fingerprints.
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|byte| format!("{byte:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The account [`show`] gives of a CRL (`der`, read from `path`).
+fn show_crl(der: &[u8], path: &Path) -> Result<String, PkiError> {
+    let (_, crl) =
+        CertificateRevocationList::from_der(der).map_err(|_| unreadable(path, "not a CRL"))?;
+    let mut out = String::new();
+    let number = crl
+        .crl_number()
+        .map_or_else(|| "none".to_owned(), |number| number.to_string());
+    let _ = writeln!(out, "CRL of:      {}", crl.issuer());
+    let _ = writeln!(out, "Number:      {number}");
+    let _ = writeln!(out, "This update: {}", crl.last_update());
+    match crl.next_update() {
+        Some(next) if next.to_datetime() < OffsetDateTime::now_utc() => {
+            let _ = writeln!(
+                out,
+                "Next update: {next} (past: sign it again with `securemesh pki refresh-crl`)"
+            );
+        }
+        Some(next) => {
+            let _ = writeln!(out, "Next update: {next}");
+        }
+        None => {
+            let _ = writeln!(out, "Next update: none");
+        }
+    }
+    let revoked: Vec<_> = crl.iter_revoked_certificates().collect();
+    let _ = writeln!(out, "Revoked:     {}", revoked.len());
+    for entry in revoked {
+        let _ = writeln!(
+            out,
+            "  {}  since {}",
+            hex(entry.raw_serial()),
+            entry.revocation_date
+        );
+    }
     Ok(out)
 }
 
@@ -429,6 +510,51 @@ mod tests {
         std::fs::write(dir.path().join(CRL_FILE), last.pem().unwrap()).unwrap();
         let refused = revoke(dir.path(), "client2").unwrap_err();
         assert!(matches!(refused, PkiError::Unreadable { .. }), "{refused}");
+    }
+
+    #[test]
+    fn a_stale_crl_is_shown_as_such_and_signed_again_with_its_entries() {
+        let dir = pki();
+        let refused = refresh_crl(dir.path()).unwrap_err();
+        assert!(
+            refused.to_string().contains("nothing has been revoked"),
+            "{refused}"
+        );
+        assert!(!dir.path().join(CRL_FILE).exists());
+
+        revoke(dir.path(), "client2").unwrap();
+        let (entries, number) =
+            existing_crl(&read(&dir.path().join(CRL_FILE)).unwrap(), dir.path()).unwrap();
+        // The same list, as if signed 40 days ago: past its next update.
+        let path = dir.path().join("ca_cert.pem");
+        let ca = parse_certificate(&read(&path).unwrap(), &path).unwrap();
+        let authority = issuing_authority(dir.path(), &ca, &path).unwrap();
+        let signed_at = OffsetDateTime::now_utc() - Duration::days(40);
+        sign_crl(
+            &dir.path().join(CRL_FILE),
+            &authority,
+            entries,
+            number,
+            signed_at,
+        )
+        .unwrap();
+        let stale = show(&dir.path().join(CRL_FILE)).unwrap();
+        assert!(stale.contains("past: sign it again"), "{stale}");
+        assert!(stale.contains("Number:      2"), "{stale}");
+        assert!(stale.contains("Revoked:     1"), "{stale}");
+
+        let (written, next_update) = refresh_crl(dir.path()).unwrap();
+        assert_eq!(written, dir.path().join(CRL_FILE));
+        assert!(next_update > OffsetDateTime::now_utc() + Duration::days(29));
+        let client2 = dir.path().join("client2_cert.pem");
+        let serial = parse_certificate(&read(&client2).unwrap(), &client2)
+            .unwrap()
+            .serial;
+        assert_eq!(revoked_serials(dir.path()), (vec![serial.clone()], 3));
+        let fresh = show(&written).unwrap();
+        assert!(!fresh.contains("past"), "{fresh}");
+        assert!(fresh.contains(&hex(&serial)), "{fresh}");
+        assert!(fresh.contains("CN=securemesh CA"), "{fresh}");
     }
 
     #[test]

@@ -142,6 +142,9 @@ impl TlsFiles {
                 what: "no X509 CRL found".into(),
             });
         }
+        for crl in &crls {
+            warn_if_stale(crl, path, std::time::SystemTime::now());
+        }
         Ok(crls)
     }
 
@@ -163,6 +166,42 @@ impl TlsFiles {
     }
 }
 
+/// Logs a warning when `crl` (read from `path`) is past its next update
+/// at `now`. It is still checked: refusing it would refuse every client,
+/// and the certificates it lists stay revoked; but its issuer has promised
+/// a newer one by then, and other tools reading it may refuse it.
+/// Returns whether it warned.
+fn warn_if_stale(
+    crl: &CertificateRevocationListDer<'_>,
+    path: &Path,
+    now: std::time::SystemTime,
+) -> bool {
+    use x509_parser::prelude::FromDer as _;
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let Ok((_, parsed)) = CertificateRevocationList::from_der(crl.as_ref()) else {
+        // rustls reports a list it cannot read when it builds the verifier.
+        return false;
+    };
+    let Some(next_update) = parsed.next_update() else {
+        return false;
+    };
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+        });
+    if next_update.timestamp() >= now {
+        return false;
+    }
+    tracing::warn!(
+        path = %path.display(),
+        %next_update,
+        "the revocation list is past its next update: still checked, but sign it again \
+         (`securemesh pki refresh-crl`) and send SIGHUP"
+    );
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +219,19 @@ mod tests {
             ca: dir.path().join("ca.pem"),
         };
         (dir, files)
+    }
+
+    #[test]
+    fn a_crl_past_its_next_update_is_still_read_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        securemesh_pki::init(&securemesh_pki::InitOptions::new(dir.path().to_owned())).unwrap();
+        let crl = securemesh_pki::revoke(dir.path(), "client2").unwrap().crl;
+        let read = TlsFiles::crls(&crl).unwrap();
+        let now = std::time::SystemTime::now();
+        assert!(!warn_if_stale(&read[0], &crl, now));
+        // `pki revoke` signs for 30 days.
+        let later = now + std::time::Duration::from_secs(31 * 24 * 3600);
+        assert!(warn_if_stale(&read[0], &crl, later));
     }
 
     #[test]
