@@ -485,6 +485,31 @@ impl Backend {
     }
 }
 
+/// The metadata an attempt carries to its backend: the caller (encoded,
+/// always a valid header value), its credentials and its request id.
+fn attempt_metadata(attempt: &Attempt) -> http::HeaderMap {
+    let mut metadata = http::HeaderMap::with_capacity(8);
+    let caller = attempt.caller.as_deref().map(securemesh_tls::encode_caller);
+    for (name, value) in [
+        (CALLER_HEADER, caller.as_deref()),
+        ("authorization", attempt.authorization.as_deref()),
+        (
+            securemesh::request_id::HEADER,
+            attempt.request_id.as_deref(),
+        ),
+    ] {
+        if let Some(mut value) = value.and_then(|value| http::HeaderValue::try_from(value).ok()) {
+            // Credentials are never indexed in HPACK's dynamic table, which
+            // callers share on a coordinator's backend connection (RFC 7541,
+            // 7.1.3). A request id is new on every call: indexing it would
+            // only evict entries worth keeping, at a cost on both ends.
+            value.set_sensitive(name != CALLER_HEADER);
+            metadata.insert(name, value);
+        }
+    }
+    metadata
+}
+
 impl tower::Service<Attempt> for Backend {
     type Response = SubmitReply;
     type Error = Status;
@@ -526,27 +551,7 @@ impl tower::Service<Attempt> for Backend {
         attempt.trace.attempted(&state);
         let in_flight = InFlight::start(&state);
         Box::pin(async move {
-            let mut metadata = http::HeaderMap::with_capacity(8);
-            // Encoded, the caller is always a valid header value.
-            let caller = attempt.caller.as_deref().map(securemesh_tls::encode_caller);
-            for (name, value) in [
-                (CALLER_HEADER, caller.as_deref()),
-                ("authorization", attempt.authorization.as_deref()),
-                (
-                    securemesh::request_id::HEADER,
-                    attempt.request_id.as_deref(),
-                ),
-            ] {
-                if let Some(mut value) =
-                    value.and_then(|value| http::HeaderValue::try_from(value).ok())
-                {
-                    // A request id is new on every call: indexing it in
-                    // HPACK's dynamic table would only evict entries worth
-                    // keeping, at a cost on both ends.
-                    value.set_sensitive(name == securemesh::request_id::HEADER);
-                    metadata.insert(name, value);
-                }
-            }
+            let metadata = attempt_metadata(&attempt);
             let call = channel.unary(SUBMIT_METHOD, &attempt.message, metadata, limit);
             let result = match tokio::time::timeout(limit, call).await {
                 // A tonic backend answers CANCELLED when the grpc-timeout we
@@ -651,6 +656,25 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_and_request_ids_are_never_indexed_and_the_caller_is() {
+        let attempt = Attempt {
+            caller: Some("spiffe://securemesh/client/Zoë".into()),
+            authorization: Some("Bearer abc".into()),
+            request_id: Some("r-1".into()),
+            ..crate::testing::attempt()
+        };
+        let metadata = attempt_metadata(&attempt);
+        assert_eq!(metadata.len(), 3);
+        let caller = &metadata[CALLER_HEADER];
+        assert_eq!(caller, "spiffe://securemesh/client/Zo%C3%AB");
+        assert!(!caller.is_sensitive());
+        assert!(metadata["authorization"].is_sensitive());
+        assert!(metadata[securemesh::request_id::HEADER].is_sensitive());
+        // No header for what the attempt lacks.
+        assert!(attempt_metadata(&crate::testing::attempt()).is_empty());
+    }
 
     #[test]
     fn the_serving_signal_follows_the_first_backend_in_and_the_last_out() {
