@@ -112,7 +112,18 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Client(args) => return client(args).await,
         Command::Encrypt(args) => encrypt(args)?,
         Command::Decrypt(args) => decrypt(args)?,
-        Command::Demo(args) => return crate::demo::run(args).await,
+        Command::Demo(args) => {
+            // Ctrl-C (or SIGTERM) ends the demo here, so that its
+            // processes are killed as it is dropped, on every system (on
+            // Linux they would also get SIGTERM when the demo dies).
+            let mut stop = StopSignals::new();
+            return tokio::select! {
+                ran = crate::demo::run(args) => ran,
+                () = stop.next() => {
+                    anyhow::bail!("interrupted: the demo's servers and coordinator were stopped")
+                }
+            };
+        }
         Command::Bench(args) => return bench(args).await,
         Command::Status(args) => {
             let address = securemesh_admin::parse_listen_address(&args.admin)?;
@@ -459,7 +470,17 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         (Some(user), Some(password), _) => {
             Some(securemesh_credentials::basic_header(user, password))
         }
-        (_, _, Some(token)) => Some(securemesh_credentials::bearer_header(token)),
+        (_, _, Some(token)) => {
+            // A header cannot carry a control character: the call would go
+            // out without credentials and be refused for lacking them.
+            // (The token is not quoted: it is a secret.)
+            anyhow::ensure!(
+                !token.is_empty() && token.bytes().all(|byte| byte.is_ascii_graphic()),
+                "the token holds a space, a control character (such as the carriage return \
+                 of a file saved on Windows) or a character outside ASCII: give the token alone"
+            );
+            Some(securemesh_credentials::bearer_header(token))
+        }
         _ => None,
     };
     let balance = BalanceOptions {
@@ -702,6 +723,10 @@ fn reload_on_sighup(
     });
 }
 
+/// How long a process on its way out waits for its last log lines and
+/// message to be written.
+pub const LAST_WORDS_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Completes on the first Ctrl-C or SIGTERM `signals` catch; a second one
 /// ends the process at once.
 async fn shutdown_signal(mut signals: StopSignals) {
@@ -713,8 +738,10 @@ async fn shutdown_signal(mut signals: StopSignals) {
     tokio::spawn(async move {
         signals.next().await;
         tracing::warn!("second shutdown signal: stopping at once, without draining");
-        eprintln!("securemesh: second shutdown signal: stopping at once");
-        crate::logging::finish();
+        crate::logging::finish_and_say(
+            "securemesh: second shutdown signal: stopping at once".to_owned(),
+            LAST_WORDS_LIMIT,
+        );
         std::process::exit(130);
     });
 }
@@ -821,9 +848,13 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
     }
     for line in report::ratios(&results) {
-        println!("{line}");
+        crate::output::line(line);
     }
-    println!("wrote {} and {}", args.out.display(), picture.display());
+    crate::output::line(format_args!(
+        "wrote {} and {}",
+        args.out.display(),
+        picture.display()
+    ));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -70,7 +70,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for (label, server) in [("server-1", &server1_id), ("server-2", &server2_id)] {
         let target = format!("https://{server}");
         mesh.wait_serving(label, &target, &readiness_tls).await?;
-        println!("{target} is SERVING");
+        crate::output::line(format_args!("{target} is SERVING"));
     }
     mesh.start(
         "coordinator",
@@ -86,7 +86,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     )?;
     mesh.wait_serving("coordinator", &coordinator_url, &readiness_tls)
         .await?;
-    println!("{coordinator_url} is SERVING");
+    crate::output::line(format_args!("{coordinator_url} is SERVING"));
 
     let keys = KeyRing::from_file(&certs.join("encryption_key.txt"))?;
     let client1 = DemoClient::new("Client1", "client", &certs, &coordinator_url, &keys)?;
@@ -106,7 +106,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 .await?,
         );
     }
-    println!("served by: {}", served_by.join(", "));
+    crate::output::line(format_args!("served by: {}", served_by.join(", ")));
 
     step(&format!("4. Server 1 ({server1_id}) is killed (SIGKILL)"));
     mesh.kill("server-1").await?;
@@ -131,7 +131,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    println!("failover: every request was served by {server2_id}, none failed");
+    crate::output::line(format_args!(
+        "failover: every request was served by {server2_id}, none failed"
+    ));
 
     step(&format!("5. Server 1 ({server1_id}) is started again"));
     mesh.start("server-1", server_args(port1))?;
@@ -154,11 +156,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("recovery: server 1 serves again (after {attempts} request(s)), no restart of the coordinator");
+    crate::output::line(format_args!("recovery: server 1 serves again (after {attempts} request(s)), no restart of the coordinator"));
 
     step("6. Shutting down (SIGTERM)");
     mesh.stop_all().await?;
-    println!("\nDemo complete: every step behaved.");
+    crate::output::line("\nDemo complete: every step behaved.");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -175,23 +177,30 @@ fn ensure_free(port: u16) -> anyhow::Result<()> {
 }
 
 fn step(title: &str) {
-    println!("\n=== {title} ===");
+    crate::output::line(format_args!("\n=== {title} ==="));
 }
 
 /// Creates the PKI and the key in `certs` unless they are there already.
 fn prepare_material(certs: &Path) -> anyhow::Result<()> {
     if certs.join(securemesh_pki::CA_CERT_FILE).exists() {
-        println!("using the certificates in {}", certs.display());
+        crate::output::line(format_args!(
+            "using the certificates in {}",
+            certs.display()
+        ));
     } else {
         let written = securemesh_pki::init(&securemesh_pki::InitOptions::new(certs))?;
-        println!("created {} files in {}", written.len(), certs.display());
+        crate::output::line(format_args!(
+            "created {} files in {}",
+            written.len(),
+            certs.display()
+        ));
     }
     let key = certs.join("encryption_key.txt");
     if key.exists() {
-        println!("using the Fernet key {}", key.display());
+        crate::output::line(format_args!("using the Fernet key {}", key.display()));
     } else {
         securemesh_crypto::write_new_key_file(&key, false)?;
-        println!("created the Fernet key {}", key.display());
+        crate::output::line(format_args!("created the Fernet key {}", key.display()));
     }
     Ok(())
 }
@@ -220,10 +229,10 @@ impl DemoClient {
     async fn send(&self, message: &str) -> anyhow::Result<String> {
         match self.client.submit(message.as_bytes()).await {
             Ok(reply) => {
-                println!(
+                crate::output::line(format_args!(
                     "[{}] Success: result={} server={}",
                     self.name, reply.result, reply.server_id
-                );
+                ));
                 Ok(reply.server_id)
             }
             Err(error) => bail!("[{}] Failed: {error}", self.name),
@@ -241,7 +250,7 @@ struct Mesh {
 impl Mesh {
     fn start(&mut self, label: &'static str, mut args: Vec<String>) -> anyhow::Result<()> {
         args.extend(["--certs".to_owned(), self.certs.display().to_string()]);
-        println!("$ securemesh {}", args.join(" "));
+        crate::output::line(format_args!("$ securemesh {}", args.join(" ")));
         let mut command = Command::new(&self.exe);
         command.args(&args).env("RUST_LOG", "info");
         securemesh::children::for_lab(command.as_std_mut());
@@ -314,7 +323,7 @@ impl Mesh {
                 .await
                 .with_context(|| format!("{label} did not stop within {STOP_TIMEOUT:?}"))??;
             ensure!(status.success(), "{label} exited with {status}");
-            println!("{label} stopped cleanly");
+            crate::output::line(format_args!("{label} stopped cleanly"));
         }
         Ok(())
     }
@@ -323,6 +332,6 @@ impl Mesh {
 async fn relay(label: &'static str, output: impl AsyncRead + Unpin) {
     let mut lines = BufReader::new(output).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        println!("  [{label}] {line}");
+        crate::output::line(format_args!("  [{label}] {line}"));
     }
 }

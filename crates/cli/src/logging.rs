@@ -116,6 +116,25 @@ pub fn finish() {
     }
 }
 
+/// [`finish`], then `last_words` on standard error, waiting `limit` at
+/// most: a process on its way out must not hang on a standard error that
+/// nobody reads (a full pipe: the writer's thread then holds standard
+/// error's lock in a write that never returns, and `eprintln!` waits on
+/// it). What is not written by then is lost with the process.
+pub fn finish_and_say(last_words: String, limit: std::time::Duration) {
+    let (said, saying) = std::sync::mpsc::channel();
+    let spoken = std::thread::Builder::new()
+        .name("securemesh-last-words".into())
+        .spawn(move || {
+            finish();
+            eprintln!("{last_words}");
+            let _ = said.send(());
+        });
+    if spoken.is_ok() {
+        let _ = saying.recv_timeout(limit);
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -222,6 +241,28 @@ fn others_may_write(directory: &Path) -> bool {
     })
 }
 
+/// Refuses a daily rotation where its files could be planted: the
+/// appender opens each day's file by name, following links and appending
+/// to whatever is there, so its directory must be one that only this user
+/// (or root) may write, unlike /tmp. Refuses a directory given as the file
+/// too (its name would become the prefix of files beside it).
+fn check_daily_rotation(path: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !path.is_dir(),
+        "--log-file {} is a directory: name a file in it",
+        path.display()
+    );
+    #[cfg(unix)]
+    anyhow::ensure!(
+        !others_may_write(securemesh_fs::directory_of(path)),
+        "--log-file {} with --log-rotation daily: other users may create files in {}, \
+         where each day's file is opened by name; choose a directory only you may write",
+        path.display(),
+        securemesh_fs::directory_of(path).display()
+    );
+    Ok(())
+}
+
 /// The file that existed before and that lines go on to: `path` itself,
 /// or with a daily rotation its newest `path.YYYY-MM-DD` (today's, or the
 /// one before; either holds lines as private as the new ones). Files the
@@ -267,6 +308,7 @@ fn appender(
             Ok((Box::new(file), Some(mode)))
         }
         LogRotation::Daily => {
+            check_daily_rotation(path)?;
             // The appender takes the name as text: one that is not would
             // send the lines to another file than the one named.
             let name = name.to_str().ok_or_else(|| {
@@ -327,6 +369,29 @@ mod tests {
             let refused = open_log_file(&theirs).unwrap_err().to_string();
             assert!(refused.contains("belongs to another user"), "{refused}");
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_daily_rotation_is_refused_where_others_could_plant_its_files() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let directory = tempfile::tempdir().unwrap();
+        check_daily_rotation(&directory.path().join("server.log")).unwrap();
+        let refused = check_daily_rotation(directory.path())
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("is a directory"), "{refused}");
+        let shared = directory.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let refused = check_daily_rotation(&shared.join("server.log"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("other users may create files"),
+            "{refused}"
+        );
+        assert!(appender(&shared.join("server.log"), LogRotation::Daily).is_err());
     }
 
     #[test]

@@ -62,8 +62,10 @@ fn run(cli: args::Cli) -> std::process::ExitCode {
         Ok(code) => code,
         Err(error) => {
             // The log lines that led here come out first.
-            logging::finish();
-            eprintln!("securemesh: {}", errors::describe(&error));
+            logging::finish_and_say(
+                format!("securemesh: {}", errors::describe(&error)),
+                commands::LAST_WORDS_LIMIT,
+            );
             std::process::ExitCode::FAILURE
         }
     }

@@ -1,8 +1,8 @@
 //! Standard output for the commands that also talk over the network
-//! (`client`, `status`): they keep SIGPIPE ignored, since TLS writes with
-//! `writev`, which would raise it on a connection the peer reset; so a
-//! reader that goes away (`securemesh status --json | head -1`) makes
-//! the write fail, and `println!` would panic on that.
+//! (`client`, `status`, `demo`, `bench`): they keep SIGPIPE ignored, since
+//! TLS writes with `writev`, which would raise it on a connection the peer
+//! reset; so a reader that goes away (`securemesh status --json | head -1`)
+//! makes the write fail, and `println!` would panic on that.
 
 use std::io::Write as _;
 
@@ -11,7 +11,9 @@ use std::io::Write as _;
 const READER_GONE: i32 = 128 + 13;
 
 /// Writes `text` and a newline to standard output; if its reader has gone,
-/// ends the process quietly, as the other commands do.
+/// ends the process quietly, as the other commands do; if it cannot be
+/// written otherwise (a full disk), ends the process with status 1, since
+/// what it printed is not what it had to say.
 pub fn line(text: impl std::fmt::Display) {
     write(format_args!("{text}\n"));
 }
@@ -29,7 +31,10 @@ fn write(arguments: std::fmt::Arguments<'_>) {
             crate::logging::finish();
             std::process::exit(READER_GONE);
         }
-        // Anything else (a full disk) is reported, not a panic.
-        tracing::warn!(%error, "cannot write to standard output");
+        crate::logging::finish_and_say(
+            format!("securemesh: cannot write to standard output: {error}"),
+            crate::commands::LAST_WORDS_LIMIT,
+        );
+        std::process::exit(1);
     }
 }

@@ -7,14 +7,14 @@
 //! tool fails these tests with a message saying so rather than skipping.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
 mod common;
 
-use common::{free_port, mode_of, securemesh, text, tool, BINARY};
+use common::{free_port, mode_of, securemesh, text, tool};
 
 #[test]
 fn pki_init_writes_verifiable_private_material_and_never_overwrites() {
@@ -89,7 +89,7 @@ fn pki_init_writes_verifiable_private_material_and_never_overwrites() {
 fn the_old_shared_listen_variable_is_refused_not_ignored() {
     let dir = tempfile::tempdir().unwrap();
     for command in ["server", "coordinator"] {
-        let run = Command::new(BINARY)
+        let run = common::command()
             .arg(command)
             .env("SECUREMESH_LISTEN", "0.0.0.0:5001")
             .current_dir(dir.path())
@@ -124,17 +124,59 @@ fn a_server_that_cannot_start_fails_before_it_announces_itself() {
 #[test]
 fn a_flag_from_the_environment_takes_1_yes_and_true() {
     let dir = tempfile::tempdir().unwrap();
-    for yes in ["1", "yes", "true", "on"] {
-        // No certificates here: past argument parsing, the server stops at
-        // its missing certificate (exit 1), not at its arguments (exit 2).
-        let run = Command::new(BINARY)
-            .args(["server", "--certs", "absent"])
-            .env("SECUREMESH_HIDE_PLAINTEXT", yes)
+    assert!(securemesh(&["pki", "init"], dir.path()).status.success());
+    assert!(securemesh(&["keygen"], dir.path()).status.success());
+    for (value, hidden) in [
+        ("1", true),
+        ("yes", true),
+        ("true", true),
+        ("on", true),
+        ("off", false),
+    ] {
+        let port = free_port();
+        let log = dir.path().join(format!("server-{value}.log"));
+        let mut server = common::command()
+            .args([
+                "server",
+                &port.to_string(),
+                "--allow",
+                "spiffe://securemesh/client/client",
+            ])
+            .env("SECUREMESH_HIDE_PLAINTEXT", value)
+            .env("RUST_LOG", "info")
             .current_dir(dir.path())
-            .output()
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
             .unwrap();
-        assert_eq!(run.status.code(), Some(1), "{yes}: {}", text(&run));
-        assert!(text(&run).contains("absent"), "{yes}: {}", text(&run));
+        let target = format!("https://127.0.0.1:{port}");
+        let started = Instant::now();
+        let message = format!("told by {value}");
+        while !securemesh(
+            &["client", "--target", &target, "--message", &message],
+            dir.path(),
+        )
+        .status
+        .success()
+        {
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = server.kill();
+                panic!("{value}: the server never answered");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = server.kill();
+        let _ = server.wait();
+        let log = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            common::has_line_with(&log, &["audit", r#"status="OK""#]),
+            "{value}: {log}"
+        );
+        assert_eq!(
+            log.contains(&format!("Decrypted data: {message}")),
+            !hidden,
+            "{value}: {log}"
+        );
     }
 }
 
@@ -621,7 +663,7 @@ fn python_grpcio_client_interoperates_both_ways() {
 fn the_demo_runs_the_whole_lab_and_exits_zero() {
     let work = tempfile::tempdir().unwrap();
     let ports = [free_port(), free_port(), free_port()];
-    let demo = Command::new(BINARY)
+    let demo = common::command()
         .args(["demo", "--server-ports"])
         .arg(format!("{},{}", ports[0], ports[1]))
         .arg("--coordinator-port")
@@ -659,6 +701,66 @@ fn the_demo_runs_the_whole_lab_and_exits_zero() {
     );
 }
 
+/// Ctrl-C or SIGTERM ends the demo with its servers and coordinator,
+/// saying so, instead of leaving them to the system.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_demo_stops_its_processes_and_says_so() {
+    use std::io::BufRead as _;
+    let work = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let mut demo = common::command()
+        .args(["demo", "--server-ports"])
+        .arg(format!("{},{}", ports[0], ports[1]))
+        .arg("--coordinator-port")
+        .arg(ports[2].to_string())
+        .current_dir(work.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = demo.stdout.take().unwrap();
+    let (lines, read) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let serving = format!("https://127.0.0.1:{} is SERVING", ports[2]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match read.recv_timeout(left) {
+            Ok(line) if line.contains(&serving) => break,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = demo.kill();
+                panic!("the demo's coordinator never served");
+            }
+        }
+    }
+    common::signal(&demo, nix::sys::signal::Signal::SIGTERM);
+    let status = common::wait_exit(&mut demo);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut demo.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{status}: {stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    // Its processes are gone: each port can be bound again.
+    for port in ports {
+        let started = Instant::now();
+        while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "port {port} still taken"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// The demo refuses ports it could not tell apart (a readiness check
 /// would pass against the wrong process), and a child that exits at start
 /// ends it at once, not after its readiness wait times out.
@@ -667,7 +769,7 @@ fn the_demo_refuses_a_port_twice_and_stops_when_a_child_dies_at_start() {
     let work = tempfile::tempdir().unwrap();
     let (port, other) = (free_port(), free_port());
     let demo = |ports: String, coordinator: u16| {
-        Command::new(BINARY)
+        common::command()
             .args(["demo", "--server-ports", &ports, "--coordinator-port"])
             .arg(coordinator.to_string())
             .current_dir(work.path())
@@ -1124,7 +1226,7 @@ fn ctrl_c_at_the_password_prompt_gives_the_terminal_its_echo_back() {
             .contains(LocalFlags::ECHO)
     };
     assert!(echoes(), "a new terminal echoes");
-    let mut adding = Command::new(BINARY)
+    let mut adding = common::command()
         .args(["credentials", "add-user", "alice"])
         .current_dir(work.path())
         .stdin(std::fs::File::from(terminal.slave.try_clone().unwrap()))
@@ -1157,7 +1259,7 @@ fn ctrl_c_at_the_password_prompt_gives_the_terminal_its_echo_back() {
 fn credentials_on_top_of_mtls_from_the_command_line() {
     let mesh = Mesh::start();
     let work = mesh.work.path();
-    let added = Command::new(BINARY)
+    let added = common::command()
         .args(["credentials", "add-user", "alice"])
         .env("SECUREMESH_NEW_PASSWORD", "correct horse")
         // The client's variable, set in the same shell, changes nothing.
@@ -1210,6 +1312,16 @@ fn credentials_on_top_of_mtls_from_the_command_line() {
         .status
         .success());
     assert!(call(&["--token", &token]).status.success());
+    // With a carriage return (a file saved on Windows), the token is
+    // refused before any call, by a message that does not quote it.
+    let stray = call(&["--token", &format!("{token}\r")]);
+    assert!(!stray.status.success());
+    assert!(
+        text(&stray).contains("control character"),
+        "{}",
+        text(&stray)
+    );
+    assert!(!text(&stray).contains(&token), "{}", text(&stray));
 
     // A token added later is accepted once the coordinator reloads.
     let later = securemesh(&["credentials", "add-token", "later"], work);
@@ -1308,7 +1420,7 @@ fn a_standard_error_nobody_reads_neither_stops_a_server_nor_costs_the_log_file_a
     // after 64 KiB, a few calls' worth of trace lines, and the backlog
     // of 256 lines after it is full well before the last call (the audit
     // lines alone would fill both).
-    let mut server = Command::new(BINARY)
+    let mut server = common::command()
         .args([
             "server",
             &port.to_string(),
@@ -1320,6 +1432,8 @@ fn a_standard_error_nobody_reads_neither_stops_a_server_nor_costs_the_log_file_a
             "json",
             "--stderr-backlog",
             "256",
+            "--drain-delay",
+            "30s",
         ])
         .current_dir(work)
         .env("RUST_LOG", "trace")
@@ -1342,9 +1456,30 @@ fn a_standard_error_nobody_reads_neither_stops_a_server_nor_costs_the_log_file_a
         work,
     );
     assert!(calls.status.success(), "{}", text(&calls));
+    // A second signal stops the drain at once, although the message it
+    // leaves on standard error cannot be written.
     common::signal(&server, nix::sys::signal::Signal::SIGTERM);
-    assert!(common::wait_exit(&mut server).success());
-    let log = std::fs::read_to_string(work.join("logs/unread.txt")).unwrap();
+    let log_file = work.join("logs/unread.txt");
+    let draining = Instant::now();
+    while !std::fs::read_to_string(&log_file)
+        .unwrap()
+        .contains("draining: NOT_SERVING")
+    {
+        if draining.elapsed() > Duration::from_secs(10) {
+            let _ = server.kill();
+            panic!("the server did not start draining");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    common::signal(&server, nix::sys::signal::Signal::SIGTERM);
+    let stopping = Instant::now();
+    while server.try_wait().unwrap().is_none() && stopping.elapsed() < Duration::from_secs(8) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = server.kill();
+    let status = server.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+    let log = std::fs::read_to_string(&log_file).unwrap();
     let answered = log
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
@@ -1499,7 +1634,7 @@ fn output_into_a_closed_pipe_ends_the_command_quietly() {
     let work = tempfile::tempdir().unwrap();
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let output = Command::new(BINARY)
+    let output = common::command()
         .args(["pki", "init"])
         .current_dir(work.path())
         .stdout(writer)
@@ -1518,7 +1653,8 @@ fn output_into_a_closed_pipe_ends_the_command_quietly() {
 
 /// `status` (which keeps SIGPIPE ignored, as every command with sockets
 /// does) also ends quietly when its reader goes away, instead of
-/// panicking in a write to standard output.
+/// panicking in a write to standard output; and fails when its output
+/// cannot be written.
 #[cfg(unix)]
 #[test]
 fn status_into_a_closed_pipe_ends_quietly() {
@@ -1544,10 +1680,22 @@ fn status_into_a_closed_pipe_ends_quietly() {
     }
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let output = Command::new(BINARY)
+    let output = common::command()
         .args(["status", "--admin", &admin, "--json"])
         .current_dir(dir.path())
         .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    // Into a full device, the output is lost: that is an error.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let into_full = common::command()
+        .args(["status", "--admin", &admin, "--json"])
+        .current_dir(dir.path())
+        .stdout(full)
         .stderr(Stdio::piped())
         .output()
         .unwrap();
@@ -1556,4 +1704,10 @@ fn status_into_a_closed_pipe_ends_quietly() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(output.status.code(), Some(141), "{stderr}");
+    let stderr = String::from_utf8_lossy(&into_full.stderr);
+    assert_eq!(into_full.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot write to standard output"),
+        "{stderr}"
+    );
 }

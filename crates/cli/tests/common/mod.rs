@@ -14,9 +14,22 @@ use std::time::{Duration, Instant};
 /// The binary under test.
 pub const BINARY: &str = env!("CARGO_BIN_EXE_securemesh");
 
+/// The binary under test, without the `SECUREMESH_*` settings of the
+/// environment the tests run in (a developer's exported certificate or
+/// password would change what a test runs).
+pub fn command() -> Command {
+    let mut command = Command::new(BINARY);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("SECUREMESH_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// Runs `securemesh ARGS` in `dir` to completion.
 pub fn securemesh(args: &[&str], dir: &Path) -> Output {
-    Command::new(BINARY)
+    command()
         .args(args)
         .current_dir(dir)
         .output()
@@ -27,7 +40,7 @@ pub fn securemesh(args: &[&str], dir: &Path) -> Output {
 /// `<dir>/<label>.log`.
 pub fn spawn_logged(dir: &Path, label: &str, args: &[String]) -> Child {
     let log = File::create(dir.join(format!("{label}.log"))).unwrap();
-    Command::new(BINARY)
+    command()
         .args(args)
         .current_dir(dir)
         .env("RUST_LOG", "info")
