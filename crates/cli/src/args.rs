@@ -471,8 +471,9 @@ pub struct ServerArgs {
     pub listen: Option<SocketAddr>,
     /// Name reported in replies and registered in etcd; two servers on
     /// one prefix need two names [default: the host:port of --advertise,
-    /// else the listen address].
-    #[arg(long, env = "SECUREMESH_SERVER_ID")]
+    /// else the listen address]. At most 256 bytes, no control
+    /// characters.
+    #[arg(long, env = "SECUREMESH_SERVER_ID", value_parser = server_id)]
     pub server_id: Option<String>,
     /// Fernet key file [default: <certs>/encryption_key.txt].
     #[arg(long, env = "SECUREMESH_ENCRYPTION_KEY")]
@@ -1013,6 +1014,19 @@ fn caller_id(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// A server's name for `--server-id`: short and printable, as it goes
+/// into every reply and into its etcd key (coordinators ignore keys far
+/// longer than a registration's).
+fn server_id(text: &str) -> Result<String, String> {
+    const MOST_BYTES: usize = 256;
+    if text.is_empty() || text.len() > MOST_BYTES || text.chars().any(char::is_control) {
+        return Err(format!(
+            "a server id is 1 to {MOST_BYTES} bytes without control characters"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 /// Warns about `--allow` values that are not SPIFFE IDs: they admit only a
 /// certificate without a URI SAN, whose DNS name or common name they are.
 pub fn warn_about_bare_identities(allowed: &[String]) {
@@ -1063,6 +1077,14 @@ mod tests {
             let env = argument.get_env().and_then(|env| env.to_str());
             let expected = format!("SECUREMESH_{}", name.to_uppercase().replace('-', "_"));
             assert_eq!(env, Some(expected.as_str()), "--{name}");
+        }
+    }
+
+    #[test]
+    fn server_ids_are_short_and_printable() {
+        assert!(server_id("eu-west-1a/server-7").is_ok());
+        for refused in [String::new(), "a\nb".to_owned(), "x".repeat(257)] {
+            assert!(server_id(&refused).is_err(), "{refused:?}");
         }
     }
 

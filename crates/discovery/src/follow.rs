@@ -124,7 +124,6 @@ async fn sync_and_watch(
     let range = config.range();
     let mut connected = None;
     loop {
-        let read_at = tokio::time::Instant::now();
         let (listing, revision) = read_prefix(&client, &range).await?;
         registrations.replace_all(
             listing
@@ -147,7 +146,10 @@ async fn sync_and_watch(
         let mut watch = within(watching.watch(range.as_str(), Some(options))).await?;
         backoff.reset();
         connected.get_or_insert_with(crate::Connected::now);
-        let reread_from = read_at + LEFT_OUT_REREAD_EVERY;
+        // Counted from the end of the read: a read that takes longer than
+        // the interval would otherwise be followed by the next at once,
+        // again and again.
+        let reread_from = tokio::time::Instant::now() + LEFT_OUT_REREAD_EVERY;
         loop {
             // Waiting for room to matter: once there is some, the next
             // read may come when it is due, event or not.
@@ -250,8 +252,23 @@ fn range_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// A registration's key as text; `None` (logged) for one that is not UTF-8.
+/// The longest key taken for a registration: a prefix and a server id are
+/// a few dozen bytes, and etcd takes keys of up to 1.5 MiB, which a
+/// coordinator would keep (and log) whole.
+const MOST_KEY_BYTES: usize = 1024;
+
+/// A registration's key as text; `None` (logged, cut short) for one that
+/// is not UTF-8 or far longer than a registration's.
 fn registration_key(key: &[u8]) -> Option<&str> {
+    if key.len() > MOST_KEY_BYTES {
+        let start = String::from_utf8_lossy(&key[..64]);
+        tracing::warn!(
+            key_start = %field(&start),
+            bytes = key.len(),
+            "ignoring a registration whose key is far longer than a registration's"
+        );
+        return None;
+    }
     match std::str::from_utf8(key) {
         Ok(key) => Some(key),
         Err(_) => {
@@ -434,6 +451,17 @@ impl Registrations {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn keys_far_longer_than_a_registrations_are_ignored() {
+        assert_eq!(
+            registration_key(b"/securemesh/servers/a"),
+            Some("/securemesh/servers/a")
+        );
+        let long = vec![b'k'; MOST_KEY_BYTES + 1];
+        assert_eq!(registration_key(&long), None);
+        assert_eq!(registration_key(b"/securemesh/\xff"), None);
+    }
 
     /// Records what discovery asked of the backend set.
     #[derive(Default)]

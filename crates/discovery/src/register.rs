@@ -85,10 +85,10 @@ async fn keep_registered(
         }
     };
     let mut backoff = Backoff::new();
-    // A lease of ours that may still hold the key (its session ended on a
-    // member that stopped answering): the next registration takes the key
-    // over from it, then revokes it; so does a stop.
-    let mut left_behind = None;
+    // Leases of ours that may still hold the key (a session ended on a
+    // member that stopped answering, or a claim went unanswered): the next
+    // registration takes the key over, then revokes them; so does a stop.
+    let mut left_behind = Vec::new();
     loop {
         match hold(
             &config,
@@ -113,8 +113,8 @@ async fn keep_registered(
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     _ = stop.changed() => {
-                        if let Some(lease) = left_behind {
-                            revoke_left_behind(&config, &key, lease).await;
+                        if !left_behind.is_empty() {
+                            revoke_left_behind(&config, &key, &left_behind).await;
                         }
                         return;
                     }
@@ -124,14 +124,35 @@ async fn keep_registered(
     }
 }
 
-/// Revokes `lease`, left behind by a session that ended, through any
-/// member that answers: the key it may still hold goes at once.
-async fn revoke_left_behind(config: &EtcdConfig, key: &str, lease: i64) {
+/// Revokes `leases`, left behind by sessions that ended, through any
+/// member that answers: the key one of them may still hold goes at once.
+async fn revoke_left_behind(config: &EtcdConfig, key: &str, leases: &[i64]) {
     let revoked = async {
         let mut client = config.connect().await?;
-        within(client.lease_revoke(lease)).await
+        let mut outcome = Ok(());
+        for &lease in leases {
+            // One that expired already is "not found": nothing is lost.
+            if let Err(error) = within(client.lease_revoke(lease)).await {
+                outcome = Err(error);
+            }
+        }
+        outcome
     };
     report_deregistration(key, revoked.await);
+}
+
+/// How many leases left behind a registration remembers. Each expires on
+/// its own within its TTL (nothing keeps it alive); remembering one only
+/// lets a stop or the next session delete its key at once.
+const MOST_LEASES_LEFT_BEHIND: usize = 8;
+
+/// Remembers `lease` as left behind, forgetting the oldest beyond
+/// [`MOST_LEASES_LEFT_BEHIND`].
+fn leave_behind(left_behind: &mut Vec<i64>, lease: i64) {
+    left_behind.push(lease);
+    if left_behind.len() > MOST_LEASES_LEFT_BEHIND {
+        left_behind.remove(0);
+    }
 }
 
 /// Logs how revoking the registration's lease at the stop went.
@@ -146,8 +167,9 @@ fn report_deregistration<T>(key: &str, revoked: Result<T, DiscoveryError>) {
 
 /// One registration, from lease grant to loss or withdrawal. `Ok` means
 /// it was withdrawn. A session that ends with its lease perhaps alive (the
-/// member stopped answering, or a stream broke) leaves it in
-/// `left_behind`; once a new session holds the key, it revokes that one.
+/// member stopped answering, a stream broke, or its claim went
+/// unanswered) leaves it in `left_behind`; once a new session holds the
+/// key, it revokes those.
 async fn hold(
     config: &EtcdConfig,
     key: &str,
@@ -155,29 +177,42 @@ async fn hold(
     ttl: Duration,
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Backoff,
-    left_behind: &mut Option<i64>,
+    left_behind: &mut Vec<i64>,
 ) -> Result<(), DiscoveryError> {
     let mut client = config.connect().await?;
-    // etcd leases last whole seconds, at least one; everything below
-    // (renewal, loss) follows the lease as granted.
-    let ttl = Duration::from_secs(ttl.as_secs().max(1));
-    let ttl_seconds = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-    let lease = within(client.lease_grant(ttl_seconds, None)).await?.id();
+    // etcd leases last whole seconds, at least one, and etcd may grant
+    // more than asked (it raises a TTL below its minimum); everything
+    // below (renewal, loss) follows the lease as granted.
+    let asked = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+    let granted = within(client.lease_grant(asked, None)).await?;
+    let lease = granted.id();
+    let ttl_seconds = granted.ttl().max(1);
+    let ttl = Duration::from_secs(u64::try_from(ttl_seconds).unwrap_or(1));
     let revision = match claim(&mut client, key, value, lease).await {
         Ok(revision) => revision,
-        Err(error) => {
-            // The key is not ours, or not yet: the new lease holds nothing.
+        Err(error @ DiscoveryError::Taken { .. }) => {
+            // Someone else's key: the new lease holds nothing.
             let _ = within(client.lease_revoke(lease)).await;
             return Err(error);
         }
+        Err(error) => {
+            // Unanswered: the write may have gone through, binding the key
+            // to the new lease, and revoking it would delete a live
+            // registration. Left behind, as an ended session's lease.
+            leave_behind(left_behind, lease);
+            return Err(error);
+        }
     };
-    if let Some(earlier) = left_behind.replace(lease) {
-        // The key is bound to the new lease now: the earlier one holds
+    let earlier = std::mem::replace(left_behind, vec![lease]);
+    if !earlier.is_empty() {
+        // The key is bound to the new lease now: the earlier ones hold
         // nothing, and would only expire. Revoked aside, so that the new
-        // lease's keep-alives do not wait for it.
+        // lease's keep-alives do not wait for them.
         let mut revoking = client.clone();
         tokio::spawn(async move {
-            let _ = within(revoking.lease_revoke(earlier)).await;
+            for lease in earlier {
+                let _ = within(revoking.lease_revoke(lease)).await;
+            }
         });
     }
     // From here the new lease holds the key: a failure leaves it behind
@@ -239,7 +274,7 @@ async fn hold(
                         // The key is gone or someone else's: our lease
                         // holds nothing useful.
                         if within(client.lease_revoke(lease)).await.is_ok() {
-                            *left_behind = None;
+                            left_behind.clear();
                         }
                         return Err(lost);
                     }
@@ -348,6 +383,15 @@ fn shown_record(value: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leases_left_behind_are_remembered_newest_first_within_a_bound() {
+        let mut left_behind = Vec::new();
+        for lease in 1..=20 {
+            leave_behind(&mut left_behind, lease);
+        }
+        assert_eq!(left_behind, (13..=20).collect::<Vec<i64>>());
+    }
 
     #[test]
     fn another_registrations_record_is_shown_on_one_line_and_cut_short() {
