@@ -179,54 +179,78 @@ async fn hold(
     backoff: &mut Backoff,
     left_behind: &mut Vec<i64>,
 ) -> Result<(), DiscoveryError> {
-    let mut client = config.connect().await?;
-    // etcd leases last whole seconds, at least one, and etcd may grant
-    // more than asked (it raises a TTL below its minimum); everything
-    // below (renewal, loss) follows the lease as granted.
-    let asked = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-    let granted = within(client.lease_grant(asked, None)).await?;
-    let lease = granted.id();
-    let ttl_seconds = granted.ttl().max(1);
-    let ttl = Duration::from_secs(u64::try_from(ttl_seconds).unwrap_or(1));
-    let revision = match claim(&mut client, key, value, lease).await {
-        Ok(revision) => revision,
-        Err(error @ DiscoveryError::Taken { .. }) => {
-            // Someone else's key: the new lease holds nothing.
-            let _ = within(client.lease_revoke(lease)).await;
-            return Err(error);
-        }
-        Err(error) => {
-            // Unanswered: the write may have gone through, binding the key
-            // to the new lease, and revoking it would delete a live
-            // registration. Left behind, as an ended session's lease.
-            leave_behind(left_behind, lease);
-            return Err(error);
-        }
-    };
-    let earlier = std::mem::replace(left_behind, vec![lease]);
-    if !earlier.is_empty() {
-        // The key is bound to the new lease now: the earlier ones hold
-        // nothing, and would only expire. Revoked aside, so that the new
-        // lease's keep-alives do not wait for them.
-        let mut revoking = client.clone();
-        tokio::spawn(async move {
-            for lease in earlier {
-                let _ = within(revoking.lease_revoke(lease)).await;
+    let set_up = async {
+        let mut client = config.connect().await?;
+        // etcd leases last whole seconds, at least one, and etcd may grant
+        // more than asked (it raises a TTL below its minimum); everything
+        // below (renewal, loss) follows the lease as granted.
+        let asked = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let granted = within(client.lease_grant(asked, None)).await?;
+        let lease = granted.id();
+        let ttl_seconds = granted.ttl().max(1);
+        // Until its claim is answered, the new lease may hold the key (the
+        // write may go through unanswered): left behind until then, so
+        // that a stop meanwhile revokes it too.
+        leave_behind(left_behind, lease);
+        let revision = match claim(&mut client, key, value, lease).await {
+            Ok(revision) => revision,
+            Err(error @ DiscoveryError::Taken { .. }) => {
+                // Someone else's key: the new lease holds nothing.
+                left_behind.retain(|&left| left != lease);
+                let _ = within(client.lease_revoke(lease)).await;
+                return Err(error);
             }
-        });
-    }
-    // From here the new lease holds the key: a failure leaves it behind
-    // (above) for the next session to take the key over from, instead of
-    // revoking it and deleting the key of a live server.
-    let streams = async {
+            // Unanswered: revoking the lease could delete a live
+            // registration. It stays left behind.
+            Err(error) => return Err(error),
+        };
+        let earlier: Vec<i64> = std::mem::replace(left_behind, vec![lease])
+            .into_iter()
+            .filter(|&left| left != lease)
+            .collect();
+        if !earlier.is_empty() {
+            // The key is bound to the new lease now: the earlier ones hold
+            // nothing, and would only expire. Revoked aside, so that the
+            // new lease's keep-alives do not wait for them.
+            let mut revoking = client.clone();
+            tokio::spawn(async move {
+                for lease in earlier {
+                    let _ = within(revoking.lease_revoke(lease)).await;
+                }
+            });
+        }
+        // From here the new lease holds the key: a failure leaves it behind
+        // for the next session to take the key over from, instead of
+        // revoking it and deleting the key of a live server.
         // Watching the key from just after our write tells us if it is
         // deleted (by hand) or taken over while the lease lives on.
         let changes = WatchOptions::new().with_start_revision(revision + 1);
         let changes = within(client.watch(key, Some(changes))).await?;
         let (keeper, acknowledgements) = within(client.lease_keep_alive(lease)).await?;
-        Ok::<_, DiscoveryError>((changes, keeper, acknowledgements))
+        Ok::<_, DiscoveryError>((
+            client,
+            lease,
+            ttl_seconds,
+            changes,
+            keeper,
+            acknowledgements,
+        ))
     };
-    let (mut changes, mut keeper, mut acknowledgements) = streams.await?;
+    // A stop while the session is being set up (a member slow to answer
+    // can take seconds) is not kept waiting: whatever lease may hold the
+    // key is revoked through any member.
+    let set_up = tokio::select! {
+        set_up = set_up => Some(set_up),
+        _ = stop.changed() => None,
+    };
+    let Some(set_up) = set_up else {
+        if !left_behind.is_empty() {
+            revoke_left_behind(config, key, left_behind).await;
+        }
+        return Ok(());
+    };
+    let (mut client, lease, ttl_seconds, mut changes, mut keeper, mut acknowledgements) = set_up?;
+    let ttl = Duration::from_secs(u64::try_from(ttl_seconds).unwrap_or(1));
     tracing::info!(%key, lease, ttl_s = ttl_seconds, "registered in etcd");
     backoff.reset();
     let _connected = Connected::now();
@@ -383,6 +407,27 @@ fn shown_record(value: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member that accepts connections and never answers holds a
+    /// session's set-up for seconds; a stop meanwhile ends it at once.
+    #[tokio::test]
+    async fn a_stop_while_registering_is_not_kept_waiting() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config: EtcdConfig = format!("etcd://{}/securemesh", silent.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let record = ServerRecord {
+            server_id: "one".into(),
+            url: "https://127.0.0.1:1".into(),
+        };
+        let registration = register(config, record, Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stopping = std::time::Instant::now();
+        registration.withdraw(Duration::from_secs(10)).await;
+        let took = stopping.elapsed();
+        assert!(took < Duration::from_secs(1), "the stop waited {took:?}");
+        drop(silent);
+    }
 
     #[test]
     fn leases_left_behind_are_remembered_newest_first_within_a_bound() {
