@@ -860,7 +860,8 @@ pub struct ClientArgs {
 
 #[derive(Debug, Args)]
 pub struct EncryptArgs {
-    /// The plaintext.
+    /// The plaintext; `-` reads it from standard input, exactly as sent
+    /// (out of `ps` and the shell's history; `printf %s` sends no newline).
     pub message: String,
     /// Print the token as standard base64, as protobuf JSON (grpcurl -d)
     /// writes a `bytes` field.
@@ -876,7 +877,7 @@ pub struct EncryptArgs {
 
 #[derive(Debug, Args)]
 pub struct DecryptArgs {
-    /// The Fernet token.
+    /// The Fernet token; `-` reads it from standard input.
     pub token: String,
     /// Fernet key file [default: <certs>/encryption_key.txt].
     #[arg(long, env = "SECUREMESH_ENCRYPTION_KEY")]

@@ -601,7 +601,12 @@ fn authority_of(url: &str) -> Option<String> {
 
 fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
     let keys = KeyRing::from_file(&key_file(&args.encryption_key, &args.certs))?;
-    let token = keys.encrypt(args.message.as_bytes());
+    let message = if args.message == "-" {
+        read_standard_input()?
+    } else {
+        args.message.into_bytes()
+    };
+    let token = keys.encrypt(&message);
     if args.json_bytes {
         println!(
             "{}",
@@ -615,9 +620,25 @@ fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
 
 fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
     let keys = KeyRing::from_file(&key_file(&args.encryption_key, &args.certs))?;
-    let plaintext = keys.decrypt(args.token.as_bytes())?;
+    let token = if args.token == "-" {
+        // A token is text without spaces: a newline after it is no part.
+        let mut read = read_standard_input()?;
+        read.truncate(read.trim_ascii_end().len());
+        read
+    } else {
+        args.token.into_bytes()
+    };
+    let plaintext = keys.decrypt(&token)?;
     println!("{}", String::from_utf8_lossy(&plaintext));
     Ok(())
+}
+
+/// Everything standard input holds, for a command's `-`.
+fn read_standard_input() -> anyhow::Result<Vec<u8>> {
+    let mut read = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut read)
+        .context("cannot read standard input")?;
+    Ok(read)
 }
 
 /// Binds the admin listener at `address` and serves it in the background

@@ -200,6 +200,34 @@ fn keygen_writes_a_private_fernet_key_once() {
     assert_ne!(std::fs::read_to_string(&path).unwrap(), key);
 }
 
+/// `encrypt -` and `decrypt -` read standard input, so that a secret
+/// stays out of `ps` and the shell's history; the message as sent, its
+/// last newline included.
+#[test]
+fn encrypt_and_decrypt_read_standard_input_for_a_dash() {
+    use std::io::Write as _;
+    let work = tempfile::tempdir().unwrap();
+    assert!(securemesh(&["keygen"], work.path()).status.success());
+    let through_stdin = |args: &[&str], input: &[u8]| {
+        let mut child = common::command()
+            .args(args)
+            .current_dir(work.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let encrypted = through_stdin(&["encrypt", "-"], b"not in ps\n");
+    assert!(encrypted.status.success(), "{}", text(&encrypted));
+    let token = String::from_utf8(encrypted.stdout).unwrap();
+    let decrypted = through_stdin(&["decrypt", "-"], token.as_bytes());
+    assert!(decrypted.status.success(), "{}", text(&decrypted));
+    assert_eq!(decrypted.stdout, b"not in ps\n\n");
+}
+
 /// Two servers and a coordinator as child processes on free ports, with
 /// their output in files. Every process is killed on drop.
 struct Mesh {
