@@ -638,6 +638,12 @@ pub struct ServeArgs {
     /// A caller that leaves a ping unanswered this long is disconnected.
     #[arg(long, value_parser = positive_duration, default_value = "10s")]
     pub caller_keepalive_timeout: Duration,
+    /// Tell a caller's connection to go away (HTTP/2 GOAWAY) once it is
+    /// this old, so that callers connect again and spread over servers or
+    /// coordinators started since; its calls finish first (on the
+    /// coordinator, within --drain-grace) [default: no limit].
+    #[arg(long, value_parser = positive_duration)]
+    pub max_connection_age: Option<Duration>,
     /// Serve Prometheus metrics (/metrics), a status document (/status) and
     /// a status page (/) over plain HTTP on this address: PORT or :PORT for
     /// loopback, IP:PORT otherwise [default: off].
@@ -690,6 +696,7 @@ impl ServeArgs {
             // Zero is read as no pings (ServeOptions::ping_interval).
             keepalive_interval: Some(self.caller_keepalive_interval),
             keepalive_timeout: self.caller_keepalive_timeout,
+            max_connection_age: self.max_connection_age,
         }
     }
 }
@@ -1260,6 +1267,27 @@ mod tests {
         assert_eq!(cli.threads, Some(3));
         assert!(Cli::try_parse_from(["securemesh", "--threads", "0", "status"]).is_err());
         <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn a_maximum_connection_age_reaches_the_serve_options_and_is_off_by_default() {
+        let serve = |extra: &[&str]| {
+            let argv = ["securemesh", "coordinator"]
+                .into_iter()
+                .chain(extra.iter().copied());
+            let Command::Coordinator(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not a coordinator");
+            };
+            args.serve.options()
+        };
+        assert_eq!(serve(&[]).max_connection_age, None);
+        assert_eq!(
+            serve(&["--max-connection-age", "5m"]).max_connection_age,
+            Some(Duration::from_secs(300))
+        );
+        assert!(
+            Cli::try_parse_from(["securemesh", "server", "--max-connection-age", "0s"]).is_err()
+        );
     }
 
     #[test]

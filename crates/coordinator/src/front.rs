@@ -79,6 +79,10 @@ struct Front {
     /// Pings to callers, and how long one may go unanswered.
     keepalive_interval: Option<std::time::Duration>,
     keepalive_timeout: std::time::Duration,
+    /// A connection this old is sent `GOAWAY`, and closed `age_grace`
+    /// later if its calls have not finished by then.
+    max_connection_age: Option<std::time::Duration>,
+    age_grace: std::time::Duration,
 }
 
 /// Serves `coordinator` (behind `authorization`, messages limited to
@@ -115,6 +119,8 @@ pub async fn serve(
         handshake_timeout: options.handshake_timeout,
         keepalive_interval: options.ping_interval(),
         keepalive_timeout: options.keepalive_timeout,
+        max_connection_age: options.max_connection_age,
+        age_grace: options.drain_grace,
     });
 
     let mut incoming = TlsIncoming::new(listener, tls.into(), &options);
@@ -232,6 +238,24 @@ async fn caller_gone(
     }
 }
 
+/// What happens next to a connection with a maximum age, and when.
+enum RetirementStage {
+    /// At its age: it is told to go away.
+    GoAway { at: Pin<Box<tokio::time::Sleep>> },
+    /// At the end of the grace after that: it is closed.
+    Close { at: Pin<Box<tokio::time::Sleep>> },
+}
+
+impl RetirementStage {
+    /// Completes when the next stage is due (never without one).
+    async fn due(stage: &mut Option<Self>) {
+        match stage {
+            Some(Self::GoAway { at } | Self::Close { at }) => at.as_mut().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 fn serving_status(serving: bool) -> ServingStatus {
     if serving {
         ServingStatus::Serving
@@ -277,6 +301,11 @@ impl Front {
             _ => Either::Right(std::future::pending()),
         };
         tokio::pin!(keepalive);
+        // At its maximum age the connection is told to go away; at the end
+        // of the grace after that, it is closed.
+        let mut retirement = self.max_connection_age.map(|age| RetirementStage::GoAway {
+            at: Box::pin(tokio::time::sleep(age)),
+        });
         let mut calls = FuturesUnordered::new();
         let mut going_away = *closing.borrow();
         if going_away {
@@ -308,6 +337,30 @@ impl Front {
                         "a caller left a keepalive ping unanswered: closing its connection"
                     );
                     break;
+                }
+                () = RetirementStage::due(&mut retirement), if retirement.is_some() => {
+                    match retirement.take() {
+                        Some(RetirementStage::GoAway { .. }) => {
+                            tracing::debug!(
+                                peer = ?peer.remote_addr(),
+                                "a connection reached its maximum age: GOAWAY"
+                            );
+                            if !going_away {
+                                going_away = true;
+                                http2.graceful_shutdown();
+                            }
+                            retirement = Some(RetirementStage::Close {
+                                at: Box::pin(tokio::time::sleep(self.age_grace)),
+                            });
+                        }
+                        Some(RetirementStage::Close { .. }) | None => {
+                            tracing::debug!(
+                                peer = ?peer.remote_addr(),
+                                "a connection past its maximum age still had calls after the grace: closing"
+                            );
+                            break;
+                        }
+                    }
                 }
                 changed = closing.changed(), if !going_away => {
                     if changed.is_err() || *closing.borrow() {

@@ -3053,3 +3053,55 @@ async fn a_certificate_that_expires_while_connected_loses_its_open_connection() 
     tokio::time::sleep(wait).await;
     first_refused_second_answered(&connected).await;
 }
+
+/// Connections past their maximum age are told to go away, on servers and
+/// on the coordinator, and callers connect again without a call failing; a
+/// coordinator connection that a stream keeps open is closed once the
+/// grace after its age is over too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_their_maximum_age_are_retired_without_failing_a_call() {
+    let material = Material::new();
+    let aging = ServeOptions {
+        max_connection_age: Some(Duration::from_millis(300)),
+        drain_grace: Duration::from_millis(500),
+        ..ServeOptions::default()
+    };
+    let (server, _stop) = serve_with_options(&material, "aging", 64 * 1024, aging.clone()).await;
+    let coordinator =
+        TestCoordinator::serve_over(&material, &[format!("https://{server}")], aging).await;
+    ready(&material, &coordinator.url).await;
+
+    // Each side closes an idle connection soon after its age.
+    for address in [server, coordinator.address] {
+        let tls = tls_as_client(&material, address).await;
+        let (_session, connection) = h2::client::handshake(tls).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(3), connection).await;
+        assert!(closed.is_ok(), "{address}: a connection outlived its age");
+    }
+
+    // Calls four at a time through several retirements of both legs: none
+    // fails.
+    let client = material.client(&coordinator.url, "client");
+    let started = Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let batch = (0..4).map(|_| client.submit(b"through aging connections"));
+        for reply in futures_util::future::join_all(batch).await {
+            assert_eq!(reply.unwrap().server_id, "aging");
+            answered += 1;
+        }
+    }
+    assert!(answered >= 20, "{answered} calls");
+
+    // A health watch never ends by itself: its connection goes at age +
+    // grace.
+    let (_session, mut watch) = open_health_watch(&material, coordinator.address).await;
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(Ok(_)) = watch.data().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "a watch kept its connection past age and grace"
+    );
+}

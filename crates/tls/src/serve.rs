@@ -60,6 +60,13 @@ pub struct ServeOptions {
     pub keepalive_interval: Option<Duration>,
     /// See `keepalive_interval`.
     pub keepalive_timeout: Duration,
+    /// A connection this old is told to go away (HTTP/2 `GOAWAY`): its
+    /// caller connects again, possibly elsewhere, so that load spreads
+    /// over a server or coordinator started since. Its calls in flight
+    /// finish: on a server, however long they take; on the coordinator,
+    /// within `drain_grace`, after which the connection is closed (a
+    /// health watch would otherwise keep it for good). `None`: no limit.
+    pub max_connection_age: Option<Duration>,
 }
 
 impl ServeOptions {
@@ -84,6 +91,7 @@ impl Default for ServeOptions {
             max_handshakes: 256,
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: None,
         }
     }
 }
@@ -139,10 +147,17 @@ where
             closing.notify_one();
         }
     };
-    let server = Server::builder()
+    let mut builder = Server::builder()
         .max_concurrent_streams(Some(options.max_concurrent_streams))
         .http2_keepalive_interval(options.ping_interval())
-        .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .http2_keepalive_timeout(Some(options.keepalive_timeout));
+    if let Some(age) = options.max_connection_age {
+        // Not with tonic's `max_connection_age_grace`: given one, tonic
+        // 0.14 sends no GOAWAY at the age and cuts the connection, calls
+        // and all, once the grace has run out as well.
+        builder = builder.max_connection_age(age);
+    }
+    let server = builder
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, drain);
     let grace_over = async {
