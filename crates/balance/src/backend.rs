@@ -551,7 +551,7 @@ impl tower::Service<Attempt> for Backend {
         attempt.trace.attempted(&state);
         let in_flight = InFlight::start(&state);
         Box::pin(async move {
-            let metadata = attempt_metadata(&attempt);
+            let metadata = || attempt_metadata(&attempt);
             let call = channel.unary(SUBMIT_METHOD, &attempt.message, metadata, limit);
             let result = match tokio::time::timeout(limit, call).await {
                 // A tonic backend answers CANCELLED when the grpc-timeout we

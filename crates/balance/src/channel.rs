@@ -156,22 +156,75 @@ impl Http2Channel {
         })
     }
 
-    /// Calls the unary method `path` with `message` and `metadata`; the
-    /// endpoint is told it has what is left of `timeout` once connected
-    /// (`grpc-timeout`: connecting counts). Beyond the endpoint's limit of
-    /// concurrent streams, a request waits inside h2 for one to end, and
-    /// that wait is not deducted from what the endpoint is told; the
-    /// caller bounds the whole call itself.
+    /// Calls the unary method `path` with `message` and the headers
+    /// `metadata` makes; the endpoint is told it has what is left of
+    /// `timeout` once connected (`grpc-timeout`: connecting counts).
+    /// Beyond the endpoint's limit of concurrent streams, a request waits
+    /// inside h2 for one to end, and that wait is not deducted from what
+    /// the endpoint is told; the caller bounds the whole call itself.
+    ///
+    /// An endpoint that tells a connection to go away (`GOAWAY`: a maximum
+    /// connection age, a drain) finishes the streams it took and refuses
+    /// the others, which it never saw, however the race between its
+    /// `GOAWAY` and our requests went: a request refused so, or not sent
+    /// for it, goes once more on a new connection (with its headers made
+    /// again) instead of failing and counting against the endpoint.
     pub async fn unary<Q: Message, A: Message + Default>(
         &self,
         path: &'static str,
         message: &Q,
-        mut metadata: HeaderMap,
+        metadata: impl Fn() -> HeaderMap,
         timeout: Duration,
     ) -> Result<A, Status> {
         let deadline = tokio::time::Instant::now() + timeout;
         let frame = frame::encode(message);
+        let mut may_go_again = true;
+        loop {
+            let mut request = self.request(path, metadata())?;
+            let mut sender = match self.inner.sender().await?.ready().await {
+                Ok(ready) => ready,
+                Err(error) if self.goes_again(&error, &mut may_go_again) => continue,
+                Err(error) => return Err(self.failed(error)),
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let Ok(mut value) = HeaderValue::try_from(grpc_timeout(left)) {
+                // Different on every call: indexing it in HPACK's dynamic
+                // table would only evict entries worth keeping.
+                value.set_sensitive(true);
+                request.headers_mut().insert("grpc-timeout", value);
+            }
+            let (response, mut body) = match sender.send_request(request, false) {
+                Ok(sent) => sent,
+                Err(error) if self.goes_again(&error, &mut may_go_again) => continue,
+                Err(error) => return Err(self.failed(error)),
+            };
+            body.send_data(frame.clone(), true)
+                .map_err(|error| self.failed(error))?;
+            match response.await {
+                Ok(response) => return read_reply(response).await,
+                // Refused by a GOAWAY (a stream the endpoint processed
+                // and lost with its connection fails as a broken pipe).
+                Err(error) if self.goes_again(&error, &mut may_go_again) => {}
+                Err(error) => return Err(self.failed(error)),
+            }
+        }
+    }
 
+    /// Whether a request that `error` stopped goes again, on a new
+    /// connection: once per call (`may_go_again`), if the endpoint told the
+    /// connection to go away.
+    fn goes_again(&self, error: &h2::Error, may_go_again: &mut bool) -> bool {
+        let again = *may_go_again && error.is_go_away() && error.is_remote();
+        if again {
+            *may_go_again = false;
+            self.inner.forget_if_closed();
+        }
+        again
+    }
+
+    /// A POST of `path` to the endpoint, with `metadata` and gRPC's own
+    /// headers.
+    fn request(&self, path: &'static str, mut metadata: HeaderMap) -> Result<Request<()>, Status> {
         let uri = Uri::from_parts({
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(Scheme::HTTPS);
@@ -189,23 +242,7 @@ impl Http2Channel {
             .body(())
             .map_err(|error| Status::internal(format!("request: {error}")))?;
         *request.headers_mut() = metadata;
-
-        let sender = self.inner.sender().await?;
-        let mut sender = sender.ready().await.map_err(|error| self.failed(error))?;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if let Ok(mut value) = HeaderValue::try_from(grpc_timeout(left)) {
-            // Different on every call: indexing it in HPACK's dynamic table
-            // would only evict entries worth keeping.
-            value.set_sensitive(true);
-            request.headers_mut().insert("grpc-timeout", value);
-        }
-        let (response, mut body) = sender
-            .send_request(request, false)
-            .map_err(|error| self.failed(error))?;
-        body.send_data(frame, true)
-            .map_err(|error| self.failed(error))?;
-        let response = response.await.map_err(|error| self.failed(error))?;
-        read_reply(response).await
+        Ok(request)
     }
 
     /// Lets the open connection go: it closes once the calls in flight on
@@ -652,7 +689,7 @@ mod tests {
             .unary(
                 "/grpc.health.v1.Health/Check",
                 &tonic_health::pb::HealthCheckRequest::default(),
-                HeaderMap::new(),
+                HeaderMap::new,
                 Duration::from_secs(1),
             )
             .await

@@ -62,7 +62,7 @@ pub(crate) async fn probe(
         let check = channel.unary::<_, HealthCheckResponse>(
             HEALTH_CHECK,
             &request,
-            http::HeaderMap::new(),
+            http::HeaderMap::new,
             timeout,
         );
         let outcome = match tokio::time::timeout(timeout, check).await {

@@ -3067,8 +3067,11 @@ async fn connections_past_their_maximum_age_are_retired_without_failing_a_call()
         ..ServeOptions::default()
     };
     let (server, _stop) = serve_with_options(&material, "aging", 64 * 1024, aging.clone()).await;
+    let proxy = bare_coordinator(&material);
+    proxy.pool().add(&format!("https://{server}")).unwrap();
+    let backends = proxy.pool().clone();
     let coordinator =
-        TestCoordinator::serve_over(&material, &[format!("https://{server}")], aging).await;
+        TestCoordinator::serve(&material, proxy, Authorization::any_identity(), aging).await;
     ready(&material, &coordinator.url).await;
 
     // Each side closes an idle connection soon after its age.
@@ -3092,6 +3095,17 @@ async fn connections_past_their_maximum_age_are_retired_without_failing_a_call()
         }
     }
     assert!(answered >= 20, "{answered} calls");
+    // Not even an attempt failed: a connection told to go away is left
+    // for a new one, not counted against its endpoint (which, ejected,
+    // would lose its share of the load).
+    for (side, targets) in [
+        ("client", client.targets()),
+        ("coordinator", backends.snapshot()),
+    ] {
+        for target in targets {
+            assert_eq!(target.last_failure, None, "{side} saw {} fail", target.url);
+        }
+    }
 
     // A health watch never ends by itself: its connection goes at age +
     // grace.
