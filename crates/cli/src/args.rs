@@ -641,7 +641,8 @@ pub struct ServeArgs {
     /// Tell a caller's connection to go away (HTTP/2 GOAWAY) once it is
     /// this old, so that callers connect again and spread over servers or
     /// coordinators started since; its calls finish first (on the
-    /// coordinator, within --drain-grace) [default: no limit].
+    /// coordinator, within --drain-grace, at least 1 s) [default: no
+    /// limit].
     #[arg(long, value_parser = positive_duration)]
     pub max_connection_age: Option<Duration>,
     /// Serve Prometheus metrics (/metrics), a status document (/status) and

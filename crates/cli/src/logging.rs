@@ -241,11 +241,13 @@ fn others_may_write(directory: &Path) -> bool {
     })
 }
 
-/// Refuses a daily rotation where its files could be planted: the
+/// Refuses a daily rotation where anyone could plant its files: the
 /// appender opens each day's file by name, following links and appending
-/// to whatever is there, so its directory must be one that only this user
-/// (or root) may write, unlike /tmp. Refuses a directory given as the file
-/// too (its name would become the prefix of files beside it).
+/// to whatever is there, so its directory must not be writable by all
+/// (as /tmp is) nor belong to another user. (A directory its group may
+/// write is taken: with a group per user, as Debian makes them, that is
+/// every directory its owner makes.) Refuses a directory given as the
+/// file too (its name would become the prefix of files beside it).
 fn check_daily_rotation(path: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         !path.is_dir(),
@@ -254,13 +256,25 @@ fn check_daily_rotation(path: &Path) -> anyhow::Result<()> {
     );
     #[cfg(unix)]
     anyhow::ensure!(
-        !others_may_write(securemesh_fs::directory_of(path)),
+        !anyone_may_write(securemesh_fs::directory_of(path)),
         "--log-file {} with --log-rotation daily: other users may create files in {}, \
-         where each day's file is opened by name; choose a directory only you may write",
+         where each day's file is opened by name; choose a directory of your own",
         path.display(),
         securemesh_fs::directory_of(path).display()
     );
     Ok(())
+}
+
+/// Whether every user may create files in `directory` (writable by all,
+/// as /tmp is), or it belongs to someone else than this user and root.
+/// Unknown counts as yes.
+#[cfg(unix)]
+fn anyone_may_write(directory: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(directory).map_or(true, |metadata| {
+        let owner = metadata.uid();
+        metadata.mode() & 0o002 != 0 || (owner != 0 && owner != nix::unistd::geteuid().as_raw())
+    })
 }
 
 /// The file that existed before and that lines go on to: `path` itself,
@@ -392,6 +406,11 @@ mod tests {
             "{refused}"
         );
         assert!(appender(&shared.join("server.log"), LogRotation::Daily).is_err());
+        // A directory of one's own that one's group may write is taken.
+        let grouped = directory.path().join("grouped");
+        std::fs::create_dir(&grouped).unwrap();
+        std::fs::set_permissions(&grouped, std::fs::Permissions::from_mode(0o775)).unwrap();
+        check_daily_rotation(&grouped.join("server.log")).unwrap();
     }
 
     #[test]

@@ -135,6 +135,8 @@ fn a_flag_from_the_environment_takes_1_yes_and_true() {
     ] {
         let port = free_port();
         let log = dir.path().join(format!("server-{value}.log"));
+        std::fs::File::create(&log).unwrap();
+        let appending = || std::fs::File::options().append(true).open(&log).unwrap();
         let mut server = common::command()
             .args([
                 "server",
@@ -145,8 +147,8 @@ fn a_flag_from_the_environment_takes_1_yes_and_true() {
             .env("SECUREMESH_HIDE_PLAINTEXT", value)
             .env("RUST_LOG", "info")
             .current_dir(dir.path())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .stdout(appending())
+            .stderr(appending())
             .spawn()
             .unwrap();
         let target = format!("https://127.0.0.1:{port}");
@@ -165,13 +167,22 @@ fn a_flag_from_the_environment_takes_1_yes_and_true() {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // The audit line comes after the plaintext's (if any): once it is
+        // written, so is the other.
+        let audited = Instant::now();
+        let log = loop {
+            let log = std::fs::read_to_string(&log).unwrap();
+            if common::has_line_with(&log, &["audit", r#"status="OK""#]) {
+                break log;
+            }
+            if audited.elapsed() > Duration::from_secs(10) {
+                let _ = server.kill();
+                panic!("{value}: no audit line in {log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         let _ = server.kill();
         let _ = server.wait();
-        let log = std::fs::read_to_string(&log).unwrap();
-        assert!(
-            common::has_line_with(&log, &["audit", r#"status="OK""#]),
-            "{value}: {log}"
-        );
         assert_eq!(
             log.contains(&format!("Decrypted data: {message}")),
             !hidden,

@@ -120,7 +120,9 @@ pub async fn serve(
         keepalive_interval: options.ping_interval(),
         keepalive_timeout: options.keepalive_timeout,
         max_connection_age: options.max_connection_age,
-        age_grace: options.drain_grace,
+        // A grace of nothing would cut the calls the GOAWAY lets finish,
+        // before the GOAWAY itself is out.
+        age_grace: options.drain_grace.max(MIN_AGE_GRACE),
     });
 
     let mut incoming = TlsIncoming::new(listener, tls.into(), &options);
@@ -238,6 +240,18 @@ async fn caller_gone(
     }
 }
 
+/// The least time a connection past its maximum age has for its calls.
+const MIN_AGE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `age` give or take a tenth, at random, so that connections opened
+/// together (a client's several, every client's after a restart) do not
+/// all go away, and come back, at once (as gRPC's own servers do).
+fn jittered(age: std::time::Duration) -> std::time::Duration {
+    // A factor in [0.9, 1.1), in thousandths.
+    let thousandths = 900 + (securemesh::distinct_number() % 200);
+    age.mul_f64(thousandths as f64 / 1000.0)
+}
+
 /// What happens next to a connection with a maximum age, and when.
 enum RetirementStage {
     /// At its age: it is told to go away.
@@ -304,7 +318,7 @@ impl Front {
         // At its maximum age the connection is told to go away; at the end
         // of the grace after that, it is closed.
         let mut retirement = self.max_connection_age.map(|age| RetirementStage::GoAway {
-            at: Box::pin(tokio::time::sleep(age)),
+            at: Box::pin(tokio::time::sleep(jittered(age))),
         });
         let mut calls = FuturesUnordered::new();
         let mut going_away = *closing.borrow();
@@ -692,5 +706,24 @@ impl http_body::Body for IncomingBody {
 
     fn is_end_stream(&self) -> bool {
         self.0.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_ages_vary_by_up_to_a_tenth() {
+        let age = std::time::Duration::from_secs(100);
+        let ages: Vec<_> = (0..200).map(|_| jittered(age)).collect();
+        for jittered in &ages {
+            assert!(
+                (90_000..110_000).contains(&jittered.as_millis()),
+                "{jittered:?}"
+            );
+        }
+        let distinct: std::collections::BTreeSet<_> = ages.iter().collect();
+        assert!(distinct.len() > 50, "{} distinct ages", distinct.len());
     }
 }

@@ -146,12 +146,13 @@ async fn revoke_left_behind(config: &EtcdConfig, key: &str, leases: &[i64]) {
 /// lets a stop or the next session delete its key at once.
 const MOST_LEASES_LEFT_BEHIND: usize = 8;
 
-/// Remembers `lease` as left behind, forgetting the oldest beyond
-/// [`MOST_LEASES_LEFT_BEHIND`].
+/// Remembers `lease` as left behind. Beyond [`MOST_LEASES_LEFT_BEHIND`],
+/// the oldest is kept (the lease of the last session that held the key,
+/// the likeliest to hold it still) and the next oldest forgotten.
 fn leave_behind(left_behind: &mut Vec<i64>, lease: i64) {
     left_behind.push(lease);
     if left_behind.len() > MOST_LEASES_LEFT_BEHIND {
-        left_behind.remove(0);
+        left_behind.remove(1);
     }
 }
 
@@ -430,12 +431,12 @@ mod tests {
     }
 
     #[test]
-    fn leases_left_behind_are_remembered_newest_first_within_a_bound() {
+    fn leases_left_behind_are_bounded_and_the_first_is_kept() {
         let mut left_behind = Vec::new();
         for lease in 1..=20 {
             leave_behind(&mut left_behind, lease);
         }
-        assert_eq!(left_behind, (13..=20).collect::<Vec<i64>>());
+        assert_eq!(left_behind, [1, 14, 15, 16, 17, 18, 19, 20]);
     }
 
     #[test]

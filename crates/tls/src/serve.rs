@@ -64,8 +64,11 @@ pub struct ServeOptions {
     /// caller connects again, possibly elsewhere, so that load spreads
     /// over a server or coordinator started since. Its calls in flight
     /// finish: on a server, however long they take; on the coordinator,
-    /// within `drain_grace`, after which the connection is closed (a
-    /// health watch would otherwise keep it for good). `None`: no limit.
+    /// within `drain_grace` (at least a second), after which the
+    /// connection is closed (a health watch would otherwise keep it for
+    /// good). The coordinator varies each connection's age by up to a
+    /// tenth, so that connections opened together do not all go at once.
+    /// `None`: no limit.
     pub max_connection_age: Option<Duration>,
 }
 
