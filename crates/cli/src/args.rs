@@ -698,6 +698,8 @@ impl ServeArgs {
             keepalive_interval: Some(self.caller_keepalive_interval),
             keepalive_timeout: self.caller_keepalive_timeout,
             max_connection_age: self.max_connection_age,
+            // Each command says whose places are held.
+            reserved_for: Vec::new(),
         }
     }
 }

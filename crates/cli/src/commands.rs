@@ -290,11 +290,16 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
             Ok(())
         }
     });
+    // Its allowed callers have places that others cannot take.
+    let mut options = args.serve.options();
+    options.reserved_for = std::iter::once(securemesh_tls::COORDINATOR_IDENTITY.to_owned())
+        .chain(args.allow.iter().cloned())
+        .collect();
     securemesh_tls::serve_mtls(
         listener,
         tls,
         securemesh_tls::authorized_data_service(handler, authorization, args.max_message_size),
-        args.serve.options(),
+        options,
         async {
             shutdown_signal(stop_signals).await;
             // Leave the registry first: coordinators stop sending new calls
@@ -448,13 +453,16 @@ async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         .await?;
     }
     tracing::info!(%address, static_backends = ?backends, "Coordinator listening on {address} (mutual TLS)");
+    // Callers it admits by --allow have places that others cannot take.
+    let mut options = args.serve.options();
+    options.reserved_for = args.allow.clone();
     securemesh_coordinator::serve(
         listener,
         server_tls,
         coordinator,
         authorization,
         args.max_message_size,
-        args.serve.options(),
+        options,
         shutdown_signal(stop_signals),
     )
     .await?;

@@ -1602,6 +1602,54 @@ async fn one_certificate_holder_cannot_take_every_connection() {
     until_tls_as(&material, address, &client).await;
 }
 
+/// A quarter of a server's connections is held for its allowed callers:
+/// other certificate holders together take at most the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_certificate_holders_cannot_take_the_places_held_for_allowed_callers() {
+    let material = Material::new();
+    let (address, _stop) = serve_with_options(
+        &material,
+        "reserved",
+        1024,
+        ServeOptions {
+            max_connections: 8,
+            max_connections_per_identity: 8,
+            reserved_for: vec![securemesh_tls::COORDINATOR_IDENTITY.to_owned()],
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let ca = material.dir.path().join("ca_cert.pem");
+    let (client, client2) = (material.files("client"), material.files("client2"));
+    let coordinator = material.files("coordinator");
+    let mut held = Vec::new();
+    // Two other identities take the six places that are not held...
+    for files in [&client, &client2].repeat(3) {
+        held.push(
+            open_tls(address, "localhost", &ca, Some(files))
+                .await
+                .unwrap(),
+        );
+    }
+    for files in [&client, &client2] {
+        let refused = open_tls(address, "localhost", &ca, Some(files)).await;
+        assert!(refused.is_err(), "a held place went to another identity");
+    }
+    // ...and the coordinator still gets both held ones.
+    for _ in 0..2 {
+        held.push(
+            open_tls(address, "localhost", &ca, Some(&coordinator))
+                .await
+                .unwrap(),
+        );
+    }
+    let ninth = open_tls(address, "localhost", &ca, Some(&coordinator)).await;
+    assert!(ninth.is_err(), "a ninth connection was kept");
+    // A place another identity gives back is for the others again.
+    held.remove(0);
+    until_tls_as(&material, address, &client2).await;
+}
+
 /// Opens a connection as the holder of `files` to `address`, retrying for
 /// up to three seconds while it is refused.
 async fn until_tls_as(material: &Material, address: SocketAddr, files: &TlsFiles) {

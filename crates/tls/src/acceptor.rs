@@ -11,7 +11,10 @@
 //! beyond that, new ones are closed at once (and logged), so that many idle
 //! or slow connections cannot exhaust the process. One identity (a client
 //! certificate's name) may hold only some of them, so that one certificate
-//! holder cannot take every place from the others (the coordinator, say).
+//! holder cannot take every place from the others (the coordinator, say);
+//! and a quarter of the places can be held for some identities (a
+//! server's allowed callers), so that several other certificate holders
+//! together cannot take them all either.
 //!
 //! Handshakes in progress have their own, smaller limit: anyone who can
 //! reach the port can start one without a certificate, so they must not take
@@ -30,7 +33,7 @@
 //! connection also ends at its first read after its client's certificate
 //! expires.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -91,25 +94,53 @@ pub struct Connection {
 }
 
 /// One of the listener's connection permits and one of its identity's
-/// places, counted in the `connections_open` gauge while held.
+/// places (and, for an identity without a reserve, one of the places left
+/// to those), counted in the `connections_open` gauge while held.
 struct Slot {
     _permit: OwnedSemaphorePermit,
     _place: Place<Option<Arc<str>>>,
+    _unreserved: Option<OwnedSemaphorePermit>,
+}
+
+/// Why a connection got no slot.
+enum NoSlot {
+    /// Its identity holds as many connections as one may.
+    Identity,
+    /// The places not held for the reserved identities are taken.
+    Unreserved,
 }
 
 impl Slot {
-    /// A slot for a connection of `identity`, if it has a place left.
+    /// A slot for a connection of `identity`, if there is a place left.
     fn new(
         permit: OwnedSemaphorePermit,
         identity: Option<Arc<str>>,
-        per_identity: &PerIdentity,
-        most: usize,
-    ) -> Option<Self> {
-        let place = per_identity.take(identity, most)?;
+        limits: &Limits,
+    ) -> Result<Self, NoSlot> {
+        let unreserved = match &limits.unreserved {
+            Some((places, reserved_for))
+                if !identity
+                    .as_deref()
+                    .is_some_and(|identity| reserved_for.contains(identity)) =>
+            {
+                Some(
+                    places
+                        .clone()
+                        .try_acquire_owned()
+                        .map_err(|_| NoSlot::Unreserved)?,
+                )
+            }
+            _ => None,
+        };
+        let place = limits
+            .per_identity
+            .take(identity, limits.max_per_identity)
+            .ok_or(NoSlot::Identity)?;
         metrics().connections_open.inc();
-        Some(Self {
+        Ok(Self {
             _permit: permit,
             _place: place,
+            _unreserved: unreserved,
         })
     }
 }
@@ -135,7 +166,7 @@ impl TlsIncoming {
         Metrics::declare_reasons(&metrics().handshake_failures, &HANDSHAKE_FAILURE_REASONS);
         Metrics::declare_reasons(
             &metrics().connections_refused,
-            &["connections", "handshakes", "identity"],
+            &["connections", "handshakes", "identity", "reserved"],
         );
         let (sender, receiver) = mpsc::channel(READY_QUEUE);
         let limits = Limits {
@@ -144,6 +175,7 @@ impl TlsIncoming {
             max_connections: options.max_connections,
             per_identity: PerIdentity::default(),
             max_per_identity: options.max_connections_per_identity.max(1),
+            unreserved: unreserved_places(options),
             handshakes: Arc::new(Mutex::new(BTreeMap::new())),
             max_handshakes: options.max_handshakes.max(1),
         };
@@ -171,8 +203,25 @@ struct Limits {
     max_connections: usize,
     per_identity: PerIdentity,
     max_per_identity: usize,
+    /// The places left to the identities without a reserve, and the
+    /// identities with one; `None` when nothing is held.
+    unreserved: Option<(Arc<Semaphore>, Arc<BTreeSet<String>>)>,
     handshakes: Handshakes,
     max_handshakes: usize,
+}
+
+/// The places the identities without a reserve share (all but a quarter
+/// of the connections), and who has the reserve; `None` when no identity
+/// has one, or the limit is too small to hold a quarter of it.
+fn unreserved_places(options: &ServeOptions) -> Option<(Arc<Semaphore>, Arc<BTreeSet<String>>)> {
+    let reserve = options.max_connections / 4;
+    if options.reserved_for.is_empty() || reserve == 0 {
+        return None;
+    }
+    Some((
+        Arc::new(Semaphore::new(options.max_connections - reserve)),
+        Arc::new(options.reserved_for.iter().cloned().collect()),
+    ))
 }
 
 /// The handshakes in progress, oldest first; dropping one's sender tells
@@ -356,28 +405,43 @@ async fn handshake(
             };
             let chain = stream.get_ref().1.peer_certificates();
             let identity: Option<Arc<str>> = chain.and_then(crate::peer_identity).map(Arc::from);
-            let Some(slot) = Slot::new(
-                permit,
-                identity.clone(),
-                &limits.per_identity,
-                limits.max_per_identity,
-            ) else {
-                metrics()
-                    .connections_refused
-                    .with_label_values(&["identity"])
-                    .inc();
-                if let Some(held_back) =
-                    CONNECTION_EVENTS.admit("over_identity_limit", tracing::Level::WARN)
-                {
-                    tracing::warn!(
-                        %peer,
-                        identity = %securemesh::text::field(identity.as_deref().unwrap_or("none")),
-                        limit = limits.max_per_identity,
-                        held_back,
-                        "connection refused: too many connections of one identity"
-                    );
+            let slot = match Slot::new(permit, identity.clone(), &limits) {
+                Ok(slot) => slot,
+                Err(NoSlot::Identity) => {
+                    metrics()
+                        .connections_refused
+                        .with_label_values(&["identity"])
+                        .inc();
+                    if let Some(held_back) =
+                        CONNECTION_EVENTS.admit("over_identity_limit", tracing::Level::WARN)
+                    {
+                        tracing::warn!(
+                            %peer,
+                            identity = %securemesh::text::field(identity.as_deref().unwrap_or("none")),
+                            limit = limits.max_per_identity,
+                            held_back,
+                            "connection refused: too many connections of one identity"
+                        );
+                    }
+                    return;
                 }
-                return;
+                Err(NoSlot::Unreserved) => {
+                    metrics()
+                        .connections_refused
+                        .with_label_values(&["reserved"])
+                        .inc();
+                    if let Some(held_back) =
+                        CONNECTION_EVENTS.admit("over_unreserved_limit", tracing::Level::WARN)
+                    {
+                        tracing::warn!(
+                            %peer,
+                            identity = %securemesh::text::field(identity.as_deref().unwrap_or("none")),
+                            held_back,
+                            "connection refused: the places left are held for the allowed callers"
+                        );
+                    }
+                    return;
+                }
             };
             let expires = chain.and_then(crate::identity::valid_until).map(expires_at);
             let _ = ready

@@ -70,6 +70,14 @@ pub struct ServeOptions {
     /// tenth, so that connections opened together do not all go at once.
     /// `None`: no limit.
     pub max_connection_age: Option<Duration>,
+    /// Identities (as callers are authorized: a SPIFFE ID, else a name)
+    /// for which a quarter of `max_connections` is held: the connections
+    /// of all other identities together take at most the rest. On a
+    /// server, its allowed callers (the coordinator first): the TLS
+    /// handshake admits every certificate of the CA, and health checks
+    /// are open to all, so without it a few other certificate holders
+    /// could fill the server. Empty: nothing held.
+    pub reserved_for: Vec<String>,
 }
 
 impl ServeOptions {
@@ -95,6 +103,7 @@ impl Default for ServeOptions {
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_timeout: Duration::from_secs(10),
             max_connection_age: None,
+            reserved_for: Vec::new(),
         }
     }
 }
