@@ -277,14 +277,8 @@ pub struct PkiDirArgs {
 pub struct PkiNameArgs {
     /// Name of the certificate (NAME_cert.pem in the directory).
     pub name: String,
-    /// Directory of the CA and certificates.
-    #[arg(
-        long,
-        visible_alias = "certs",
-        env = "SECUREMESH_CERTS",
-        default_value = "certs"
-    )]
-    pub dir: PathBuf,
+    #[command(flatten)]
+    pub pki: PkiDirArgs,
 }
 
 #[derive(Debug, Args)]
@@ -305,14 +299,8 @@ pub struct PkiShowArgs {
 /// Where PKI files go and how long certificates last.
 #[derive(Debug, Args)]
 pub struct PkiOutputArgs {
-    /// Directory of the CA and certificates.
-    #[arg(
-        long,
-        visible_alias = "certs",
-        env = "SECUREMESH_CERTS",
-        default_value = "certs"
-    )]
-    pub dir: PathBuf,
+    #[command(flatten)]
+    pub pki: PkiDirArgs,
     /// Validity of each certificate made, in days (a CA made by init lasts
     /// ten years, or twice this if longer; no certificate outlives its CA).
     #[arg(long, default_value_t = 365)]

@@ -32,7 +32,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Pki(PkiCommand::Init(args)) => {
             let written = securemesh_pki::init(&securemesh_pki::InitOptions {
-                dir: args.output.dir,
+                dir: args.output.pki.dir,
                 days: args.output.days,
                 extra_clients: args.clients,
                 sans: args.sans,
@@ -42,7 +42,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Pki(PkiCommand::Issue(args)) => {
             let written = securemesh_pki::issue(&securemesh_pki::IssueOptions {
-                dir: args.output.dir,
+                dir: args.output.pki.dir,
                 name: args.name,
                 role: args.role,
                 sans: args.sans,
@@ -52,7 +52,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             print_written(&written);
         }
         Command::Pki(PkiCommand::Revoke(args)) => {
-            let revocation = securemesh_pki::revoke(&args.dir, &args.name)?;
+            let revocation = securemesh_pki::revoke(&args.pki.dir, &args.name)?;
             let what = if revocation.newly_revoked {
                 "revoked"
             } else {
@@ -65,7 +65,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Pki(PkiCommand::Renew(args)) => {
-            let dir = &args.certificate.dir;
+            let dir = &args.certificate.pki.dir;
             let written = securemesh_pki::renew(dir, &args.certificate.name, args.days)?;
             print_written(&written);
         }

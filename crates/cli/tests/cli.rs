@@ -1717,27 +1717,24 @@ fn status_into_a_closed_pipe_ends_quietly() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let status_into = |stdout: Stdio| {
+        common::command()
+            .args(["status", "--admin", &admin, "--json"])
+            .current_dir(dir.path())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let output = common::command()
-        .args(["status", "--admin", &admin, "--json"])
-        .current_dir(dir.path())
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let output = status_into(writer.into());
     // Into a full device, the output is lost: that is an error.
     let full = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let into_full = common::command()
-        .args(["status", "--admin", &admin, "--json"])
-        .current_dir(dir.path())
-        .stdout(full)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let into_full = status_into(full.into());
     let _ = server.kill();
     let _ = server.wait();
     let stderr = String::from_utf8_lossy(&output.stderr);
