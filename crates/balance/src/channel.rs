@@ -198,8 +198,9 @@ impl Http2Channel {
                 Err(error) if self.goes_again(&error, &mut may_go_again) => continue,
                 Err(error) => return Err(self.failed(error)),
             };
-            body.send_data(frame.clone(), true)
-                .map_err(|error| self.failed(error))?;
+            // A stream that fails here (a GOAWAY that came meanwhile, a
+            // reset) says why through its response, read next.
+            let _ = body.send_data(frame.clone(), true);
             match response.await {
                 Ok(response) => return read_reply(response).await,
                 // Refused by a GOAWAY (a stream the endpoint processed

@@ -241,13 +241,15 @@ fn others_may_write(directory: &Path) -> bool {
     })
 }
 
-/// Refuses a daily rotation where anyone could plant its files: the
+/// Refuses a daily rotation where others could plant its files: the
 /// appender opens each day's file by name, following links and appending
-/// to whatever is there, so its directory must not be writable by all
-/// (as /tmp is) nor belong to another user. (A directory its group may
-/// write is taken: with a group per user, as Debian makes them, that is
-/// every directory its owner makes.) Refuses a directory given as the
-/// file too (its name would become the prefix of files beside it).
+/// to whatever is there, so its directory must be one that only this user
+/// (or root) may write: not one writable by all (as /tmp is), nor by a
+/// group with others in it, nor another user's. (A directory that only
+/// one's own group may write is taken: with a group per user, as Debian
+/// makes them, that is every directory its owner makes.) Refuses a
+/// directory given as the file too (its name would become the prefix of
+/// files beside it).
 fn check_daily_rotation(path: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         !path.is_dir(),
@@ -256,7 +258,7 @@ fn check_daily_rotation(path: &Path) -> anyhow::Result<()> {
     );
     #[cfg(unix)]
     anyhow::ensure!(
-        !anyone_may_write(securemesh_fs::directory_of(path)),
+        !others_may_plant_in(securemesh_fs::directory_of(path)),
         "--log-file {} with --log-rotation daily: other users may create files in {}, \
          where each day's file is opened by name; choose a directory of your own",
         path.display(),
@@ -265,16 +267,37 @@ fn check_daily_rotation(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether every user may create files in `directory` (writable by all,
-/// as /tmp is), or it belongs to someone else than this user and root.
-/// Unknown counts as yes.
+/// Whether users other than this one (and root) may create files in
+/// `directory`: writable by all, or by a group that is not this user's
+/// own, or owned by someone else. Unknown counts as yes.
 #[cfg(unix)]
-fn anyone_may_write(directory: &Path) -> bool {
+fn others_may_plant_in(directory: &Path) -> bool {
     use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(directory).map_or(true, |metadata| {
-        let owner = metadata.uid();
-        metadata.mode() & 0o002 != 0 || (owner != 0 && owner != nix::unistd::geteuid().as_raw())
-    })
+    let Ok(metadata) = std::fs::metadata(directory) else {
+        return true;
+    };
+    let owner = metadata.uid();
+    if owner != 0 && owner != nix::unistd::geteuid().as_raw() {
+        return true;
+    }
+    metadata.mode() & 0o002 != 0
+        || (metadata.mode() & 0o020 != 0 && !is_my_own_group(metadata.gid()))
+}
+
+/// Whether `gid` is this user's own group, as Debian makes one per user:
+/// the user's primary group, named as the user, with no other member.
+#[cfg(unix)]
+fn is_my_own_group(gid: u32) -> bool {
+    use nix::unistd::{Gid, Group, User};
+    let (Ok(Some(group)), Ok(Some(user))) = (
+        Group::from_gid(Gid::from_raw(gid)),
+        User::from_uid(nix::unistd::geteuid()),
+    ) else {
+        return false;
+    };
+    user.gid == group.gid
+        && group.name == user.name
+        && group.mem.iter().all(|member| *member == user.name)
 }
 
 /// The file that existed before and that lines go on to: `path` itself,
@@ -406,11 +429,22 @@ mod tests {
             "{refused}"
         );
         assert!(appender(&shared.join("server.log"), LogRotation::Daily).is_err());
-        // A directory of one's own that one's group may write is taken.
+        // A directory of one's own that one's own group may write is taken
+        // (the test runs as a user with a group of its own: root, in CI);
+        // one that another group may write is not.
         let grouped = directory.path().join("grouped");
         std::fs::create_dir(&grouped).unwrap();
         std::fs::set_permissions(&grouped, std::fs::Permissions::from_mode(0o775)).unwrap();
-        check_daily_rotation(&grouped.join("server.log")).unwrap();
+        let own_group = is_my_own_group(nix::unistd::getegid().as_raw());
+        assert_eq!(
+            check_daily_rotation(&grouped.join("server.log")).is_ok(),
+            own_group
+        );
+        if nix::unistd::geteuid().is_root() {
+            // A group of others (nogroup, with the directory group-writable).
+            nix::unistd::chown(&grouped, None, Some(nix::unistd::Gid::from_raw(65534))).unwrap();
+            assert!(check_daily_rotation(&grouped.join("server.log")).is_err());
+        }
     }
 
     #[test]

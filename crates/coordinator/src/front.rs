@@ -249,7 +249,8 @@ const MIN_AGE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 fn jittered(age: std::time::Duration) -> std::time::Duration {
     // A factor in [0.9, 1.1), in thousandths.
     let thousandths = 900 + (securemesh::distinct_number() % 200);
-    age.mul_f64(thousandths as f64 / 1000.0)
+    std::time::Duration::try_from_secs_f64(age.as_secs_f64() * thousandths as f64 / 1000.0)
+        .unwrap_or(age)
 }
 
 /// What happens next to a connection with a maximum age, and when.

@@ -104,6 +104,8 @@ struct Slot {
 
 /// Why a connection got no slot.
 enum NoSlot {
+    /// Every connection place is taken.
+    Connections,
     /// Its identity holds as many connections as one may.
     Identity,
     /// The places not held for the reserved identities are taken.
@@ -111,12 +113,11 @@ enum NoSlot {
 }
 
 impl Slot {
-    /// A slot for a connection of `identity`, if there is a place left.
-    fn new(
-        permit: OwnedSemaphorePermit,
-        identity: Option<Arc<str>>,
-        limits: &Limits,
-    ) -> Result<Self, NoSlot> {
+    /// A slot for a connection of `identity`, if there is a place left:
+    /// its identity's own and its share's are judged first, so that a
+    /// connection refused for them never holds, even for an instant, one
+    /// of the places all connections share.
+    fn new(identity: Option<Arc<str>>, limits: &Limits) -> Result<Self, NoSlot> {
         let unreserved = match &limits.unreserved {
             Some((places, reserved_for))
                 if !identity
@@ -136,6 +137,11 @@ impl Slot {
             .per_identity
             .take(identity, limits.max_per_identity)
             .ok_or(NoSlot::Identity)?;
+        let permit = limits
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| NoSlot::Connections)?;
         metrics().connections_open.inc();
         Ok(Self {
             _permit: permit,
@@ -399,14 +405,14 @@ async fn handshake(
     drop(in_progress);
     match outcome {
         Ok(Ok(stream)) => {
-            let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
-                refuse_over_limit(peer, limits.max_connections);
-                return;
-            };
             let chain = stream.get_ref().1.peer_certificates();
             let identity: Option<Arc<str>> = chain.and_then(crate::peer_identity).map(Arc::from);
-            let slot = match Slot::new(permit, identity.clone(), &limits) {
+            let slot = match Slot::new(identity.clone(), &limits) {
                 Ok(slot) => slot,
+                Err(NoSlot::Connections) => {
+                    refuse_over_limit(peer, limits.max_connections);
+                    return;
+                }
                 Err(NoSlot::Identity) => {
                     metrics()
                         .connections_refused
