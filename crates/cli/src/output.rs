@@ -24,8 +24,10 @@ pub fn text(text: impl std::fmt::Display) {
 }
 
 fn write(arguments: std::fmt::Arguments<'_>) {
-    let mut stdout = std::io::stdout().lock();
-    let written = stdout.write_fmt(arguments).and_then(|()| stdout.flush());
+    let written = {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_fmt(arguments).and_then(|()| stdout.flush())
+    };
     if let Err(error) = written {
         if error.kind() == std::io::ErrorKind::BrokenPipe {
             crate::logging::finish();
