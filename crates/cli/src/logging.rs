@@ -187,7 +187,7 @@ fn open_log_file(path: &Path) -> anyhow::Result<(std::fs::File, u32)> {
     {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
-        if others_may_write(securemesh_fs::directory_of(path)) {
+        if others_may_write(securemesh_fs::directory_of(path), GroupWrite::Shared) {
             options.custom_flags(nix::libc::O_NOFOLLOW);
         }
     }
@@ -229,16 +229,36 @@ fn open_log_file(path: &Path) -> anyhow::Result<(std::fs::File, u32)> {
     Ok((file, 0o600))
 }
 
-/// Whether users other than this one (and root) may create files in
-/// `directory`: writable by its group or by all (as /tmp is), or owned by
-/// someone else. Unknown counts as yes.
+/// How [`others_may_write`] reads a directory its group may write.
 #[cfg(unix)]
-fn others_may_write(directory: &Path) -> bool {
+#[derive(Clone, Copy)]
+enum GroupWrite {
+    /// As shared, whatever the group.
+    Shared,
+    /// As this user's alone when the group is this user's own
+    /// ([`is_my_own_group`]), as shared otherwise.
+    MineInMyOwnGroup,
+}
+
+/// Whether users other than this one (and root) may create files in
+/// `directory`: writable by all (as /tmp is), or by its group (read as
+/// `group_write` says), or owned by someone else. Unknown counts as yes.
+#[cfg(unix)]
+fn others_may_write(directory: &Path, group_write: GroupWrite) -> bool {
     use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(directory).map_or(true, |metadata| {
-        let owner = metadata.uid();
-        metadata.mode() & 0o022 != 0 || (owner != 0 && owner != nix::unistd::geteuid().as_raw())
-    })
+    let Ok(metadata) = std::fs::metadata(directory) else {
+        return true;
+    };
+    let owner = metadata.uid();
+    if owner != 0 && owner != nix::unistd::geteuid().as_raw() {
+        return true;
+    }
+    let group_may_write = metadata.mode() & 0o020 != 0
+        && match group_write {
+            GroupWrite::Shared => true,
+            GroupWrite::MineInMyOwnGroup => !is_my_own_group(metadata.gid()),
+        };
+    metadata.mode() & 0o002 != 0 || group_may_write
 }
 
 /// Refuses a daily rotation where others could plant its files: the
@@ -258,30 +278,16 @@ fn check_daily_rotation(path: &Path) -> anyhow::Result<()> {
     );
     #[cfg(unix)]
     anyhow::ensure!(
-        !others_may_plant_in(securemesh_fs::directory_of(path)),
+        !others_may_write(
+            securemesh_fs::directory_of(path),
+            GroupWrite::MineInMyOwnGroup
+        ),
         "--log-file {} with --log-rotation daily: other users may create files in {}, \
          where each day's file is opened by name; choose a directory of your own",
         path.display(),
         securemesh_fs::directory_of(path).display()
     );
     Ok(())
-}
-
-/// Whether users other than this one (and root) may create files in
-/// `directory`: writable by all, or by a group that is not this user's
-/// own, or owned by someone else. Unknown counts as yes.
-#[cfg(unix)]
-fn others_may_plant_in(directory: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(metadata) = std::fs::metadata(directory) else {
-        return true;
-    };
-    let owner = metadata.uid();
-    if owner != 0 && owner != nix::unistd::geteuid().as_raw() {
-        return true;
-    }
-    metadata.mode() & 0o002 != 0
-        || (metadata.mode() & 0o020 != 0 && !is_my_own_group(metadata.gid()))
 }
 
 /// Whether `gid` is this user's own group, as Debian makes one per user:

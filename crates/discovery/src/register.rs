@@ -129,16 +129,21 @@ async fn keep_registered(
 async fn revoke_left_behind(config: &EtcdConfig, key: &str, leases: &[i64]) {
     let revoked = async {
         let mut client = config.connect().await?;
-        let mut outcome = Ok(());
-        for &lease in leases {
-            // One that expired already is "not found": nothing is lost.
-            if let Err(error) = within(client.lease_revoke(lease)).await {
-                outcome = Err(error);
-            }
-        }
-        outcome
+        revoke_all(&mut client, leases).await
     };
     report_deregistration(key, revoked.await);
+}
+
+/// Revokes each of `leases` through `client`; the last failure, if any.
+/// (One that expired already is "not found": nothing is lost.)
+async fn revoke_all(client: &mut Client, leases: &[i64]) -> Result<(), DiscoveryError> {
+    let mut outcome = Ok(());
+    for &lease in leases {
+        if let Err(error) = within(client.lease_revoke(lease)).await {
+            outcome = Err(error);
+        }
+    }
+    outcome
 }
 
 /// How many leases left behind a registration remembers. Each expires on
@@ -215,9 +220,7 @@ async fn hold(
             // new lease's keep-alives do not wait for them.
             let mut revoking = client.clone();
             tokio::spawn(async move {
-                for lease in earlier {
-                    let _ = within(revoking.lease_revoke(lease)).await;
-                }
+                let _ = revoke_all(&mut revoking, &earlier).await;
             });
         }
         // From here the new lease holds the key: a failure leaves it behind

@@ -96,10 +96,7 @@ pub fn refresh_crl(dir: &Path) -> Result<(PathBuf, OffsetDateTime), PkiError> {
         ));
     }
     let _lock = securemesh_fs::lock_dir(dir)?;
-    let authority = Authority::from_pem(
-        &read(&dir.join(CA_CERT_FILE))?,
-        &read(&dir.join(CA_KEY_FILE))?,
-    )?;
+    let authority = this_ca(dir)?;
     let (revoked, number) = existing_crl(&read(&crl_path)?, &crl_path)?;
     let now = OffsetDateTime::now_utc();
     let next_update = sign_crl(&crl_path, &authority, revoked, number, now)?;
@@ -303,14 +300,19 @@ struct Parsed {
 /// The CA of `dir`, once it is known to have signed `certificate` (read
 /// from `path`).
 fn issuing_authority(dir: &Path, certificate: &Parsed, path: &Path) -> Result<Authority, PkiError> {
-    let authority = Authority::from_pem(
-        &read(&dir.join(CA_CERT_FILE))?,
-        &read(&dir.join(CA_KEY_FILE))?,
-    )?;
+    let authority = this_ca(dir)?;
     if !authority.signed(&certificate.der) {
         return Err(unreadable(path, "was not issued by this CA"));
     }
     Ok(authority)
+}
+
+/// The CA of `dir`, with its key.
+fn this_ca(dir: &Path) -> Result<Authority, PkiError> {
+    Authority::from_pem(
+        &read(&dir.join(CA_CERT_FILE))?,
+        &read(&dir.join(CA_KEY_FILE))?,
+    )
 }
 
 fn unreadable(path: &Path, what: &str) -> PkiError {
