@@ -61,22 +61,93 @@ pub fn refuse_existing<'a>(
 /// crash leaves the old file or the complete new one, never part of a
 /// secret or an empty key.
 pub fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Result<(), WriteError> {
-    let io_error = |source: std::io::Error| {
-        if source.kind() == std::io::ErrorKind::AlreadyExists {
-            WriteError::Exists(path.to_path_buf())
-        } else {
-            WriteError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    };
-    let parent = directory_of(path);
-    if !force && path.symlink_metadata().is_ok() {
-        return Err(WriteError::Exists(path.to_path_buf()));
+    write_files(
+        &[FileToWrite {
+            path,
+            contents,
+            mode,
+        }],
+        force,
+    )
+}
+
+/// One file of a set written by [`write_files`].
+#[derive(Debug, Clone, Copy)]
+pub struct FileToWrite<'a> {
+    /// Where it goes.
+    pub path: &'a Path,
+    /// What it holds.
+    pub contents: &'a [u8],
+    /// Its Unix permission bits.
+    pub mode: u32,
+}
+
+/// Writes a set of files that belong together (a CA and the certificates
+/// it signed, a certificate and its key), each as [`write_file`] does, so
+/// that a failure leaves the set as it was rather than half new.
+///
+/// Every file is written and synced under a temporary name before any is
+/// moved into place; what fails then (a full disk, a directory that cannot
+/// be created) changes nothing. When not forced, a file that appears
+/// meanwhile at one of the paths stops the placing, and the files already
+/// placed are removed again. A directory at one of the paths is refused
+/// before anything is written, forced or not. Only a crash during the
+/// placing itself, a rename or link per file, can leave part of the set
+/// new.
+pub fn write_files(files: &[FileToWrite<'_>], force: bool) -> Result<(), WriteError> {
+    refuse_existing(files.iter().map(|file| file.path), force)?;
+    // Not even forced is a directory replaced; refused here, it cannot
+    // stop the placing halfway.
+    if let Some(file) = files.iter().find(|file| {
+        file.path
+            .symlink_metadata()
+            .is_ok_and(|metadata| metadata.is_dir())
+    }) {
+        return Err(io_error(
+            file.path,
+            std::io::Error::from(std::io::ErrorKind::IsADirectory),
+        ));
     }
-    std::fs::create_dir_all(parent).map_err(io_error)?;
-    let name = path
+    let mut staged = Vec::with_capacity(files.len());
+    for file in files {
+        staged.push(stage(file)?);
+    }
+    let mut placed: Vec<&Path> = Vec::with_capacity(files.len());
+    for (file, temporary) in files.iter().zip(staged) {
+        let moved = if force {
+            temporary.persist(file.path)
+        } else {
+            temporary.persist_noclobber(file.path)
+        };
+        if let Err(failed) = moved {
+            if !force {
+                // Each was linked where nothing was: removing it restores
+                // what was there.
+                for path in &placed {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            return Err(io_error(file.path, failed.error));
+        }
+        placed.push(file.path);
+    }
+    let mut directories: Vec<&Path> = files.iter().map(|file| directory_of(file.path)).collect();
+    directories.sort();
+    directories.dedup();
+    for directory in directories {
+        sync_directory(directory).map_err(|source| io_error(directory, source))?;
+    }
+    Ok(())
+}
+
+/// `file`'s contents, synced to a new temporary file with its mode in its
+/// directory (created if missing), ready to be moved into place.
+fn stage(file: &FileToWrite<'_>) -> Result<tempfile::NamedTempFile, WriteError> {
+    let error = |source| io_error(file.path, source);
+    let parent = directory_of(file.path);
+    std::fs::create_dir_all(parent).map_err(error)?;
+    let name = file
+        .path
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -84,26 +155,30 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Resul
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(parent)
-        .map_err(io_error)?;
+        .map_err(error)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
         temporary
             .as_file()
-            .set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(io_error)?;
+            .set_permissions(std::fs::Permissions::from_mode(file.mode))
+            .map_err(error)?;
     }
-    #[cfg(not(unix))]
-    let _ = mode;
-    temporary.write_all(contents).map_err(io_error)?;
-    temporary.as_file().sync_all().map_err(io_error)?;
-    let placed = if force {
-        temporary.persist(path)
+    temporary.write_all(file.contents).map_err(error)?;
+    temporary.as_file().sync_all().map_err(error)?;
+    Ok(temporary)
+}
+
+/// An I/O failure on `path`, or [`WriteError::Exists`] when it is that.
+fn io_error(path: &Path, source: std::io::Error) -> WriteError {
+    if source.kind() == std::io::ErrorKind::AlreadyExists {
+        WriteError::Exists(path.to_path_buf())
     } else {
-        temporary.persist_noclobber(path)
-    };
-    placed.map_err(|failed| io_error(failed.error))?;
-    sync_directory(parent).map_err(io_error)
+        WriteError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// Makes a rename or link in `directory` durable.
@@ -284,6 +359,69 @@ mod tests {
         assert_eq!(mode_of(&path), 0o600);
         let left = leftovers(dir.path(), &["elsewhere.txt", "key.txt", "dangling.txt"]);
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn a_set_that_cannot_be_written_whole_leaves_nothing_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("ca_key.pem");
+        let blocked = dir.path().join("not-a-directory");
+        std::fs::write(&blocked, "a file").unwrap();
+        let second = blocked.join("client_key.pem");
+        let set = |contents: &'static [u8]| {
+            [
+                FileToWrite {
+                    path: &first,
+                    contents,
+                    mode: PRIVATE,
+                },
+                FileToWrite {
+                    path: &second,
+                    contents,
+                    mode: PRIVATE,
+                },
+            ]
+        };
+        // The second file's directory cannot be made: the first, whose
+        // write went through, is not placed either, forced or not.
+        for force in [false, true] {
+            assert!(write_files(&set(b"new"), force).is_err());
+            assert!(!first.exists(), "force {force}");
+        }
+        std::fs::write(&first, "old").unwrap();
+        assert!(write_files(&set(b"new"), true).is_err());
+        assert_eq!(std::fs::read(&first).unwrap(), b"old");
+        let left = leftovers(dir.path(), &["ca_key.pem", "not-a-directory"]);
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn a_set_stopped_while_placed_takes_back_what_it_placed() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = dir.path().join("one.pem");
+        let two = dir.path().join("two.pem");
+        let file = |path| FileToWrite {
+            path,
+            contents: b"new",
+            mode: PUBLIC,
+        };
+        // The same path twice stands for a file that appears at a path
+        // while the set is placed: its second placing finds the first.
+        let refused = write_files(&[file(&one), file(&two), file(&two)], false).unwrap_err();
+        assert!(matches!(refused, WriteError::Exists(_)), "{refused}");
+        assert!(!one.exists() && !two.exists());
+        assert!(leftovers(dir.path(), &[]).is_empty());
+
+        // A directory in the way is refused before anything is written.
+        std::fs::create_dir(&two).unwrap();
+        for force in [false, true] {
+            assert!(write_files(&[file(&one), file(&two)], force).is_err());
+            assert!(!one.exists(), "force {force}");
+        }
+
+        write_files(&[file(&one)], false).unwrap();
+        assert_eq!(std::fs::read(&one).unwrap(), b"new");
+        assert_eq!(mode_of(&one), 0o644);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use securemesh_fs::{refuse_existing, write_file, WriteError, PRIVATE, PUBLIC};
+use securemesh_fs::{refuse_existing, write_files, FileToWrite, WriteError, PRIVATE, PUBLIC};
 
 use crate::authority::{Authority, Role};
 use crate::lifecycle::CRL_FILE;
@@ -217,18 +217,25 @@ pub(crate) fn read(path: &Path) -> Result<String, PkiError> {
     })
 }
 
+/// Writes `files` as one set (see [`write_files`]), keys private and the
+/// rest public, and returns their paths.
 fn write_all(files: Vec<(PathBuf, String)>, force: bool) -> Result<Vec<PathBuf>, PkiError> {
-    let mut written = Vec::with_capacity(files.len());
-    for (path, contents) in files {
-        let private = path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .is_some_and(|name| name.ends_with("_key.pem"));
-        let mode = if private { PRIVATE } else { PUBLIC };
-        write_file(&path, contents.as_bytes(), mode, force)?;
-        written.push(path);
-    }
-    Ok(written)
+    let set: Vec<FileToWrite<'_>> = files
+        .iter()
+        .map(|(path, contents)| {
+            let private = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.ends_with("_key.pem"));
+            FileToWrite {
+                path,
+                contents: contents.as_bytes(),
+                mode: if private { PRIVATE } else { PUBLIC },
+            }
+        })
+        .collect();
+    write_files(&set, force)?;
+    Ok(files.into_iter().map(|(path, _)| path).collect())
 }
 
 #[cfg(test)]

@@ -189,16 +189,19 @@ pub fn renew(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>, PkiError
         }
     }
     let issued = authority.issue(name, current.role, &current.host_names, days)?;
-    securemesh_fs::write_file(
-        &key_path,
-        issued.key_pem.as_bytes(),
-        securemesh_fs::PRIVATE,
-        true,
-    )?;
-    securemesh_fs::write_file(
-        &cert_path,
-        issued.cert_pem.as_bytes(),
-        securemesh_fs::PUBLIC,
+    securemesh_fs::write_files(
+        &[
+            securemesh_fs::FileToWrite {
+                path: &key_path,
+                contents: issued.key_pem.as_bytes(),
+                mode: securemesh_fs::PRIVATE,
+            },
+            securemesh_fs::FileToWrite {
+                path: &cert_path,
+                contents: issued.cert_pem.as_bytes(),
+                mode: securemesh_fs::PUBLIC,
+            },
+        ],
         true,
     )?;
     Ok(vec![archived, cert_path, key_path])
