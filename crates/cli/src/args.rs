@@ -118,9 +118,10 @@ pub struct BenchArgs {
     /// A short smoke run that checks every step works (not how fast).
     #[arg(long)]
     pub quick: bool,
-    /// The report to write.
-    #[arg(long, default_value = "BENCHMARKS.md")]
-    pub out: PathBuf,
+    /// The report to write [default: BENCHMARKS.md; with --quick, none,
+    /// so that a smoke run does not replace the last full run's report].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// The failover picture to write, embedded by the report (a path
     /// relative to the report's directory).
     #[arg(long, default_value = "docs/bench-failover.svg")]

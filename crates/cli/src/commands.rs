@@ -844,7 +844,16 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
         () = stop.next() => anyhow::bail!("interrupted: the lab was stopped, no report written"),
     };
 
-    let report_dir = securemesh_fs::directory_of(&args.out);
+    for line in report::ratios(&results) {
+        crate::output::line(line);
+    }
+    let Some(out) = report_path(args.quick, args.out) else {
+        crate::output::line(
+            "a quick run writes no report unless asked to (--out): BENCHMARKS.md is left as it was",
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let report_dir = securemesh_fs::directory_of(&out);
     let picture = report_dir.join(&args.picture);
     if let Some(parent) = picture.parent() {
         std::fs::create_dir_all(parent)?;
@@ -872,24 +881,41 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
         },
         &profile,
     );
-    std::fs::write(&args.out, markdown)?;
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
-    }
-    for line in report::ratios(&results) {
-        crate::output::line(line);
-    }
+    std::fs::write(&out, markdown)?;
     crate::output::line(format_args!(
         "wrote {} and {}",
-        args.out.display(),
+        out.display(),
         picture.display()
     ));
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where `bench` writes its report: `out`, or BENCHMARKS.md for a full
+/// run. A quick run's numbers (a smoke, fractions of a second per route)
+/// must not replace the last full run's unless asked for.
+fn report_path(quick: bool, out: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+    match out {
+        Some(out) => Some(out),
+        None if quick => None,
+        None => Some("BENCHMARKS.md".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_full_benchmark_writes_its_report_unasked() {
+        assert_eq!(report_path(false, None), Some("BENCHMARKS.md".into()));
+        assert_eq!(report_path(true, None), None);
+        for quick in [false, true] {
+            assert_eq!(
+                report_path(quick, Some("elsewhere.md".into())),
+                Some("elsewhere.md".into())
+            );
+        }
+    }
 
     #[test]
     fn an_advertised_url_must_be_https_and_named_by_the_server_certificate() {
