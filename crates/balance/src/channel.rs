@@ -43,6 +43,12 @@ const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 
+/// Streams opened on a new connection before the endpoint's settings say
+/// how many it allows (h2 would assume no limit): hyper's choice, within
+/// our servers' 256. Beyond an endpoint's lower limit, the streams it
+/// refuses go again (see [`Http2Channel::unary`]).
+const STREAMS_BEFORE_SETTINGS: usize = 100;
+
 /// How a channel connects and notices a dead connection.
 #[derive(Debug, Clone)]
 pub struct ChannelOptions {
@@ -168,7 +174,10 @@ impl Http2Channel {
     /// the others, which it never saw, however the race between its
     /// `GOAWAY` and our requests went: a request refused so, or not sent
     /// for it, goes once more on a new connection (with its headers made
-    /// again) instead of failing and counting against the endpoint.
+    /// again) instead of failing and counting against the endpoint. So
+    /// does a stream the endpoint refused (`REFUSED_STREAM`: beyond its
+    /// limit of streams, opened before its settings arrived), on the same
+    /// connection if it is still open.
     pub async fn unary<Q: Message, A: Message + Default>(
         &self,
         path: &'static str,
@@ -211,11 +220,13 @@ impl Http2Channel {
         }
     }
 
-    /// Whether a request that `error` stopped goes again, on a new
-    /// connection: once per call (`may_go_again`), if the endpoint told the
-    /// connection to go away.
+    /// Whether a request that `error` stopped goes again: once per call
+    /// (`may_go_again`), if the endpoint never processed it, as it says
+    /// by telling the connection to go away or by refusing the stream
+    /// (RFC 9113, section 8.7).
     fn goes_again(&self, error: &h2::Error, may_go_again: &mut bool) -> bool {
-        let again = *may_go_again && error.is_go_away() && error.is_remote();
+        let refused = error.is_reset() && error.reason() == Some(h2::Reason::REFUSED_STREAM);
+        let again = *may_go_again && error.is_remote() && (error.is_go_away() || refused);
         if again {
             *may_go_again = false;
             self.inner.forget_if_closed();
@@ -381,6 +392,7 @@ impl Inner {
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_max_send_streams(STREAMS_BEFORE_SETTINGS)
             .handshake::<_, Bytes>(tls)
             .await?;
         let pings = connection.ping_pong();
@@ -840,6 +852,47 @@ mod tests {
         let micros: u64 = timeout.trim_end_matches('u').parse().unwrap();
         assert!(timeout.ends_with('u'), "{timeout}");
         assert!(micros <= 600_000, "told {timeout} after a 400 ms handshake");
+    }
+
+    #[tokio::test]
+    async fn streams_refused_beyond_the_endpoint_limit_go_again() {
+        let (dir, tls) = pki();
+        let files = securemesh_tls::TlsFiles::in_dir(dir.path(), "server");
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(securemesh_tls::server_config(&files, None).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Two streams at a time, each answered 50 ms after it came: a
+        // burst sent before the settings arrive is refused beyond two.
+        let endpoint = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = acceptor.accept(tcp).await.unwrap();
+            let mut connection = h2::server::Builder::new()
+                .max_concurrent_streams(2)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .unwrap();
+            while let Some(Ok((_, mut respond))) = connection.accept().await {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let reply = tonic_health::pb::HealthCheckResponse { status: 1 };
+                    let mut sending = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                    sending.send_data(frame::encode(&reply), false).unwrap();
+                    sending.send_trailers(trailers).unwrap();
+                });
+            }
+        });
+        let channel =
+            Http2Channel::new(&format!("https://127.0.0.1:{port}"), tls, quick()).unwrap();
+        let calls = futures_util::future::join_all((0..8).map(|_| health_check(&channel))).await;
+        for call in calls {
+            assert_eq!(call.unwrap().status, 1);
+        }
+        endpoint.abort();
     }
 
     #[tokio::test]
