@@ -109,7 +109,7 @@ pub async fn serve(
     let mut routes = RoutesBuilder::default();
     securemesh_tls::add_health_and_reflection(&mut routes, health.clone(), &closing_seen)?;
     // Ends with this function, however it ends (dropped included).
-    let following = AbortOnDrop(tokio::spawn(follow_rotation(health.clone(), serving)));
+    let mut following = AbortOnDrop(tokio::spawn(follow_rotation(health.clone(), serving)));
     let front = Arc::new(Front {
         coordinator,
         authorization: Arc::new(authorization),
@@ -129,7 +129,10 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     let drain = async {
         shutdown.await;
+        // Awaited: a report of SERVING under way on another thread must
+        // land before NOT_SERVING, not after it.
         following.0.abort();
+        let _ = (&mut following.0).await;
         securemesh_tls::report_draining(&health, DATA_SERVICE_NAME).await;
         if !options.drain_delay.is_zero() {
             tracing::info!(

@@ -361,6 +361,10 @@ async fn accept_loop(
                     ready.clone(),
                 ));
             }
+            Err(error) if of_one_connection(&error) => {
+                // Gone before it was accepted: nothing to wait for.
+                tracing::debug!(%error, "a connection ended before it was accepted");
+            }
             Err(error) => {
                 // Typically EMFILE: back off briefly instead of spinning.
                 if let Some(held_back) =
@@ -372,6 +376,22 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// Whether an `accept` failure concerns only the connection it would have
+/// given (reset or aborted by its peer before it was taken, refused by a
+/// firewall rule, a protocol error on it), as opposed to the process or
+/// the system running short (descriptors, memory), which is worth a pause.
+fn of_one_connection(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    const EPROTO: i32 = 71;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionAborted
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionRefused
+            | ErrorKind::PermissionDenied
+    ) || (cfg!(target_os = "linux") && error.raw_os_error() == Some(EPROTO))
 }
 
 async fn handshake(
@@ -676,6 +696,30 @@ impl tonic::transport::server::Connected for Connection {
         PeerInfo {
             tls: self.stream.connect_info(),
             identity: self.identity.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_shortage_pauses_the_accept_loop() {
+        use std::io::{Error, ErrorKind};
+        for kind in [
+            ErrorKind::ConnectionAborted,
+            ErrorKind::ConnectionReset,
+            ErrorKind::PermissionDenied,
+        ] {
+            assert!(of_one_connection(&Error::from(kind)), "{kind:?}");
+        }
+        // EMFILE, ENFILE, ENOBUFS, ENOMEM: the process or the system.
+        for errno in [24, 23, 105, 12] {
+            assert!(
+                !of_one_connection(&Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
         }
     }
 }

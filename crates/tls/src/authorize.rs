@@ -202,7 +202,7 @@ impl Authorization {
                     .refusal_warnings
                     .admit("identity_not_allowed", tracing::Level::WARN)
                 {
-                    tracing::warn!(%peer, held_back, "call refused: identity not allowed");
+                    tracing::warn!(peer = %securemesh::text::field(&peer), held_back, "call refused: identity not allowed");
                 }
                 return Err(Status::permission_denied(format!(
                     "identity {peer} is not allowed to call this service"
@@ -214,7 +214,7 @@ impl Authorization {
             Some(claimed) if self.forwarders.contains(&peer) => {
                 let Some(caller) = decode_caller(claimed.as_bytes()) else {
                     audit_refusal(request, &peer, "INVALID_ARGUMENT");
-                    tracing::warn!(%peer, value = ?claimed, "call refused: a forwarder named its caller unreadably");
+                    tracing::warn!(peer = %securemesh::text::field(&peer), value = ?claimed, "call refused: a forwarder named its caller unreadably");
                     return Err(Status::invalid_argument(format!(
                         "the {CALLER_HEADER} header is no percent-encoded UTF-8 identity"
                     )));
@@ -229,7 +229,7 @@ impl Authorization {
                     .refusal_warnings
                     .admit("caller_header_ignored", tracing::Level::WARN)
                 {
-                    tracing::warn!(%peer, ?claimed, held_back, "ignoring a caller header from a peer that is not a forwarder");
+                    tracing::warn!(peer = %securemesh::text::field(&peer), ?claimed, held_back, "ignoring a caller header from a peer that is not a forwarder");
                 }
                 None
             }
@@ -313,20 +313,20 @@ impl PendingPassword {
             Err(refusal @ Refusal::Busy) => {
                 audit_refusal(request, &peer, "RESOURCE_EXHAUSTED");
                 if let Some(held_back) = warnings.admit("credentials_busy", tracing::Level::WARN) {
-                    tracing::warn!(%peer, %refusal, held_back, "call refused: credentials");
+                    tracing::warn!(peer = %securemesh::text::field(&peer), %refusal, held_back, "call refused: credentials");
                 }
                 Err(Status::resource_exhausted(refusal.to_string()))
             }
             Err(refusal @ Refusal::Unfinished) => {
                 audit_refusal(request, &peer, "INTERNAL");
-                tracing::error!(%peer, %refusal, "call refused: credentials");
+                tracing::error!(peer = %securemesh::text::field(&peer), %refusal, "call refused: credentials");
                 Err(Status::internal(refusal.to_string()))
             }
             Err(refusal) => {
                 audit_refusal(request, &peer, "UNAUTHENTICATED");
                 if let Some(held_back) = warnings.admit("credentials_refused", tracing::Level::WARN)
                 {
-                    tracing::warn!(%peer, %refusal, held_back, "call refused: credentials");
+                    tracing::warn!(peer = %securemesh::text::field(&peer), %refusal, held_back, "call refused: credentials");
                 }
                 Err(Status::unauthenticated(refusal.to_string()))
             }

@@ -35,8 +35,10 @@ pub struct ServeOptions {
     /// `NOT_SERVING`, so that health-checking callers move their traffic
     /// away before connections close.
     pub drain_delay: Duration,
-    /// Then, how long in-flight calls may take to finish before the server
-    /// stops anyway.
+    /// Then, how long in-flight calls may take to finish before serving
+    /// returns anyway. The coordinator's front end then cuts the calls
+    /// left; on a tonic server they go on in tonic's connection tasks
+    /// until the runtime ends (in `securemesh`, the process exits).
     pub drain_grace: Duration,
     /// Concurrent HTTP/2 streams (calls) allowed per connection.
     pub max_concurrent_streams: u32,
@@ -112,7 +114,8 @@ impl Default for ServeOptions {
 /// reflection on `listener` with mutual TLS `tls`, until `shutdown`
 /// completes. Then it drains: health turns `NOT_SERVING`, calls are still
 /// served for `drain_delay`, then new connections are refused and in-flight
-/// calls have `drain_grace` to finish before this returns.
+/// calls have `drain_grace` to finish before this returns (calls still
+/// in flight then are not stopped: they end with the runtime).
 pub async fn serve_mtls<S, B>(
     listener: TcpListener,
     tls: impl Into<ReloadableConfig>,
@@ -181,7 +184,7 @@ where
         () = grace_over => {
             tracing::warn!(
                 grace_ms = options.drain_grace.as_millis() as u64,
-                "grace period over: stopping with calls still in flight"
+                "grace period over: returning with calls still in flight"
             );
         }
     }
