@@ -191,6 +191,41 @@ fn report_panic(ended: Result<(), tokio::task::JoinError>) {
 }
 
 /// A task that ends with its owner: aborted when dropped.
+/// A `Submit` that has not reached the relay, which counts and audits the
+/// calls it takes: one that ends before is counted and audited here, with
+/// the status its caller got, or as `CANCELLED` when it is dropped (its
+/// caller reset it while it was authorized).
+struct Unrelayed {
+    request_id: Option<HeaderValue>,
+    peer: Option<Arc<str>>,
+    ended: bool,
+}
+
+impl Unrelayed {
+    fn end(&mut self, status: &'static str) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let request_id = self
+            .request_id
+            .as_ref()
+            .and_then(|value| value.to_str().ok())
+            .and_then(securemesh::request_id::accept)
+            .map_or_else(securemesh::request_id::new, str::to_owned);
+        securemesh_tls::audit_unserved_call(
+            &request_id,
+            self.peer.as_deref().unwrap_or("unknown"),
+            status,
+        );
+    }
+}
+
+impl Drop for Unrelayed {
+    fn drop(&mut self) {
+        self.end("CANCELLED");
+    }
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -428,13 +463,21 @@ impl Front {
         }
         let (parts, body) = request.into_parts();
         let deadline = self.coordinator.deadline(&parts.headers, arrived);
+        // Until the relay takes over its accounting, a call that ends here
+        // is counted and audited by this.
+        let mut unrelayed = Unrelayed {
+            request_id: parts.headers.get(securemesh::request_id::HEADER).cloned(),
+            peer: peer.identity().cloned(),
+            ended: false,
+        };
         let mut extensions = http::Extensions::new();
         extensions.insert(peer);
         let work = async {
             // A password's argon2 check runs off this connection's task, so
             // its other calls and its pings go on meanwhile; the caller's
             // deadline bounds the wait for it.
-            let late = || {
+            let mut late = || {
+                unrelayed.end("DEADLINE_EXCEEDED");
                 Status::deadline_exceeded("the deadline passed while the credentials were checked")
             };
             let authorization = Arc::clone(&self.authorization);
@@ -450,15 +493,15 @@ impl Front {
             } else {
                 match tokio::time::timeout_at(deadline, checking.as_mut()).await {
                     Ok(checked) => checked,
-                    Err(_) => {
-                        // The check goes on to its verdict, which is audited
-                        // and counted (a right password remembered); only
-                        // the caller stopped waiting.
-                        tokio::spawn(checking);
-                        Err(late())
-                    }
+                    // The password check goes on without us to its verdict
+                    // (a right password is remembered); the call is
+                    // accounted for once, with the status its caller got.
+                    Err(_) => Err(late()),
                 }
             };
+            // A refusal was counted and audited by the authorization, an
+            // admitted call is by the relay.
+            unrelayed.ended = true;
             match checked {
                 Err(status) => Err(status),
                 Ok(request) => {

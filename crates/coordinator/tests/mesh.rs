@@ -2781,8 +2781,8 @@ async fn a_peer_silent_after_tls_gives_its_slot_on_a_server_back() {
 }
 
 /// Calls refused on arrival once authorized (a message too large,
-/// compressed or malformed) and calls their callers abandon are counted
-/// (and audited) as relayed ones are.
+/// compressed or malformed), calls whose deadline has passed, and calls
+/// their callers abandon are counted (and audited) as relayed ones are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_refused_on_arrival_or_abandoned_are_counted() {
     let material = Material::new();
@@ -2806,6 +2806,26 @@ async fn calls_refused_on_arrival_or_abandoned_are_counted() {
         assert_eq!(answer.1, Some(expected));
     }
     assert_eq!((stats.recent().calls, stats.recent().failures), (3, 3));
+    // A call whose deadline has passed on arrival is answered before it
+    // is authorized, and counted all the same.
+    let expired = || {
+        securemesh_telemetry::metrics()
+            .requests
+            .with_label_values(&["/securemesh.v1.DataService/Submit", "DEADLINE_EXCEEDED"])
+            .get()
+    };
+    let before = expired();
+    let answer = raw_h2_call_with(
+        &session,
+        http::Method::POST,
+        grpc,
+        &[("grpc-timeout", "1n")],
+        &frame(false, 3, &[0x0a, 0x01, 0x00]),
+        true,
+    )
+    .await;
+    assert_eq!(answer.1, Some(Code::DeadlineExceeded));
+    assert!(expired() > before, "the expired call was not counted");
     // A caller that gives up halfway through its message.
     let (_answer, mut request) =
         open_grpc_stream(&session, "/securemesh.v1.DataService/Submit").await;

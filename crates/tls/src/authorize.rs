@@ -192,9 +192,10 @@ impl Authorization {
 
     /// Every check that needs no password hashing.
     fn first_pass(&self, request: &Request<()>) -> Result<FirstPass, Status> {
-        let peer = caller_identity(request)
-            .map(|identity| identity.to_string())
-            .ok_or_else(|| Status::unauthenticated("no client certificate identity"))?;
+        let Some(peer) = caller_identity(request).map(|identity| identity.to_string()) else {
+            audit_refusal(request, "unknown", "UNAUTHENTICATED");
+            return Err(Status::unauthenticated("no client certificate identity"));
+        };
         if let Some(allowed) = &self.allowed {
             if !allowed.contains(&peer) {
                 audit_refusal(request, &peer, "PERMISSION_DENIED");
@@ -341,12 +342,23 @@ fn with_caller(mut request: Request<()>, caller: Caller) -> Request<()> {
 
 /// The audit line of a call refused before it reached the service.
 fn audit_refusal(request: &Request<()>, peer: &str, status: &'static str) {
+    audit_unserved_call(
+        &securemesh::request_id::of(request.metadata()),
+        peer,
+        status,
+    );
+}
+
+/// Counts a `Submit` that ended before it reached the service (refused,
+/// or given up while its caller was authorized), with the status its
+/// caller got, and writes its audit line, so that every call has both.
+pub fn audit_unserved_call(request_id: &str, peer: &str, status: &'static str) {
     securemesh_telemetry::metrics()
         .requests
         .with_label_values(&[securemesh::v1::SUBMIT_METHOD, status])
         .inc();
     tracing::info!(
-        request_id = %securemesh::request_id::of(request.metadata()),
+        request_id = %securemesh::text::field(request_id),
         caller = %securemesh::text::field(peer),
         method = securemesh::v1::SUBMIT_METHOD,
         status,
