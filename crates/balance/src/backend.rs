@@ -327,12 +327,18 @@ impl BackendState {
             }
         }
         self.settle();
-        self.publish_gauges();
     }
 
     /// Puts the backend in or out of rotation as its verdicts say now:
     /// applies health check results and ends ejections that have run out.
+    /// The gauges show the outcome, whatever changed (an ejection that ran
+    /// out leaves a last resort in rotation, but no longer ejected).
     pub(crate) fn settle(&self) {
+        self.settle_verdicts();
+        self.publish_gauges();
+    }
+
+    fn settle_verdicts(&self) {
         let mut count = lock(&self.rotation.in_rotation);
         if self.retired.load(Ordering::Acquire) {
             return;
@@ -392,16 +398,10 @@ impl BackendState {
                 tracing::info!(backend = %self.url, "Server {} is back in rotation", self.url);
             }
             self.wake_services();
-            drop(verdicts);
-            drop(count);
-            self.publish_gauges();
         } else {
             self.in_rotation.store(false, Ordering::Release);
             self.rotation.leave(&mut count);
             tracing::warn!(backend = %self.url, "Server {} is out of rotation", self.url);
-            drop(verdicts);
-            drop(count);
-            self.publish_gauges();
         }
     }
 
@@ -899,7 +899,8 @@ mod tests {
             max_time: Duration::from_secs(60),
             ..EjectionPolicy::default()
         };
-        let a = BackendState::new("https://a".into(), policy, rotation.clone());
+        // Its own name: the gauges are the process's, shared by every test.
+        let a = BackendState::new("https://ejection-runs-out".into(), policy, rotation.clone());
         let b = BackendState::new("https://b".into(), policy, rotation.clone());
         a.call_failed("per-try timeout");
         b.checked(HealthCheck::Failed("health check timed out".into()));
@@ -908,6 +909,8 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         a.settle();
         assert!(a.is_in_rotation() && !a.is_ejected());
+        // The gauges say so too, without a health check to publish them.
+        assert_eq!((a.series.up.get(), a.series.ejected.get()), (1, 0));
         b.checked(HealthCheck::Serving);
         a.checked(HealthCheck::Serving);
         assert!(a.is_in_rotation());

@@ -131,8 +131,10 @@ where
             }
             if !budget.withdraw() {
                 metrics().retry_budget_refusals.inc();
+                metrics().retry_budget_exhausted.set(1);
                 return first.await;
             }
+            metrics().retry_budget_exhausted.set(0);
             metrics().hedges.inc();
             // Until the slow attempt ends, its backend is the last choice of
             // the balancer, for the hedge and for every other call.

@@ -232,10 +232,14 @@ impl Balancer {
 }
 
 /// Answers of endpoints pass through unchanged; failures to reach any
-/// endpoint become `UNAVAILABLE`. When the call did reach endpoints (and
-/// was retried here), an `UNAVAILABLE` tells the caller not to retry it
-/// again; when no endpoint was in rotation it does not, so that a client
-/// can still try another coordinator. Why the last endpoint could not be
+/// endpoint become `UNAVAILABLE`. When the call did reach endpoints, an
+/// `UNAVAILABLE` tells the caller not to retry it again: what retries
+/// there were to make against those backends were made here (as many as
+/// the policy and the retry budget allowed, none if they allow none), and
+/// a client retrying through another coordinator would reach the same
+/// backends, multiplying the load on them. When no endpoint was in
+/// rotation it does not, so that a client can still try another
+/// coordinator. Why the last endpoint could not be
 /// reached (an address, a certificate's names) is said only if `explain`.
 fn into_status(error: BoxError, reached_endpoints: bool, explain: bool) -> Status {
     const UNSERVED: &str = "no backend could serve the call";
