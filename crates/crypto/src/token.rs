@@ -198,7 +198,8 @@ impl KeyRing {
     }
 
     /// Verifies `token` under any key of the ring and returns the plaintext.
-    /// Tokens of any age are accepted.
+    /// Tokens of any age are accepted, made in the past or (a clock ahead
+    /// of ours) in the future, as by Python's `Fernet.decrypt(token)`.
     pub fn decrypt(&self, token: &[u8]) -> Result<Vec<u8>, TokenError> {
         self.decrypt_with_ttl(token, None)
     }
@@ -207,8 +208,10 @@ impl KeyRing {
     /// refusing a token made more than `ttl` ago (as Python's
     /// `Fernet.decrypt(token, ttl)`) or more than 60 s in the future.
     ///
-    /// The frame (length, alphabet, version) and a timestamp from the
-    /// future are judged from the token's own text before its HMAC:
+    /// The frame (length, alphabet, version) and, with a `ttl`, a
+    /// timestamp from the future are judged from the token's own text
+    /// before its HMAC (without one, Python accepts any timestamp, and so
+    /// do we):
     /// nothing of them is secret. Whether it is too old is judged only once
     /// it has verified: a forged token is "invalid", whatever its age.
     pub fn decrypt_with_ttl(
@@ -217,7 +220,10 @@ impl KeyRing {
         ttl: Option<Duration>,
     ) -> Result<Vec<u8>, TokenError> {
         let now = unix_now();
-        let (text, made_at) = check_frame(token, now)?;
+        let (text, made_at) = check_frame(token)?;
+        if ttl.is_some() && made_at > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
+            return Err(TokenError::FromTheFuture);
+        }
         let decoded = base64_simd::URL_SAFE_NO_PAD
             .decode_to_vec(text.as_bytes())
             .map_err(|_| TokenError::Malformed("not base64url"))?;
@@ -247,14 +253,14 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Checks the token's outer frame (text, version, length, block alignment,
-/// timestamp bound) and returns its text without padding, with the time it
-/// claims to have been made.
+/// Checks the token's outer frame (text, version, length, block alignment)
+/// and returns its text without padding, with the time it claims to have
+/// been made.
 ///
 /// Only the first 12 characters (version and timestamp, 9 bytes) are
 /// decoded here; the length follows from the text's. The rest of the
 /// alphabet is checked when the whole token is decoded.
-fn check_frame(token: &[u8], now: u64) -> Result<(&str, u64), TokenError> {
+fn check_frame(token: &[u8]) -> Result<(&str, u64), TokenError> {
     /// Characters that encode the 9 bytes of version and timestamp.
     const HEADER_CHARS: usize = 12;
     if token.is_empty() {
@@ -295,11 +301,7 @@ fn check_frame(token: &[u8], now: u64) -> Result<(&str, u64), TokenError> {
     if version != VERSION {
         return Err(TokenError::Malformed("unknown version"));
     }
-    let made_at = u64::from_be_bytes(timestamp);
-    if made_at > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
-        return Err(TokenError::FromTheFuture);
-    }
-    Ok((unpadded, made_at))
+    Ok((unpadded, u64::from_be_bytes(timestamp)))
 }
 
 #[cfg(test)]
@@ -348,7 +350,7 @@ mod tests {
         let ring = KeyRing::from_key_strings(&[key]).unwrap();
         assert_eq!(ring.decrypt(token.as_bytes()).unwrap(), b"hello");
         assert_eq!(
-            check_frame(token.as_bytes(), 499162801),
+            check_frame(token.as_bytes()),
             Ok((token.trim_end_matches('='), 499162800))
         );
     }
@@ -542,8 +544,8 @@ mod tests {
             .is_ok());
     }
 
-    /// A forged timestamp near `u64::MAX` must be refused before the `fernet`
-    /// crate does arithmetic on it.
+    /// A forged timestamp near `u64::MAX` is refused without overflow:
+    /// from the future with a TTL, forged (its HMAC) without one.
     #[test]
     fn refuses_timestamps_far_in_the_future_without_overflow() {
         let ring = ring();
@@ -552,7 +554,16 @@ mod tests {
         raw[1..9].copy_from_slice(&u64::MAX.to_be_bytes());
         let forged = URL_SAFE.encode(raw);
         assert_eq!(
-            ring.decrypt(forged.as_bytes()),
+            ring.decrypt_with_ttl(forged.as_bytes(), Some(Duration::from_secs(60))),
+            Err(TokenError::FromTheFuture)
+        );
+        assert_eq!(ring.decrypt(forged.as_bytes()), Err(TokenError::Invalid));
+        let key = crate::generate_key();
+        let signed = token_made_at(&key, b"x", u64::MAX);
+        let ring = KeyRing::from_key_strings(&[&key]).unwrap();
+        assert_eq!(ring.decrypt(&signed).unwrap(), b"x");
+        assert_eq!(
+            ring.decrypt_with_ttl(&signed, Some(Duration::from_secs(u64::MAX))),
             Err(TokenError::FromTheFuture)
         );
     }
@@ -587,18 +598,23 @@ mod tests {
         ));
     }
 
+    /// As Python: with a TTL, a token made more than 60 s ahead of our
+    /// clock is refused; without one, any time is accepted.
     #[test]
-    fn refuses_tokens_from_beyond_the_clock_skew() {
+    fn refuses_tokens_from_beyond_the_clock_skew_when_given_a_ttl() {
         let key = crate::generate_key();
         let ring = KeyRing::from_key_strings(&[&key]).unwrap();
+        let ttl = Some(Duration::from_secs(300));
         let now = unix_now();
         assert!(ring
-            .decrypt(&token_made_at(&key, b"soon", now + 30))
+            .decrypt_with_ttl(&token_made_at(&key, b"soon", now + 30), ttl)
             .is_ok());
+        let later = token_made_at(&key, b"later", now + 600);
         assert_eq!(
-            ring.decrypt(&token_made_at(&key, b"later", now + 600)),
+            ring.decrypt_with_ttl(&later, ttl),
             Err(TokenError::FromTheFuture)
         );
+        assert_eq!(ring.decrypt(&later).unwrap(), b"later");
     }
 
     #[test]
