@@ -449,6 +449,7 @@ fn append(path: &Path, kind: &str, name: &str, secret: &str) -> Result<(), Crede
     }
     // Two additions at once must not lose one.
     let _lock = securemesh_fs::lock_dir_of(path)?;
+    securemesh_fs::refuse_symbolic_link(path)?;
     let mut text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -721,6 +722,31 @@ mod tests {
         add_user(&path, "alice", "correct horse").unwrap();
         let token = add_token(&path, "ci-bot").unwrap();
         (dir, path, token)
+    }
+
+    /// Adding to a credentials file that is a symbolic link would put a
+    /// file of its own in the link's place, unseen by readers of its
+    /// target: refused, and the target is left as it was.
+    #[cfg(unix)]
+    #[test]
+    fn a_credentials_file_that_is_a_symbolic_link_is_not_added_to() {
+        let (dir, path, _token) = file();
+        let link = dir.path().join("link.txt");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let before = std::fs::read_to_string(&path).unwrap();
+        let refused = add_token(&link, "another").unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                CredentialsError::Write(securemesh_fs::WriteError::SymbolicLink(_))
+            ),
+            "{refused}"
+        );
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
     }
 
     #[test]

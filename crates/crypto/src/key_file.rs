@@ -28,11 +28,6 @@ pub enum KeyFileError {
     /// A promotion asked of a file with one key.
     #[error("{0}: one key only, none staged to promote (keygen --stage first)")]
     NothingToPromote(PathBuf),
-    /// The key file to rewrite is a symbolic link: a rewrite replaces the
-    /// file at the path, so the link would become a file of its own and
-    /// whoever reads its target would never see the change.
-    #[error("{0} is a symbolic link: name the key file it points to instead")]
-    SymbolicLink(PathBuf),
     /// Keeping no key at all was asked.
     #[error("at least one key must be kept")]
     KeepNone,
@@ -59,7 +54,7 @@ pub fn generate_key() -> String {
 /// lock of the file's directory, as [`edit_key_file`] does, so that a
 /// forced replacement and an edit under way do not lose one another.
 pub fn write_new_key_file(path: &Path, force: bool) -> Result<(), KeyFileError> {
-    refuse_symbolic_link(path)?;
+    securemesh_fs::refuse_symbolic_link(path)?;
     let _lock = securemesh_fs::lock_dir_of(path)?;
     let line = format!("{}\n", generate_key());
     Ok(securemesh_fs::write_file(
@@ -103,7 +98,7 @@ pub enum KeyFileEdit {
 /// blank line between) travels with that key when keys move or go, and
 /// every other line keeps its place.
 pub fn edit_key_file(path: &Path, edit: KeyFileEdit) -> Result<usize, KeyFileError> {
-    refuse_symbolic_link(path)?;
+    securemesh_fs::refuse_symbolic_link(path)?;
     let _lock = securemesh_fs::lock_dir_of(path)?;
     let text = read_key_file_text(path)?;
     let mut lines = KeyFileLines::parse(&text);
@@ -140,17 +135,6 @@ pub fn edit_key_file(path: &Path, edit: KeyFileEdit) -> Result<usize, KeyFileErr
         true,
     )?;
     Ok(lines.key_slots().len())
-}
-
-/// Refuses to rewrite a key file that is a symbolic link (see
-/// [`KeyFileError::SymbolicLink`]).
-fn refuse_symbolic_link(path: &Path) -> Result<(), KeyFileError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(metadata) if metadata.file_type().is_symlink() => {
-            Err(KeyFileError::SymbolicLink(path.to_path_buf()))
-        }
-        _ => Ok(()),
-    }
 }
 
 /// A key file's lines as an edit sees them.
@@ -430,13 +414,13 @@ mod tests {
         ] {
             let refused = edit_key_file(&link, edit).unwrap_err();
             assert!(
-                matches!(refused, KeyFileError::SymbolicLink(_)),
+                matches!(refused, KeyFileError::Write(WriteError::SymbolicLink(_))),
                 "{refused}"
             );
         }
         let refused = write_new_key_file(&link, true).unwrap_err();
         assert!(
-            matches!(refused, KeyFileError::SymbolicLink(_)),
+            matches!(refused, KeyFileError::Write(WriteError::SymbolicLink(_))),
             "{refused}"
         );
         assert!(std::fs::symlink_metadata(&link)

@@ -21,6 +21,11 @@ pub enum WriteError {
     /// The file exists and the caller did not ask to overwrite it.
     #[error("{0} already exists (use --force to overwrite)")]
     Exists(PathBuf),
+    /// A file to rewrite is a symbolic link: a rewrite replaces the file
+    /// at the path, so the link would become a file of its own and
+    /// whoever reads its target would never see the change.
+    #[error("{0} is a symbolic link: name the file it points to instead")]
+    SymbolicLink(PathBuf),
     /// Creating, writing or setting permissions failed.
     #[error("{path}: {source}")]
     Io {
@@ -72,7 +77,7 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Resul
 }
 
 /// One file of a set written by [`write_files`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct FileToWrite<'a> {
     /// Where it goes.
     pub path: &'a Path,
@@ -82,18 +87,42 @@ pub struct FileToWrite<'a> {
     pub mode: u32,
 }
 
+/// Shows where the file goes, not what it holds (often a private key).
+impl std::fmt::Debug for FileToWrite<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileToWrite")
+            .field("path", &self.path)
+            .field("bytes", &self.contents.len())
+            .field("mode", &format_args!("{:o}", self.mode))
+            .finish()
+    }
+}
+
+/// Refuses, with [`WriteError::SymbolicLink`], to rewrite a file (a key
+/// file, a credentials file) that is a symbolic link.
+pub fn refuse_symbolic_link(path: &Path) -> Result<(), WriteError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_symlink() => {
+            Err(WriteError::SymbolicLink(path.to_path_buf()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Writes a set of files that belong together (a CA and the certificates
 /// it signed, a certificate and its key), each as [`write_file`] does, so
-/// that a failure leaves the set as it was rather than half new.
+/// that a failure leaves the set as it was rather than half new, as far
+/// as the file system allows (see below).
 ///
 /// Every file is written and synced under a temporary name before any is
 /// moved into place; what fails then (a full disk, a directory that cannot
 /// be created) changes nothing. When not forced, a file that appears
 /// meanwhile at one of the paths stops the placing, and the files already
 /// placed are removed again. A directory at one of the paths is refused
-/// before anything is written, forced or not. Only a crash during the
-/// placing itself, a rename or link per file, can leave part of the set
-/// new.
+/// before anything is written, forced or not. What can still leave part
+/// of the set new is a crash during the placing itself (a rename or link
+/// per file) or, when forced, a rename that fails partway (a file that
+/// is a mount point of its own, say): the files placed before it stay.
 pub fn write_files(files: &[FileToWrite<'_>], force: bool) -> Result<(), WriteError> {
     refuse_existing(files.iter().map(|file| file.path), force)?;
     // Not even forced is a directory replaced; refused here, it cannot

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use securemesh_fs::{refuse_existing, write_files, FileToWrite, WriteError, PRIVATE, PUBLIC};
 
-use crate::authority::{Authority, Role};
+use crate::authority::{validate_name, Authority, Role};
 use crate::lifecycle::CRL_FILE;
 
 /// File name of the CA certificate.
@@ -187,20 +187,33 @@ pub fn ca_days(days: u32) -> u32 {
 
 /// Issues one more certificate from the CA in `options.dir`. Returns the
 /// paths written.
+///
+/// A certificate of this CA that a forced issue replaces is kept, with its
+/// key, under `<dir>/retired/` as [`crate::renew`] keeps one: it stays
+/// valid until it expires, and revoking it needs its file.
 pub fn issue(options: &IssueOptions) -> Result<Vec<PathBuf>, PkiError> {
     let targets = leaf_paths(&options.dir, &options.name);
     let _lock = securemesh_fs::lock_dir(&options.dir)?;
     refuse_existing(targets.iter().map(PathBuf::as_path), options.force)?;
-    let authority = Authority::from_pem(
-        &read(&options.dir.join(CA_CERT_FILE))?,
-        &read(&options.dir.join(CA_KEY_FILE))?,
-    )?;
+    // The name is checked before a path made of it is read.
+    validate_name(&options.name)?;
+    let authority = crate::lifecycle::this_ca(&options.dir)?;
     let issued = authority.issue(&options.name, options.role, &options.sans, options.days)?;
     let [cert_path, key_path] = targets;
-    write_all(
+    let mut written = Vec::new();
+    if let Some((current, pem)) = crate::lifecycle::issued_here(&options.dir, &cert_path)? {
+        written.push(crate::lifecycle::retire(
+            &options.dir,
+            &options.name,
+            &current,
+            &pem,
+        )?);
+    }
+    written.extend(write_all(
         vec![(cert_path, issued.cert_pem), (key_path, issued.key_pem)],
         options.force,
-    )
+    )?);
+    Ok(written)
 }
 
 fn leaf_paths(dir: &Path, name: &str) -> [PathBuf; 2] {
@@ -393,6 +406,36 @@ mod tests {
             std::fs::read(dir.path().join("ca_key.pem")).unwrap(),
             before
         );
+    }
+
+    #[test]
+    fn a_forced_issue_keeps_the_certificate_it_replaces_so_it_can_be_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        init_in(dir.path());
+        let old_cert = read(&dir.path().join("client_cert.pem")).unwrap();
+        let old_key = read(&dir.path().join("client_key.pem")).unwrap();
+        let options = IssueOptions {
+            dir: dir.path().to_path_buf(),
+            name: "client".into(),
+            role: Role::Client,
+            sans: vec![],
+            days: 10,
+            force: true,
+        };
+        let written = issue(&options).unwrap();
+        assert_eq!(written.len(), 3, "{written:?}");
+        assert!(written[0].starts_with(dir.path().join("retired")));
+        assert_eq!(read(&written[0]).unwrap(), old_cert);
+        let kept_key = written[0]
+            .to_string_lossy()
+            .replace("_cert.pem", "_key.pem");
+        assert_eq!(read(Path::new(&kept_key)).unwrap(), old_key);
+        assert_ne!(read(&dir.path().join("client_cert.pem")).unwrap(), old_cert);
+        let revoked = crate::revoke(dir.path(), written[0].to_str().unwrap()).unwrap();
+        assert!(revoked.newly_revoked);
+        // A file at the name that this CA did not issue is not kept.
+        std::fs::write(dir.path().join("client_cert.pem"), "not a certificate").unwrap();
+        assert_eq!(issue(&options).unwrap().len(), 2);
     }
 
     #[test]

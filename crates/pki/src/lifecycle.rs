@@ -158,36 +158,7 @@ pub fn renew(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>, PkiError
         ));
     }
     let authority = issuing_authority(dir, &current, &cert_path)?;
-    let serial: String = current
-        .serial
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
-    let retired = dir.join("retired");
-    let archived = retired.join(format!("{name}_{serial}_cert.pem"));
-    securemesh_fs::write_file(
-        &archived,
-        current_pem.as_bytes(),
-        securemesh_fs::PUBLIC,
-        true,
-    )?;
-    // A key that is not there is not kept; one that cannot be read stops
-    // the renewal rather than be written over unkept.
-    match std::fs::read_to_string(&key_path) {
-        Ok(current_key) => securemesh_fs::write_file(
-            &retired.join(format!("{name}_{serial}_key.pem")),
-            current_key.as_bytes(),
-            securemesh_fs::PRIVATE,
-            true,
-        )?,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(PkiError::Read {
-                path: key_path,
-                source,
-            })
-        }
-    }
+    let archived = retire(dir, name, &current, &current_pem)?;
     let issued = authority.issue(name, current.role, &current.host_names, days)?;
     securemesh_fs::write_files(
         &[
@@ -281,7 +252,7 @@ fn show_crl(der: &[u8], path: &Path) -> Result<String, PkiError> {
 }
 
 /// What a certificate says, as far as securemesh cares.
-struct Parsed {
+pub(crate) struct Parsed {
     subject: String,
     issuer: String,
     serial: Vec<u8>,
@@ -310,12 +281,71 @@ fn issuing_authority(dir: &Path, certificate: &Parsed, path: &Path) -> Result<Au
     Ok(authority)
 }
 
-/// The CA of `dir`, with its key.
-fn this_ca(dir: &Path) -> Result<Authority, PkiError> {
-    Authority::from_pem(
-        &read(&dir.join(CA_CERT_FILE))?,
-        &read(&dir.join(CA_KEY_FILE))?,
-    )
+/// The CA of `dir`, with its key (a warning if others may read the key).
+pub(crate) fn this_ca(dir: &Path) -> Result<Authority, PkiError> {
+    let key_path = dir.join(CA_KEY_FILE);
+    let key = read(&key_path)?;
+    securemesh_fs::warn_if_exposed(&key_path, "CA private key");
+    Authority::from_pem(&read(&dir.join(CA_CERT_FILE))?, &key)
+}
+
+/// Keeps `name`'s certificate `current` (its text `pem`), and its key if
+/// there is one, as `<dir>/retired/<name>_<serial>_cert.pem` and
+/// `..._key.pem`, before they are replaced: the certificate stays valid
+/// until it expires or is revoked, and `revoke` needs it to name it.
+/// Returns the archived certificate's path.
+pub(crate) fn retire(
+    dir: &Path,
+    name: &str,
+    current: &Parsed,
+    pem: &str,
+) -> Result<PathBuf, PkiError> {
+    let key_path = dir.join(format!("{name}_key.pem"));
+    let serial: String = current
+        .serial
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    let retired = dir.join("retired");
+    let archived = retired.join(format!("{name}_{serial}_cert.pem"));
+    securemesh_fs::write_file(&archived, pem.as_bytes(), securemesh_fs::PUBLIC, true)?;
+    // A key that is not there is not kept; one that cannot be read stops
+    // the replacement rather than be written over unkept.
+    match std::fs::read_to_string(&key_path) {
+        Ok(current_key) => securemesh_fs::write_file(
+            &retired.join(format!("{name}_{serial}_key.pem")),
+            current_key.as_bytes(),
+            securemesh_fs::PRIVATE,
+            true,
+        )?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(PkiError::Read {
+                path: key_path,
+                source,
+            })
+        }
+    }
+    Ok(archived)
+}
+
+/// The certificate at `path`, if there is one there that this CA issued:
+/// what a forced `issue` replaces, to be kept with [`retire`].
+pub(crate) fn issued_here(dir: &Path, path: &Path) -> Result<Option<(Parsed, String)>, PkiError> {
+    let pem = match std::fs::read_to_string(path) {
+        Ok(pem) => pem,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(PkiError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let Ok(parsed) = parse_certificate(&pem, path) else {
+        return Ok(None);
+    };
+    Ok(this_ca(dir)?.signed(&parsed.der).then_some((parsed, pem)))
 }
 
 fn unreadable(path: &Path, what: &str) -> PkiError {
