@@ -844,6 +844,9 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
         () = stop.next() => anyhow::bail!("interrupted: the lab was stopped, no report written"),
     };
 
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    }
     for line in report::ratios(&results) {
         crate::output::line(line);
     }
