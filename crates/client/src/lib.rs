@@ -63,7 +63,8 @@ pub enum ClientError {
 
 impl ClientError {
     /// A short name for counting failures by kind: the gRPC status name, or
-    /// `DIGEST_MISMATCH` / `UNEXPECTED_RESULT` / `INVALID_TARGET`.
+    /// `DIGEST_MISMATCH` / `UNEXPECTED_RESULT` / `INVALID_TARGET` /
+    /// `NOT_READY`.
     pub fn kind(&self) -> &'static str {
         match self {
             ClientError::Status(status) => code_name(status.code()),
@@ -89,8 +90,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client of `targets` (e.g. `https://127.0.0.1:8000`), connected
-    /// lazily: the first call connects. Each call may take `call_timeout`,
+    /// A client of `targets` (e.g. `https://127.0.0.1:8000`), which it
+    /// health-checks from the start (connecting to each). Each call may take `call_timeout`,
     /// retries included; the time left travels as `grpc-timeout`.
     pub fn new(
         targets: &[String],

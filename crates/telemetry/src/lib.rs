@@ -35,7 +35,7 @@ pub struct Metrics {
     /// TLS handshakes in progress now.
     pub handshakes_in_progress: IntGauge,
     /// Connections closed on arrival, by the `limit` that was reached
-    /// (`connections` or `handshakes`).
+    /// (`connections`, `handshakes`, `identity` or `reserved`).
     pub connections_refused: IntCounterVec,
     /// Tokens a server refused, by `reason`.
     pub token_refusals: IntCounterVec,
@@ -170,7 +170,8 @@ impl Metrics {
                 r,
                 "securemesh_connections_refused_total",
                 "Connections closed on arrival, by the limit reached: connections \
-                 (--max-connections) or handshakes (--max-handshakes).",
+                 (--max-connections), handshakes (--max-handshakes), identity (one \
+                 certificate's share) or reserved (the places held for allowed callers).",
                 &["limit"],
             ),
             token_refusals: counters(

@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 /// Length of one half of the window.
 const HALF: Duration = Duration::from_secs(10);
 /// Latencies are kept in microseconds, up to a minute, to 2 significant
-/// figures (1% error): a few kilobytes per window.
+/// figures (1% error): about 20 KB per half window.
 const MAX_MICROS: u64 = 60_000_000;
 
 /// What happened recently.
@@ -22,9 +22,12 @@ pub struct WindowSnapshot {
     pub failures: u64,
     /// Calls per second over the window.
     pub per_second: f64,
-    /// Median latency in milliseconds (0 without calls).
+    /// Median latency of the successful calls in milliseconds (0 without
+    /// any): a failure that came fast (a refusal) or slow (a timeout) says
+    /// nothing of how fast the backend serves.
     pub p50_ms: f64,
-    /// 99th percentile latency in milliseconds (0 without calls).
+    /// 99th percentile latency of the successful calls in milliseconds (0
+    /// without any).
     pub p99_ms: f64,
 }
 
@@ -45,7 +48,9 @@ struct Halves {
 #[derive(Debug)]
 struct Half {
     started: Instant,
+    /// Of the successful calls.
     latencies: Histogram<u64>,
+    calls: u64,
     failures: u64,
 }
 
@@ -56,6 +61,7 @@ impl Half {
             // The bounds are constants that hdrhistogram accepts.
             latencies: Histogram::new_with_bounds(1, MAX_MICROS, 2)
                 .unwrap_or_else(|_| unreachable!("valid histogram bounds")),
+            calls: 0,
             failures: 0,
         }
     }
@@ -84,8 +90,10 @@ impl Window {
         let micros = u64::try_from(latency.as_micros())
             .unwrap_or(MAX_MICROS)
             .clamp(1, MAX_MICROS);
-        halves.current.latencies.saturating_record(micros);
-        if !ok {
+        halves.current.calls += 1;
+        if ok {
+            halves.current.latencies.saturating_record(micros);
+        } else {
             halves.current.failures += 1;
         }
     }
@@ -99,17 +107,18 @@ impl Window {
         let mut halves = self.lock();
         halves.advance(now);
         let mut latencies = halves.current.latencies.clone();
+        let mut calls = halves.current.calls;
         let mut failures = halves.current.failures;
         let mut since = halves.current.started;
         if let Some(previous) = &halves.previous {
             let _ = latencies.add(&previous.latencies);
+            calls += previous.calls;
             failures += previous.failures;
             since = previous.started;
         }
-        let calls = latencies.len();
         let seconds = now.duration_since(since).as_secs_f64().max(1.0);
         let percentile = |quantile: f64| {
-            if calls == 0 {
+            if latencies.is_empty() {
                 0.0
             } else {
                 latencies.value_at_quantile(quantile) as f64 / 1000.0
@@ -163,12 +172,11 @@ mod tests {
         let window = Window::default();
         let start = window.lock().current.started;
         for index in 0..100u64 {
-            let latency = Duration::from_millis(if index < 99 { 1 } else { 50 });
-            window.record_at(
-                start + Duration::from_millis(index * 10),
-                latency,
-                index % 10 != 0,
-            );
+            // The failures time out: their 30 ms are no latency of the
+            // backend's answers.
+            let ok = index % 10 != 0;
+            let latency = Duration::from_millis(if ok { 1 } else { 30 });
+            window.record_at(start + Duration::from_millis(index * 10), latency, ok);
         }
         let snapshot = window.snapshot_at(start + Duration::from_secs(2));
         assert_eq!(snapshot.calls, 100);
