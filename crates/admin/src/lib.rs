@@ -146,7 +146,8 @@ async fn serve_within(
         .route("/metrics", get(metrics_text))
         .route("/status", get(status_json))
         .route("/", get(status_page))
-        .with_state(Admin { status });
+        .with_state(Admin { status })
+        .layer(axum::middleware::map_response(with_safety_headers));
     let for_loopback_peers = app
         .clone()
         .layer(axum::middleware::from_fn(only_loopback_hosts));
@@ -334,6 +335,26 @@ fn is_loopback_host(host: &str) -> bool {
     }
 }
 
+/// Headers on every answer: not to be cached (its numbers are of the
+/// moment, and a shared cache would keep them for others), its content
+/// type taken as given, and, for the page, nothing to load or run beyond
+/// its own inline style (it has no script) and no framing by other sites.
+async fn with_safety_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        headers.insert(name, header::HeaderValue::from_static(value));
+    }
+    response
+}
+
 async fn metrics_text() -> Response {
     match securemesh_telemetry::metrics().try_render() {
         Ok(text) => (
@@ -425,12 +446,38 @@ mod tests {
 
     /// The status line of the answer to `GET /status` with `host`.
     async fn status_line(address: SocketAddr, host: &str) -> String {
+        let answer = answer_to(address, "/status", host).await;
+        answer.lines().next().unwrap_or_default().to_owned()
+    }
+
+    /// The whole answer to `GET path` with `host`.
+    async fn answer_to(address: SocketAddr, path: &str, host: &str) -> String {
         let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-        let request = format!("GET /status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut answer = String::new();
         stream.read_to_string(&mut answer).await.unwrap();
-        answer.lines().next().unwrap_or_default().to_owned()
+        answer
+    }
+
+    #[tokio::test]
+    async fn answers_are_not_cached_sniffed_framed_or_given_scripts() {
+        let address = admin(8).await;
+        for path in ["/", "/status", "/metrics"] {
+            let answer = answer_to(address, path, "localhost")
+                .await
+                .to_ascii_lowercase();
+            let (head, _) = answer.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with("http/1.1 200 ok"), "{path}: {head}");
+            for expected in [
+                "cache-control: no-store",
+                "x-content-type-options: nosniff",
+                "content-security-policy: default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+                "referrer-policy: no-referrer",
+            ] {
+                assert!(head.contains(expected), "{path}: {expected} missing in {head}");
+            }
+        }
     }
 
     #[test]
