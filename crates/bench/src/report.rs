@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use crate::lab::Route;
 use crate::{Fault, Results};
+use securemesh_client::load::LoadSummary;
 
 /// One target, checked.
 #[derive(Debug, Clone)]
@@ -294,6 +295,20 @@ fn one_connection_loops(results: &Results) -> String {
     }
 }
 
+/// The failed calls of `summary`, and by which status when there are any
+/// (`3 (DEADLINE_EXCEEDED 1, UNAVAILABLE 2)`).
+fn failed_by_kind(summary: &LoadSummary) -> String {
+    if summary.failed == 0 {
+        return "0".to_owned();
+    }
+    let kinds: Vec<String> = summary
+        .errors
+        .iter()
+        .map(|(kind, count)| format!("{kind} {count}"))
+        .collect();
+    format!("{} ({})", summary.failed, kinds.join(", "))
+}
+
 /// `BENCHMARKS.md`.
 pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -> String {
     let mut md = String::new();
@@ -405,7 +420,10 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
         md,
         "Calls start on a fixed schedule at half of each route's best closed-loop \
          throughput; each latency counts from when its call was due, so a stall shows \
-         as the many late calls it causes (corrected for coordinated omission).\n"
+         as the many late calls it causes (corrected for coordinated omission). The \
+         schedule wakes up to a timer tick (1 ms) early rather than late, and a call \
+         sent before it was due counts from when it was sent. At most 1,024 calls are \
+         in flight; failed calls are listed by status.\n"
     );
     let _ = writeln!(
         md,
@@ -424,7 +442,7 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
             s.p99_ms,
             s.p999_ms,
             s.max_ms,
-            s.failed
+            failed_by_kind(s)
         );
     }
 
@@ -565,4 +583,21 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
         env!("CARGO_PKG_VERSION"),
     );
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_calls_are_listed_by_status() {
+        let mut summary = LoadSummary::default();
+        assert_eq!(failed_by_kind(&summary), "0");
+        summary.failed = 3;
+        summary.errors = [("UNAVAILABLE".into(), 2), ("DEADLINE_EXCEEDED".into(), 1)].into();
+        assert_eq!(
+            failed_by_kind(&summary),
+            "3 (DEADLINE_EXCEEDED 1, UNAVAILABLE 2)"
+        );
+    }
 }
