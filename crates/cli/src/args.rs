@@ -831,10 +831,11 @@ pub struct ClientArgs {
     /// Load mode: stop after this long (e.g. 10s).
     #[arg(long, value_parser = positive_duration)]
     pub duration: Option<Duration>,
-    /// Load mode: submissions in flight at once (with --rate: the most
-    /// allowed in flight).
-    #[arg(long, requires = "load", default_value_t = 8, value_parser = count_up_to::<MOST_CONCURRENCY>)]
-    pub concurrency: usize,
+    /// Load mode: submissions in flight at once [default: 8]; with
+    /// --rate, the most allowed in flight [default: 1024], beyond which
+    /// the schedule waits (and the wait counts in the latencies).
+    #[arg(long, requires = "load", value_parser = count_up_to::<MOST_CONCURRENCY>)]
+    pub concurrency: Option<usize>,
     /// Load mode: spread the submissions over this many connections (one
     /// client, HTTP/2 connection and balancer each), as ghz does.
     #[arg(long, requires = "load", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
@@ -855,6 +856,18 @@ pub struct ClientArgs {
     pub json: bool,
     #[command(flatten)]
     pub tls: TlsArgs,
+}
+
+impl ClientArgs {
+    /// Submissions in flight at once in load mode: as given, or 8 for a
+    /// closed loop and 1024 for an open one (`--rate`). An open loop
+    /// capped low would measure its own cap: at 8 in flight, a route
+    /// answering in 2 ms could not be asked for more than 4,000 calls a
+    /// second.
+    pub fn load_concurrency(&self) -> usize {
+        self.concurrency
+            .unwrap_or(if self.rate.is_some() { 1024 } else { 8 })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -1185,6 +1198,26 @@ mod tests {
         ] {
             assert!(parse(accepted).is_ok(), "{accepted:?}");
         }
+    }
+
+    #[test]
+    fn an_open_loop_is_not_capped_at_a_closed_loops_concurrency() {
+        let concurrency = |args: &[&str]| {
+            let Ok(Cli {
+                command: Command::Client(client),
+                ..
+            }) = Cli::try_parse_from(["securemesh", "client"].iter().chain(args))
+            else {
+                panic!("{args:?} not parsed");
+            };
+            client.load_concurrency()
+        };
+        assert_eq!(concurrency(&["--requests", "5"]), 8);
+        assert_eq!(concurrency(&["--duration", "1s", "--rate", "100"]), 1024);
+        assert_eq!(
+            concurrency(&["--duration", "1s", "--rate", "100", "--concurrency", "3"]),
+            3
+        );
     }
 
     #[test]

@@ -509,6 +509,7 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let client = &clients[0];
+    let concurrency = args.load_concurrency();
     let message = args
         .message
         .unwrap_or_else(|| format!("Sensitive data from {}", args.name));
@@ -551,7 +552,7 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
 
     let options = LoadOptions {
         requests,
-        concurrency: args.concurrency,
+        concurrency,
         duration: args.duration,
         rate: args.rate,
         timeline: args.timeline,

@@ -511,6 +511,25 @@ fn separate_processes_serve_fail_over_and_stop_cleanly() {
         .sum();
     assert_eq!(answered_per_bucket, 200, "{summary}");
 
+    // An open loop: calls on a schedule over two connections, each one
+    // due before the end sent and answered (no cap of 8 in flight).
+    let open = mesh.client(&[
+        "--duration",
+        "1s",
+        "--rate",
+        "200",
+        "--connections",
+        "2",
+        "--json",
+    ]);
+    assert!(open.status.success(), "{}", text(&open));
+    let summary: serde_json::Value = serde_json::from_slice(&open.stdout).unwrap();
+    assert_eq!(
+        (&summary["ok"], &summary["failed"]),
+        (&200.into(), &0.into()),
+        "{summary}"
+    );
+
     let server_logs = format!(
         "{}{}",
         mesh.log(&format!("server-{port1}")),
