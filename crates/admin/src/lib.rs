@@ -148,9 +148,11 @@ async fn serve_within(
         .route("/", get(status_page))
         .with_state(Admin { status })
         .layer(axum::middleware::map_response(with_safety_headers));
+    // The headers go on a misdirected answer too (outermost).
     let for_loopback_peers = app
         .clone()
-        .layer(axum::middleware::from_fn(only_loopback_hosts));
+        .layer(axum::middleware::from_fn(only_loopback_hosts))
+        .layer(axum::middleware::map_response(with_safety_headers));
     let permits = Arc::new(Semaphore::new(limits.most_connections));
     let per_peer: PlacesByKey<IpAddr> = PlacesByKey::default();
     let (closing, closed) = watch::channel(false);
@@ -463,12 +465,19 @@ mod tests {
     #[tokio::test]
     async fn answers_are_not_cached_sniffed_framed_or_given_scripts() {
         let address = admin(8).await;
-        for path in ["/", "/status", "/metrics"] {
-            let answer = answer_to(address, path, "localhost")
-                .await
-                .to_ascii_lowercase();
+        for (path, host, status) in [
+            ("/", "localhost", "200 ok"),
+            ("/status", "localhost", "200 ok"),
+            ("/metrics", "localhost", "200 ok"),
+            ("/nowhere", "localhost", "404 not found"),
+            ("/", "attacker.example", "421 misdirected request"),
+        ] {
+            let answer = answer_to(address, path, host).await.to_ascii_lowercase();
             let (head, _) = answer.split_once("\r\n\r\n").unwrap();
-            assert!(head.starts_with("http/1.1 200 ok"), "{path}: {head}");
+            assert!(
+                head.starts_with(&format!("http/1.1 {status}")),
+                "{path}: {head}"
+            );
             for expected in [
                 "cache-control: no-store",
                 "x-content-type-options: nosniff",

@@ -511,8 +511,8 @@ fn separate_processes_serve_fail_over_and_stop_cleanly() {
         .sum();
     assert_eq!(answered_per_bucket, 200, "{summary}");
 
-    // An open loop: calls on a schedule over two connections, each one
-    // due before the end sent and answered (no cap of 8 in flight).
+    // An open loop end to end: calls on a schedule over two
+    // connections, each one due before the end sent and answered.
     let open = mesh.client(&[
         "--duration",
         "1s",

@@ -258,7 +258,8 @@ impl Tally {
 /// One answered submission.
 struct Sample {
     outcome: Result<SubmitReply, ClientError>,
-    /// From when it was due to when it was answered.
+    /// From when it was due (or sent, if sent before: see the module's
+    /// docs) to when it was answered.
     latency: Duration,
     /// Its timeline bucket, if there is a timeline.
     bucket: Option<usize>,
@@ -287,8 +288,8 @@ impl Run {
     }
 
     /// Sends submission `sequence` on its client; its latency counts from
-    /// `due`.
-    async fn submit(&self, sequence: usize, due: Instant) -> Sample {
+    /// `counted_from` (when it was due, or sent if that was earlier).
+    async fn submit(&self, sequence: usize, counted_from: Instant) -> Sample {
         let client = &self.clients[sequence % self.clients.len()];
         let payload = format!("{} #{sequence}", self.options.message);
         let request_id = securemesh::request_id::new();
@@ -297,7 +298,7 @@ impl Run {
         self.bar.inc(1);
         Sample {
             outcome,
-            latency: answered.saturating_duration_since(due),
+            latency: answered.saturating_duration_since(counted_from),
             bucket: self.bucket(answered),
             request_id,
         }

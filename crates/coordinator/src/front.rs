@@ -190,12 +190,12 @@ fn report_panic(ended: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// A task that ends with its owner: aborted when dropped.
 /// A `Submit` that has not reached the relay, which counts and audits the
 /// calls it takes: one that ends before is counted and audited here, with
 /// the status its caller got, or as `CANCELLED` when it is dropped (its
 /// caller reset it while it was authorized).
 struct Unrelayed {
+    arrived: tokio::time::Instant,
     request_id: Option<HeaderValue>,
     peer: Option<Arc<str>>,
     ended: bool,
@@ -216,6 +216,7 @@ impl Unrelayed {
             &request_id,
             self.peer.as_deref().unwrap_or("unknown"),
             status,
+            self.arrived.elapsed(),
         );
     }
 }
@@ -226,6 +227,7 @@ impl Drop for Unrelayed {
     }
 }
 
+/// A task that ends with its owner: aborted when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -466,6 +468,7 @@ impl Front {
         // Until the relay takes over its accounting, a call that ends here
         // is counted and audited by this.
         let mut unrelayed = Unrelayed {
+            arrived,
             request_id: parts.headers.get(securemesh::request_id::HEADER).cloned(),
             peer: peer.identity().cloned(),
             ended: false,

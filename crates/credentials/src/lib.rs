@@ -782,6 +782,26 @@ mod tests {
                 "not argon2",
                 "user bob $pbkdf2-sha256$i=1000$c2FsdA$aGFzaA".to_owned(),
             ),
+            (
+                "too many passes",
+                greedy.replace("m=66560,t=1,", "m=19456,t=17,"),
+            ),
+            (
+                "too many lanes",
+                greedy.replace("m=66560,t=1,p=1", "m=19456,t=1,p=9"),
+            ),
+            (
+                "a token not sha256",
+                format!("token bot md5:{}", "ab".repeat(16)),
+            ),
+            (
+                "a token not hex",
+                format!("token bot sha256:{}", "zz".repeat(32)),
+            ),
+            (
+                "a token too short",
+                format!("token bot sha256:{}", "ab".repeat(31)),
+            ),
         ] {
             std::fs::write(&path, format!("{good}{line}\n")).unwrap();
             let refused = Credentials::from_file(&path).unwrap_err();

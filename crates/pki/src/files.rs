@@ -192,16 +192,16 @@ pub fn ca_days(days: u32) -> u32 {
 /// key, under `<dir>/retired/` as [`crate::renew`] keeps one: it stays
 /// valid until it expires, and revoking it needs its file.
 pub fn issue(options: &IssueOptions) -> Result<Vec<PathBuf>, PkiError> {
+    // The name is checked before a path made of it is looked at.
+    validate_name(&options.name)?;
     let targets = leaf_paths(&options.dir, &options.name);
     let _lock = securemesh_fs::lock_dir(&options.dir)?;
     refuse_existing(targets.iter().map(PathBuf::as_path), options.force)?;
-    // The name is checked before a path made of it is read.
-    validate_name(&options.name)?;
     let authority = crate::lifecycle::this_ca(&options.dir)?;
     let issued = authority.issue(&options.name, options.role, &options.sans, options.days)?;
     let [cert_path, key_path] = targets;
     let mut written = Vec::new();
-    if let Some((current, pem)) = crate::lifecycle::issued_here(&options.dir, &cert_path)? {
+    if let Some((current, pem)) = crate::lifecycle::issued_by(&authority, &cert_path)? {
         written.push(crate::lifecycle::retire(
             &options.dir,
             &options.name,

@@ -329,9 +329,12 @@ pub(crate) fn retire(
     Ok(archived)
 }
 
-/// The certificate at `path`, if there is one there that this CA issued:
-/// what a forced `issue` replaces, to be kept with [`retire`].
-pub(crate) fn issued_here(dir: &Path, path: &Path) -> Result<Option<(Parsed, String)>, PkiError> {
+/// The certificate at `path`, if there is one there that `authority`
+/// issued: what a forced `issue` replaces, to be kept with [`retire`].
+pub(crate) fn issued_by(
+    authority: &Authority,
+    path: &Path,
+) -> Result<Option<(Parsed, String)>, PkiError> {
     let pem = match std::fs::read_to_string(path) {
         Ok(pem) => pem,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -345,7 +348,7 @@ pub(crate) fn issued_here(dir: &Path, path: &Path) -> Result<Option<(Parsed, Str
     let Ok(parsed) = parse_certificate(&pem, path) else {
         return Ok(None);
     };
-    Ok(this_ca(dir)?.signed(&parsed.der).then_some((parsed, pem)))
+    Ok(authority.signed(&parsed.der).then_some((parsed, pem)))
 }
 
 fn unreadable(path: &Path, what: &str) -> PkiError {
@@ -684,6 +687,21 @@ mod tests {
             force: true,
         });
         assert!(forced.is_err());
+        assert_eq!(read(&dir.path().join(CA_KEY_FILE)).unwrap(), ca_key);
+        // Nor by its path, nor copied under a leaf's name.
+        let ca_path = dir.path().join(CA_CERT_FILE);
+        let refused = revoke(dir.path(), ca_path.to_str().unwrap()).unwrap_err();
+        assert!(
+            refused.to_string().contains("is a CA certificate"),
+            "{refused}"
+        );
+        std::fs::copy(&ca_path, dir.path().join("copied_cert.pem")).unwrap();
+        let refused = renew(dir.path(), "copied", 30).unwrap_err();
+        assert!(
+            refused.to_string().contains("is a CA certificate"),
+            "{refused}"
+        );
+        assert!(!dir.path().join(CRL_FILE).exists());
         assert_eq!(read(&dir.path().join(CA_KEY_FILE)).unwrap(), ca_key);
     }
 

@@ -384,14 +384,17 @@ async fn accept_loop(
 /// the system running short (descriptors, memory), which is worth a pause.
 fn of_one_connection(error: &std::io::Error) -> bool {
     use std::io::ErrorKind;
-    const EPROTO: i32 = 71;
+    // What Linux's accept(2) says to retry at once, as for EAGAIN:
+    // EPROTO, ENONET, ENOPROTOOPT, EOPNOTSUPP, ENETDOWN, ENETUNREACH,
+    // EHOSTDOWN, EHOSTUNREACH.
+    const RETRY_AT_ONCE: [i32; 8] = [71, 64, 92, 95, 100, 101, 112, 113];
     matches!(
         error.kind(),
-        ErrorKind::ConnectionAborted
-            | ErrorKind::ConnectionReset
-            | ErrorKind::ConnectionRefused
-            | ErrorKind::PermissionDenied
-    ) || (cfg!(target_os = "linux") && error.raw_os_error() == Some(EPROTO))
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::PermissionDenied
+    ) || (cfg!(target_os = "linux")
+        && error
+            .raw_os_error()
+            .is_some_and(|errno| RETRY_AT_ONCE.contains(&errno)))
 }
 
 async fn handshake(
@@ -720,6 +723,15 @@ mod tests {
                 !of_one_connection(&Error::from_raw_os_error(errno)),
                 "{errno}"
             );
+        }
+        // ENETUNREACH, EPROTO: of one connection, on Linux.
+        if cfg!(target_os = "linux") {
+            for errno in [101, 71] {
+                assert!(
+                    of_one_connection(&Error::from_raw_os_error(errno)),
+                    "{errno}"
+                );
+            }
         }
     }
 }

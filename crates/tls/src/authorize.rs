@@ -346,13 +346,20 @@ fn audit_refusal(request: &Request<()>, peer: &str, status: &'static str) {
         &securemesh::request_id::of(request.metadata()),
         peer,
         status,
+        std::time::Duration::ZERO,
     );
 }
 
 /// Counts a `Submit` that ended before it reached the service (refused,
 /// or given up while its caller was authorized), with the status its
-/// caller got, and writes its audit line, so that every call has both.
-pub fn audit_unserved_call(request_id: &str, peer: &str, status: &'static str) {
+/// caller got, and writes its audit line with how long it took, so that
+/// every call has both.
+pub fn audit_unserved_call(
+    request_id: &str,
+    peer: &str,
+    status: &'static str,
+    latency: std::time::Duration,
+) {
     securemesh_telemetry::metrics()
         .requests
         .with_label_values(&[securemesh::v1::SUBMIT_METHOD, status])
@@ -362,7 +369,7 @@ pub fn audit_unserved_call(request_id: &str, peer: &str, status: &'static str) {
         caller = %securemesh::text::field(peer),
         method = securemesh::v1::SUBMIT_METHOD,
         status,
-        latency_ms = 0.0,
+        latency_ms = latency.as_micros() as f64 / 1000.0,
         bytes = 0,
         "audit"
     );
