@@ -216,7 +216,8 @@ pub fn issue(options: &IssueOptions) -> Result<Vec<PathBuf>, PkiError> {
     Ok(written)
 }
 
-fn leaf_paths(dir: &Path, name: &str) -> [PathBuf; 2] {
+/// `<dir>/<name>_cert.pem` and `<dir>/<name>_key.pem`.
+pub(crate) fn leaf_paths(dir: &Path, name: &str) -> [PathBuf; 2] {
     [
         dir.join(format!("{name}_cert.pem")),
         dir.join(format!("{name}_key.pem")),
@@ -232,7 +233,10 @@ pub(crate) fn read(path: &Path) -> Result<String, PkiError> {
 
 /// Writes `files` as one set (see [`write_files`]), keys private and the
 /// rest public, and returns their paths.
-fn write_all(files: Vec<(PathBuf, String)>, force: bool) -> Result<Vec<PathBuf>, PkiError> {
+pub(crate) fn write_all(
+    files: Vec<(PathBuf, String)>,
+    force: bool,
+) -> Result<Vec<PathBuf>, PkiError> {
     let set: Vec<FileToWrite<'_>> = files
         .iter()
         .map(|(path, contents)| {

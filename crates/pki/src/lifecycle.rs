@@ -12,7 +12,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
 use crate::authority::{validate_name, Authority, Role};
-use crate::files::{read, CA_CERT_FILE, CA_KEY_FILE};
+use crate::files::{leaf_paths, read, write_all, CA_CERT_FILE, CA_KEY_FILE};
 use crate::PkiError;
 
 /// File name of the CA's certificate revocation list.
@@ -147,8 +147,7 @@ pub fn renew(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>, PkiError
     }
     validate_name(name)?;
     let _lock = securemesh_fs::lock_dir(dir)?;
-    let cert_path = dir.join(format!("{name}_cert.pem"));
-    let key_path = dir.join(format!("{name}_key.pem"));
+    let [cert_path, key_path] = leaf_paths(dir, name);
     let current_pem = read(&cert_path)?;
     let current = parse_certificate(&current_pem, &cert_path)?;
     if current.is_ca {
@@ -160,18 +159,10 @@ pub fn renew(dir: &Path, name: &str, days: u32) -> Result<Vec<PathBuf>, PkiError
     let authority = issuing_authority(dir, &current, &cert_path)?;
     let archived = retire(dir, name, &current, &current_pem)?;
     let issued = authority.issue(name, current.role, &current.host_names, days)?;
-    securemesh_fs::write_files(
-        &[
-            securemesh_fs::FileToWrite {
-                path: &key_path,
-                contents: issued.key_pem.as_bytes(),
-                mode: securemesh_fs::PRIVATE,
-            },
-            securemesh_fs::FileToWrite {
-                path: &cert_path,
-                contents: issued.cert_pem.as_bytes(),
-                mode: securemesh_fs::PUBLIC,
-            },
+    write_all(
+        vec![
+            (key_path.clone(), issued.key_pem),
+            (cert_path.clone(), issued.cert_pem),
         ],
         true,
     )?;
@@ -300,7 +291,7 @@ pub(crate) fn retire(
     current: &Parsed,
     pem: &str,
 ) -> Result<PathBuf, PkiError> {
-    let key_path = dir.join(format!("{name}_key.pem"));
+    let [_, key_path] = leaf_paths(dir, name);
     let serial: String = current
         .serial
         .iter()
@@ -308,16 +299,14 @@ pub(crate) fn retire(
         .collect();
     let retired = dir.join("retired");
     let archived = retired.join(format!("{name}_{serial}_cert.pem"));
-    securemesh_fs::write_file(&archived, pem.as_bytes(), securemesh_fs::PUBLIC, true)?;
+    let mut kept = vec![(archived.clone(), pem.to_owned())];
     // A key that is not there is not kept; one that cannot be read stops
     // the replacement rather than be written over unkept.
     match std::fs::read_to_string(&key_path) {
-        Ok(current_key) => securemesh_fs::write_file(
-            &retired.join(format!("{name}_{serial}_key.pem")),
-            current_key.as_bytes(),
-            securemesh_fs::PRIVATE,
-            true,
-        )?,
+        Ok(current_key) => kept.push((
+            retired.join(format!("{name}_{serial}_key.pem")),
+            current_key,
+        )),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => {
             return Err(PkiError::Read {
@@ -326,6 +315,7 @@ pub(crate) fn retire(
             })
         }
     }
+    write_all(kept, true)?;
     Ok(archived)
 }
 
