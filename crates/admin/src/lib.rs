@@ -142,17 +142,18 @@ async fn serve_within(
     shutdown: impl Future<Output = ()> + Send + 'static,
     limits: Limits,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    let routes = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/status", get(status_json))
         .route("/", get(status_page))
-        .with_state(Admin { status })
-        .layer(axum::middleware::map_response(with_safety_headers));
-    // The headers go on a misdirected answer too (outermost).
-    let for_loopback_peers = app
+        .with_state(Admin { status });
+    let safety_headers = axum::middleware::map_response(with_safety_headers);
+    // Outermost, so that a misdirected answer carries them too.
+    let for_loopback_peers = routes
         .clone()
         .layer(axum::middleware::from_fn(only_loopback_hosts))
-        .layer(axum::middleware::map_response(with_safety_headers));
+        .layer(safety_headers.clone());
+    let app = routes.layer(safety_headers);
     let permits = Arc::new(Semaphore::new(limits.most_connections));
     let per_peer: PlacesByKey<IpAddr> = PlacesByKey::default();
     let (closing, closed) = watch::channel(false);
