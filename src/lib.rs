@@ -69,11 +69,13 @@ pub mod request_id {
 
     /// The request id of `metadata`, or a new one.
     pub fn of(metadata: &tonic::metadata::MetadataMap) -> String {
-        metadata
-            .get(HEADER)
-            .and_then(|value| value.to_str().ok())
-            .and_then(accept)
-            .map_or_else(new, str::to_owned)
+        given_or_new(metadata.get(HEADER).and_then(|value| value.to_str().ok()))
+    }
+
+    /// The request id a caller gave (`value` of its header), if it is
+    /// one we accept, or a new one.
+    pub fn given_or_new(value: Option<&str>) -> String {
+        value.and_then(accept).map_or_else(new, str::to_owned)
     }
 }
 

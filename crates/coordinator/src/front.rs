@@ -206,12 +206,11 @@ impl Unrelayed {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
-        let request_id = self
-            .request_id
-            .as_ref()
-            .and_then(|value| value.to_str().ok())
-            .and_then(securemesh::request_id::accept)
-            .map_or_else(securemesh::request_id::new, str::to_owned);
+        let request_id = securemesh::request_id::given_or_new(
+            self.request_id
+                .as_ref()
+                .and_then(|value| value.to_str().ok()),
+        );
         securemesh_tls::audit_unserved_call(
             &request_id,
             self.peer.as_deref().unwrap_or("unknown"),
