@@ -430,6 +430,19 @@ impl Mesh {
     }
 }
 
+impl Mesh {
+    /// Stops every server and the coordinator with SIGTERM and waits for
+    /// each to exit cleanly, so that their logs are complete.
+    fn stop(&mut self) {
+        if let Some(coordinator) = &mut self.coordinator {
+            assert!(common::terminate(coordinator).success());
+        }
+        for (_, server) in &mut self.servers {
+            assert!(common::terminate(server).success());
+        }
+    }
+}
+
 impl Drop for Mesh {
     fn drop(&mut self) {
         for (_, child) in &mut self.servers {
@@ -547,8 +560,10 @@ fn separate_processes_serve_fail_over_and_stop_cleanly() {
         ),
         "{server_logs}"
     );
-    let coordinator_log = mesh.log("coordinator");
-    assert!(coordinator_log.contains("caller=spiffe://securemesh/client/client2"));
+    mesh.until_logged(
+        "coordinator",
+        &["caller=spiffe://securemesh/client/client2"],
+    );
 
     // Kill server 1: clients notice nothing, the coordinator says so.
     let (_, mut first) = mesh.servers.remove(0);
@@ -563,10 +578,9 @@ fn separate_processes_serve_fail_over_and_stop_cleanly() {
         50,
         "{summary}"
     );
-    let coordinator_log = mesh.log("coordinator");
-    assert!(
-        coordinator_log.contains(&format!("Server https://127.0.0.1:{port1} failed: ")),
-        "{coordinator_log}"
+    mesh.until_logged(
+        "coordinator",
+        &[&format!("Server https://127.0.0.1:{port1} failed: ")],
     );
 
     // SIGTERM: graceful stops, exit status 0.
@@ -644,11 +658,10 @@ fn grpcurl_with_client_certificates_lists_and_calls() {
         "{}",
         text(&anonymous)
     );
-    let coordinator_log = mesh.log("coordinator");
-    assert!(
-        coordinator_log.contains("TLS handshake refused")
-            && coordinator_log.contains("peer sent no certificates"),
-        "{coordinator_log}"
+    // grpcurl may exit before the coordinator's log line is written.
+    mesh.until_logged(
+        "coordinator",
+        &["TLS handshake refused", "peer sent no certificates"],
     );
 }
 
@@ -1130,11 +1143,7 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
     mesh.reload("coordinator", coordinator);
     let refused = mesh.client(&["--name", "Client1", "--timeout", "3s"]);
     assert!(!refused.status.success(), "{}", text(&refused));
-    let coordinator_log = mesh.log("coordinator");
-    assert!(
-        common::has_line_with(&coordinator_log, &["Server https://127.0.0.1:", "Revoked"]),
-        "{coordinator_log}"
-    );
+    mesh.until_logged("coordinator", &["Server https://127.0.0.1:", "Revoked"]);
     let renewed = securemesh(&["pki", "renew", "server"], work);
     assert!(renewed.status.success(), "{}", text(&renewed));
     for (port, server) in &mesh.servers {
@@ -1155,7 +1164,7 @@ fn revocation_renewal_and_key_rotation_take_effect_on_sighup() {
 
 #[test]
 fn logs_never_show_keys_tokens_or_refused_plaintext() {
-    let mesh = Mesh::start();
+    let mut mesh = Mesh::start();
     let work = mesh.work.path();
     let ok = mesh.client(&["--message", "an accepted payload"]);
     assert!(ok.status.success(), "{}", text(&ok));
@@ -1200,6 +1209,8 @@ fn logs_never_show_keys_tokens_or_refused_plaintext() {
     );
 
     let key = std::fs::read_to_string(mesh.certs().join("encryption_key.txt")).unwrap();
+    // Stopped, every process has written all it logged.
+    mesh.stop();
     let mut logs = mesh.log("coordinator");
     for (port, _) in &mesh.servers {
         logs.push_str(&mesh.log(&format!("server-{port}")));
@@ -1389,8 +1400,6 @@ fn credentials_on_top_of_mtls_from_the_command_line() {
     let accepted = call(&["--token", &later]);
     assert!(accepted.status.success(), "{}", text(&accepted));
 
-    let log = mesh.log("guarded");
-
     // A server with credentials, called directly by an allowed client.
     let server_port = free_port();
     let server = mesh.spawn(
@@ -1438,12 +1447,15 @@ fn credentials_on_top_of_mtls_from_the_command_line() {
     let through = format!("https://127.0.0.1:{front_port}");
     let relayed = securemesh(&["client", "--target", &through], work);
     assert!(relayed.status.success(), "{}", text(&relayed));
+    // Stopped, not killed: a killed process may not have written its
+    // last lines, and a check for what is absent would pass on them.
     let mut front = front;
-    let _ = front.kill();
-    let _ = front.wait();
+    assert!(common::terminate(&mut front).success());
     let mut server = server;
-    let _ = server.kill();
-    let _ = server.wait();
+    assert!(common::terminate(&mut server).success());
+    let mut guarded = guarded;
+    assert!(common::terminate(&mut guarded).success());
+    let log = mesh.log("guarded");
     // Neither the password nor the token, as typed or as sent (Basic
     // sends base64 of user:password), in the coordinator's log or the
     // server's.
@@ -1453,9 +1465,6 @@ fn credentials_on_top_of_mtls_from_the_command_line() {
     for secret in ["correct horse", "wrong horse", &token, &later, &basic] {
         assert!(!logs.contains(secret), "the logs show {secret:?}:\n{logs}");
     }
-    let mut guarded = guarded;
-    let _ = guarded.kill();
-    let _ = guarded.wait();
 }
 
 /// The JSON log lines of `path` that are audit lines for `request_id`.

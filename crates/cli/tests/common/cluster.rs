@@ -55,8 +55,7 @@ impl Node {
     /// SIGTERM, and the exit status once drained.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        super::signal(&child, Signal::SIGTERM);
-        super::wait_exit(&mut child)
+        super::terminate(&mut child)
     }
 }
 

@@ -82,6 +82,13 @@ pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
 }
 
+/// SIGTERM, and the exit status once `child` has drained. Its log is
+/// complete then: the log writer flushes at exit, not after a kill.
+pub fn terminate(child: &mut Child) -> ExitStatus {
+    signal(child, nix::sys::signal::Signal::SIGTERM);
+    wait_exit(child)
+}
+
 /// Waits at most 15 s for `child` to exit.
 pub fn wait_exit(child: &mut Child) -> ExitStatus {
     let started = Instant::now();
