@@ -241,12 +241,14 @@ async fn case_2_a_server_stopped_with_sigterm_leaves_at_once() {
         assert!(status.success(), "the server exited with {status}");
         *exited_at.lock().unwrap() = Some(Instant::now());
         // The server deregistered before draining: by the time it has
-        // exited, the coordinator has already dropped it.
+        // exited, the coordinator has already dropped it (the calls'
+        // report below shows none failed); its log line may come a
+        // little later on a loaded machine.
         until_logged(
             cluster_ref,
             "coordinator-1",
             &["backend deregistered from etcd", &stopped_url],
-            Duration::from_millis(200),
+            Duration::from_secs(3),
         )
         .await;
         progress.reached(REQUESTS / 2).await;
@@ -387,7 +389,7 @@ async fn case_5_two_coordinators_on_one_prefix_converge() {
             &cluster,
             coordinator,
             &["backend deregistered from etcd", &stopped_url],
-            Duration::from_millis(500),
+            Duration::from_secs(3),
         )
         .await;
     }
@@ -1048,7 +1050,14 @@ async fn case_16_a_member_that_hangs_under_a_registration_is_left_in_time() {
     .await;
     // The old lease's time: it has expired by now.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let server = cluster.log("server-1");
+    let server = until_counted(
+        &cluster,
+        "server-1",
+        "registered in etcd key=",
+        2,
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(
         server.matches("registered in etcd key=").count(),
         2,

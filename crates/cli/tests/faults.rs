@@ -23,10 +23,11 @@ use securemesh_client::BalanceOptions;
 /// The coordinator's per-try timeout (its default).
 const PER_TRY: Duration = Duration::from_secs(1);
 /// How long a call may take when one server hangs: the coordinator hedges
-/// after 50 ms (its default), so the slowest call stays far below the
-/// per-try timeout it would otherwise wait for; the rest is slack for a
-/// busy test machine.
-const HUNG_SERVER_SLOWEST: Duration = Duration::from_millis(500);
+/// after 50 ms (its default), so the slowest call stays below the per-try
+/// timeout it would otherwise wait for; the rest is slack for a busy test
+/// machine (the slowest of thousands of calls is a tail that load alone
+/// stretches).
+const HUNG_SERVER_SLOWEST: Duration = Duration::from_millis(900);
 const REQUESTS: usize = 2_000;
 
 /// One case at a time.
@@ -93,14 +94,29 @@ async fn case_3_a_rolling_restart_costs_nothing() {
     let mut cluster = Cluster::start(2, 1).await;
     let client = cluster.client(&cluster.coordinator_urls());
     let cluster_ref = &mut cluster;
+    let client_ref = &client;
     let report = under_load(&client, REQUESTS, |progress| async move {
         progress.reached(REQUESTS / 4).await;
         for index in 0..2 {
             let status = cluster_ref.servers[index].terminate();
             assert!(status.success(), "server {index} exited with {status}");
             cluster_ref.start_server(index).await;
-            // Let the coordinator's health checks see it back.
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            // Before the next one stops, the coordinator's health checks
+            // must have taken this one back: it answers again.
+            let restarted = cluster_ref.servers[index].id();
+            let started = Instant::now();
+            loop {
+                if let Ok(reply) = client_ref.submit(b"who answers?").await {
+                    if reply.server_id == restarted {
+                        break;
+                    }
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "{restarted} is not answering again"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     })
     .await;
@@ -165,8 +181,9 @@ async fn case_5_with_every_server_down_calls_fail_fast_then_recover() {
         "{:?}",
         report.errors
     );
+    // Failing fast, not at the client's 10 s deadline.
     assert!(
-        report.slowest < Duration::from_secs(1),
+        report.slowest < Duration::from_secs(3),
         "a call took {:?} to fail",
         report.slowest
     );
@@ -244,7 +261,7 @@ async fn case_8_a_hung_coordinator_costs_the_clients_hedging_delay() {
     assert_clean(&report, REQUESTS);
     // Without hedging, the calls on the stopped coordinator wait for it to
     // go on (3 s here) or for keepalive to give its connection up.
-    let slowest = Duration::from_secs(1);
+    let slowest = Duration::from_secs(2);
     assert!(
         report.slowest <= slowest,
         "slowest call {:?} exceeds {slowest:?}",

@@ -43,9 +43,14 @@ impl Observed {
             server_admins.push(admin);
         }
         let coordinator_admin = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+        // No hedging: the tests count each call's attempts exactly, and a
+        // reply slower than the hedge delay on a loaded machine would
+        // send a second copy.
         let mut args = vec![
             "--metrics-listen".to_string(),
             coordinator_admin.port().to_string(),
+            "--hedge-after".to_string(),
+            "off".to_string(),
         ];
         for server in &cluster.servers {
             args.extend(["--backend".to_string(), server.url()]);

@@ -830,14 +830,17 @@ async fn the_callers_deadline_bounds_the_call_and_reaches_the_backend() {
         waited >= Duration::from_millis(350),
         "gave up early: {waited:?}"
     );
+    // Slack for a loaded machine; the per-try timeout (2 s) would be
+    // well past it.
     assert!(
-        waited < Duration::from_millis(650),
+        waited < Duration::from_millis(1500),
         "waited {waited:?} past a {deadline:?} deadline"
     );
 
     // The backend was told the time that remained: under the client's
-    // 400 ms, not the coordinator's 2 s per-try timeout. (A timeout the
-    // coordinator sends is in milliseconds or finer.)
+    // 400 ms, not the coordinator's 2 s per-try timeout (less what the
+    // connections and handshakes took). (A timeout the coordinator sends
+    // is in milliseconds or finer.)
     let seen = seen_timeouts.lock().unwrap().clone();
     assert_eq!(seen.len(), 1, "retried after a deadline: {seen:?}");
     let millis = seen[0]
@@ -851,7 +854,7 @@ async fn the_callers_deadline_bounds_the_call_and_reaches_the_backend() {
         })
         .unwrap_or_else(|| panic!("unexpected grpc-timeout {seen:?}"));
     assert!(
-        (200..400).contains(&millis),
+        (100..400).contains(&millis),
         "backend was given {millis} ms"
     );
 }
@@ -2274,7 +2277,8 @@ async fn a_draining_coordinator_reports_not_serving_then_goes_away() {
         &material,
         &[server.url()],
         ServeOptions {
-            drain_delay: Duration::from_millis(800),
+            // Long enough for the checks below on a loaded machine.
+            drain_delay: Duration::from_secs(3),
             drain_grace: Duration::from_secs(2),
             ..ServeOptions::default()
         },
@@ -2300,7 +2304,7 @@ async fn a_draining_coordinator_reports_not_serving_then_goes_away() {
     client.submit(b"during the drain").await.unwrap();
 
     // After the delay the coordinator stops, and the port is closed.
-    coordinator.stopped(Duration::from_secs(5)).await.unwrap();
+    coordinator.stopped(Duration::from_secs(8)).await.unwrap();
     assert!(tokio::net::TcpStream::connect(address).await.is_err());
 }
 
