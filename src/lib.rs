@@ -59,11 +59,15 @@ pub mod request_id {
     }
 
     /// A caller's request id, if it is one we are willing to log: 1 to 128
-    /// printable ASCII characters without spaces.
+    /// printable ASCII characters without spaces, and without the `"`,
+    /// `\` and `=` that would let it pose as more fields of a text log
+    /// line (it is logged bare, as ids are).
     pub fn accept(value: &str) -> Option<&str> {
         let ok = !value.is_empty()
             && value.len() <= 128
-            && value.bytes().all(|byte| byte.is_ascii_graphic());
+            && value
+                .bytes()
+                .all(|byte| byte.is_ascii_graphic() && !matches!(byte, b'"' | b'\\' | b'='));
         ok.then_some(value)
     }
 
@@ -76,6 +80,33 @@ pub mod request_id {
     /// one we accept, or a new one.
     pub fn given_or_new(value: Option<&str>) -> String {
         value.and_then(accept).map_or_else(new, str::to_owned)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn ids_that_could_forge_log_fields_are_replaced() {
+            for taken in ["4067a372f6172b7b", "req-1:a/b.c_d", &"x".repeat(128)] {
+                assert_eq!(super::accept(taken), Some(taken));
+                assert_eq!(super::given_or_new(Some(taken)), taken);
+            }
+            for refused in [
+                "",
+                "a b",
+                "a\"",
+                "x\" caller=admin",
+                "a=b",
+                "a\\b",
+                "é",
+                "a\n",
+                &"x".repeat(129),
+            ] {
+                assert_eq!(super::accept(refused), None, "{refused:?}");
+                let replaced = super::given_or_new(Some(refused));
+                assert_eq!(replaced.len(), 16, "{replaced}");
+                assert!(replaced.bytes().all(|byte| byte.is_ascii_hexdigit()));
+            }
+        }
     }
 }
 

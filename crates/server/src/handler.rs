@@ -78,8 +78,12 @@ impl DataService for DataHandler {
             None => (securemesh_tls::request_identity(&request), None),
         };
         let via = via.unwrap_or_else(|| "direct".to_owned());
+        let handler_audit = request
+            .extensions()
+            .get::<securemesh_tls::HandlerAudit>()
+            .cloned();
         let token = request.into_inner().token;
-        let outcome = self.answer(&token);
+        let outcome = self.answer(&token, &request_id);
         let status = securemesh::status::outcome_name(&outcome);
         let latency = timer.finish(status);
         // Never the token or the plaintext: its size, and how it went.
@@ -94,13 +98,16 @@ impl DataService for DataHandler {
             refused = outcome.as_ref().err().map(Status::message),
             "audit"
         );
+        if let Some(audit) = handler_audit {
+            audit.done();
+        }
         outcome.map(Response::new)
     }
 }
 
 impl DataHandler {
     /// Decrypts `token` and makes the reply, or says why it is refused.
-    fn answer(&self, token: &[u8]) -> Result<SubmitReply, Status> {
+    fn answer(&self, token: &[u8], request_id: &str) -> Result<SubmitReply, Status> {
         let decrypted = self
             .keys
             .read()
@@ -121,7 +128,7 @@ impl DataHandler {
             Status::invalid_argument(format!("invalid token: {reason}"))
         })?;
         if self.print_plaintext {
-            tracing::info!("Decrypted data: {}", printable(&plaintext));
+            tracing::info!(%request_id, "Decrypted data: {}", shown_plaintext(&plaintext));
         }
         Ok(SubmitReply {
             result: "ok".into(),
@@ -131,10 +138,31 @@ impl DataHandler {
     }
 }
 
-/// The plaintext as one log line: control characters are escaped so that a
-/// payload cannot forge log lines.
-fn printable(plaintext: &[u8]) -> String {
-    securemesh::text::printable(&String::from_utf8_lossy(plaintext))
+/// How many characters of a plaintext the `Decrypted data:` line shows.
+const SHOWN_CHARACTERS: usize = 200;
+
+/// The plaintext as the lab's log line shows it: at most
+/// [`SHOWN_CHARACTERS`] (then its size), control characters escaped so
+/// that it cannot start a forged line, and in quotes when it holds a `=`,
+/// `"` or `\`, so that it cannot pose as fields of the line (an `audit`
+/// line's, say). A caller chooses the plaintext: without the cap, a
+/// message of NUL bytes would log five times its size.
+fn shown_plaintext(plaintext: &[u8]) -> String {
+    let text = String::from_utf8_lossy(plaintext);
+    let (head, cut) = match text.char_indices().nth(SHOWN_CHARACTERS) {
+        Some((end, _)) => (&text[..end], true),
+        None => (&text[..], false),
+    };
+    let shown = if head.contains(['=', '"', '\\']) {
+        securemesh::text::field(head)
+    } else {
+        securemesh::text::printable(head)
+    };
+    if cut {
+        format!("{shown}... ({} bytes in all)", plaintext.len())
+    } else {
+        shown
+    }
 }
 
 #[cfg(test)]
@@ -185,7 +213,33 @@ mod tests {
     }
 
     #[test]
-    fn printable_escapes_control_characters() {
-        assert_eq!(printable(b"a\nb\x1b[31m"), "a\\nb\\u{1b}[31m");
+    fn the_shown_plaintext_can_forge_neither_lines_nor_fields() {
+        assert_eq!(shown_plaintext(b"a\nb\x1b[31m"), "a\\nb\\u{1b}[31m");
+        assert_eq!(
+            shown_plaintext(b"Sensitive data from Client1"),
+            "Sensitive data from Client1"
+        );
+        assert_eq!(
+            shown_plaintext(b"x audit caller=spiffe://securemesh/client/admin"),
+            "\"x audit caller=spiffe://securemesh/client/admin\""
+        );
+        assert_eq!(shown_plaintext(b"say \"hi\""), "\"say \\\"hi\\\"\"");
+    }
+
+    #[test]
+    fn a_long_plaintext_is_cut_and_its_size_given() {
+        let shown = shown_plaintext(&[0; 100_000]);
+        assert!(
+            shown.ends_with("... (100000 bytes in all)"),
+            "{}",
+            &shown[shown.len() - 40..]
+        );
+        assert_eq!(shown.matches("\\u{0}").count(), SHOWN_CHARACTERS);
+        // Cut between characters, never inside one.
+        let shown = shown_plaintext("é".repeat(300).as_bytes());
+        assert!(shown.starts_with(&"é".repeat(SHOWN_CHARACTERS)));
+        assert!(shown.ends_with("... (600 bytes in all)"), "{shown}");
+        let whole = "é".repeat(SHOWN_CHARACTERS);
+        assert_eq!(shown_plaintext(whole.as_bytes()), whole);
     }
 }

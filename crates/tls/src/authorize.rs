@@ -28,9 +28,10 @@ use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use percent_encoding::{AsciiSet, CONTROLS};
 use securemesh::v1::data_service_server::{DataService, DataServiceServer};
@@ -428,19 +429,105 @@ where
         Box::pin(async move {
             let (mut parts, body) = request.into_parts();
             let metadata = MetadataMap::from_headers(std::mem::take(&mut parts.headers));
-            let extensions = std::mem::take(&mut parts.extensions);
+            let mut extensions = std::mem::take(&mut parts.extensions);
+            let is_submit = parts.uri.path() == securemesh::v1::SUBMIT_METHOD;
+            let handler_audit = HandlerAudit::default();
+            if is_submit {
+                extensions.insert(handler_audit.clone());
+            }
             let checking = Request::from_parts(metadata, extensions, ());
+            let mut account = is_submit.then(|| SubmitAccount {
+                request_id: securemesh::request_id::of(checking.metadata()),
+                caller: caller_identity(&checking)
+                    .map_or_else(|| "unknown".into(), |identity| identity.to_string()),
+                started: Instant::now(),
+                handler: handler_audit,
+                status: "CANCELLED",
+            });
             match authorization.authorize(checking).await {
                 Ok(checked) => {
+                    if let (Some(account), Some(caller)) =
+                        (&mut account, checked.extensions().get::<Caller>())
+                    {
+                        account.caller = caller.origin().to_owned();
+                    }
                     let (metadata, extensions, ()) = checked.into_parts();
                     parts.headers = metadata.into_headers();
                     parts.extensions = extensions;
-                    inner.call(http::Request::from_parts(parts, body)).await
+                    let answer = inner.call(http::Request::from_parts(parts, body)).await;
+                    if let (Some(account), Ok(response)) = (&mut account, &answer) {
+                        account.status = status_in_headers(response.headers());
+                    }
+                    answer
                 }
-                Err(status) => Ok(status.into_http()),
+                Err(status) => {
+                    // Refusals are audited where they are decided.
+                    if let Some(account) = &account {
+                        account.handler.done();
+                    }
+                    Ok(status.into_http())
+                }
             }
         })
     }
+}
+
+/// Put in the extensions of every `Submit` that [`Authorized`] passes on:
+/// the handler calls [`HandlerAudit::done`] once it has written the call's
+/// audit line and counted it, and [`Authorized`] accounts for the calls
+/// that end any other way.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerAudit(Arc<AtomicBool>);
+
+impl HandlerAudit {
+    /// The handler has audited and counted the call.
+    pub fn done(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn is_done(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A `Submit` on a server, from its arrival until its handler audits it.
+/// Dropped before that, it counts and audits the call itself, with the
+/// status its caller got: a message tonic refused before the handler ran
+/// (larger than the limit, compressed, not a `SubmitRequest`) is answered
+/// in the response's headers; a call given up before an answer (its
+/// deadline passed or its caller reset it during a password check) is
+/// `CANCELLED`, as tonic answers an expired deadline.
+struct SubmitAccount {
+    request_id: String,
+    caller: String,
+    started: Instant,
+    handler: HandlerAudit,
+    status: &'static str,
+}
+
+impl Drop for SubmitAccount {
+    fn drop(&mut self) {
+        if !self.handler.is_done() {
+            audit_unserved_call(
+                &self.request_id,
+                &self.caller,
+                self.status,
+                self.started.elapsed(),
+            );
+        }
+    }
+}
+
+/// The gRPC status of an answer whose headers carry it (an answer of
+/// headers only, as tonic gives every refusal); `UNKNOWN` otherwise.
+fn status_in_headers(headers: &http::HeaderMap) -> &'static str {
+    headers
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<i32>().ok())
+        .map_or("UNKNOWN", |code| {
+            securemesh::status::code_name(tonic::Code::from(code))
+        })
 }
 
 impl<S: NamedService> NamedService for Authorized<S> {
