@@ -19,7 +19,9 @@ use tonic::{Request, Response, Status};
 /// a key rotation) takes effect for all.
 #[derive(Debug, Clone)]
 pub struct DataHandler {
-    keys: Arc<RwLock<KeyRing>>,
+    /// The ring in use; each call takes the ring out of the lock and
+    /// decrypts without holding it, so that a reload waits for no call.
+    keys: Arc<RwLock<Arc<KeyRing>>>,
     server_id: String,
     print_plaintext: bool,
     token_ttl: Option<Duration>,
@@ -31,7 +33,7 @@ impl DataHandler {
     pub fn new(keys: KeyRing, server_id: impl Into<String>, print_plaintext: bool) -> Self {
         Metrics::declare_reasons(&metrics().token_refusals, &TokenError::KINDS);
         Self {
-            keys: Arc::new(RwLock::new(keys)),
+            keys: Arc::new(RwLock::new(Arc::new(keys))),
             server_id: server_id.into(),
             print_plaintext,
             token_ttl: None,
@@ -51,11 +53,14 @@ impl DataHandler {
         *self
             .keys
             .write()
-            .unwrap_or_else(|poison| poison.into_inner()) = keys;
+            .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(keys);
     }
 
-    /// Refuses tokens made more than `ttl` ago ("token expired"); `None`
-    /// accepts tokens of any age.
+    /// Refuses tokens made more than `ttl` ago ("token expired") and, as
+    /// Python's `Fernet.decrypt(token, ttl)` does, tokens stamped more
+    /// than 60 s ahead of this host's clock; `None` accepts tokens of any
+    /// age and any stamp. Fernet stamps whole seconds, so `ttl` counts in
+    /// whole seconds too.
     pub fn with_token_ttl(mut self, ttl: Option<Duration>) -> Self {
         self.token_ttl = ttl;
         self
@@ -108,11 +113,13 @@ impl DataService for DataHandler {
 impl DataHandler {
     /// Decrypts `token` and makes the reply, or says why it is refused.
     fn answer(&self, token: &[u8], request_id: &str) -> Result<SubmitReply, Status> {
-        let decrypted = self
-            .keys
-            .read()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .decrypt_with_ttl(token, self.token_ttl);
+        let keys = Arc::clone(
+            &self
+                .keys
+                .read()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        );
+        let decrypted = keys.decrypt_with_ttl(token, self.token_ttl);
         let plaintext = decrypted.map_err(|reason| {
             metrics()
                 .token_refusals
@@ -210,6 +217,44 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert!(status.message().starts_with("invalid token"), "{status:?}");
         }
+    }
+
+    /// A rotated ring takes effect in every clone of the handler, and any
+    /// key of a ring decrypts.
+    #[tokio::test]
+    async fn replaced_keys_take_effect_in_every_clone() {
+        let (old_key, new_key) = (
+            securemesh_crypto::generate_key(),
+            securemesh_crypto::generate_key(),
+        );
+        let old = KeyRing::from_key_strings(&[&old_key]).unwrap();
+        let new = KeyRing::from_key_strings(&[&new_key]).unwrap();
+        let handler = DataHandler::new(old.clone(), "test:1", false);
+        let serving = handler.clone();
+        let submit = |handler: &DataHandler, token: Vec<u8>| {
+            let handler = handler.clone();
+            async move {
+                handler
+                    .submit(Request::new(SubmitRequest {
+                        token: token.into(),
+                    }))
+                    .await
+                    .map(|_| ())
+                    .map_err(|status| status.code())
+            }
+        };
+        assert_eq!(
+            submit(&serving, new.encrypt(b"too early")).await,
+            Err(tonic::Code::InvalidArgument)
+        );
+        handler.replace_keys(KeyRing::from_key_strings(&[new_key, old_key]).unwrap());
+        assert_eq!(submit(&serving, new.encrypt(b"new")).await, Ok(()));
+        assert_eq!(submit(&serving, old.encrypt(b"old")).await, Ok(()));
+        handler.replace_keys(new.clone());
+        assert_eq!(
+            submit(&serving, old.encrypt(b"retired")).await,
+            Err(tonic::Code::InvalidArgument)
+        );
     }
 
     #[test]
