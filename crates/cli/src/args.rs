@@ -640,7 +640,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR", env = "SECUREMESH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
     /// Also require credentials (Basic or Bearer) from this file on every
-    /// call; health and reflection stay open.
+    /// call; health and reflection stay open. A server exempts the calls
+    /// the coordinator relays (it checks its own callers): give the
+    /// coordinator the file too.
     #[arg(long, env = "SECUREMESH_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
 }
