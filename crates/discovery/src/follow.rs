@@ -62,11 +62,9 @@ impl Membership for securemesh_balance::BackendPool {
 /// unreachable the last known set stays (health checks still eject dead
 /// servers) and the prefix is read again, with backoff, until it answers.
 pub fn follow(config: EtcdConfig, members: Arc<dyn Membership>) -> Follower {
+    let registrations = Registrations::new(members, MOST_DISCOVERED_BACKENDS, config.range());
     Follower {
-        task: tokio::spawn(follow_forever(
-            config,
-            Registrations::new(members, MOST_DISCOVERED_BACKENDS),
-        )),
+        task: tokio::spawn(follow_forever(config, registrations)),
     }
 }
 
@@ -294,10 +292,13 @@ struct Registrations {
     members: Arc<dyn Membership>,
     /// Whether the prefix was read at least once.
     read_once: bool,
+    /// The followed prefix and its `/`: a registration's key is this and
+    /// its record's `server_id`.
+    range: String,
 }
 
 impl Registrations {
-    fn new(members: Arc<dyn Membership>, limit: usize) -> Self {
+    fn new(members: Arc<dyn Membership>, limit: usize, range: String) -> Self {
         Self {
             by_key: BTreeMap::new(),
             waiting: BTreeMap::new(),
@@ -305,6 +306,7 @@ impl Registrations {
             limit,
             members,
             read_once: false,
+            range,
         }
     }
 
@@ -334,6 +336,19 @@ impl Registrations {
     }
 
     fn admit(&mut self, key: &str, record: ServerRecord) {
+        // A server registers as the prefix and its id. Any other key is
+        // no registration of this prefix: one of a longer prefix (servers
+        // of `/team/staging` seen by a coordinator of `/team`), or a
+        // record copied under another name.
+        if key.strip_prefix(self.range.as_str()) != Some(record.server_id.as_str()) {
+            tracing::warn!(
+                key = %field(key),
+                server_id = %field(&record.server_id),
+                "ignoring a registration whose key is not the prefix and its server id (a longer prefix's?)"
+            );
+            self.delete(key);
+            return;
+        }
         match self.by_key.get(key) {
             Some(url) if *url == record.url => return,
             Some(_) => {
@@ -481,17 +496,27 @@ mod tests {
         }
     }
 
-    fn record(url: &str) -> Vec<u8> {
+    fn record_as(server_id: &str, url: &str) -> Vec<u8> {
         serde_json::to_vec(&ServerRecord {
-            server_id: "s".into(),
+            server_id: server_id.into(),
             url: url.into(),
         })
         .unwrap()
     }
 
+    /// The record of server `a` at `https://a:1`, as registered under
+    /// `/p/a`.
+    fn record(url: &str) -> Vec<u8> {
+        let host = url.trim_start_matches("https://").split(':').next();
+        record_as(host.unwrap_or_default(), url)
+    }
+
     fn registrations() -> (Arc<Recorded>, Registrations) {
         let recorded = Arc::new(Recorded::default());
-        (recorded.clone(), Registrations::new(recorded, 3))
+        (
+            recorded.clone(),
+            Registrations::new(recorded, 3, "/p/".to_owned()),
+        )
     }
 
     fn taken(recorded: &Recorded) -> Vec<String> {
@@ -512,21 +537,23 @@ mod tests {
         tracing::callsite::rebuild_interest_cache();
         let (_, mut registrations) = registrations();
         let forged = "\n2026-11-29T00:00:00Z  INFO audit status=OK";
-        let key = format!("/securemesh/servers/x{forged}");
-        let value = serde_json::to_vec(&ServerRecord {
-            server_id: format!("x{forged}"),
-            url: format!("https://10.0.0.1:5001{forged}"),
-        })
-        .unwrap();
+        let key = format!("/p/x{forged}");
+        let value = record_as(
+            &format!("x{forged}"),
+            &format!("https://10.0.0.1:5001{forged}"),
+        );
         registrations.put(&key, &value);
-        registrations.put(&key, &record(&format!("bad{forged}")));
+        registrations.put(
+            &key,
+            &record_as(&format!("x{forged}"), &format!("bad{forged}")),
+        );
         registrations.put(&key, b"not json");
         registrations.delete(&key);
         let log = std::fs::read_to_string(written.path()).unwrap();
         assert_eq!(log.lines().count(), 4, "{log}");
         // Escaped, and quoted since it holds spaces: no field of its own.
         assert_eq!(
-            log.matches(r#"key="/securemesh/servers/x\\n2026-11-29T00:00:00Z  INFO"#)
+            log.matches(r#"key="/p/x\\n2026-11-29T00:00:00Z  INFO"#)
                 .count(),
             4,
             "{log}"
@@ -666,6 +693,22 @@ mod tests {
     }
 
     #[test]
+    fn only_the_prefix_and_the_server_id_name_a_registration() {
+        let (recorded, mut registrations) = registrations();
+        // A server id may hold a `/`.
+        registrations.put("/p/eu/s7", &record_as("eu/s7", "https://s7:1"));
+        // A server of the prefix `/p/staging`, and a record under a name
+        // that is not its own: neither is ours.
+        registrations.put("/p/staging/s1", &record_as("s1", "https://s1:1"));
+        registrations.put("/p/a", &record_as("b", "https://b:1"));
+        assert_eq!(taken(&recorded), ["+https://s7:1"]);
+        // Rewritten under another name, a registration leaves.
+        registrations.put("/p/eu/s7", &record_as("s7", "https://s7:1"));
+        assert_eq!(taken(&recorded), ["-https://s7:1"]);
+        assert!(registrations.by_key.is_empty());
+    }
+
+    #[test]
     fn the_prefix_end_is_just_past_every_key_under_it() {
         assert_eq!(range_end(b"/securemesh/"), b"/securemesh0");
         assert_eq!(range_end(b"a\xff"), b"b");
@@ -683,7 +726,7 @@ mod tests {
         registrations.put("/p/a", &record("https://a:1"));
         taken(&recorded);
         registrations.put("/p/a", b"https://a:1");
-        registrations.put("/p/b", &record("bad url"));
+        registrations.put("/p/b", &record_as("b", "bad url"));
         assert_eq!(taken(&recorded), ["-https://a:1"]);
         assert!(registrations.by_key.is_empty());
     }
