@@ -58,11 +58,11 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 "already revoked"
             };
-            println!(
+            crate::output::line(format_args!(
                 "{what} {}: wrote {} (send SIGHUP to running servers and coordinators)",
                 args.name,
                 revocation.crl.display()
-            );
+            ));
         }
         Command::Pki(PkiCommand::Renew(args)) => {
             let dir = &args.certificate.pki.dir;
@@ -71,13 +71,15 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Pki(PkiCommand::RefreshCrl(args)) => {
             let (crl, next_update) = securemesh_pki::refresh_crl(&args.dir)?;
-            println!(
+            crate::output::line(format_args!(
                 "signed {} again, valid until {next_update} (send SIGHUP to running servers and \
                  coordinators)",
                 crl.display()
-            );
+            ));
         }
-        Command::Pki(PkiCommand::Show(args)) => print!("{}", securemesh_pki::show(&args.file)?),
+        Command::Pki(PkiCommand::Show(args)) => {
+            crate::output::text(securemesh_pki::show(&args.file)?);
+        }
         Command::Credentials(CredentialsCommand::AddUser(args)) => {
             let password = match args.password {
                 Some(password) => password,
@@ -89,11 +91,11 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             );
             let file = args.file.path();
             securemesh_credentials::add_user(&file, &args.name, &password)?;
-            println!(
+            crate::output::line(format_args!(
                 "added user {} to {} (send SIGHUP to running servers and coordinators)",
                 args.name,
                 file.display()
-            );
+            ));
         }
         Command::Credentials(CredentialsCommand::AddToken(args)) => {
             let file = args.file.path();
@@ -104,7 +106,14 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 args.name,
                 file.display()
             );
-            println!("{token}");
+            if let Err(error) = crate::output::try_line(&token) {
+                anyhow::bail!(
+                    "the token {} is in {} but could not be shown ({error}): nobody knows it; \
+                     delete its line and add it again",
+                    args.name,
+                    file.display()
+                );
+            }
         }
         Command::Keygen(args) => keygen(args)?,
         Command::Server(args) => server(args).await?,
@@ -140,7 +149,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 fn print_written(paths: &[std::path::PathBuf]) {
     for path in paths {
-        println!("wrote {}", path.display());
+        crate::output::line(format_args!("wrote {}", path.display()));
     }
 }
 
@@ -157,29 +166,29 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
         KeyFileEdit::Keep(count)
     } else {
         securemesh_crypto::write_new_key_file(&out, args.force)?;
-        println!("wrote {}", out.display());
+        crate::output::line(format_args!("wrote {}", out.display()));
         return Ok(());
     };
     let keys = edit_key_file(&out, edit)?;
     let out = out.display();
     match edit {
-        KeyFileEdit::Rotate => println!(
+        KeyFileEdit::Rotate => crate::output::line(format_args!(
             "rotated {out}: a new key first, {} older kept (send SIGHUP to every server before \
              clients use the new key, or use --stage then --promote)",
             keys - 1
-        ),
-        KeyFileEdit::Stage => println!(
+        )),
+        KeyFileEdit::Stage => crate::output::line(format_args!(
             "staged a new key second in {out}: send SIGHUP to every server, then run keygen \
              --promote"
-        ),
-        KeyFileEdit::Promote => println!(
+        )),
+        KeyFileEdit::Promote => crate::output::line(format_args!(
             "promoted the staged key of {out}: clients that load the file encrypt under it; \
              the former first key still decrypts"
-        ),
-        KeyFileEdit::Keep(_) => println!(
+        )),
+        KeyFileEdit::Keep(_) => crate::output::line(format_args!(
             "{out} keeps {keys} key(s): tokens under the dropped ones stop decrypting when \
              servers reload"
-        ),
+        )),
     }
     Ok(())
 }
@@ -617,12 +626,12 @@ fn encrypt(args: EncryptArgs) -> anyhow::Result<()> {
     };
     let token = keys.encrypt(&message);
     if args.json_bytes {
-        println!(
+        crate::output::line(format_args!(
             "{}",
             base64::engine::general_purpose::STANDARD.encode(&token)
-        );
+        ));
     } else {
-        println!("{}", String::from_utf8_lossy(&token));
+        crate::output::line(format_args!("{}", String::from_utf8_lossy(&token)));
     }
     Ok(())
 }
@@ -638,7 +647,15 @@ fn decrypt(args: DecryptArgs) -> anyhow::Result<()> {
         args.token.into_bytes()
     };
     let plaintext = keys.decrypt(&token)?;
-    println!("{}", String::from_utf8_lossy(&plaintext));
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        // Shown on a terminal: escaped, so that a payload cannot drive it.
+        crate::output::line(securemesh::text::printable(&String::from_utf8_lossy(
+            &plaintext,
+        )));
+    } else {
+        // Into a file or a pipe: the plaintext exactly as it was sent.
+        crate::output::bytes(&plaintext);
+    }
     Ok(())
 }
 

@@ -236,7 +236,48 @@ fn encrypt_and_decrypt_read_standard_input_for_a_dash() {
     let token = String::from_utf8(encrypted.stdout).unwrap();
     let decrypted = through_stdin(&["decrypt", "-"], token.as_bytes());
     assert!(decrypted.status.success(), "{}", text(&decrypted));
-    assert_eq!(decrypted.stdout, b"not in ps\n\n");
+    // Into a pipe, the plaintext exactly as sent: binary too.
+    assert_eq!(decrypted.stdout, b"not in ps\n");
+    let binary = [0, 0xff, 0x1b, b'[', b'2', b'J', b'\n', 0x80];
+    let encrypted = through_stdin(&["encrypt", "-"], &binary);
+    assert!(encrypted.status.success(), "{}", text(&encrypted));
+    let decrypted = through_stdin(&["decrypt", "-"], &encrypted.stdout);
+    assert!(decrypted.status.success(), "{}", text(&decrypted));
+    assert_eq!(decrypted.stdout, binary);
+}
+
+/// A command whose output cannot be written fails with a message, never
+/// a panic; a Bearer token nobody could see is said to be one.
+#[test]
+fn a_one_shot_command_says_its_output_was_lost() {
+    let work = tempfile::tempdir().unwrap();
+    let into_full = |args: &[&str]| {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        common::command()
+            .args(args)
+            .current_dir(work.path())
+            .stdout(Stdio::from(full))
+            .output()
+            .unwrap()
+    };
+    let keygen = into_full(&["keygen"]);
+    let stderr = String::from_utf8_lossy(&keygen.stderr);
+    assert_eq!(keygen.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot write to standard output"),
+        "{stderr}"
+    );
+    let token = into_full(&["credentials", "add-token", "unseen"]);
+    let stderr = String::from_utf8_lossy(&token.stderr);
+    assert_eq!(token.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the token unseen is in") && stderr.contains("could not be shown"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// Two servers and a coordinator as child processes on free ports, with
