@@ -579,11 +579,17 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
             })
             .collect();
         for round in 0..options.rounds {
-            // Each round starts with another route, so that none always
-            // runs right after the same one.
+            // Each round starts with another route, and every other round
+            // runs them in the opposite order, so that no route mostly
+            // follows the same one.
             let count = runs.len();
             for offset in 0..count {
-                let run = &mut runs[(round + offset) % count];
+                let step = if round % 2 == 0 {
+                    offset
+                } else {
+                    count - 1 - offset
+                };
+                let run = &mut runs[(round + step) % count];
                 eprintln!(
                     "bench: closed loop, concurrency {concurrency} over {connections} \
                      connection(s), {} (round {} of {})",
@@ -671,21 +677,40 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
         settle().await;
     }
 
-    let mut timelines = Vec::new();
-    for fault in [Fault::Kill, Fault::Stop, Fault::Nothing] {
-        for route in [Route::Coordinator, Route::Nginx] {
-            let repeats = options.fault_repeats.max(1);
-            let mut runs = Vec::with_capacity(repeats);
-            for run in 1..=repeats {
+    // Every fault through both proxies once per repeat, the proxies
+    // taking turns to go first: the control runs (no fault) and both
+    // proxies meet the same machine, not blocks of runs minutes apart.
+    let repeats = options.fault_repeats.max(1);
+    let mut runs_of: Vec<((Fault, Route), Vec<Timeline>)> =
+        [Fault::Kill, Fault::Stop, Fault::Nothing]
+            .into_iter()
+            .flat_map(|fault| [Route::Coordinator, Route::Nginx].map(|route| (fault, route)))
+            .map(|kind| (kind, Vec::with_capacity(repeats)))
+            .collect();
+    for run in 1..=repeats {
+        for fault in [Fault::Kill, Fault::Stop, Fault::Nothing] {
+            let mut proxies = [Route::Coordinator, Route::Nginx];
+            if run % 2 == 0 {
+                proxies.reverse();
+            }
+            for route in proxies {
                 eprintln!(
                     "bench: failover timeline, fault {}, through {} (run {run} of {repeats})",
                     fault.name(),
                     route.name()
                 );
-                runs.push(failover(&mut lab, route, fault, options).await?);
+                let timeline = failover(&mut lab, route, fault, options).await?;
+                if let Some((_, runs)) =
+                    runs_of.iter_mut().find(|(kind, _)| *kind == (fault, route))
+                {
+                    runs.push(timeline);
+                }
             }
-            timelines.extend(Timeline::median_of(runs));
         }
+    }
+    let mut timelines = Vec::new();
+    for (_, runs) in runs_of {
+        timelines.extend(Timeline::median_of(runs));
     }
 
     Ok(Results {
@@ -757,18 +782,25 @@ async fn failover(
         message: "failover".into(),
         ..LoadOptions::closed(usize::MAX, 32)
     };
-    let started = tokio::time::Instant::now();
-    let running = tokio::spawn(async move { load::run(&clients, &load).await.0 });
-    // Just after the boundary: the load generator's clock started a
-    // moment after ours.
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let running = tokio::spawn(async move {
+        // The load generator's clock starts next, within microseconds.
+        let _ = started_tx.send(tokio::time::Instant::now());
+        load::run(&clients, &load).await.0
+    });
+    let started = started
+        .await
+        .map_err(|_| BenchError::Setup("the load generator did not start".into()))?;
+    // Just after the boundary.
     tokio::time::sleep_until(started + fault_at + Duration::from_millis(2)).await;
-    let fault_at_s = started.elapsed().as_secs_f64();
     let victim = 1;
     match fault {
         Fault::Kill => lab.servers[victim].1.kill(),
         Fault::Stop => lab.servers[victim].1.signal(Signal::SIGSTOP),
         Fault::Nothing => {}
     }
+    // Once the signal is sent: recovery counts from then.
+    let fault_at_s = started.elapsed().as_secs_f64();
     let mut summary = running
         .await
         .map_err(|error| BenchError::Setup(format!("the load generator failed: {error}")))?;

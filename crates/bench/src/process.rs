@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::BenchError;
@@ -76,17 +76,16 @@ impl Process {
     }
 
     /// SIGKILL, and reaps it; its own children (nginx's workers, which
-    /// outlive a killed master and keep its port) are killed too.
+    /// outlive a killed master and keep its port) are killed by the same
+    /// signal: it leads a process group of its own (see
+    /// `securemesh::children::for_lab`), which the signal is sent to.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let workers = children_of(child.id());
+            if let Ok(leader) = i32::try_from(child.id()) {
+                let _ = killpg(Pid::from_raw(leader), Signal::SIGKILL);
+            }
             let _ = child.kill();
             let _ = child.wait();
-            for worker in workers {
-                if let Ok(worker) = i32::try_from(worker) {
-                    let _ = kill(Pid::from_raw(worker), Signal::SIGKILL);
-                }
-            }
         }
     }
 

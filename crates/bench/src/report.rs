@@ -158,14 +158,14 @@ pub fn ratios(results: &Results) -> Vec<Ratio> {
             |_| true,
         ),
         ratio(
-            "coordinator back to 90% of steady after a SIGKILL (median run)",
+            "coordinator back to 90% of steady after a SIGKILL (median of the runs)",
             timeline(Route::Coordinator, Fault::Kill).and_then(crate::Timeline::median_recovery_ms),
             "ms",
             "<= 100 ms",
             |value| value <= 100.0,
         ),
         ratio(
-            "for comparison, coordinator at 90% of steady for good after a SIGKILL (median run)",
+            "for comparison, coordinator at 90% of steady for good after a SIGKILL (median of the runs)",
             timeline(Route::Coordinator, Fault::Kill)
                 .and_then(crate::Timeline::median_sustained_recovery_ms),
             "ms",
@@ -173,7 +173,7 @@ pub fn ratios(results: &Results) -> Vec<Ratio> {
             |_| true,
         ),
         ratio(
-            "for comparison, coordinator \"at 90% for good\" without a fault (median control run)",
+            "for comparison, coordinator \"at 90% for good\" without a fault (median of the control runs)",
             timeline(Route::Coordinator, Fault::Nothing)
                 .and_then(crate::Timeline::median_sustained_recovery_ms),
             "ms",
@@ -181,7 +181,7 @@ pub fn ratios(results: &Results) -> Vec<Ratio> {
             |_| true,
         ),
         ratio(
-            "for comparison, coordinator \"back to 90%\" without a fault (median control run)",
+            "for comparison, coordinator \"back to 90%\" without a fault (median of the control runs)",
             timeline(Route::Coordinator, Fault::Nothing)
                 .and_then(crate::Timeline::median_recovery_ms),
             "ms",
@@ -271,6 +271,8 @@ pub struct Provenance<'a> {
     pub picture: &'a str,
     /// The machine.
     pub machine: &'a Machine,
+    /// The code measured (`git describe`).
+    pub code: &'a str,
 }
 
 /// Which closed loops ran once more over one connection, for the setup.
@@ -316,11 +318,12 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
     let _ = writeln!(md, "# Benchmarks\n");
     let _ = writeln!(
         md,
-        "Written by `{}` on {}. Every number below comes from that one run on one \
+        "Written by `{}` on {}, of the code at `{}`. Every number in the sections up to \
+         the notes on where the coordinator's CPU goes comes from that one run on one \
          machine: the three routes were measured alternately, in {} round(s) of {:.1} s \
          per route, and the tables quote medians over rounds. Absolute numbers depend on \
          the machine; the ratios are what to compare.\n",
-        provenance.command, provenance.date, results.rounds, results.run_time_s
+        provenance.command, provenance.date, provenance.code, results.rounds, results.run_time_s
     );
     let _ = writeln!(md, "## Targets\n\n```");
     for line in ratios(results) {
@@ -566,7 +569,9 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
     if !profile.trim().is_empty() {
         let _ = writeln!(
             md,
-            "\n## Where the coordinator's CPU goes\n\n{}",
+            "\n## Where the coordinator's CPU goes\n\nNotes kept by hand from profiling \
+             runs (`docs/coordinator-profile.md`), not measured by this run: the figures \
+             they quote are of the runs they name.\n\n{}",
             profile.trim()
         );
     }
@@ -574,13 +579,14 @@ pub fn markdown(results: &Results, provenance: &Provenance<'_>, profile: &str) -
     let _ = writeln!(md, "\n## Machine\n");
     let _ = writeln!(
         md,
-        "- CPU: {} ({} cores available)\n- memory: {:.1} GiB\n- kernel: {}\n- {}\n- securemesh {}",
+        "- CPU: {} ({} cores available)\n- memory: {:.1} GiB\n- kernel: {}\n- {}\n- securemesh {} at `{}`",
         machine.cpu,
         machine.cores,
         machine.memory_gib,
         machine.kernel,
         results.nginx_version,
         env!("CARGO_PKG_VERSION"),
+        provenance.code,
     );
     md
 }

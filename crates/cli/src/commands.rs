@@ -853,6 +853,23 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         BenchOptions::full(binary, dir)
     };
+    let report = report_path(args.quick, args.out.clone());
+    // Where the results go is made before the run, not found missing
+    // after ten minutes of it.
+    let mut outputs: Vec<std::path::PathBuf> = args.json.iter().cloned().collect();
+    if let Some(out) = &report {
+        outputs.push(out.clone());
+        outputs.push(securemesh_fs::directory_of(out).join(&args.picture));
+    }
+    for output in &outputs {
+        if let Some(parent) = output
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot make {}", parent.display()))?;
+        }
+    }
     // Ctrl-C (or SIGTERM) ends the run here, so that the lab is dropped:
     // each of its processes is continued (one may be SIGSTOPped just then)
     // and killed, instead of being left with a pending SIGTERM.
@@ -863,12 +880,13 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
     };
 
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     for line in report::ratios(&results) {
         crate::output::line(line);
     }
-    let Some(out) = report_path(args.quick, args.out) else {
+    let Some(out) = report else {
         crate::output::line(
             "a quick run writes no report unless asked to (--out): BENCHMARKS.md is left as it was",
         );
@@ -876,13 +894,11 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let report_dir = securemesh_fs::directory_of(&out);
     let picture = report_dir.join(&args.picture);
-    if let Some(parent) = picture.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
     std::fs::write(
         &picture,
         securemesh_bench::svg::failover_picture(&results.timelines),
-    )?;
+    )
+    .with_context(|| format!("cannot write {}", picture.display()))?;
     let profile = std::fs::read_to_string(&args.profile_notes).unwrap_or_default();
     // Not `args()`, which panics on an argument that is not Unicode (a
     // path may be any bytes), after the whole run.
@@ -892,6 +908,7 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let machine = report::Machine::read();
+    let code = code_version();
     let markdown = report::markdown(
         &results,
         &report::Provenance {
@@ -899,6 +916,7 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
             date: &date,
             picture: &args.picture.display().to_string(),
             machine: &machine,
+            code: &code,
         },
         &profile,
     );
@@ -909,6 +927,22 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
         picture.display()
     ));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The code a report measured, as `git describe` names it in the working
+/// directory (`-dirty` with uncommitted changes, which `cargo run` built
+/// in); "unknown" outside a git checkout.
+fn code_version() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .map(|described| described.trim().to_owned())
+        .filter(|described| !described.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// Where `bench` writes its report: `out`, or BENCHMARKS.md for a full
