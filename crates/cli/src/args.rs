@@ -785,25 +785,18 @@ pub struct ClientArgs {
         default_value = "https://127.0.0.1:8000"
     )]
     pub targets: Vec<String>,
-    /// User name for Basic credentials.
-    #[arg(long, env = "SECUREMESH_USER", requires = "password")]
+    /// User name for Basic credentials. Without any credentials on the
+    /// command line, SECUREMESH_USER and SECUREMESH_PASSWORD, or
+    /// SECUREMESH_TOKEN, are read instead (an exported variable never
+    /// overrides a flag nor conflicts with one).
+    #[arg(long, requires = "password")]
     pub user: Option<String>,
-    /// Password for Basic credentials (prefer the environment variable: a
+    /// Password for Basic credentials (prefer SECUREMESH_PASSWORD: a
     /// command line is visible to every local user).
-    #[arg(
-        long,
-        env = "SECUREMESH_PASSWORD",
-        hide_env_values = true,
-        requires = "user"
-    )]
+    #[arg(long, requires = "user")]
     pub password: Option<String>,
-    /// Bearer token (prefer the environment variable, as for --password).
-    #[arg(
-        long,
-        env = "SECUREMESH_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "user"
-    )]
+    /// Bearer token (prefer SECUREMESH_TOKEN, as for --password).
+    #[arg(long, conflicts_with = "user")]
     pub token: Option<String>,
     /// Time a call may take, retries included (sent as its deadline).
     #[arg(long, value_parser = positive_duration, default_value = "10s")]
@@ -860,7 +853,74 @@ pub struct ClientArgs {
     pub tls: TlsArgs,
 }
 
+/// The credentials a client sends with every call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCredentials {
+    /// `authorization: Basic`.
+    Basic {
+        /// The user name.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// `authorization: Bearer`.
+    Bearer(String),
+}
+
 impl ClientArgs {
+    /// The credentials to send: those of the command line when any is
+    /// given there (clap has checked that they go together); else those
+    /// of `SECUREMESH_USER` with `SECUREMESH_PASSWORD`, or of
+    /// `SECUREMESH_TOKEN`. A shell that exports one kind of credentials
+    /// does not stand in the way of the other given as flags.
+    pub fn credentials(&self) -> anyhow::Result<Option<ClientCredentials>> {
+        self.credentials_with(|name| std::env::var_os(name))
+    }
+
+    fn credentials_with(
+        &self,
+        variable: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> anyhow::Result<Option<ClientCredentials>> {
+        let from_flags = (self.user.clone(), self.password.clone(), self.token.clone());
+        let (user, password, token) = if from_flags == (None, None, None) {
+            let read = |name: &str| -> anyhow::Result<Option<String>> {
+                match variable(name) {
+                    None => Ok(None),
+                    Some(value) if value.is_empty() => Ok(None),
+                    Some(value) => value
+                        .into_string()
+                        .map(Some)
+                        .map_err(|_| anyhow::anyhow!("{name} is not UTF-8")),
+                }
+            };
+            let read = (
+                read("SECUREMESH_USER")?,
+                read("SECUREMESH_PASSWORD")?,
+                read("SECUREMESH_TOKEN")?,
+            );
+            match &read {
+                (Some(_), Some(_), Some(_)) => anyhow::bail!(
+                    "SECUREMESH_USER and SECUREMESH_TOKEN are both set: unset one, or give \
+                     credentials on the command line"
+                ),
+                (Some(_), None, _) => {
+                    anyhow::bail!("SECUREMESH_USER is set without SECUREMESH_PASSWORD")
+                }
+                (None, Some(_), _) => {
+                    anyhow::bail!("SECUREMESH_PASSWORD is set without SECUREMESH_USER")
+                }
+                _ => read,
+            }
+        } else {
+            from_flags
+        };
+        Ok(match (user, password, token) {
+            (Some(user), Some(password), _) => Some(ClientCredentials::Basic { user, password }),
+            (_, _, Some(token)) => Some(ClientCredentials::Bearer(token)),
+            _ => None,
+        })
+    }
+
     /// Submissions in flight at once in load mode: as given, or 8 for a
     /// closed loop and 1024 for an open one (`--rate`). An open loop
     /// capped low would measure its own cap: at 8 in flight, a route
@@ -1199,6 +1259,93 @@ mod tests {
             &["client", "--requests", "1", "--concurrency", "1"],
         ] {
             assert!(parse(accepted).is_ok(), "{accepted:?}");
+        }
+    }
+
+    #[test]
+    fn credentials_on_the_command_line_win_over_exported_ones() {
+        let client = |args: &[&str]| {
+            let Ok(Cli {
+                command: Command::Client(client),
+                ..
+            }) = Cli::try_parse_from(["securemesh", "client"].iter().chain(args))
+            else {
+                panic!("{args:?} not parsed");
+            };
+            client
+        };
+        fn exported<'a>(
+            pairs: &'a [(&'a str, &'a str)],
+        ) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+            move |name| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| std::ffi::OsString::from(value))
+            }
+        }
+        let basic = ClientCredentials::Basic {
+            user: "alice".into(),
+            password: "horse".into(),
+        };
+        let alice: &[(&str, &str)] = &[
+            ("SECUREMESH_USER", "alice"),
+            ("SECUREMESH_PASSWORD", "horse"),
+        ];
+        // Exported Basic credentials: used without flags, set aside by a
+        // token given as a flag (clap refused that before).
+        let plain = client(&[]);
+        assert_eq!(
+            plain.credentials_with(exported(alice)).unwrap(),
+            Some(basic.clone())
+        );
+        let with_token = client(&["--token", "t0k"]);
+        assert_eq!(
+            with_token.credentials_with(exported(alice)).unwrap(),
+            Some(ClientCredentials::Bearer("t0k".into()))
+        );
+        // An exported token gives way to a user and password as flags.
+        let with_user = client(&["--user", "alice", "--password", "horse"]);
+        assert_eq!(
+            with_user
+                .credentials_with(exported(&[("SECUREMESH_TOKEN", "t0k")]))
+                .unwrap(),
+            Some(basic)
+        );
+        assert_eq!(plain.credentials_with(exported(&[])).unwrap(), None);
+        // Half-set or doubly set variables are refused, by name.
+        for (pairs, named) in [
+            (
+                &[("SECUREMESH_PASSWORD", "horse")][..],
+                "SECUREMESH_PASSWORD is set without",
+            ),
+            (
+                &[("SECUREMESH_USER", "alice")][..],
+                "SECUREMESH_USER is set without",
+            ),
+            (
+                &[
+                    ("SECUREMESH_USER", "alice"),
+                    ("SECUREMESH_PASSWORD", "horse"),
+                    ("SECUREMESH_TOKEN", "t0k"),
+                ][..],
+                "both set",
+            ),
+        ] {
+            let refused = plain.credentials_with(exported(pairs)).unwrap_err();
+            assert!(refused.to_string().contains(named), "{refused}");
+        }
+        // On the command line, clap still refuses what does not go
+        // together.
+        for refused in [
+            &["--token", "t", "--user", "u", "--password", "p"][..],
+            &["--password", "p"],
+            &["--user", "u"],
+        ] {
+            assert!(
+                Cli::try_parse_from(["securemesh", "client"].iter().chain(refused)).is_err(),
+                "{refused:?}"
+            );
         }
     }
 

@@ -17,8 +17,8 @@ use securemesh_tls::{Authorization, ReloadableConfig};
 use std::sync::Arc;
 
 use crate::args::{
-    key_file, ClientArgs, Command, CoordinatorArgs, CredentialsCommand, DecryptArgs, EncryptArgs,
-    KeygenArgs, PkiCommand, ServerArgs,
+    key_file, ClientArgs, ClientCredentials, Command, CoordinatorArgs, CredentialsCommand,
+    DecryptArgs, EncryptArgs, KeygenArgs, PkiCommand, ServerArgs,
 };
 
 /// The lab's servers, the coordinator's backends when none are named.
@@ -483,11 +483,11 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     let tls =
         securemesh_tls::client_tls(&args.tls.files(&args.identity), args.tls.crl().as_deref())?;
     let keys = KeyRing::from_file(&args.tls.encryption_key(&args.encryption_key))?;
-    let authorization = match (&args.user, &args.password, &args.token) {
-        (Some(user), Some(password), _) => {
-            Some(securemesh_credentials::basic_header(user, password))
+    let authorization = match args.credentials()? {
+        Some(ClientCredentials::Basic { user, password }) => {
+            Some(securemesh_credentials::basic_header(&user, &password))
         }
-        (_, _, Some(token)) => {
+        Some(ClientCredentials::Bearer(token)) => {
             // A header cannot carry a control character: the call would go
             // out without credentials and be refused for lacking them.
             // (The token is not quoted: it is a secret.)
@@ -496,9 +496,9 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
                 "the token holds a space, a control character (such as the carriage return \
                  of a file saved on Windows) or a character outside ASCII: give the token alone"
             );
-            Some(securemesh_credentials::bearer_header(token))
+            Some(securemesh_credentials::bearer_header(&token))
         }
-        _ => None,
+        None => None,
     };
     let balance = BalanceOptions {
         hedge_after: args.hedge_after.0,

@@ -1478,6 +1478,28 @@ fn credentials_on_top_of_mtls_from_the_command_line() {
         .status
         .success());
     assert!(call(&["--token", &token]).status.success());
+    // Exported credentials are sent without flags; a flag of the other
+    // kind is sent instead of them, not refused for clashing with them.
+    let with_exported = |password: &str, extra: &[&str]| {
+        common::command()
+            .args(["client", "--target", &target])
+            .args(extra)
+            .env("SECUREMESH_USER", "alice")
+            .env("SECUREMESH_PASSWORD", password)
+            .current_dir(work)
+            .output()
+            .unwrap()
+    };
+    let exported = with_exported("correct horse", &[]);
+    assert!(exported.status.success(), "{}", text(&exported));
+    let exported_wrong = with_exported("wrong horse", &[]);
+    assert!(
+        text(&exported_wrong).contains("UNAUTHENTICATED"),
+        "{}",
+        text(&exported_wrong)
+    );
+    let flag_wins = with_exported("wrong horse", &["--token", &token]);
+    assert!(flag_wins.status.success(), "{}", text(&flag_wins));
     // With a carriage return (a file saved on Windows), the token is
     // refused before any call, by a message that does not quote it.
     let stray = call(&["--token", &format!("{token}\r")]);
