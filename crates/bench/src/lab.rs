@@ -268,12 +268,25 @@ impl Lab {
                 let token = token.clone();
                 async move {
                     let channel = endpoint.connect().await?;
-                    DataServiceClient::new(channel.clone())
-                        .submit(SubmitRequest {
-                            token: token.into(),
-                        })
-                        .await
-                        .map_err(|status| BenchError::Setup(status.to_string()))?;
+                    // A proxy may refuse a call for a moment (nginx marks
+                    // an upstream down for `fail_timeout` after one
+                    // failure): the connection is what is measured.
+                    let mut tries = 0;
+                    loop {
+                        tries += 1;
+                        let answered = DataServiceClient::new(channel.clone())
+                            .submit(SubmitRequest {
+                                token: token.clone().into(),
+                            })
+                            .await;
+                        match answered {
+                            Ok(_) => break,
+                            Err(status) if tries >= 3 => {
+                                return Err(BenchError::Setup(status.to_string()));
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                        }
+                    }
                     Ok::<_, BenchError>(channel)
                 }
             });

@@ -659,6 +659,9 @@ pub async fn run(options: &BenchOptions) -> Result<Results, BenchError> {
             route.name(),
             options.held_connections
         );
+        // Both servers in rotation first: the open loop may have left an
+        // upstream marked down.
+        back_in_rotation(&lab, route).await?;
         let before_holding_bytes = lab.proxy(route).map_or(0, |proxy| proxy.usage().rss_bytes);
         let held = lab
             .hold_connections(route, options.held_connections)
