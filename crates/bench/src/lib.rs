@@ -797,13 +797,14 @@ async fn failover(
     // Just after the boundary.
     tokio::time::sleep_until(started + fault_at + Duration::from_millis(2)).await;
     let victim = 1;
+    // Recovery counts from the signal, which goes out first thing (a
+    // SIGKILL is then reaped, which takes some milliseconds more).
+    let fault_at_s = started.elapsed().as_secs_f64();
     match fault {
         Fault::Kill => lab.servers[victim].1.kill(),
         Fault::Stop => lab.servers[victim].1.signal(Signal::SIGSTOP),
         Fault::Nothing => {}
     }
-    // Once the signal is sent: recovery counts from then.
-    let fault_at_s = started.elapsed().as_secs_f64();
     let mut summary = running
         .await
         .map_err(|error| BenchError::Setup(format!("the load generator failed: {error}")))?;

@@ -853,6 +853,9 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         BenchOptions::full(binary, dir)
     };
+    // Named before the run: the report and its picture, written at the
+    // end, would make the tree look changed.
+    let code = code_version();
     let report = report_path(args.quick, args.out.clone());
     // Where the results go is made before the run, not found missing
     // after ten minutes of it.
@@ -908,7 +911,6 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let machine = report::Machine::read();
-    let code = code_version();
     let markdown = report::markdown(
         &results,
         &report::Provenance {
