@@ -83,7 +83,9 @@ impl Drop for Follower {
 async fn follow_forever(config: EtcdConfig, mut registrations: Registrations) {
     let mut backoff = Backoff::new();
     loop {
-        let Err(error) = sync_and_watch(&config, &mut registrations, &mut backoff).await;
+        let session = tokio::time::Instant::now();
+        let Err(error) = sync_and_watch(&config, &mut registrations).await;
+        backoff.session_ended(session.elapsed());
         let delay = backoff.delay();
         if registrations.read_once {
             tracing::warn!(
@@ -116,7 +118,6 @@ async fn follow_forever(config: EtcdConfig, mut registrations: Registrations) {
 async fn sync_and_watch(
     config: &EtcdConfig,
     registrations: &mut Registrations,
-    backoff: &mut Backoff,
 ) -> Result<Infallible, DiscoveryError> {
     let client = config.connect().await?;
     let range = config.range();
@@ -142,7 +143,6 @@ async fn sync_and_watch(
             .watch_client()
             .max_decoding_message_size(MOST_ETCD_MESSAGE_BYTES);
         let mut watch = within(watching.watch(range.as_str(), Some(options))).await?;
-        backoff.reset();
         connected.get_or_insert_with(crate::Connected::now);
         // Counted from the end of the read: a read that takes longer than
         // the interval would otherwise be followed by the next at once,

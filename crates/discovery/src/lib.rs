@@ -116,8 +116,23 @@ impl Backoff {
         Self { next: Self::FIRST }
     }
 
+    /// How long a session must have lasted for its end to start the
+    /// backoff over: one that etcd ends as soon as it has begun (a watch
+    /// cancelled at once, a member that keeps losing its leader) counts as
+    /// one more failure, so that a flapping cluster is not asked again
+    /// ten times a second.
+    const STABLE_SESSION: std::time::Duration = std::time::Duration::from_secs(10);
+
     fn reset(&mut self) {
         self.next = Self::FIRST;
+    }
+
+    /// A session that lasted `lived` ended: a long one starts the
+    /// backoff over.
+    fn session_ended(&mut self, lived: std::time::Duration) {
+        if lived >= Self::STABLE_SESSION {
+            self.reset();
+        }
     }
 
     /// The delay to wait now; the following one doubles.
@@ -145,6 +160,19 @@ mod tests {
         assert!(delays.iter().all(|delay| *delay <= Backoff::MAX));
         assert!(delays[9] >= Backoff::MAX.mul_f64(0.75));
         backoff.reset();
+        assert!(backoff.delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn only_a_session_that_lasted_starts_the_backoff_over() {
+        let mut backoff = Backoff::new();
+        for _ in 0..3 {
+            backoff.delay();
+        }
+        // Ended as soon as it began: one more failure.
+        backoff.session_ended(Duration::from_millis(300));
+        assert!(backoff.delay() >= Duration::from_millis(600));
+        backoff.session_ended(Backoff::STABLE_SESSION);
         assert!(backoff.delay() <= Duration::from_millis(100));
     }
 

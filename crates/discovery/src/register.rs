@@ -90,19 +90,11 @@ async fn keep_registered(
     // registration takes the key over, then revokes them; so does a stop.
     let mut left_behind = Vec::new();
     loop {
-        match hold(
-            &config,
-            &key,
-            &value,
-            ttl,
-            &mut stop,
-            &mut backoff,
-            &mut left_behind,
-        )
-        .await
-        {
+        let session = tokio::time::Instant::now();
+        match hold(&config, &key, &value, ttl, &mut stop, &mut left_behind).await {
             Ok(()) => return,
             Err(error) => {
+                backoff.session_ended(session.elapsed());
                 let delay = backoff.delay();
                 tracing::warn!(
                     %key,
@@ -182,7 +174,6 @@ async fn hold(
     value: &str,
     ttl: Duration,
     stop: &mut watch::Receiver<bool>,
-    backoff: &mut Backoff,
     left_behind: &mut Vec<i64>,
 ) -> Result<(), DiscoveryError> {
     let set_up = async {
@@ -256,7 +247,6 @@ async fn hold(
     let (mut client, lease, ttl_seconds, mut changes, mut keeper, mut acknowledgements) = set_up?;
     let ttl = Duration::from_secs(u64::try_from(ttl_seconds).unwrap_or(1));
     tracing::info!(%key, lease, ttl_s = ttl_seconds, "registered in etcd");
-    backoff.reset();
     let _connected = Connected::now();
 
     // Renewed four times a lease; a member that leaves keep-alives
