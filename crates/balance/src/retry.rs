@@ -131,8 +131,17 @@ pub fn is_retryable(error: &(dyn std::error::Error + Send + Sync + 'static)) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::attempt;
     use tower::retry::Policy as _;
+
+    /// An attempt whose retries are counted under a backend of its own:
+    /// under "none" they would change the process-wide count that
+    /// `a_call_refused_for_want_of_a_backend_is_not_retried` watches, from
+    /// another thread.
+    fn attempt() -> Attempt {
+        let attempt = crate::testing::attempt();
+        *crate::lock(&attempt.trace.last_backend) = Some(crate::testing::backend_state());
+        attempt
+    }
 
     fn failed(status: tonic::Status) -> Result<SubmitReply, BoxError> {
         Err(Box::new(status))
