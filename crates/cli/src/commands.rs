@@ -128,7 +128,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let mut stop = StopSignals::new();
             return tokio::select! {
                 ran = crate::demo::run(args) => ran,
-                () = stop.next() => {
+                _ = stop.next() => {
                     anyhow::bail!("interrupted: the demo's servers and coordinator were stopped")
                 }
             };
@@ -783,13 +783,13 @@ async fn shutdown_signal(mut signals: StopSignals) {
     // out the drain delay and grace period. The listeners exist already,
     // so a signal sent before this task first runs is not lost.
     tokio::spawn(async move {
-        signals.next().await;
+        let status = signals.next().await;
         tracing::warn!("second shutdown signal: stopping at once, without draining");
         crate::logging::finish_and_say(
             "securemesh: second shutdown signal: stopping at once".to_owned(),
             LAST_WORDS_LIMIT,
         );
-        std::process::exit(130);
+        std::process::exit(status);
     });
 }
 
@@ -821,17 +821,21 @@ impl StopSignals {
         Self {}
     }
 
-    /// Completes on the next Ctrl-C or SIGTERM.
-    async fn next(&mut self) {
+    /// Completes on the next Ctrl-C or SIGTERM, with the exit status a
+    /// shell shows for a process that signal ended (130 or 143), so that a
+    /// supervisor can tell them apart.
+    async fn next(&mut self) -> i32 {
+        const INTERRUPTED: i32 = 128 + 2;
+        const TERMINATED: i32 = 128 + 15;
         #[cfg(unix)]
         if let Some((interrupt, terminate)) = &mut self.listeners {
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
-            }
-            return;
+            return tokio::select! {
+                _ = interrupt.recv() => INTERRUPTED,
+                _ = terminate.recv() => TERMINATED,
+            };
         }
         let _ = tokio::signal::ctrl_c().await;
+        INTERRUPTED
     }
 }
 
@@ -879,7 +883,7 @@ async fn bench(args: crate::args::BenchArgs) -> anyhow::Result<ExitCode> {
     let mut stop = StopSignals::new();
     let results = tokio::select! {
         results = securemesh_bench::run(&options) => results?,
-        () = stop.next() => anyhow::bail!("interrupted: the lab was stopped, no report written"),
+        _ = stop.next() => anyhow::bail!("interrupted: the lab was stopped, no report written"),
     };
 
     if let Some(path) = &args.json {

@@ -1059,7 +1059,7 @@ fn a_second_stop_signal_ends_a_drain_at_once() {
     common::signal(&server, nix::sys::signal::Signal::SIGTERM);
     let status = common::wait_exit(&mut server);
     assert!(stopping.elapsed() < Duration::from_secs(5));
-    assert_eq!(status.code(), Some(130), "{status}");
+    assert_eq!(status.code(), Some(143), "{status}");
     assert!(mesh.log("impatient").contains("second shutdown signal"));
     // The exit flushes the log file: its last line is there too.
     let file = std::fs::read_to_string(&log_file).unwrap();
@@ -1664,7 +1664,7 @@ fn a_standard_error_nobody_reads_neither_stops_a_server_nor_costs_the_log_file_a
     }
     let _ = server.kill();
     let status = server.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{status}");
+    assert_eq!(status.code(), Some(143), "{status}");
     let log = std::fs::read_to_string(&log_file).unwrap();
     let answered = log
         .lines()
