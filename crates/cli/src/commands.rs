@@ -559,6 +559,21 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
+    // A Ctrl-C (or SIGTERM) ends the run early with its summary; a second
+    // one ends the process at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut signals = StopSignals::new();
+    let stopped_by = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let watcher = tokio::spawn({
+        let (stop, stopped_by, name) = (stop.clone(), stopped_by.clone(), args.name.clone());
+        async move {
+            let status = signals.next().await;
+            stopped_by.store(status, Ordering::Relaxed);
+            stop.store(true, Ordering::Relaxed);
+            eprintln!("[{name}] stopping: the calls in flight finish, then the summary");
+            std::process::exit(signals.next().await);
+        }
+    });
     let options = LoadOptions {
         requests,
         concurrency,
@@ -567,8 +582,10 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         timeline: args.timeline,
         message,
         progress: args.requests.is_some() && !args.json && std::io::stderr().is_terminal(),
+        stop: Some(stop),
     };
     let (summary, first_error) = load::run(&clients, &options).await;
+    watcher.abort();
     if args.json {
         crate::output::line(serde_json::to_string(&summary)?);
     } else {
@@ -577,7 +594,11 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     if let Some(error) = first_error {
         eprintln!("[{}] first error: {error}", args.name);
     }
-    Ok(if summary.failed == 0 {
+    let stopped_by = stopped_by.load(Ordering::Relaxed);
+    Ok(if stopped_by != 0 {
+        // As a shell shows a process that signal ended.
+        ExitCode::from(u8::try_from(stopped_by).unwrap_or(1))
+    } else if summary.failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

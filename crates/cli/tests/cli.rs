@@ -1036,6 +1036,41 @@ fn a_server_audits_each_call_once_even_one_refused_before_its_handler() {
     assert_eq!(audited("fits-1", "OK"), [true], "{log}");
 }
 
+/// Ctrl-C ends a load run early with its summary, and the exit status
+/// says so.
+#[test]
+fn an_interrupted_load_run_prints_what_it_counted() {
+    let mesh = Mesh::start();
+    let target = format!("https://127.0.0.1:{}", mesh.coordinator_port);
+    let mut client = common::command()
+        .args([
+            "client",
+            "--target",
+            &target,
+            "--duration",
+            "60s",
+            "--concurrency",
+            "2",
+            "--json",
+        ])
+        .current_dir(mesh.work.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let stopping = Instant::now();
+    common::signal(&client, nix::sys::signal::Signal::SIGINT);
+    let status = common::wait_exit(&mut client);
+    assert!(stopping.elapsed() < Duration::from_secs(10));
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut client.stdout.take().unwrap(), &mut stdout).unwrap();
+    assert_eq!(status.code(), Some(130), "{status} {stdout}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(summary["ok"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+}
+
 #[test]
 fn a_second_stop_signal_ends_a_drain_at_once() {
     let mesh = Mesh::start();

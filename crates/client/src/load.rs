@@ -60,6 +60,9 @@ pub struct LoadOptions {
     pub message: String,
     /// Draw a progress bar on standard error.
     pub progress: bool,
+    /// Once set (by a Ctrl-C, say), no more submissions start: those in
+    /// flight finish and the run ends with what it counted.
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The narrowest timeline bucket.
@@ -80,6 +83,7 @@ impl LoadOptions {
             timeline: None,
             message: "load".to_owned(),
             progress: false,
+            stop: None,
         }
     }
 }
@@ -284,7 +288,15 @@ impl Run {
     }
 
     fn over(&self, now: Instant) -> bool {
-        self.ends.is_some_and(|ends| now >= ends)
+        self.ends.is_some_and(|ends| now >= ends) || self.stopped()
+    }
+
+    /// Whether [`LoadOptions::stop`] was set.
+    fn stopped(&self) -> bool {
+        self.options
+            .stop
+            .as_ref()
+            .is_some_and(|stop| stop.load(Ordering::Relaxed))
     }
 
     /// Sends submission `sequence` on its client; its latency counts from
@@ -399,6 +411,9 @@ async fn open_loop(run: Arc<Run>, rate: f64) -> Tally {
         // to a tick early instead, it is sent at once and counts from
         // when it was sent; woken late, from when it was due.
         tokio::time::sleep_until(due.checked_sub(TIMER_TICK).unwrap_or(due)).await;
+        if run.stopped() {
+            break;
+        }
         let counted_from = due.min(Instant::now());
         // At the cap the schedule waits; the wait counts in the latency.
         let Ok(slot) = slots.clone().acquire_owned().await else {
