@@ -1262,18 +1262,20 @@ mod tests {
         }
     }
 
+    /// `securemesh client ARGS`, parsed.
+    fn client(args: &[&str]) -> ClientArgs {
+        let Ok(Cli {
+            command: Command::Client(client),
+            ..
+        }) = Cli::try_parse_from(["securemesh", "client"].iter().chain(args))
+        else {
+            panic!("{args:?} not parsed");
+        };
+        client
+    }
+
     #[test]
     fn credentials_on_the_command_line_win_over_exported_ones() {
-        let client = |args: &[&str]| {
-            let Ok(Cli {
-                command: Command::Client(client),
-                ..
-            }) = Cli::try_parse_from(["securemesh", "client"].iter().chain(args))
-            else {
-                panic!("{args:?} not parsed");
-            };
-            client
-        };
         fn exported<'a>(
             pairs: &'a [(&'a str, &'a str)],
         ) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
@@ -1351,16 +1353,7 @@ mod tests {
 
     #[test]
     fn an_open_loop_is_not_capped_at_a_closed_loops_concurrency() {
-        let concurrency = |args: &[&str]| {
-            let Ok(Cli {
-                command: Command::Client(client),
-                ..
-            }) = Cli::try_parse_from(["securemesh", "client"].iter().chain(args))
-            else {
-                panic!("{args:?} not parsed");
-            };
-            client.load_concurrency()
-        };
+        let concurrency = |args: &[&str]| client(args).load_concurrency();
         assert_eq!(concurrency(&["--requests", "5"]), 8);
         assert_eq!(concurrency(&["--duration", "1s", "--rate", "100"]), 1024);
         assert_eq!(
