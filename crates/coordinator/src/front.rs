@@ -45,6 +45,7 @@ use securemesh::frame::{self, Gathered};
 use securemesh::v1::{SubmitReply, SubmitRequest, DATA_SERVICE_NAME, SUBMIT_METHOD};
 use securemesh_tls::{
     Authorization, Caller, Connection, ReloadableConfig, ServeError, ServeOptions, TlsIncoming,
+    UnservedCall,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -187,42 +188,6 @@ fn report_panic(ended: Result<(), tokio::task::JoinError>) {
         if error.is_panic() {
             tracing::error!(%error, "a connection's task panicked: its calls were cut off");
         }
-    }
-}
-
-/// A `Submit` that has not reached the relay, which counts and audits the
-/// calls it takes: one that ends before is counted and audited here, with
-/// the status its caller got, or as `CANCELLED` when it is dropped (its
-/// caller reset it while it was authorized).
-struct Unrelayed {
-    arrived: tokio::time::Instant,
-    request_id: Option<HeaderValue>,
-    peer: Option<Arc<str>>,
-    ended: bool,
-}
-
-impl Unrelayed {
-    fn end(&mut self, status: &'static str) {
-        if std::mem::replace(&mut self.ended, true) {
-            return;
-        }
-        let request_id = securemesh::request_id::given_or_new(
-            self.request_id
-                .as_ref()
-                .and_then(|value| value.to_str().ok()),
-        );
-        securemesh_tls::audit_unserved_call(
-            &request_id,
-            self.peer.as_deref().unwrap_or("unknown"),
-            status,
-            self.arrived.elapsed(),
-        );
-    }
-}
-
-impl Drop for Unrelayed {
-    fn drop(&mut self) {
-        self.end("CANCELLED");
     }
 }
 
@@ -466,12 +431,8 @@ impl Front {
         let deadline = self.coordinator.deadline(&parts.headers, arrived);
         // Until the relay takes over its accounting, a call that ends here
         // is counted and audited by this.
-        let mut unrelayed = Unrelayed {
-            arrived,
-            request_id: parts.headers.get(securemesh::request_id::HEADER).cloned(),
-            peer: peer.identity().cloned(),
-            ended: false,
-        };
+        let mut unrelayed =
+            UnservedCall::new(arrived.into_std(), &parts.headers, peer.identity().cloned());
         let mut extensions = http::Extensions::new();
         extensions.insert(peer);
         let work = async {
@@ -503,7 +464,7 @@ impl Front {
             };
             // A refusal was counted and audited by the authorization, an
             // admitted call is by the relay.
-            unrelayed.ended = true;
+            unrelayed.handed_over();
             match checked {
                 Err(status) => Err(status),
                 Ok(request) => {

@@ -436,34 +436,39 @@ where
                 extensions.insert(handler_audit.clone());
             }
             let checking = Request::from_parts(metadata, extensions, ());
-            let mut account = is_submit.then(|| SubmitAccount {
-                request_id: securemesh::request_id::of(checking.metadata()),
-                caller: caller_identity(&checking)
-                    .map_or_else(|| "unknown".into(), |identity| identity.to_string()),
-                started: Instant::now(),
-                handler: handler_audit,
-                status: "CANCELLED",
+            let mut unserved = is_submit.then(|| {
+                UnservedCall::new(
+                    Instant::now(),
+                    checking.metadata().as_ref(),
+                    caller_identity(&checking),
+                )
             });
             match authorization.authorize(checking).await {
                 Ok(checked) => {
-                    if let (Some(account), Some(caller)) =
-                        (&mut account, checked.extensions().get::<Caller>())
+                    if let (Some(unserved), Some(caller)) =
+                        (&mut unserved, checked.extensions().get::<Caller>())
                     {
-                        account.caller = caller.origin().to_owned();
+                        if caller.on_behalf_of.is_some() {
+                            unserved.caller = Some(Arc::from(caller.origin()));
+                        }
                     }
                     let (metadata, extensions, ()) = checked.into_parts();
                     parts.headers = metadata.into_headers();
                     parts.extensions = extensions;
                     let answer = inner.call(http::Request::from_parts(parts, body)).await;
-                    if let (Some(account), Ok(response)) = (&mut account, &answer) {
-                        account.status = status_in_headers(response.headers());
+                    if let Some(unserved) = &mut unserved {
+                        match &answer {
+                            _ if handler_audit.is_done() => unserved.handed_over(),
+                            Ok(response) => unserved.end(status_in_headers(response.headers())),
+                            Err(never) => match *never {},
+                        }
                     }
                     answer
                 }
                 Err(status) => {
                     // Refusals are audited where they are decided.
-                    if let Some(account) = &account {
-                        account.handler.done();
+                    if let Some(unserved) = &mut unserved {
+                        unserved.handed_over();
                     }
                     Ok(status.into_http())
                 }
@@ -490,31 +495,62 @@ impl HandlerAudit {
     }
 }
 
-/// A `Submit` on a server, from its arrival until its handler audits it.
-/// Dropped before that, it counts and audits the call itself, with the
-/// status its caller got: a message tonic refused before the handler ran
-/// (larger than the limit, compressed, not a `SubmitRequest`) is answered
-/// in the response's headers; a call given up before an answer (its
-/// deadline passed or its caller reset it during a password check) is
-/// `CANCELLED`, as tonic answers an expired deadline.
-struct SubmitAccount {
-    request_id: String,
-    caller: String,
-    started: Instant,
-    handler: HandlerAudit,
-    status: &'static str,
+/// A `Submit` from its arrival until whoever serves it accounts for it (a
+/// server's handler, the coordinator's relay, or the authorization that
+/// refused it): a call that ends before is counted and audited here once,
+/// with the status its caller got ([`UnservedCall::end`]), or as
+/// `CANCELLED` when it is dropped (its caller reset it, or its deadline
+/// passed in tonic's hands, during a password check). On a server, a
+/// message tonic refuses before the handler runs (larger than the limit,
+/// compressed, not a `SubmitRequest`) ends so. What the audit line needs
+/// is kept as it came (a header value, the peer's identity) and turned
+/// into text only for a call that ends here.
+#[derive(Debug)]
+pub struct UnservedCall {
+    arrived: Instant,
+    request_id: Option<http::HeaderValue>,
+    caller: Option<Arc<str>>,
+    accounted: bool,
 }
 
-impl Drop for SubmitAccount {
-    fn drop(&mut self) {
-        if !self.handler.is_done() {
-            audit_unserved_call(
-                &self.request_id,
-                &self.caller,
-                self.status,
-                self.started.elapsed(),
-            );
+impl UnservedCall {
+    /// A call that arrived at `arrived` with `headers`, from `caller`.
+    pub fn new(arrived: Instant, headers: &http::HeaderMap, caller: Option<Arc<str>>) -> Self {
+        Self {
+            arrived,
+            request_id: headers.get(securemesh::request_id::HEADER).cloned(),
+            caller,
+            accounted: false,
         }
+    }
+
+    /// The call ended here with `status`: counted and audited, once.
+    pub fn end(&mut self, status: &'static str) {
+        if std::mem::replace(&mut self.accounted, true) {
+            return;
+        }
+        let request_id = securemesh::request_id::given_or_new(
+            self.request_id
+                .as_ref()
+                .and_then(|value| value.to_str().ok()),
+        );
+        audit_unserved_call(
+            &request_id,
+            self.caller.as_deref().unwrap_or("unknown"),
+            status,
+            self.arrived.elapsed(),
+        );
+    }
+
+    /// Whoever serves the call accounts for it (or the refusal did).
+    pub fn handed_over(&mut self) {
+        self.accounted = true;
+    }
+}
+
+impl Drop for UnservedCall {
+    fn drop(&mut self) {
+        self.end("CANCELLED");
     }
 }
 

@@ -24,7 +24,7 @@ mod throttle;
 pub use acceptor::{Connection, PeerInfo, TlsIncoming};
 pub use authorize::{
     audit_unserved_call, authorized_data_service, decode_caller, encode_caller, Authorization,
-    Authorized, Caller, HandlerAudit, CALLER_HEADER, COORDINATOR_IDENTITY,
+    Authorized, Caller, HandlerAudit, UnservedCall, CALLER_HEADER, COORDINATOR_IDENTITY,
 };
 pub use client::{client_tls, client_tls_config, foreign_server_tls, ClientTls};
 pub use health::{add_health_and_reflection, report_draining, EndingStreams, ReflectionError};
